@@ -1,0 +1,92 @@
+"""GPT-2 (transformers ``GPT2LMHeadModel``, built from a config: no hub needed) for language modelling.
+
+Blocks are ``transformer.h``. Embeddings, the final norm and the (embedding-tied) head always train.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Backbone, Batch, Preset, TaskData
+
+_CPU_DATA = dict(tokenizer="bpe:8192", seq_len=128, batch_size=8, eval_batch_size=16, max_train_tokens=0)
+_CPU_TRAIN = dict(lr=1e-3, warmup_steps=100, eval_every=250, eval_items=32768, test_items=0, log_every=10)
+
+PRESETS = {
+    p.name: p
+    for p in [
+        Preset("gpt2-tiny", "4 x 64, BPE 512, 32-token windows: seconds, for tests",
+               model=dict(n_layer=4, n_embd=64, n_head=2, dropout=0.0),
+               data=dict(tokenizer="bpe:512", seq_len=32, batch_size=4, eval_batch_size=8,
+                         max_train_tokens=100_000, bpe_train_chars=300_000),
+               train=dict(max_steps=20, warmup_steps=4, lr=3e-3, eval_every=10, eval_items=1024,
+                          test_items=1024, log_every=5),
+               ties=dict(decide_every=5)),
+        Preset("gpt2-cpu", "12 x 128, BPE 8k, 1,024 tokens a step: the embedded default, minutes on a CPU",
+               model=dict(n_layer=12, n_embd=128, n_head=4, dropout=0.0), data=dict(_CPU_DATA),
+               train=dict(_CPU_TRAIN, max_steps=1500), ties=dict(decide_every=10)),
+        Preset("gpt2-deep-cpu", "48 x 128: the paper's depth at CPU width (activations dominate memory)",
+               model=dict(n_layer=48, n_embd=128, n_head=4, dropout=0.0), data=dict(_CPU_DATA),
+               train=dict(_CPU_TRAIN, max_steps=1000), ties=dict(decide_every=10)),
+        Preset("gpt2-wide-cpu", "48 x 512, 64-token windows, batch 2: parameters and optimizer state dominate "
+               "memory, as at the paper's 1.6B shape",
+               model=dict(n_layer=48, n_embd=512, n_head=8, dropout=0.0),
+               data=dict(_CPU_DATA, seq_len=64, batch_size=2, eval_batch_size=8),
+               train=dict(_CPU_TRAIN, max_steps=300, lr=5e-4, eval_items=8192), ties=dict(decide_every=10)),
+        Preset("gpt2-paper", "48 x 1600, 25 heads, GPT-2 BPE (about 1.6B parameters): the paper's shape, GPU",
+               model=dict(n_layer=48, n_embd=1600, n_head=25, dropout=0.1),
+               data=dict(tokenizer="gpt2", seq_len=1024, batch_size=8, eval_batch_size=8, max_train_tokens=0),
+               train=dict(lr=1.5e-4, warmup_steps=500, max_steps=20000, eval_every=1000, eval_items=0,
+                          precision="bf16", log_every=20),
+               ties=dict(decide_every=10)),
+    ]
+}
+
+
+class GPT2Backbone(Backbone):
+    name = "gpt2"
+    description = "GPT-2 language model (transformers GPT2LMHeadModel)"
+    command = "train"
+    presets = PRESETS
+    default_preset = "gpt2-cpu"
+    datasets = ["wikitext-2", "wikitext-103", "lambada", "lm1b", "1-billion", "text:PATH"]
+    default_dataset = "wikitext-2"
+    metric = "ppl"
+    higher_is_better = False
+
+    def load_data(self, cfg: Any) -> TaskData:
+        from .lm_data import load_lm_data
+
+        d = cfg.data
+        extra = {"bpe_train_chars": d["bpe_train_chars"]} if d.get("bpe_train_chars") else {}
+        return load_lm_data(
+            cfg.dataset, data_dir=cfg.data_dir, tokenizer=d["tokenizer"], seq_len=d["seq_len"],
+            batch_size=d["batch_size"], eval_batch_size=d["eval_batch_size"],
+            max_train_tokens=d.get("max_train_tokens") or None, **extra,
+        )
+
+    def build_model(self, cfg: Any, data: TaskData) -> nn.Module:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        m = cfg.model
+        p = m.get("dropout", 0.0)
+        eos = getattr(getattr(data, "tokenizer", None), "eos_id", None)
+        config = GPT2Config(
+            bos_token_id=eos, eos_token_id=eos, vocab_size=data.vocab_size, n_positions=cfg.data["seq_len"], n_embd=m["n_embd"],
+            n_layer=m["n_layer"], n_head=m["n_head"], resid_pdrop=p, embd_pdrop=p, attn_pdrop=p,
+            use_cache=False,
+        )
+        return GPT2LMHeadModel(config)
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.transformer.h)
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+        logits = model(input_ids=batch["input_ids"], use_cache=False).logits
+        labels = batch["labels"]
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1))
+        return loss, labels.numel()

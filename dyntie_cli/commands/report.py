@@ -1,0 +1,61 @@
+"""`dyntie report`: named tables (and plots) over the registry, while runs are training too."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ..errors import UsageError
+from . import options as o
+
+FORMATS = ("table", "csv", "json", "markdown")
+TABLES = ("runs", "ppl", "params", "layers", "memory", "ties", "decisions", "paper", "bench", "agent",
+          "layer-counts")
+
+
+def report(
+    table: Annotated[str | None, typer.Option("--table", help=f"One of: {', '.join(TABLES)}.")] = None,
+    run: Annotated[list[str] | None, typer.Option("--run", help="Run id or unique prefix (repeatable); "
+                                                     "default: all runs.")] = None,
+    compare: Annotated[list[str] | None, typer.Argument(help="With --compare: runs to set side by side.",
+                                                           show_default=False)] = None,
+    compare_flag: Annotated[bool, typer.Option("--compare", help="Side-by-side metrics of the runs given, "
+                                               "with ratios to the first.")] = False,
+    plot: Annotated[str | None, typer.Option("--plot", help="ties, layers, memory, params or metrics.")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="PNG file for --plot.")] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table, csv, json or markdown.")] = "table",
+    db: o.Db = None,
+) -> None:
+    """Show a named table from the registry. Data goes to stdout, so `--format csv > runs.csv` works.
+
+    Examples: dyntie report --table runs | dyntie report --table paper --run R1 --run R2 --format markdown |
+    dyntie report --compare R1 R2 | dyntie report --plot ties --run R --out ties.png
+    """
+    from ..registry.db import resolve_db_path
+    from ..registry.queries import run_query
+    from ..report.tables import render
+
+    if fmt not in FORMATS:
+        raise UsageError(f"Unknown format {fmt!r}; use {', '.join(FORMATS)}.")
+    path = resolve_db_path(db)
+    if plot:
+        from ..report.plots import make_plot
+
+        written = make_plot(plot, path, run or list(compare or []), out)
+        typer.echo(str(written))
+        return
+    if compare_flag:
+        ids = list(run or []) + list(compare or [])
+        if len(ids) < 2:
+            raise UsageError("--compare needs at least two runs: dyntie report --compare R1 R2.")
+        typer.echo(render(run_query("compare", path, ids), fmt, title="compare"))
+        return
+    if compare:
+        raise UsageError("Run ids as arguments go with --compare; otherwise use --run R.")
+    name = table or "runs"
+    typer.echo(render(run_query(name, path, run or None), fmt, title=name))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("report")(report)

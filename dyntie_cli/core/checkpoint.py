@@ -1,0 +1,117 @@
+"""Checkpoints: everything needed to resume a run exactly (DESIGN.md section 8).
+
+A checkpoint folder holds
+* ``model.safetensors`` -- each stored tensor once. Tied blocks own no tensors (``state_dict`` omits them);
+  other aliases (GPT-2's lm_head is its token embedding) are saved once and listed in the metadata,
+  because safetensors refuses tensors that share memory;
+* ``ties.json`` -- the tie map: the state vector and the tie mode;
+* ``trainer.pt`` -- optimizer (with the *names* of its parameters in order, since the tie manager changes
+  the parameter set), LR schedule, policy/agent, RNG states, step and decision counters.
+The folder is written under a temporary name and renamed, so a kill mid-write leaves the last good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import DyntieError
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    by_storage: dict[tuple[int, int, tuple], str] = {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in by_storage:
+            aliases[name] = by_storage[key]
+        else:
+            by_storage[key] = name
+            unique[name] = t.detach().contiguous().cpu()
+    return unique, aliases
+
+
+def optimizer_param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+
+
+def save_checkpoint(path: Path, *, model: nn.Module, ties_map: dict, optimizer: torch.optim.Optimizer,
+                    trainer: dict[str, Any]) -> Path:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    tensors, aliases = _dedupe(model.state_dict())
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"aliases": json.dumps(aliases)})
+    (tmp / "ties.json").write_text(json.dumps(ties_map))
+    torch.save({
+        **trainer,
+        "optimizer": optimizer.state_dict(),
+        "optimizer_param_names": optimizer_param_names(model, optimizer),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+    }, tmp / "trainer.pt")
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.exists():
+        shutil.rmtree(old)
+    return path
+
+
+def load_tie_map(path: Path) -> dict:
+    f = Path(path) / "ties.json"
+    if not f.exists():
+        raise DyntieError(f"No checkpoint in {path}; the run cannot be resumed (was it started with --out?).")
+    return json.loads(f.read_text())
+
+
+def load_model_weights(path: Path, model: nn.Module) -> None:
+    """Load weights into a model whose tie manager already holds the checkpoint's tie state."""
+    from safetensors import safe_open
+
+    file = Path(path) / "model.safetensors"
+    tensors = load_file(str(file))
+    with safe_open(str(file), "pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    for alias, name in aliases.items():
+        tensors[alias] = tensors[name]
+    model.load_state_dict(tensors, strict=True)
+
+
+def load_trainer_state(path: Path) -> dict[str, Any]:
+    return torch.load(Path(path) / "trainer.pt", weights_only=False)
+
+
+def restore_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, trainer: dict[str, Any]) -> None:
+    """Rebuild the optimizer's groups in the saved parameter order, then load its state."""
+    params = dict(model.named_parameters())
+    saved = trainer["optimizer_param_names"]
+    missing = [n for group in saved for n in group if n not in params]
+    if missing or len(saved) != len(optimizer.param_groups):
+        raise DyntieError("The checkpoint's optimizer does not match this model; resume with the same preset.")
+    for group, names in zip(optimizer.param_groups, saved):
+        group["params"] = [params[n] for n in names]
+    optimizer.load_state_dict(trainer["optimizer"])
+
+
+def restore_rng(trainer: dict[str, Any]) -> None:
+    rng = trainer["rng"]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])

@@ -1,0 +1,387 @@
+"""Algorithm 1 over any backbone: train, decide every k steps, reward on a fresh batch, learn, log.
+
+The loop knows a backbone only through ``backbones.base.Backbone``; it owns the tie manager, the policy,
+the optimizer, memory probes, checkpoints and the registry writer. Commands build a ``Trainer`` and
+listen to its events (for the progress bar); they hold no training logic.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import RunConfig
+from ..errors import DyntieError
+from . import checkpoint as ckpt
+from .memory import MemoryProbe, gradient_bytes, trainable_parameters
+from .policies import Policy, make_policy
+from .ties import TieManager, independent_count, transition
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str
+    step: int
+    final: dict[str, float] = field(default_factory=dict)  # the final score (split named by test_split)
+    validation: dict[str, float] = field(default_factory=dict)
+    test_split: str = "test"
+    mean_independent: float = 0.0
+    end_independent: int = 0
+    mean_trainable: float = 0.0
+    end_trainable: int = 0
+    checkpoint: str | None = None
+
+
+Event = dict[str, Any]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DyntieError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu.")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise DyntieError(f"Unknown device {name!r}; use cpu, cuda or auto.")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """AdamW over the de-duplicated parameters: matrices decayed, vectors (biases, norms) not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    rest = [p for p in params if p.dim() < 2]
+    t = cfg.train
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=t.lr, betas=(t.beta1, t.beta2),
+    )
+
+
+def lr_lambda(cfg: RunConfig) -> Callable[[int], float]:
+    t = cfg.train
+
+    def f(step: int) -> float:
+        if t.warmup_steps and step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        span = max(1, t.max_steps - t.warmup_steps)
+        progress = min(1.0, (step - t.warmup_steps) / span)
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """A killed run (SIGTERM) is handled like Ctrl-C: checkpoint, mark 'killed', exit non-zero."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Trainer:
+    """One run. ``source`` carries what an ablation takes from another run (final state, schedule)."""
+
+    def __init__(self, backbone, cfg: RunConfig, writer, *, command: str = "train", out_dir: Path,
+                 source: dict[str, Any] | None = None, parent_run_id: str | None = None,
+                 resume: bool = False, events: Callable[[Event], None] | None = None) -> None:
+        self.backbone = backbone
+        self.cfg = cfg
+        self.writer = writer
+        self.command = command
+        self.out_dir = Path(out_dir)
+        self.source = source or {}
+        self.parent_run_id = parent_run_id
+        self.resume = resume
+        self.events = events or (lambda e: None)
+
+    # -- setup -------------------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        t = cfg.train
+        if t.max_steps < 1:
+            raise DyntieError("--max-steps must be a positive number of training steps.")
+        if cfg.ties.decide_every < 1:
+            raise DyntieError("--decide-every must be a positive number of steps.")
+        seed_everything(cfg.seed)
+        self.device = resolve_device(cfg.device)
+        self.data = self.backbone.load_data(cfg)
+        self.model = self.backbone.build_model(cfg, self.data).to(self.device)
+        blocks = self.backbone.blocks(self.model)
+        self.num_blocks = len(blocks)
+        self.total_decisions = max(0, (t.max_steps - 1) // cfg.ties.decide_every)
+        self.policy: Policy = make_policy(
+            cfg.variant, self.num_blocks, agent=cfg.agent, total_decisions=self.total_decisions, seed=cfg.seed,
+            independent=cfg.ties.independent, source=self.source, perm_seed=cfg.ties.perm_seed,
+        )
+        initial = self.policy.initial_state()
+        self.checkpoint_dir = self.out_dir / self.writer.run_id / "checkpoint"
+        trainer_state = None
+        if self.resume:
+            tie_map = ckpt.load_tie_map(self.checkpoint_dir)
+            initial = tie_map["state"]
+        self.ties = TieManager(blocks, initial, tied_grad=cfg.ties.tied_grad, untie_optim=cfg.ties.untie_optim)
+        self.conventional_params = self._conventional_params()
+        if self.resume:
+            ckpt.load_model_weights(self.checkpoint_dir, self.model)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.train_gen = torch.Generator().manual_seed(cfg.seed)
+        self.reward_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.step = 0
+        self.decision = 0
+        self.agent_time = 0.0
+        self.grad_bytes = 0
+        self.indep_steps = 0.0  # step-weighted sums for the means over training
+        self.trainable_steps = 0.0
+        self.best_validation: float | None = None
+        if self.resume:
+            trainer_state = ckpt.load_trainer_state(self.checkpoint_dir)
+            ckpt.restore_optimizer(self.model, self.optimizer, trainer_state)
+            self.scheduler.load_state_dict(trainer_state["scheduler"])
+            self.policy.load_state_dict(trainer_state["policy"])
+            self.train_gen.set_state(trainer_state["train_gen"])
+            self.reward_gen.set_state(trainer_state["reward_gen"])
+            for k in ("step", "decision", "agent_time", "indep_steps", "trainable_steps", "best_validation"):
+                setattr(self, k, trainer_state[k])
+            ckpt.restore_rng(trainer_state)
+        self.ties.attach_optimizer(self.optimizer)
+        self.probe = MemoryProbe(self.device)
+        precision = cfg.train.precision
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise DyntieError(f"Unknown precision {precision!r}; use fp32, bf16 or fp16.")
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        use_scaler = precision == "fp16" and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+
+    def _conventional_params(self) -> int:
+        """Trainable parameters of the same model with every block independent (the paper's baseline)."""
+        always = trainable_parameters(self.model) - self.ties.block_numel() * self.ties.independent_layers
+        return always + self.ties.block_numel() * self.num_blocks
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        self._setup()
+        cfg = self.cfg
+        w = self.writer
+        if self.resume:
+            w.resume(w.run_id)
+            w.truncate_after(self.step)
+        else:
+            w.start(self.command, cfg.backbone, cfg.dataset, cfg.variant, cfg.to_dict(),
+                    parent_run_id=self.parent_run_id, preset=cfg.preset, seed=cfg.seed,
+                    out_dir=str(self.out_dir / w.run_id), test_split=self.data.test_split)
+            self._log_tie(action=self.ties.state, changed=0)  # decision 0: the initial state
+            w.flush()
+        self.events({"type": "start", "run_id": w.run_id, "total": cfg.train.max_steps, "step": self.step,
+                     "blocks": self.num_blocks, "source": getattr(self.data, "source", "")})
+        try:
+            with _sigterm_as_interrupt():
+                result = self._loop()
+        except KeyboardInterrupt:
+            self._save_checkpoint()
+            w.finish("killed")
+            raise DyntieError(
+                f"Run {w.run_id} was interrupted at step {self.step}; resume it with `--resume {w.run_id}`.",
+                exit_code=130,
+            ) from None
+        except BaseException as e:
+            w.finish("failed", error=f"{type(e).__name__}: {e}")
+            raise
+        w.finish("finished")
+        return result
+
+    def _loop(self) -> RunResult:
+        cfg, t, w = self.cfg, self.cfg.train, self.writer
+        k = cfg.ties.decide_every
+        losses: list[float] = []
+        step_times: list[float] = []
+        items = self.data.items_per_batch()
+        self.model.train()
+        while self.step < t.max_steps:
+            loss, dt = self._train_step()
+            self.step += 1
+            losses.append(loss)
+            step_times.append(dt)
+            self.indep_steps += self.ties.independent_layers
+            self.trainable_steps += trainable_parameters(self.model)
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                self._log_train(losses, step_times, items)
+                losses, step_times = [], []
+            if self.step % k == 0 and self.step < t.max_steps:
+                self._decide()
+            eval_now = t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps
+            if eval_now:
+                self._validate()
+                if not t.checkpoint_every:
+                    self._save_checkpoint()
+            if t.checkpoint_every and self.step % t.checkpoint_every == 0:
+                self._save_checkpoint()
+            w.maybe_flush()
+        validation = self._validate()
+        final = self._evaluate("test", t.test_items)
+        for name, value in final.items():
+            w.metric(self.step, "test", name, value)
+        n = max(self.step, 1)
+        w.metric(self.step, "train", "independent_layers_mean", self.indep_steps / n)
+        w.metric(self.step, "train", "trainable_params_mean", self.trainable_steps / n)
+        w.metric(self.step, "train", "conventional_params", self.conventional_params)
+        path = self._save_checkpoint()
+        self.events({"type": "end", "final": final, "split": self.data.test_split})
+        return RunResult(
+            run_id=w.run_id, status="finished", step=self.step, final=final, validation=validation,
+            test_split=self.data.test_split, mean_independent=self.indep_steps / n,
+            end_independent=self.ties.independent_layers, mean_trainable=self.trainable_steps / n,
+            end_trainable=trainable_parameters(self.model), checkpoint=str(path),
+        )
+
+    def _train_step(self) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        batch = _to(self.data.train_batch(self.train_gen), self.device)
+        with self._autocast():
+            loss, _ = self.backbone.loss(self.model, batch)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if (self.step + 1) % self.cfg.train.log_every == 0 or self.step + 1 == self.cfg.train.max_steps:
+            self.grad_bytes = gradient_bytes(self.model)  # gradients exist only until zero_grad, just below
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        value = float(loss.detach())  # the one device sync per step, needed for logging anyway
+        return value, time.perf_counter() - t0
+
+    def _decide(self) -> None:
+        t0 = time.perf_counter()
+        self.decision += 1
+        state = list(self.ties.state)
+        t = self.cfg.train
+        progress = self.step / t.max_steps
+        next_progress = min(1.0, (self.step + self.cfg.ties.decide_every) / t.max_steps)
+        dec = self.policy.decide(state, self.decision, progress)
+        new_state = transition(state, dec.action)
+        self.ties.apply(new_state)
+        info: dict[str, Any] = {}
+        ppl = None
+        if self.policy.wants_reward:
+            # the reward: perplexity on a fresh training batch, after the change (never the test split)
+            batch = _to(self.data.train_batch(self.reward_gen), self.device)
+            self.model.eval()
+            with self._autocast():
+                ppl = self.backbone.reward_ppl(self.model, batch)
+            self.model.train()
+            info = self.policy.observe(state, dec.action, ppl, new_state, self.ties.independent_layers,
+                                       progress, next_progress)
+        self.agent_time += time.perf_counter() - t0
+        changed = sum(a != b for a, b in zip(state, new_state))
+        self._log_tie(action=dec.action, changed=changed)
+        self.writer.decision(
+            decision=self.decision, step=self.step, epsilon=dec.epsilon, explored=dec.explored,
+            reward=info.get("reward"), q_predicted=info.get("q_predicted"), q_target=info.get("q_target"),
+            td_loss=info.get("td_loss"), greedy_agreement=dec.greedy_agreement,
+            q_spread=dec.q_spread if self.policy.learns else None, ppl=ppl,
+        )
+        if ppl is not None:
+            self.writer.metric(self.step, "reward", "ppl", ppl)
+            self.writer.metric(self.step, "reward", "reward", info["reward"])
+
+    def _log_tie(self, action: list[int], changed: int) -> None:
+        self.writer.tie(
+            decision=self.decision, step=self.step, state=list(self.ties.state), action=list(action),
+            independent_layers=independent_count(self.ties.state),
+            distinct_block_weights=self.ties.distinct_block_weights(), changed_blocks=changed,
+        )
+
+    def _log_train(self, losses: list[float], step_times: list[float], items: int) -> None:
+        w = self.writer
+        loss = sum(losses) / len(losses)
+        step_time = statistics.median(step_times)
+        w.metric(self.step, "train", "loss", loss)
+        w.metric(self.step, "train", "ppl", math.exp(min(loss, 50.0)))
+        w.metric(self.step, "train", "step_time_s", step_time)
+        w.metric(self.step, "train", "tokens_per_s", items / step_time if step_time > 0 else 0.0)
+        w.metric(self.step, "train", "lr", self.scheduler.get_last_lr()[0])
+        w.metric(self.step, "train", "agent_time_s", self.agent_time)
+        m = self.probe.read(self.model, self.optimizer, grad_bytes=self.grad_bytes)
+        w.memory(step=self.step, device=m.device, peak_bytes=m.peak_bytes, current_bytes=m.current_bytes,
+                 param_bytes=m.param_bytes, grad_bytes=m.grad_bytes, optimizer_bytes=m.optimizer_bytes,
+                 trainable_params=m.trainable_params)
+        self.events({"type": "log", "step": self.step, "loss": loss, "ppl": math.exp(min(loss, 50.0)),
+                     "independent": self.ties.independent_layers, "blocks": self.num_blocks,
+                     "peak_bytes": m.peak_bytes, "trainable": m.trainable_params})
+
+    def _evaluate(self, split: str, budget: int) -> dict[str, float]:
+        data_split = self.data.test_split if split == "test" else split
+        self.model.eval()
+        with self._autocast():
+            out = self.backbone.evaluate(self.model, (_to(b, self.device) for b in
+                                                      self.data.eval_batches(data_split, budget or None)))
+        self.model.train()
+        return out
+
+    def _validate(self) -> dict[str, float]:
+        out = self._evaluate("validation", self.cfg.train.eval_items)
+        for name, value in out.items():
+            self.writer.metric(self.step, "validation", name, value)
+        self.events({"type": "eval", "step": self.step, "metrics": out})
+        return out
+
+    def _save_checkpoint(self) -> Path:
+        trainer = {
+            "step": self.step, "decision": self.decision, "agent_time": self.agent_time,
+            "indep_steps": self.indep_steps, "trainable_steps": self.trainable_steps,
+            "best_validation": self.best_validation, "scheduler": self.scheduler.state_dict(),
+            "policy": self.policy.state_dict(), "train_gen": self.train_gen.get_state(),
+            "reward_gen": self.reward_gen.get_state(), "config": self.cfg.to_dict(),
+        }
+        path = ckpt.save_checkpoint(self.checkpoint_dir, model=self.model, ties_map=self.ties.tie_map(),
+                                    optimizer=self.optimizer, trainer=trainer)
+        self.writer.flush()
+        return path

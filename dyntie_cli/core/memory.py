@@ -1,0 +1,99 @@
+"""Memory probes and byte accounting (DESIGN.md section 3).
+
+On CUDA: peak allocated bytes per logging interval (the peak is reset after each reading) and the current
+allocation. On CPU ``torch.cuda.max_memory_allocated`` silently returns 0, so the peak is the process's
+peak RSS (``ru_maxrss``). Besides the device view, an exact account of parameter, gradient and
+optimizer-state bytes, each stored tensor counted once (a tied block's tensors are its root's storage).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def _unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in seen or storage.nbytes() == 0:
+            continue
+        seen.add(key)
+        total += storage.nbytes()
+    return total
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    return _unique_bytes(model.parameters())
+
+
+def gradient_bytes(model: nn.Module) -> int:
+    return _unique_bytes(p.grad for p in model.parameters() if p.grad is not None)
+
+
+def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return _unique_bytes(v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """Trainable parameters, a shared tensor counted once (``parameters()`` de-duplicates by identity)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+
+
+def current_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return peak_rss_bytes()
+
+
+@dataclass
+class MemoryReading:
+    device: str
+    peak_bytes: int
+    current_bytes: int
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    trainable_params: int
+
+
+class MemoryProbe:
+    """Reads memory once per logging interval; on CUDA the peak counter is reset after each reading."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.is_cuda = device.type == "cuda"
+        if self.is_cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def read(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_bytes: int | None = None) -> MemoryReading:
+        """``grad_bytes``: the gradient bytes measured during the last step (they are freed after it)."""
+        if self.is_cuda:
+            peak = torch.cuda.max_memory_allocated(self.device)
+            current = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            name = torch.cuda.get_device_name(self.device)
+        else:
+            peak, current, name = peak_rss_bytes(), current_rss_bytes(), "cpu"
+        return MemoryReading(
+            device=name, peak_bytes=int(peak), current_bytes=int(current),
+            param_bytes=parameter_bytes(model),
+            grad_bytes=gradient_bytes(model) if grad_bytes is None else grad_bytes,
+            optimizer_bytes=optimizer_bytes(optimizer), trainable_params=trainable_parameters(model),
+        )

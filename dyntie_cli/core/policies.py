@@ -1,0 +1,196 @@
+"""Tying policies: who picks the action at each decision (DESIGN.md sections 2 and 7).
+
+* ``dynamic``  -- the Q-agent (core/agent.py).
+* ``random``   -- same cadence, each row uniform over its allowed choices, no learning.
+* ``fixed``    -- one state held for the whole run: ``no-tying`` (all independent), ``final-arch`` (a dynamic
+  run's final state) and the static schemes of the literature.
+* ``replay``   -- a recorded schedule of states, moved onto other layers by a seeded permutation.
+
+Every policy returns an *action*; the loop turns it into the next state with Eq. 1, so every state in the
+registry follows from the logged action. A canonical state used as an action maps to itself under Eq. 1,
+which is how fixed and replayed schedules are expressed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import DyntieError
+from .agent import AgentConfig, Decision, QAgent
+from .ties import all_independent, all_tied, canonicalize, permute_state, validate_state
+
+
+class Policy:
+    name = "policy"
+    learns = False
+    wants_reward = False  # compute the reward batch's perplexity at each decision
+
+    def initial_state(self) -> list[int]:
+        raise NotImplementedError
+
+    def decide(self, state: list[int], decision: int, progress: float) -> Decision:
+        raise NotImplementedError
+
+    def observe(self, state, action, ppl, next_state, independent, progress, next_progress) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        pass
+
+
+def _fixed_decision(action: list[int]) -> Decision:
+    return Decision(action=list(action), greedy=list(action), explored=False, epsilon=0.0, q_spread=0.0,
+                    greedy_agreement=None)
+
+
+class DynamicPolicy(Policy):
+    name = "dynamic"
+    learns = True
+    wants_reward = True
+
+    def __init__(self, num_blocks: int, cfg: AgentConfig, total_decisions: int) -> None:
+        self.num_blocks = num_blocks
+        self.agent = QAgent(num_blocks, cfg, total_decisions=total_decisions)
+
+    def initial_state(self) -> list[int]:
+        return all_tied(self.num_blocks)  # the paper: every block starts as block 0
+
+    def decide(self, state, decision, progress):
+        return self.agent.act(state, progress)
+
+    def observe(self, state, action, ppl, next_state, independent, progress, next_progress):
+        reward = self.agent.shape_reward(ppl, independent)
+        out = self.agent.update(state, action, reward, next_state, progress, next_progress)
+        return {"reward": reward, **out}
+
+    def state_dict(self):
+        return {"agent": self.agent.state_dict()}
+
+    def load_state_dict(self, sd):
+        self.agent.load_state_dict(sd["agent"])
+
+
+class RandomPolicy(Policy):
+    """Uniform random actions: block i stays independent with probability 1/(i+1), about H_L blocks."""
+
+    name = "random"
+    wants_reward = True  # the reward is logged, so random and dynamic runs can be compared decision by decision
+
+    def __init__(self, num_blocks: int, seed: int) -> None:
+        self.num_blocks = num_blocks
+        self.generator = torch.Generator().manual_seed(seed + 7919)
+
+    def initial_state(self):
+        return all_tied(self.num_blocks)
+
+    def decide(self, state, decision, progress):
+        action = [0] + [int(torch.randint(0, i + 1, (1,), generator=self.generator))
+                        for i in range(1, self.num_blocks)]
+        return Decision(action=action, greedy=list(action), explored=True, epsilon=1.0, q_spread=0.0,
+                        greedy_agreement=None)
+
+    def observe(self, state, action, ppl, next_state, independent, progress, next_progress):
+        return {"reward": -ppl}
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, sd):
+        self.generator.set_state(sd["generator"])
+
+
+class FixedPolicy(Policy):
+    def __init__(self, state: list[int], name: str) -> None:
+        self.state = validate_state(state)
+        self.name = name
+
+    def initial_state(self):
+        return list(self.state)
+
+    def decide(self, state, decision, progress):
+        return _fixed_decision(self.state)
+
+
+class ReplayPolicy(Policy):
+    """Replays a recorded schedule: ``schedule[d]`` is the state after decision d of the source run."""
+
+    name = "replay"
+
+    def __init__(self, initial: list[int], schedule: list[list[int]], perm: list[int]) -> None:
+        self.perm = perm
+        self.initial = permute_state(initial, perm)
+        self.schedule = [permute_state(s, perm) for s in schedule]
+
+    def initial_state(self):
+        return list(self.initial)
+
+    def decide(self, state, decision, progress):
+        target = self.schedule[min(decision, len(self.schedule) - 1)] if self.schedule else self.initial
+        return _fixed_decision(target)
+
+
+# --------------------------------------------------------------------------------------------------
+# Static schemes (Takase & Kiyono 2021; ALBERT)
+# --------------------------------------------------------------------------------------------------
+
+
+def state_from_assignment(unique_of_block: list[int]) -> list[int]:
+    """Blocks assigned to the same unique layer share weights; the root is the first block using it."""
+    first: dict[int, int] = {}
+    return canonicalize([first.setdefault(u, i) for i, u in enumerate(unique_of_block)])
+
+
+def static_state(scheme: str, num_blocks: int, independent: int) -> list[int]:
+    L, n = num_blocks, max(1, min(independent, num_blocks))
+    if scheme == "static-all":
+        return all_tied(L)
+    if scheme == "static-sequence":  # consecutive blocks share: 0 0 1 1 2 2
+        return state_from_assignment([i * n // L for i in range(L)])
+    if scheme == "static-cycle":  # 0 1 2 0 1 2
+        return state_from_assignment([i % n for i in range(L)])
+    if scheme == "static-cycle-rev":  # cycle, with the last n blocks in reverse order: 0 1 2 2 1 0
+        return state_from_assignment([i % n if i < L - n else n - 1 - (i - (L - n)) for i in range(L)])
+    raise DyntieError(f"Unknown static scheme {scheme!r}.")
+
+
+def random_permutation(num_blocks: int, seed: int) -> list[int]:
+    """A seeded permutation that moves the pattern: identity is rejected (it would replay onto the same
+    layers) unless there is no other choice."""
+    g = torch.Generator().manual_seed(seed + 104729)
+    for _ in range(100):
+        perm = torch.randperm(num_blocks, generator=g).tolist()
+        if perm != list(range(num_blocks)) or num_blocks < 2:
+            return perm
+    return list(range(num_blocks))
+
+
+def make_policy(variant: str, num_blocks: int, *, agent: AgentConfig, total_decisions: int, seed: int,
+                independent: int = 0, source: dict[str, Any] | None = None, perm_seed: int = 0) -> Policy:
+    """Build the policy of a variant. ``source`` carries what a variant takes from another run:
+    ``final_state`` (final-arch), ``initial``/``schedule`` (replay), ``mean_independent`` (static schemes)."""
+    source = source or {}
+    L = num_blocks
+    if variant == "dynamic":
+        return DynamicPolicy(L, agent, total_decisions)
+    if variant == "random":
+        return RandomPolicy(L, seed)
+    if variant == "no-tying":
+        return FixedPolicy(all_independent(L), "no-tying")
+    if variant == "final-arch":
+        if "final_state" not in source:
+            raise DyntieError("final-arch needs a source run: pass --from-run RUN (a dynamic run).")
+        return FixedPolicy(source["final_state"], "final-arch")
+    if variant == "replay":
+        if "schedule" not in source:
+            raise DyntieError("replay needs a source run: pass --from-run RUN (a dynamic run).")
+        return ReplayPolicy(source.get("initial", all_tied(L)), source["schedule"], random_permutation(L, perm_seed))
+    if variant.startswith("static-"):
+        n = independent or round(source.get("mean_independent", 0)) or max(1, L // 4)
+        return FixedPolicy(static_state(variant, L, n), variant)
+    raise DyntieError(f"Unknown variant {variant!r}.")
+

@@ -1,0 +1,429 @@
+"""Named report queries over the registry; each returns a pandas DataFrame.
+
+Every query takes the registry path and an optional list of run ids (full ids or unique prefixes; ``None``
+means every run, most recent first). Per-run tables have one row per run in the order asked for, so
+``--run A --run B`` lines up with what the user typed. An unknown id raises ``DyntieError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+from dyntie_cli.errors import UsageError
+from dyntie_cli.registry.db import connect, resolve_run_ids
+from dyntie_cli.registry.writer import mark_stale_runs
+
+Builder = Callable[[duckdb.DuckDBPyConnection, list[str]], pd.DataFrame]
+
+# The metric a run is judged by, in order of preference: language models report perplexity, CoLA Matthews
+# correlation, other classifiers accuracy.
+HEADLINE_METRICS = ("ppl", "mcc", "accuracy", "f1", "loss")
+_LOWER_IS_BETTER = {"ppl", "loss"}
+
+# Filters and orders rows by the resolved ids; the casts keep an empty id list well-typed.
+_IN_RUNS = "run_id IN (SELECT unnest($ids::TEXT[]))"
+_RUN_ORDER = "list_position($ids::TEXT[], run_id)"
+
+
+@contextlib.contextmanager
+def open_registry(db: str | os.PathLike[str]) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open an existing registry for reading; when the file is writable, upgrade it and mark killed runs.
+
+    Never creates a registry: a missing or empty file raises ``DyntieError``.
+    """
+    path = Path(db)
+    writable = path.is_file() and path.stat().st_size > 0 and os.access(path, os.W_OK)
+    if not writable:
+        with connect(path, read_only=True) as con:
+            yield con
+        return
+    with connect(path) as con:
+        mark_stale_runs(con)
+        yield con
+
+
+def _query(db: str | os.PathLike[str], run_ids: Sequence[str] | None, build: Builder) -> pd.DataFrame:
+    path = Path(db)
+    with open_registry(path) as con:
+        return build(con, resolve_run_ids(con, run_ids, path))
+
+
+def _fetch(con: duckdb.DuckDBPyConnection, sql: str, ids: list[str]) -> pd.DataFrame:
+    return con.execute(sql, {"ids": ids}).df()
+
+
+def _per_run(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    """The spine every per-run table joins onto: one row per requested run, in order."""
+    return _fetch(con, f"SELECT run_id, variant FROM runs WHERE {_IN_RUNS} ORDER BY {_RUN_ORDER}", ids)
+
+
+# --- runs ------------------------------------------------------------------------------------------------
+
+
+def _runs(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    sql = f"""
+        SELECT run_id, status, command, backbone, dataset, variant, preset, seed, s.last_step AS steps,
+            started_at, ended_at,
+            date_diff('millisecond', started_at, coalesce(ended_at, heartbeat_at)) / 1000.0 AS duration_s,
+            parent_run_id, test_split, out_dir, error
+        FROM runs LEFT JOIN (SELECT run_id, max(step) AS last_step FROM metrics GROUP BY run_id) s USING (run_id)
+        WHERE {_IN_RUNS} ORDER BY {_RUN_ORDER}
+    """
+    return _fetch(con, sql, ids)
+
+
+# --- ppl: the headline metric ----------------------------------------------------------------------------
+
+
+def _last_metrics(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    sql = f"""
+        SELECT run_id, split, name, arg_max(value, step) AS last, max(step) AS last_step,
+            min(value) AS low, max(value) AS high
+        FROM metrics WHERE {_IN_RUNS} AND split IN ('validation', 'test') GROUP BY ALL
+    """
+    return _fetch(con, sql, ids)
+
+
+def _headline_name(names: set[str]) -> str | None:
+    return next((name for name in HEADLINE_METRICS if name in names), None)
+
+
+def _ppl(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    spine = _fetch(con, f"SELECT run_id, variant, test_split FROM runs WHERE {_IN_RUNS} ORDER BY {_RUN_ORDER}", ids)
+    last = _last_metrics(con, ids)
+    rows = [_headline_row(run, last[last.run_id == run.run_id]) for run in spine.itertuples()]
+    columns = ["run_id", "variant", "metric", "validation", "validation_step", "best_validation", "test",
+               "test_step", "test_split"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _headline_row(run: Any, last: pd.DataFrame) -> dict[str, Any]:
+    """Final validation and final test values of the run's headline metric (NaN where not logged)."""
+    test = last[last["split"] == "test"]
+    # Prefer a metric the final test row has, so the row always pairs with the run's reported score.
+    name = _headline_name(set(test["name"])) or _headline_name(set(last["name"]))
+    row: dict[str, Any] = {"run_id": run.run_id, "variant": run.variant, "metric": name,
+                           "test_split": run.test_split if isinstance(run.test_split, str) else "test"}
+    for split in ("validation", "test"):
+        hit = last[(last["split"] == split) & (last["name"] == name)]
+        found = not hit.empty
+        row[split] = float(hit.iloc[0]["last"]) if found else math.nan
+        row[f"{split}_step"] = int(hit.iloc[0]["last_step"]) if found else None
+        if split == "validation":
+            best = hit.iloc[0]["low" if name in _LOWER_IS_BETTER else "high"] if found else math.nan
+            row["best_validation"] = float(best)
+    return row
+
+
+# --- params ----------------------------------------------------------------------------------------------
+
+
+def _params(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    sql = f"""
+        SELECT run_id, avg(trainable_params) AS trainable_params_mean,
+            arg_max(trainable_params, step) AS trainable_params_end,
+            max(trainable_params) AS trainable_params_max
+        FROM memory WHERE {_IN_RUNS} AND trainable_params IS NOT NULL GROUP BY run_id
+    """
+    table = _per_run(con, ids).merge(_fetch(con, sql, ids), on="run_id", how="left")
+    conventional = _conventional_params(con, ids, table)
+    table["trainable_params_conventional"] = table.run_id.map(conventional).astype(float)
+    table["reduction_mean"] = table.trainable_params_conventional / table.trainable_params_mean
+    return table
+
+
+def _conventional_params(con: duckdb.DuckDBPyConnection, ids: list[str], table: pd.DataFrame) -> dict[str, float]:
+    """The run's parameter count without tying: logged as a metric, else derived from its own history."""
+    logged = _fetch(
+        con,
+        f"SELECT run_id, max(value) AS value FROM metrics WHERE {_IN_RUNS} AND name = 'conventional_params' "
+        "GROUP BY run_id",
+        ids,
+    )
+    result: dict[str, float] = dict(zip(logged.run_id, logged.value, strict=True))
+    memory = _fetch(
+        con, f"SELECT run_id, step, trainable_params FROM memory WHERE {_IN_RUNS} AND trainable_params > 0", ids
+    )
+    ties = _fetch(con, f"SELECT run_id, step, independent_layers, len(state) AS layers FROM ties WHERE {_IN_RUNS}", ids)
+    for run in table.itertuples():
+        if run.run_id in result:
+            continue
+        derived = _derive_conventional(memory[memory.run_id == run.run_id], ties[ties.run_id == run.run_id])
+        if derived is None and run.variant == "no-tying":
+            derived = run.trainable_params_max
+        if derived is not None and not pd.isna(derived):
+            result[run.run_id] = float(derived)
+    return result
+
+
+def _derive_conventional(memory: pd.DataFrame, ties: pd.DataFrame) -> float | None:
+    """Fit trainable = shared + per_block * independent over the run, then evaluate at all L blocks.
+
+    Each memory sample is paired with the state of the last decision strictly before it; samples taken at a
+    decision's own step are dropped, since whether they saw the old or new state is not recorded.
+    """
+    if memory.empty or ties.empty:
+        return None
+    layers = int(ties.layers.max())
+    ties = ties.sort_values("step")
+    samples = memory[~memory.step.isin(set(ties.step))].sort_values("step")
+    paired = pd.merge_asof(samples, ties[["step", "independent_layers"]], on="step", allow_exact_matches=False)
+    by_count = paired.dropna(subset=["independent_layers"]).groupby("independent_layers").trainable_params.median()
+    if layers in by_count.index:
+        return float(by_count[layers])
+    if len(by_count) < 2:
+        return None
+    low, high = by_count.index.min(), by_count.index.max()
+    per_block = (by_count[high] - by_count[low]) / (high - low)
+    if per_block <= 0:
+        return None
+    return float(round(by_count[low] + per_block * (layers - low)))
+
+
+# --- layers ----------------------------------------------------------------------------------------------
+
+
+def _layer_counts(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    # state[i] == i means block i owns its weights; DuckDB lists are 1-based, blocks 0-based.
+    sql = f"""
+        SELECT run_id, idx - 1 AS layer, count(*) FILTER (WHERE target = idx - 1) AS independent_decisions,
+            count(*) AS decisions
+        FROM (SELECT run_id, unnest(state) AS target, generate_subscripts(state, 1) AS idx
+              FROM ties WHERE {_IN_RUNS})
+        GROUP BY run_id, idx ORDER BY {_RUN_ORDER}, layer
+    """
+    table = _fetch(con, sql, ids)
+    table["independent_fraction"] = table.independent_decisions / table.decisions
+    return table
+
+
+def _layers(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    sql = f"""
+        SELECT run_id, count(*) AS decisions, max(len(state)) AS layers,
+            avg(independent_layers) AS independent_layers_mean,
+            arg_max(independent_layers, decision) AS independent_layers_end,
+            arg_max(distinct_block_weights, decision) AS distinct_block_weights_end,
+            -- Distinct weight storages must equal independent blocks; any other count means shared storage.
+            count(*) FILTER (WHERE distinct_block_weights <> independent_layers) AS weight_mismatches,
+            avg(changed_blocks) AS changed_blocks_mean
+        FROM ties WHERE {_IN_RUNS} GROUP BY run_id
+    """
+    table = _per_run(con, ids).merge(_fetch(con, sql, ids), on="run_id", how="left")
+    counts = _layer_counts(con, ids)
+    per_layer = counts.groupby("run_id", sort=False).independent_decisions.agg(lambda c: [int(v) for v in c])
+    table["independent_decisions_per_layer"] = table.run_id.map(per_layer)
+    return table
+
+
+# --- memory ----------------------------------------------------------------------------------------------
+
+
+def _memory(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    sql = f"""
+        SELECT run_id, string_agg(DISTINCT device, ',') AS device, count(*) AS samples,
+            max(peak_bytes) AS peak_bytes, avg(peak_bytes) AS avg_peak_bytes,
+            avg(current_bytes) AS avg_current_bytes,
+            avg(param_bytes) AS param_bytes_mean, max(param_bytes) AS param_bytes_peak,
+            avg(grad_bytes) AS grad_bytes_mean, max(grad_bytes) AS grad_bytes_peak,
+            avg(optimizer_bytes) AS optimizer_bytes_mean, max(optimizer_bytes) AS optimizer_bytes_peak,
+            -- The device-independent account: what parameters, gradients and optimizer state occupy.
+            max(param_bytes + grad_bytes + optimizer_bytes) AS training_state_bytes_peak
+        FROM memory WHERE {_IN_RUNS} GROUP BY run_id
+    """
+    return _per_run(con, ids).merge(_fetch(con, sql, ids), on="run_id", how="left")
+
+
+# --- raw rows --------------------------------------------------------------------------------------------
+
+
+def _ties(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    sql = f"""
+        SELECT run_id, decision, step, state, action, independent_layers, distinct_block_weights, changed_blocks
+        FROM ties WHERE {_IN_RUNS} ORDER BY {_RUN_ORDER}, decision, step
+    """
+    return _fetch(con, sql, ids)
+
+
+def _decisions(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    sql = f"""
+        SELECT run_id, decision, step, epsilon, explored, reward, q_predicted, q_target, td_loss,
+            greedy_agreement, q_spread, ppl
+        FROM decisions WHERE {_IN_RUNS} ORDER BY {_RUN_ORDER}, decision, step
+    """
+    return _fetch(con, sql, ids)
+
+
+# --- the paper's table and comparisons -------------------------------------------------------------------
+
+
+def _train_timing(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    sql = f"""
+        SELECT run_id,
+            avg(value) FILTER (WHERE name = 'tokens_per_s' AND split = 'train') AS tokens_per_s,
+            avg(value) FILTER (WHERE name = 'step_time_s' AND split = 'train') AS step_time_s,
+            arg_max(value, step) FILTER (WHERE name = 'agent_time_s') AS agent_time_s
+        FROM metrics WHERE {_IN_RUNS} GROUP BY run_id
+    """
+    return _fetch(con, sql, ids)
+
+
+def _summary(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    """One row per run with every key figure, the source of ``paper`` and ``compare``."""
+    table = _ppl(con, ids).drop(columns=["validation_step", "test_step", "best_validation"])
+    # The run's score: the final test row, or the last validation value when no test row was logged.
+    has_test = table.test.notna()
+    table["result"] = table.test.where(has_test, table.validation)
+    result_split = table.test_split.where(has_test, "validation")
+    table["metric"] = [
+        f"{m} ({s})" if isinstance(m, str) else None for m, s in zip(table.metric, result_split, strict=True)
+    ]
+    parts = [
+        _params(con, ids).drop(columns=["variant"]),
+        _layers(con, ids)[["run_id", "independent_layers_mean", "independent_layers_end"]],
+        _memory(con, ids)[["run_id", "peak_bytes", "avg_peak_bytes", "training_state_bytes_peak"]],
+        _train_timing(con, ids),
+        _runs(con, ids)[["run_id", "duration_s"]],
+    ]
+    for part in parts:
+        table = table.merge(part, on="run_id", how="left")
+    return table
+
+
+PAPER_ROWS = [
+    ("variant", "variant"),
+    ("metric", "metric"),
+    ("result", "result"),
+    ("trainable_params_conventional", "trainable_params_conventional"),
+    ("trainable_params_mean", "trainable_params_mean"),
+    ("trainable_params_end", "trainable_params_end"),
+    ("independent_layers_mean", "independent_layers_mean"),
+    ("independent_layers_end", "independent_layers_end"),
+    ("peak_memory_bytes", "peak_bytes"),
+    ("avg_memory_bytes", "avg_peak_bytes"),
+]
+COMPARE_ROWS = [
+    *PAPER_ROWS,
+    ("validation", "validation"),
+    ("training_state_bytes_peak", "training_state_bytes_peak"),
+    ("tokens_per_s", "tokens_per_s"),
+    ("step_time_s", "step_time_s"),
+    ("agent_time_s", "agent_time_s"),
+    ("wall_s", "duration_s"),
+]
+
+
+def _transpose(summary: pd.DataFrame, rows: list[tuple[str, str]]) -> pd.DataFrame:
+    """Quantities as rows, one column per run: the layout of the paper's table."""
+    data: dict[str, list[Any]] = {"quantity": [label for label, _ in rows]}
+    for run in summary.to_dict("records"):
+        data[run["run_id"]] = [_plain(run[column]) for _, column in rows]
+    return pd.DataFrame(data, dtype=object)
+
+
+def _plain(value: Any) -> Any:
+    """Python scalars (None for missing) so a column mixing text and numbers renders and serialises cleanly."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return None
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def _paper(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    return _transpose(_summary(con, ids), PAPER_ROWS)
+
+
+def _ratio(value: Any, base: Any) -> float | None:
+    numeric = isinstance(value, (int, float)) and isinstance(base, (int, float))
+    if not numeric or isinstance(value, bool) or not base:
+        return None
+    return value / base
+
+
+def _compare(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    table = _transpose(_summary(con, ids), COMPARE_ROWS)
+    if not ids:
+        return table
+    first = ids[0]
+    # Ratio columns are named "<run> / <first run>"; report.tables shows them as ratios, never as bytes.
+    for run_id in ids[1:]:
+        ratios = [_ratio(value, base) for value, base in zip(table[run_id], table[first], strict=True)]
+        table[f"{run_id} / {first}"] = pd.Series(ratios, dtype=object)
+    return table
+
+
+# --- public API ------------------------------------------------------------------------------------------
+
+Query = Callable[[str | os.PathLike[str], Sequence[str] | None], pd.DataFrame]
+
+
+def runs(db: str | os.PathLike[str], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per run: identity, status, steps, timing."""
+    return _query(db, run_ids, _runs)
+
+
+def ppl(db: str | os.PathLike[str], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """Per run: the headline metric's final validation and final test values, and the split 'test' means."""
+    return _query(db, run_ids, _ppl)
+
+
+def params(db: str | os.PathLike[str], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """Per run: trainable parameters mean over training, at the end, the maximum, and without tying."""
+    return _query(db, run_ids, _params)
+
+
+def layers(db: str | os.PathLike[str], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """Per run: independent layers mean and end, and decisions each layer spent independent."""
+    return _query(db, run_ids, _layers)
+
+
+def layer_counts(db: str | os.PathLike[str], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """Long form of the per-layer counts (run_id, layer, independent_decisions, decisions, fraction)."""
+    return _query(db, run_ids, _layer_counts)
+
+
+def memory(db: str | os.PathLike[str], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """Per run: peak and average memory, and parameter / gradient / optimizer bytes."""
+    return _query(db, run_ids, _memory)
+
+
+def ties(db: str | os.PathLike[str], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """The tie state after every decision."""
+    return _query(db, run_ids, _ties)
+
+
+def decisions(db: str | os.PathLike[str], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """The agent's view of every decision: exploration, reward, Q values, TD loss, diagnostics."""
+    return _query(db, run_ids, _decisions)
+
+
+def paper(db: str | os.PathLike[str], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """The paper's table: one column per run, one row per quantity."""
+    return _query(db, run_ids, _paper)
+
+
+def compare(db: str | os.PathLike[str], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """Key figures side by side, with each run's ratio to the first run."""
+    return _query(db, run_ids, _compare)
+
+
+QUERIES: dict[str, Query] = {
+    "runs": runs, "ppl": ppl, "params": params, "layers": layers, "memory": memory, "ties": ties,
+    "decisions": decisions, "paper": paper, "compare": compare, "layer-counts": layer_counts,
+}
+
+
+def run_query(name: str, db: str | os.PathLike[str], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """The named report table; an unknown name is a usage error listing the known ones."""
+    query = QUERIES.get(name)
+    if query is None:
+        raise UsageError(f"No report table '{name}'; choose one of: {', '.join(QUERIES)}.")
+    return query(db, run_ids)

@@ -1,0 +1,463 @@
+"""``RunWriter``: the trainer's only way to write to the registry.
+
+It never holds the DuckDB file open. Rows are buffered in memory and written in one short transaction
+(open, insert everything, commit, close) every ``flush_every_s`` seconds, so ``dyntie report`` and a second run
+can use the same file while this one trains. A run that dies loses at most the rows since its last flush.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+
+from dyntie_cli.errors import DyntieError
+from dyntie_cli.registry.db import (
+    LOCK_TIMEOUT_S,
+    RegistryLockedError,
+    connect,
+    resolve_run_id,
+    transaction,
+    utc_now,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+# Columns each buffered row fills, after run_id (added at write time, so a run id can still change at start()).
+ROW_COLUMNS: dict[str, tuple[str, ...]] = {
+    "metrics": ("step", "split", "name", "value"),
+    "memory": (
+        "step", "device", "peak_bytes", "current_bytes", "param_bytes", "grad_bytes", "optimizer_bytes",
+        "trainable_params",
+    ),
+    "ties": (
+        "decision", "step", "state", "action", "independent_layers", "distinct_block_weights", "changed_blocks",
+    ),
+    "decisions": (
+        "decision", "step", "epsilon", "explored", "reward", "q_predicted", "q_target", "td_loss",
+        "greedy_agreement", "q_spread", "ppl",
+    ),
+}
+RunChange = Callable[[duckdb.DuckDBPyConnection], None]
+SPLITS = ("train", "validation", "test", "reward")
+FINAL_STATUSES = ("finished", "failed", "killed")
+
+# maybe_flush runs inside the training loop: it waits only briefly for a busy file and tries again later,
+# rather than stalling training for the full lock timeout.
+MAYBE_FLUSH_TIMEOUT_S = 1.0
+# Enough rows per INSERT to amortise statement overhead, few enough to stay far below parameter limits.
+_PARAMS_PER_STATEMENT = 2000
+
+
+def new_run_id(backbone: str) -> str:
+    """``<backbone>-<YYYYmmdd>-<HHMMSS>-<4 hex>``: sorts by start time, readable, unlikely to collide."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", backbone).strip("-") or "run"
+    return f"{safe}-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+def _dyntie_version() -> str | None:
+    try:
+        return metadata.version("dyntie")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _int_list(values: Iterable[Any]) -> list[int]:
+    # Accepts lists, tuples, numpy arrays and torch tensors alike.
+    return [int(v) for v in values]
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (a zombie counts as ended)."""
+    if pid <= 0:
+        return False
+    if os.name != "posix":
+        # Signal 0 is not a probe on Windows; assume alive rather than mark a live run killed.
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def mark_stale_runs(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Mark ``running`` runs of this host whose process is gone as ``killed``; returns their ids.
+
+    Their ``ended_at`` is the last successful flush (the heartbeat), the best estimate of when they stopped.
+    """
+    host = socket.gethostname()
+    rows = con.execute("SELECT run_id, pid FROM runs WHERE status = 'running' AND host = ?", [host]).fetchall()
+    stale = [(run_id, pid) for run_id, pid in rows if pid is not None and not pid_alive(int(pid))]
+    for run_id, pid in stale:
+        con.execute(
+            """
+            UPDATE runs SET status = 'killed', ended_at = coalesce(heartbeat_at, ?),
+                error = coalesce(error, ?)
+            WHERE run_id = ? AND status = 'running'
+            """,
+            [utc_now(), f"process {pid} on {host} ended without finishing the run", run_id],
+        )
+    return [run_id for run_id, _ in stale]
+
+
+@dataclass
+class _Batch:
+    """What one flush writes; handed back to the buffers if the write fails."""
+
+    rows: dict[str, list[tuple[Any, ...]]]
+    final: tuple[str, str | None, datetime] | None = None
+
+
+class RunWriter:
+    """Buffered, lock-tolerant writer for one run. Call ``start`` (or ``resume``) first, ``finish`` last."""
+
+    def __init__(
+        self,
+        db_path: str | os.PathLike[str],
+        run_id: str | None = None,
+        flush_every_s: float = 10.0,
+        *,
+        backbone: str | None = None,
+    ) -> None:
+        self.db_path = Path(db_path)
+        self.flush_every_s = flush_every_s
+        # A generated id is fixed at start() unless the backbone is known now; a given id never changes.
+        self._given_id = run_id is not None
+        self._run_id = run_id or (new_run_id(backbone) if backbone else None)
+        self._rows: dict[str, list[tuple[Any, ...]]] = {table: [] for table in ROW_COLUMNS}
+        self._final: tuple[str, str | None, datetime] | None = None
+        self._active = False
+        self._finished = False
+        self._busy = False
+        self._last_flush = time.monotonic()
+        self.dropped_rows = 0
+
+    # --- identity and lifecycle ------------------------------------------------------------------------
+
+    @property
+    def run_id(self) -> str:
+        if self._run_id is None:
+            raise RuntimeError("The run id is chosen at start(); pass run_id= or backbone= to know it earlier.")
+        return self._run_id
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def start(
+        self,
+        command: str,
+        backbone: str,
+        dataset: str,
+        variant: str,
+        config: dict[str, Any],
+        *,
+        parent_run_id: str | None = None,
+        preset: str | None = None,
+        seed: int | None = None,
+        out_dir: str | os.PathLike[str] | None = None,
+        test_split: str = "test",
+    ) -> str:
+        """Insert the run's row (status ``running``) right away, so reports see the run; returns its id."""
+        if self._active or self._finished:
+            raise RuntimeError("This writer has already started a run.")
+        if test_split not in ("test", "validation"):
+            raise ValueError(f"test_split must be 'test' or 'validation', not {test_split!r}")
+        if self._run_id is None:
+            self._run_id = new_run_id(backbone)
+        values = {
+            "command": command, "backbone": backbone, "dataset": dataset, "variant": variant,
+            "config": json.dumps(config, sort_keys=True, default=str), "parent_run_id": parent_run_id,
+            "preset": preset, "seed": _opt_int(seed), "out_dir": None if out_dir is None else str(out_dir),
+            "test_split": test_split, "dyntie_version": _dyntie_version(),
+        }
+        self._commit(LOCK_TIMEOUT_S, lambda con: self._insert_run(con, values))
+        self._active = True
+        return self.run_id
+
+    def _insert_run(self, con: duckdb.DuckDBPyConnection, values: dict[str, Any]) -> None:
+        while self._run_exists(con, self.run_id):
+            if self._given_id:
+                raise DyntieError(
+                    f"Run '{self.run_id}' already exists in {self.db_path}; resume it with --resume "
+                    f"{self.run_id} or choose another run id."
+                )
+            # Two runs of one backbone started in the same second drew the same 4 hex digits: draw again.
+            self._run_id = new_run_id(str(values["backbone"]))
+        now = utc_now()
+        row = {"run_id": self.run_id, "status": "running", **values, "started_at": now, "heartbeat_at": now,
+               "pid": os.getpid(), "host": socket.gethostname()}
+        columns = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        con.execute(f"INSERT INTO runs ({columns}) VALUES ({marks})", list(row.values()))
+
+    @staticmethod
+    def _run_exists(con: duckdb.DuckDBPyConnection, run_id: str) -> bool:
+        return con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [run_id]).fetchone()[0] > 0
+
+    def resume(self, run_id: str) -> str:
+        """Mark an existing run (id or unique prefix) ``running`` again, keeping its rows; returns its full id."""
+        if self._active:
+            raise RuntimeError("This writer already has an active run.")
+
+        def reopen(con: duckdb.DuckDBPyConnection) -> None:
+            full_id = resolve_run_id(con, run_id, self.db_path)
+            status, pid, host = con.execute(
+                "SELECT status, pid, host FROM runs WHERE run_id = ?", [full_id]
+            ).fetchone()
+            alive_elsewhere = pid not in (None, os.getpid()) and pid_alive(int(pid))
+            if status == "running" and host == socket.gethostname() and alive_elsewhere:
+                raise DyntieError(f"Run '{full_id}' is still running (pid {pid}); stop it before resuming.")
+            con.execute(
+                """
+                UPDATE runs SET status = 'running', ended_at = NULL, error = NULL, pid = ?, host = ?,
+                    heartbeat_at = ?
+                WHERE run_id = ?
+                """,
+                [os.getpid(), socket.gethostname(), utc_now(), full_id],
+            )
+            self._run_id = full_id
+
+        self._commit(LOCK_TIMEOUT_S, reopen)
+        self._given_id = True
+        self._active, self._finished, self._final = True, False, None
+        return self.run_id
+
+    def truncate_after(self, step: int) -> int:
+        """Delete this run's rows at steps after ``step`` (the checkpoint resumed from); returns rows deleted.
+
+        Without this, the steps between the checkpoint and the kill would be logged twice.
+        """
+        for table, rows in self._rows.items():
+            step_at = ROW_COLUMNS[table].index("step")
+            rows[:] = [row for row in rows if row[step_at] is None or row[step_at] <= step]
+        deleted = 0
+
+        def delete(con: duckdb.DuckDBPyConnection) -> None:
+            nonlocal deleted
+            for table in ROW_COLUMNS:
+                result = con.execute(f"DELETE FROM {table} WHERE run_id = ? AND step > ?", [self.run_id, step])
+                deleted += int(result.fetchone()[0])
+
+        self._commit(LOCK_TIMEOUT_S, delete)
+        return deleted
+
+    def finish(self, status: str = "finished", error: str | None = None) -> None:
+        """Flush, then set the final status and ``ended_at``. Later calls are ignored: the first outcome wins
+        (a SIGTERM handler's 'killed' is not overwritten by the 'failed' of the unwinding that follows)."""
+        if status not in FINAL_STATUSES:
+            raise ValueError(f"status must be one of {', '.join(FINAL_STATUSES)}, not {status!r}")
+        if self._finished or (not self._active and self._final is None):
+            return
+        if self._final is None:
+            self._final = (status, error, utc_now())
+        if self._busy:
+            # Called from a signal handler in the middle of a flush: that flush writes the status when done.
+            return
+        self._commit(LOCK_TIMEOUT_S)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        if not self._active or self._finished:
+            return
+        if error is None:
+            self.finish("finished")
+        elif isinstance(error, KeyboardInterrupt):
+            self.finish("killed", "interrupted")
+        else:
+            self.finish("failed", f"{type(error).__name__}: {error}")
+
+    # --- rows ------------------------------------------------------------------------------------------
+
+    def _append(self, table: str, row: tuple[Any, ...]) -> None:
+        if self._finished:
+            # Rows that arrive after a signal handler finished the run have no run to belong to.
+            self.dropped_rows += 1
+            return
+        if not self._active:
+            raise RuntimeError("Call start() or resume() before logging rows.")
+        self._rows[table].append(row)
+
+    def metric(self, step: int, split: str, name: str, value: float) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+        self._append("metrics", (int(step), split, name, _opt_float(value)))
+
+    def memory(
+        self,
+        *,
+        step: int,
+        device: str,
+        peak_bytes: int | None,
+        current_bytes: int | None,
+        param_bytes: int | None,
+        grad_bytes: int | None,
+        optimizer_bytes: int | None,
+        trainable_params: int | None,
+    ) -> None:
+        sizes = (peak_bytes, current_bytes, param_bytes, grad_bytes, optimizer_bytes, trainable_params)
+        self._append("memory", (int(step), str(device), *(_opt_int(size) for size in sizes)))
+
+    def tie(
+        self,
+        *,
+        decision: int,
+        step: int,
+        state: Sequence[int],
+        action: Sequence[int] | None,
+        independent_layers: int,
+        distinct_block_weights: int | None,
+        changed_blocks: int | None = None,
+    ) -> None:
+        row = (
+            int(decision), int(step), _int_list(state), None if action is None else _int_list(action),
+            int(independent_layers), _opt_int(distinct_block_weights), _opt_int(changed_blocks),
+        )
+        self._append("ties", row)
+
+    def decision(
+        self,
+        *,
+        decision: int,
+        step: int,
+        epsilon: float | None,
+        explored: bool | None,
+        reward: float | None,
+        q_predicted: float | None,
+        q_target: float | None,
+        td_loss: float | None,
+        greedy_agreement: float | None = None,
+        q_spread: float | None = None,
+        ppl: float | None = None,
+    ) -> None:
+        floats = (reward, q_predicted, q_target, td_loss, greedy_agreement, q_spread, ppl)
+        row = (
+            int(decision), int(step), _opt_float(epsilon), None if explored is None else bool(explored),
+            *(_opt_float(value) for value in floats),
+        )
+        self._append("decisions", row)
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows logged but not yet written."""
+        return sum(len(rows) for rows in self._rows.values())
+
+    # --- flushing --------------------------------------------------------------------------------------
+
+    def maybe_flush(self) -> bool:
+        """Flush if ``flush_every_s`` passed since the last one; cheap enough to call every step.
+
+        A file kept busy by another process does not stall training: the rows wait for the next interval.
+        """
+        if self._busy or not self._active or self._finished:
+            return False
+        if time.monotonic() - self._last_flush < self.flush_every_s:
+            return False
+        try:
+            self._commit(MAYBE_FLUSH_TIMEOUT_S)
+        except RegistryLockedError:
+            self._last_flush = time.monotonic()
+            return False
+        return True
+
+    def flush(self) -> None:
+        """Write every buffered row now, waiting up to the lock timeout for a busy file."""
+        self._commit(LOCK_TIMEOUT_S)
+
+    def _take_batch(self) -> _Batch:
+        batch = _Batch(rows=self._rows, final=self._final)
+        self._rows = {table: [] for table in ROW_COLUMNS}
+        return batch
+
+    def _put_back(self, batch: _Batch) -> None:
+        # Older rows go first so a retried flush keeps the logging order.
+        self._rows = {table: batch.rows[table] + self._rows[table] for table in ROW_COLUMNS}
+
+    def _commit(self, timeout_s: float, run_change: RunChange | None = None) -> None:
+        """One transaction: an optional change to the runs row, the buffered rows, the heartbeat, the status.
+
+        If ``finish`` was called by a signal handler while this ran, its status goes out in a second pass.
+        """
+        self._busy = True
+        try:
+            while True:
+                batch = self._take_batch()
+                try:
+                    self._write(batch, timeout_s, run_change)
+                except BaseException:
+                    self._put_back(batch)
+                    raise
+                run_change = None
+                if batch.final is not None:
+                    self._finished, self._active = True, False
+                if self._final is None or self._finished:
+                    break
+        finally:
+            self._busy = False
+            self._last_flush = time.monotonic()
+
+    def _write(self, batch: _Batch, timeout_s: float, run_change: RunChange | None) -> None:
+        with connect(self.db_path, timeout_s=timeout_s) as con, transaction(con):
+            if run_change is not None:
+                run_change(con)
+            for table, rows in batch.rows.items():
+                self._insert_rows(con, table, rows)
+            if self._active or batch.final is not None:
+                self._update_run(con, batch)
+
+    def _insert_rows(self, con: duckdb.DuckDBPyConnection, table: str, rows: list[tuple[Any, ...]]) -> None:
+        # Multi-row VALUES statements: far faster than executemany in DuckDB, and unlike a DataFrame insert
+        # they keep a NaN metric (a diverged loss) as NaN instead of turning it into NULL.
+        if not rows:
+            return
+        columns = ("run_id", *ROW_COLUMNS[table])
+        per_statement = max(1, _PARAMS_PER_STATEMENT // len(columns))
+        row_marks = "(" + ", ".join("?" for _ in columns) + ")"
+        for start in range(0, len(rows), per_statement):
+            chunk = rows[start : start + per_statement]
+            params = [value for row in chunk for value in (self.run_id, *row)]
+            marks = ", ".join([row_marks] * len(chunk))
+            con.execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES {marks}", params)
+
+    def _update_run(self, con: duckdb.DuckDBPyConnection, batch: _Batch) -> None:
+        now = utc_now()
+        if batch.final is None:
+            con.execute("UPDATE runs SET heartbeat_at = ? WHERE run_id = ?", [now, self.run_id])
+            return
+        status, error, ended_at = batch.final
+        con.execute(
+            "UPDATE runs SET status = ?, error = ?, ended_at = ?, heartbeat_at = ? WHERE run_id = ?",
+            [status, error, ended_at, now, self.run_id],
+        )

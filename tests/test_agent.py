@@ -1,0 +1,121 @@
+"""The Q-agent: epsilon-greedy per row, the TD update, learning on a known reward, exact state_dict."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from dyntie_cli.core.agent import QAgent, agent_config
+from dyntie_cli.core.ties import all_tied, independent_count, transition
+from dyntie_cli.errors import DyntieError
+
+L = 6
+
+
+def _costs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(i + 1, generator=g).tolist() for i in range(L)]
+
+
+def _run(agent, costs, decisions, progress=False):
+    s = all_tied(L)
+    for d in range(decisions):
+        dec = agent.act(s, d / decisions if progress else 0.0)
+        r = -sum(costs[i][a] for i, a in enumerate(dec.action)) / L
+        s2 = transition(s, dec.action)
+        agent.update(s, dec.action, r, s2)
+        s = s2
+    return s
+
+
+@pytest.mark.parametrize("preset", ["default", "paper"])
+def test_greedy_policy_reaches_the_best_action_on_a_known_reward(preset):
+    costs = _costs()
+    best = [min(range(i + 1), key=lambda j: costs[i][j]) for i in range(L)]
+    cfg = agent_config(preset, gamma=0.0, seed=3, progress_input=False, lr=3e-3)
+    agent = QAgent(L, cfg, total_decisions=400)
+    s = _run(agent, costs, 400 if preset == "default" else 1500)
+    assert agent.act(s, greedy_only=True).greedy == best
+    assert agent.epsilon == pytest.approx(cfg.epsilon_min)
+
+
+def test_q_values_follow_the_paper_definitions():
+    agent = QAgent(L, agent_config("paper", seed=0))
+    s = all_tied(L)
+    a = [0, 1, 0, 3, 3, 5]
+    q = agent.q_matrix(s)
+    assert torch.isinf(q[2, 3]) and q[2, 3] < 0  # above the diagonal: not a choice
+    s2 = transition(s, a)
+    with torch.no_grad():
+        pred = float(sum(q[i, a[i]] for i in range(L)) / L)
+        target = 0.5 + agent.cfg.gamma * float(agent.q_matrix(s2).amax(1).mean())
+    out = agent.update(s, a, 0.5, s2)
+    assert out["q_predicted"] == pytest.approx(pred, rel=1e-5)
+    assert out["q_target"] == pytest.approx(target, rel=1e-5)
+    assert out["td_loss"] == pytest.approx((pred - target) ** 2, rel=1e-4)
+    assert float(sum(agent.q_matrix(s)[i, a[i]] for i in range(L)) / L) != pytest.approx(pred)  # it learned
+    assert agent.epsilon == pytest.approx(0.95)  # paper: x0.95 per decision from 1.0
+
+
+def test_epsilon_floors_and_exploration_is_per_row():
+    agent = QAgent(L, agent_config("paper", seed=1))
+    for _ in range(100):
+        agent._decay_epsilon()
+    assert agent.epsilon == pytest.approx(0.1)
+    agent.epsilon = 1.0
+    actions = [tuple(agent.act(all_tied(L)).action) for _ in range(200)]
+    # with epsilon 1 every row is uniform over 0..i: row 5 takes all six values
+    assert {a[5] for a in actions} == set(range(6))
+    assert all(a[0] == 0 for a in actions)
+
+
+def test_update_rejects_a_transition_that_breaks_eq1():
+    agent = QAgent(L, agent_config("default"))
+    with pytest.raises(DyntieError, match="Eq. 1"):
+        agent.update(all_tied(L), [0, 1, 2, 3, 4, 5], 0.0, all_tied(L))
+
+
+def test_max_independent_masks_actions():
+    agent = QAgent(L, agent_config("default", max_independent=2, seed=0))
+    agent.epsilon = 1.0
+    for _ in range(100):
+        a = agent.act(all_tied(L)).action
+        assert independent_count(transition(all_tied(L), a)) <= 2
+
+
+def test_rewards_are_shaped_as_documented():
+    a = QAgent(L, agent_config("default", reward="neg-ppl"))
+    assert a.shape_reward(250.0, 3) == -250.0
+    b = QAgent(L, agent_config("default", reward="neg-log-ppl", param_penalty=0.6))
+    assert b.shape_reward(100.0, 3) == pytest.approx(-4.60517 - 0.3, rel=1e-5)
+    c = QAgent(L, agent_config("default", reward="relative"))
+    assert c.shape_reward(100.0, 1) == 0.0 and c.shape_reward(50.0, 1) == pytest.approx(0.693147, rel=1e-5)
+
+
+def test_unknown_agent_setting_is_a_clear_error():
+    with pytest.raises(DyntieError, match="agent setting"):
+        agent_config("clever")
+    with pytest.raises(DyntieError, match="agent option"):
+        agent_config("default", gama=0.3)
+
+
+def test_state_dict_round_trips_bit_exactly():
+    costs = _costs(1)
+    a = QAgent(L, agent_config("default", seed=5), total_decisions=50)
+    s = _run(a, costs, 20)
+    blob = pickle.dumps(a.state_dict())
+    b = QAgent(L, agent_config("default", seed=99), total_decisions=50)
+    b.load_state_dict(pickle.loads(blob))
+    for (k, p), (_, q) in zip(a.q.state_dict().items(), b.q.state_dict().items()):
+        assert torch.equal(p, q), k
+    assert a.epsilon == b.epsilon and a.decisions == b.decisions
+    # both continue identically: same actions, same updates
+    for _ in range(10):
+        da, db = a.act(s), b.act(s)
+        assert da.action == db.action
+        r = -sum(costs[i][x] for i, x in enumerate(da.action)) / L
+        s2 = transition(s, da.action)
+        assert a.update(s, da.action, r, s2) == b.update(s, db.action, r, s2)
+        s = s2
