@@ -94,21 +94,25 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 
 @contextmanager
-def _sigterm_as_interrupt():
-    """A killed run (SIGTERM) is handled like Ctrl-C: checkpoint, mark 'killed', exit non-zero."""
+def _stop_on_signals(trainer: Trainer):
+    """SIGTERM and the first Ctrl-C ask the loop to stop at the next step boundary, where it checkpoints and
+    marks the run 'killed' (so a resume continues exactly); a second Ctrl-C interrupts at once."""
 
     def handler(signum, frame):
-        raise KeyboardInterrupt
+        if trainer.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer.stop_signal = signum
 
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    except ValueError:  # not the main thread: no handlers
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 class Trainer:
@@ -126,6 +130,7 @@ class Trainer:
         self.parent_run_id = parent_run_id
         self.resume = resume
         self.events = events or (lambda e: None)
+        self.stop_signal: int | None = None
 
     # -- setup -------------------------------------------------------------------------------------
 
@@ -167,7 +172,6 @@ class Trainer:
         self.grad_bytes = 0
         self.indep_steps = 0.0  # step-weighted sums for the means over training
         self.trainable_steps = 0.0
-        self.best_validation: float | None = None
         if self.resume:
             trainer_state = ckpt.load_trainer_state(self.checkpoint_dir)
             ckpt.restore_optimizer(self.model, self.optimizer, trainer_state)
@@ -175,7 +179,7 @@ class Trainer:
             self.policy.load_state_dict(trainer_state["policy"])
             self.train_gen.set_state(trainer_state["train_gen"])
             self.reward_gen.set_state(trainer_state["reward_gen"])
-            for k in ("step", "decision", "agent_time", "indep_steps", "trainable_steps", "best_validation"):
+            for k in ("step", "decision", "agent_time", "indep_steps", "trainable_steps"):
                 setattr(self, k, trainer_state[k])
             ckpt.restore_rng(trainer_state)
         self.ties.attach_optimizer(self.optimizer)
@@ -215,22 +219,25 @@ class Trainer:
         self.events({"type": "start", "run_id": w.run_id, "total": cfg.train.max_steps, "step": self.step,
                      "blocks": self.num_blocks, "source": getattr(self.data, "source", "")})
         try:
-            with _sigterm_as_interrupt():
+            with _stop_on_signals(self):
                 result = self._loop()
         except KeyboardInterrupt:
-            self._save_checkpoint()
             w.finish("killed")
-            raise DyntieError(
-                f"Run {w.run_id} was interrupted at step {self.step}; resume it with `--resume {w.run_id}`.",
-                exit_code=130,
-            ) from None
+            raise DyntieError(f"Run {w.run_id} was interrupted at step {self.step}; its last checkpoint is kept.",
+                              exit_code=130) from None
         except BaseException as e:
             w.finish("failed", error=f"{type(e).__name__}: {e}")
             raise
+        if result is None:  # stopped by a signal at a step boundary, checkpointed
+            w.finish("killed")
+            raise DyntieError(
+                f"Run {w.run_id} was stopped at step {self.step}; resume it with `--resume {w.run_id}`.",
+                exit_code=128 + int(self.stop_signal or 0),
+            )
         w.finish("finished")
         return result
 
-    def _loop(self) -> RunResult:
+    def _loop(self) -> RunResult | None:
         cfg, t, w = self.cfg, self.cfg.train, self.writer
         k = cfg.ties.decide_every
         losses: list[float] = []
@@ -257,6 +264,9 @@ class Trainer:
             if t.checkpoint_every and self.step % t.checkpoint_every == 0:
                 self._save_checkpoint()
             w.maybe_flush()
+            if self.stop_signal is not None:
+                self._save_checkpoint()
+                return None
         validation = self._validate()
         final = self._evaluate("test", t.test_items)
         for name, value in final.items():
@@ -377,7 +387,7 @@ class Trainer:
         trainer = {
             "step": self.step, "decision": self.decision, "agent_time": self.agent_time,
             "indep_steps": self.indep_steps, "trainable_steps": self.trainable_steps,
-            "best_validation": self.best_validation, "scheduler": self.scheduler.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
             "policy": self.policy.state_dict(), "train_gen": self.train_gen.get_state(),
             "reward_gen": self.reward_gen.get_state(), "config": self.cfg.to_dict(),
         }

@@ -1,0 +1,36 @@
+"""Shared fixtures: a session-wide tokenizer/data cache and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def dyntie_cache(tmp_path_factory) -> Path:
+    """One tokenizer/token cache for the whole session (the tiny BPE is trained once), offline hub."""
+    cache = tmp_path_factory.mktemp("dyntie-cache")
+    old = {k: os.environ.get(k) for k in ("DYNTIE_CACHE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    os.environ.update(DYNTIE_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    yield cache
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def invoke(runner: CliRunner, *args: str):
+    from dyntie_cli.app import app
+
+    return runner.invoke(app, [str(a) for a in args])
