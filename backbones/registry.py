@@ -10,7 +10,7 @@ import fnmatch
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
-from ..errors import UsageError
+from ..errors import DyntieError, UsageError
 from .base import Backbone
 
 GROUP = "dyntie.backbones"
@@ -19,8 +19,9 @@ GROUP = "dyntie.backbones"
 @dataclass
 class Registered:
     name: str
-    cls: type[Backbone]
+    cls: type[Backbone] | None  # None when the plugin failed to import
     source: str  # the distribution that provides it ("dyntie" for the built-ins)
+    error: str | None = None
 
 
 _extra: dict[str, Registered] = {}
@@ -37,9 +38,12 @@ def register_backbone(cls: type[Backbone], source: str = "local") -> type[Backbo
 def _from_entry_points() -> dict[str, Registered]:
     found: dict[str, Registered] = {}
     for ep in entry_points(group=GROUP):
-        cls = ep.load()
         dist = getattr(ep, "dist", None)
-        found[ep.name] = Registered(ep.name, cls, dist.name if dist is not None else "unknown")
+        source = dist.name if dist is not None else "unknown"
+        try:
+            found[ep.name] = Registered(ep.name, ep.load(), source)
+        except Exception as e:  # noqa: BLE001 -- one broken plugin must not take the other backbones down
+            found[ep.name] = Registered(ep.name, None, source, error=f"{type(e).__name__}: {e}")
     return found
 
 
@@ -56,4 +60,8 @@ def get_backbone(name: str) -> Backbone:
     if name not in found:
         known = ", ".join(sorted(found)) or "none"
         raise UsageError(f"Unknown backbone {name!r}; known backbones: {known} (`dyntie backbones` lists them).")
-    return found[name].cls()
+    entry = found[name]
+    if entry.cls is None:
+        raise DyntieError(f"Backbone {name!r} from package {entry.source} failed to load ({entry.error}); "
+                          "reinstall or fix that package.")
+    return entry.cls()

@@ -25,6 +25,9 @@ def backbones(
         table.add_column(col)
     for r in found:
         b = r.cls
+        if b is None:
+            table.add_row(r.name, r.source, "-", f"[red]failed to load: {r.error}[/]", "-")
+            continue
         table.add_row(r.name, r.source, f"dyntie {b.command} {r.name}",
                       ", ".join(f"{p}*" if p == b.default_preset else p for p in b.presets),
                       ", ".join(b.datasets))

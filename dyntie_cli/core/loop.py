@@ -169,6 +169,7 @@ class Trainer:
         self.step = 0
         self.decision = 0
         self.agent_time = 0.0
+        self.wall_time = 0.0  # loop time before a resume
         self.grad_bytes = 0
         self.indep_steps = 0.0  # step-weighted sums for the means over training
         self.trainable_steps = 0.0
@@ -179,7 +180,7 @@ class Trainer:
             self.policy.load_state_dict(trainer_state["policy"])
             self.train_gen.set_state(trainer_state["train_gen"])
             self.reward_gen.set_state(trainer_state["reward_gen"])
-            for k in ("step", "decision", "agent_time", "indep_steps", "trainable_steps"):
+            for k in ("step", "decision", "agent_time", "wall_time", "indep_steps", "trainable_steps"):
                 setattr(self, k, trainer_state[k])
             ckpt.restore_rng(trainer_state)
         self.ties.attach_optimizer(self.optimizer)
@@ -243,6 +244,7 @@ class Trainer:
         losses: list[float] = []
         step_times: list[float] = []
         items = self.data.items_per_batch()
+        self.loop_start = time.perf_counter()
         self.model.train()
         while self.step < t.max_steps:
             loss, dt = self._train_step()
@@ -359,6 +361,7 @@ class Trainer:
         w.metric(self.step, "train", "tokens_per_s", items / step_time if step_time > 0 else 0.0)
         w.metric(self.step, "train", "lr", self.scheduler.get_last_lr()[0])
         w.metric(self.step, "train", "agent_time_s", self.agent_time)
+        w.metric(self.step, "train", "wall_time_s", self.wall_time + time.perf_counter() - self.loop_start)
         m = self.probe.read(self.model, self.optimizer, grad_bytes=self.grad_bytes)
         w.memory(step=self.step, device=m.device, peak_bytes=m.peak_bytes, current_bytes=m.current_bytes,
                  param_bytes=m.param_bytes, grad_bytes=m.grad_bytes, optimizer_bytes=m.optimizer_bytes,
@@ -386,6 +389,7 @@ class Trainer:
     def _save_checkpoint(self) -> Path:
         trainer = {
             "step": self.step, "decision": self.decision, "agent_time": self.agent_time,
+            "wall_time": self.wall_time + time.perf_counter() - self.loop_start,
             "indep_steps": self.indep_steps, "trainable_steps": self.trainable_steps,
             "scheduler": self.scheduler.state_dict(),
             "policy": self.policy.state_dict(), "train_gen": self.train_gen.get_state(),

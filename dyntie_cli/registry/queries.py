@@ -123,6 +123,25 @@ def _headline_row(run: Any, last: pd.DataFrame) -> dict[str, Any]:
     return row
 
 
+# --- means over training ---------------------------------------------------------------------------------
+
+
+def _prefer_logged_mean(con: duckdb.DuckDBPyConnection, ids: list[str], table: pd.DataFrame, name: str) -> None:
+    """Replace ``table[name]`` by the trainer's own mean over every step where the run logged one.
+
+    The registry samples trainable parameters every log interval and states at decisions; an average of those
+    samples drifts from the mean over steps (the last decision holds for fewer steps than the others), and the
+    trainer's number is the one it printed at the end of the run.
+    """
+    sql = f"""
+        SELECT run_id, arg_max(value, step) AS logged FROM metrics
+        WHERE {_IN_RUNS} AND split = 'train' AND name = $name GROUP BY run_id
+    """
+    logged = con.execute(sql, {"ids": ids, "name": name}).df()
+    by_run = dict(zip(logged.run_id, logged.logged, strict=True))
+    table[name] = [by_run.get(run_id, sampled) for run_id, sampled in zip(table.run_id, table[name], strict=True)]
+
+
 # --- params ----------------------------------------------------------------------------------------------
 
 
@@ -134,6 +153,7 @@ def _params(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
         FROM memory WHERE {_IN_RUNS} AND trainable_params IS NOT NULL GROUP BY run_id
     """
     table = _per_run(con, ids).merge(_fetch(con, sql, ids), on="run_id", how="left")
+    _prefer_logged_mean(con, ids, table, "trainable_params_mean")
     conventional = _conventional_params(con, ids, table)
     table["trainable_params_conventional"] = table.run_id.map(conventional).astype(float)
     table["reduction_mean"] = table.trainable_params_conventional / table.trainable_params_mean
@@ -217,10 +237,59 @@ def _layers(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
         FROM ties WHERE {_IN_RUNS} GROUP BY run_id
     """
     table = _per_run(con, ids).merge(_fetch(con, sql, ids), on="run_id", how="left")
+    _prefer_logged_mean(con, ids, table, "independent_layers_mean")
     counts = _layer_counts(con, ids)
     per_layer = counts.groupby("run_id", sort=False).independent_decisions.agg(lambda c: [int(v) for v in c])
     table["independent_decisions_per_layer"] = table.run_id.map(per_layer)
     return table
+
+
+# --- agent: does the policy settle? -----------------------------------------------------------------------
+
+
+def _agent(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    # Decision 0 is the initial state, not a choice: it is left out of every per-decision mean.
+    decided = f"""
+        SELECT run_id, count(*) AS decisions, avg(greedy_agreement) AS greedy_agreement_mean,
+            avg(q_spread) AS q_spread_mean, avg(td_loss) AS td_loss_mean
+        FROM decisions WHERE {_IN_RUNS} AND decision > 0 GROUP BY run_id
+    """
+    changed = f"""
+        SELECT run_id, avg(changed_blocks) AS changed_blocks_mean
+        FROM ties WHERE {_IN_RUNS} AND decision > 0 GROUP BY run_id
+    """
+    table = _per_run(con, ids).merge(_fetch(con, decided, ids), on="run_id", how="left")
+    table = table.merge(_fetch(con, changed, ids), on="run_id", how="left")
+    states = _fetch(con, f"SELECT run_id, decision, state FROM ties WHERE {_IN_RUNS} ORDER BY run_id, decision", ids)
+    lifetimes = {run_id: independent_lifetime([list(s) for s in rows.state]) for run_id, rows in
+                 states.groupby("run_id", sort=False)}
+    table["independent_lifetime_mean"] = table.run_id.map(lifetimes).astype(float)
+    table["decisions"] = table.decisions.fillna(0).astype(int)
+    columns = ["run_id", "variant", "decisions", "changed_blocks_mean", "greedy_agreement_mean", "q_spread_mean",
+               "td_loss_mean", "independent_lifetime_mean"]
+    return table[columns]
+
+
+def independent_lifetime(states: Sequence[Sequence[int]]) -> float:
+    """Mean length, in decisions, of a block's spells of independence (consecutive states with s[i] == i).
+
+    Block 0 is left out: it is independent by definition and would only add one spell as long as the run.
+    A spell still open at the last decision counts with the length seen so far, so a block that never
+    re-ties scores the rest of the run. NaN when no block other than 0 was ever independent.
+    """
+    spells: list[int] = []
+    blocks = len(states[0]) if states else 0
+    for block in range(1, blocks):
+        length = 0
+        for state in states:
+            if state[block] == block:
+                length += 1
+            elif length:
+                spells.append(length)
+                length = 0
+        if length:
+            spells.append(length)
+    return sum(spells) / len(spells) if spells else math.nan
 
 
 # --- memory ----------------------------------------------------------------------------------------------
@@ -390,6 +459,12 @@ def layer_counts(db: str | os.PathLike[str], run_ids: Sequence[str] | None = Non
     return _query(db, run_ids, _layer_counts)
 
 
+def agent(db: str | os.PathLike[str], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """Per run: decisions, mean blocks re-targeted per decision, greedy agreement, Q spread, TD loss, and the
+    mean number of consecutive decisions a block stays independent."""
+    return _query(db, run_ids, _agent)
+
+
 def memory(db: str | os.PathLike[str], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
     """Per run: peak and average memory, and parameter / gradient / optimizer bytes."""
     return _query(db, run_ids, _memory)
@@ -415,9 +490,16 @@ def compare(db: str | os.PathLike[str], run_ids: Sequence[str] | None = None) ->
     return _query(db, run_ids, _compare)
 
 
+def bench(db: str | os.PathLike[str], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    from dyntie_cli.registry.bench_queries import bench_table
+
+    return _query(db, run_ids, bench_table)
+
+
 QUERIES: dict[str, Query] = {
+    "bench": bench,
     "runs": runs, "ppl": ppl, "params": params, "layers": layers, "memory": memory, "ties": ties,
-    "decisions": decisions, "paper": paper, "compare": compare, "layer-counts": layer_counts,
+    "decisions": decisions, "agent": agent, "paper": paper, "compare": compare, "layer-counts": layer_counts,
 }
 
 

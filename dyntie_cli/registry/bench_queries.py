@@ -1,0 +1,69 @@
+"""The `bench` table: each run's speed and memory, with ratios to the no-tying run of the set."""
+
+from __future__ import annotations
+
+import duckdb
+import pandas as pd
+
+_IN_RUNS = "run_id IN (SELECT unnest($ids::TEXT[]))"
+
+# the quantities `dyntie bench` reports, each also as a ratio to no-tying
+BENCH_COLUMNS = [
+    "peak_rss_bytes", "state_bytes_mean", "state_bytes_peak", "param_bytes_mean", "grad_bytes_mean",
+    "optimizer_bytes_mean", "trainable_params_mean", "trainable_params_end", "tokens_per_s", "step_time_s",
+    "validation_ppl", "agent_share",
+]
+
+
+def bench_table(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    sql = f"""
+        WITH mem AS (
+            SELECT run_id, max(peak_bytes) AS peak_rss_bytes,
+                avg(param_bytes + grad_bytes + optimizer_bytes) AS state_bytes_mean,
+                max(param_bytes + grad_bytes + optimizer_bytes) AS state_bytes_peak,
+                avg(param_bytes) AS param_bytes_mean, avg(grad_bytes) AS grad_bytes_mean,
+                avg(optimizer_bytes) AS optimizer_bytes_mean, arg_max(trainable_params, step) AS trainable_params_end
+            FROM memory WHERE {_IN_RUNS} GROUP BY run_id),
+        train AS (
+            SELECT run_id,
+                median(value) FILTER (WHERE name = 'tokens_per_s') AS tokens_per_s,
+                median(value) FILTER (WHERE name = 'step_time_s') AS step_time_s,
+                arg_max(value, step) FILTER (WHERE name = 'agent_time_s') AS agent_time_s,
+                arg_max(value, step) FILTER (WHERE name = 'wall_time_s') AS wall_time_s,
+                arg_max(value, step) FILTER (WHERE name = 'trainable_params_mean') AS trainable_params_mean
+            FROM metrics WHERE {_IN_RUNS} AND split = 'train' GROUP BY run_id),
+        val AS (
+            SELECT run_id, arg_max(value, step) AS validation_ppl
+            FROM metrics WHERE {_IN_RUNS} AND split = 'validation' AND name = 'ppl' GROUP BY run_id)
+        SELECT r.run_id, r.variant, r.preset, r.device_steps AS steps, mem.*, train.*, val.validation_ppl
+        FROM (SELECT run_id, variant, preset,
+                     (SELECT max(step) FROM memory m WHERE m.run_id = runs.run_id) AS device_steps
+              FROM runs WHERE {_IN_RUNS}) r
+        LEFT JOIN mem USING (run_id) LEFT JOIN train USING (run_id) LEFT JOIN val USING (run_id)
+        ORDER BY list_position($ids::TEXT[], r.run_id)
+    """
+    df = con.execute(sql, {"ids": ids}).df()
+    df = df.loc[:, ~df.columns.duplicated()]
+    df["agent_share"] = df["agent_time_s"] / df["wall_time_s"]
+    return _side_by_side(df)
+
+
+def _side_by_side(df: pd.DataFrame) -> pd.DataFrame:
+    """Quantities as rows; per run a value column and (but for the baseline) a ratio column."""
+    base_rows = df.index[df["variant"] == "no-tying"]
+    base = df.loc[base_rows[0]] if len(base_rows) else df.iloc[0]
+    names = _column_names(df)
+    out = pd.DataFrame({"quantity": ["run_id", "steps", *BENCH_COLUMNS]})
+    for (_, row), name in zip(df.iterrows(), names):
+        out[name] = [row["run_id"], row["steps"], *(row[c] for c in BENCH_COLUMNS)]
+        if row["run_id"] == base["run_id"]:
+            continue
+        # agent_share is already a share of wall time; a ratio to no-tying's (near zero) share means nothing
+        out[f"{name} / {base['variant']}"] = [None, None, *(
+            row[c] / base[c] if c != "agent_share" and base[c] else None for c in BENCH_COLUMNS)]
+    return out
+
+
+def _column_names(df: pd.DataFrame) -> list[str]:
+    counts = df["variant"].value_counts()
+    return [v if counts[v] == 1 else f"{v} ({rid[-4:]})" for v, rid in zip(df["variant"], df["run_id"])]
