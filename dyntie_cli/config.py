@@ -111,6 +111,8 @@ def _field_types(section: str) -> dict[str, type]:
 
 
 def _coerce(section: str, key: str, value: Any, current: Any) -> Any:
+    if isinstance(value, bool) and not isinstance(current, bool) and isinstance(current, (int, float)):
+        raise UsageError(f"{section}.{key} takes a number, not {value!r}.")
     if current is None or isinstance(value, type(current)):
         return value
     if isinstance(current, bool):

@@ -1,0 +1,43 @@
+"""Config resolution: presets, recipes, --set."""
+
+from __future__ import annotations
+
+import pytest
+
+from dyntie_cli.config import apply_set, list_recipes, load_recipe, parse_sets
+from dyntie_cli.errors import UsageError
+from dyntie_cli.runner import RunOptions, build_config
+
+
+def _cfg(**kw):
+    return build_config(RunOptions(backbone="gpt2", **kw), expect="train")[1]
+
+
+def test_precedence_preset_recipe_options_set(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('preset = "gpt2-tiny"\n[train]\nlr = 0.5\nmax_steps = 7\n[agent]\npreset = "paper"\n')
+    cfg = _cfg(recipe=str(recipe), max_steps=9, sets=["train.lr=0.25", "gamma=0.5"])
+    assert cfg.preset == "gpt2-tiny" and cfg.model["n_layer"] == 4
+    assert cfg.train.max_steps == 9 and cfg.train.lr == 0.25
+    assert cfg.agent.preset == "paper" and cfg.agent.replay_size == 1 and cfg.agent.gamma == 0.5
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_packaged_recipes_apply(name):
+    recipe = load_recipe(name)
+    assert "command" in recipe["meta"] and recipe["meta"]["command"].startswith("dyntie ")
+    cfg = _cfg(recipe=name)
+    assert cfg.preset == recipe["preset"]
+
+
+def test_set_values_are_typed_and_checked():
+    assert parse_sets(["a=3", "b=1e-3", "c=true", "d=text", "e=[1,2]"]) == [
+        ("a", 3), ("b", 1e-3), ("c", True), ("d", "text"), ("e", [1, 2])]
+    cfg = _cfg(preset="gpt2-tiny")
+    apply_set(cfg, "train.lr", 1)  # an int where a float is expected is fine
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    for key, value, match in [("train.max_steps", "x", "number"), ("ties.nope", 1, "ties.nope"),
+                              ("model.n_layers", 3, "n_layer"), ("zzz", 1, "no section"),
+                              ("agent.preset", "clever", "agent setting"), ("train.lr", True, "number")]:
+        with pytest.raises(UsageError, match=match):
+            apply_set(cfg, key, value)
