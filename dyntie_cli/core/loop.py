@@ -184,7 +184,7 @@ class Trainer:
                 setattr(self, k, trainer_state[k])
             ckpt.restore_rng(trainer_state)
         self.ties.attach_optimizer(self.optimizer)
-        self.probe = MemoryProbe(self.device)
+        self.probe = MemoryProbe(self.device)  # training peaks from here on; the setup peak is kept apart
         precision = cfg.train.precision
         if precision not in ("fp32", "bf16", "fp16"):
             raise DyntieError(f"Unknown precision {precision!r}; use fp32, bf16 or fp16.")
@@ -216,6 +216,7 @@ class Trainer:
                     parent_run_id=self.parent_run_id, preset=cfg.preset, seed=cfg.seed,
                     out_dir=str(self.out_dir / w.run_id), test_split=self.data.test_split)
             self._log_tie(action=self.ties.state, changed=0)  # decision 0: the initial state
+            w.metric(0, "train", "setup_peak_bytes", self.probe.setup_peak)
             w.flush()
         self.events({"type": "start", "run_id": w.run_id, "total": cfg.train.max_steps, "step": self.step,
                      "blocks": self.num_blocks, "source": getattr(self.data, "source", "")})

@@ -2,7 +2,10 @@
 
 On CUDA: peak allocated bytes per logging interval (the peak is reset after each reading) and the current
 allocation. On CPU ``torch.cuda.max_memory_allocated`` silently returns 0, so the peak is the process's
-peak RSS (``ru_maxrss``). Besides the device view, an exact account of parameter, gradient and
+peak RSS. On Linux the RSS high-water mark is reset the same way as the CUDA peak -- once after setup (model
+construction allocates every block before the tie state releases the tied ones, as a GPU run does on the host
+before moving the model) and after each reading -- by writing 5 to ``/proc/self/clear_refs``; the setup peak
+is reported separately. Where that is not possible the peak is the whole-process ``ru_maxrss``. Besides the device view, an exact account of parameter, gradient and
 optimizer-state bytes, each stored tensor counted once (a tied block's tensors are its root's storage).
 """
 
@@ -53,6 +56,16 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
 
 
+def reset_peak_rss() -> bool:
+    """Reset the RSS high-water mark to the current RSS (Linux >= 4.0); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def current_rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
@@ -80,7 +93,12 @@ class MemoryProbe:
         self.device = device
         self.is_cuda = device.type == "cuda"
         if self.is_cuda:
+            self.setup_peak = torch.cuda.max_memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
+            self.resets = True
+        else:
+            self.setup_peak = peak_rss_bytes()
+            self.resets = reset_peak_rss()
 
     def read(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_bytes: int | None = None) -> MemoryReading:
         """``grad_bytes``: the gradient bytes measured during the last step (they are freed after it)."""
@@ -91,6 +109,8 @@ class MemoryProbe:
             name = torch.cuda.get_device_name(self.device)
         else:
             peak, current, name = peak_rss_bytes(), current_rss_bytes(), "cpu"
+            if self.resets:
+                reset_peak_rss()
         return MemoryReading(
             device=name, peak_bytes=int(peak), current_bytes=int(current),
             param_bytes=parameter_bytes(model),

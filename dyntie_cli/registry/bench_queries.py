@@ -9,7 +9,7 @@ _IN_RUNS = "run_id IN (SELECT unnest($ids::TEXT[]))"
 
 # the quantities `dyntie bench` reports, each also as a ratio to no-tying
 BENCH_COLUMNS = [
-    "peak_rss_bytes", "state_bytes_mean", "state_bytes_peak", "param_bytes_mean", "grad_bytes_mean",
+    "peak_rss_bytes", "setup_peak_bytes", "state_bytes_mean", "state_bytes_peak", "param_bytes_mean", "grad_bytes_mean",
     "optimizer_bytes_mean", "trainable_params_mean", "trainable_params_end", "tokens_per_s", "step_time_s",
     "validation_ppl", "agent_share",
 ]
@@ -29,6 +29,7 @@ def bench_table(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
                 median(value) FILTER (WHERE name = 'tokens_per_s') AS tokens_per_s,
                 median(value) FILTER (WHERE name = 'step_time_s') AS step_time_s,
                 arg_max(value, step) FILTER (WHERE name = 'agent_time_s') AS agent_time_s,
+                max(value) FILTER (WHERE name = 'setup_peak_bytes') AS setup_peak_bytes,
                 arg_max(value, step) FILTER (WHERE name = 'wall_time_s') AS wall_time_s,
                 arg_max(value, step) FILTER (WHERE name = 'trainable_params_mean') AS trainable_params_mean
             FROM metrics WHERE {_IN_RUNS} AND split = 'train' GROUP BY run_id),
