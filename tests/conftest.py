@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -13,10 +14,14 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 @pytest.fixture(scope="session", autouse=True)
 def dyntie_cache(tmp_path_factory) -> Path:
-    """One tokenizer/token cache for the whole session (the tiny BPE is trained once), offline hub."""
+    """One tokenizer/token cache for the whole session (the tiny BPE is trained once), offline hub, one thread."""
     cache = tmp_path_factory.mktemp("dyntie-cache")
-    old = {k: os.environ.get(k) for k in ("DYNTIE_CACHE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
-    os.environ.update(DYNTIE_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    keys = ("DYNTIE_CACHE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "OMP_NUM_THREADS")
+    old = {k: os.environ.get(k) for k in keys}
+    # tiny models gain nothing from a second thread, and one thread per process keeps the subprocess tests
+    # from fighting over two cores
+    os.environ.update(DYNTIE_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
     yield cache
     for k, v in old.items():
         if v is None:

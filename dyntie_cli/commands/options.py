@@ -13,8 +13,8 @@ Recipe = Annotated[str | None, typer.Option("--recipe", help="A TOML recipe file
 Sets = Annotated[list[str] | None, typer.Option("--set", help="Override any config key: --set train.lr=3e-4 "
                                                    "(repeatable).")]
 Db = Annotated[str | None, typer.Option("--db", envvar="DYNTIE_DB", help="DuckDB registry file "
-                                           "[default: ./dyntie.duckdb].")]
-Out = Annotated[str | None, typer.Option("--out", help="Folder for checkpoints [default: ./runs].")]
+                                           "\\[default: ./dyntie.duckdb].")]
+Out = Annotated[str | None, typer.Option("--out", help="Folder for checkpoints \\[default: ./runs].")]
 Seed = Annotated[int | None, typer.Option("--seed", help="Random seed (data order, init, agent).")]
 Device = Annotated[str | None, typer.Option("--device", help="cpu, cuda or auto.")]
 MaxSteps = Annotated[int | None, typer.Option("--max-steps", help="Training steps.")]

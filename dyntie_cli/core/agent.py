@@ -50,6 +50,7 @@ class AgentConfig:
     explore_fraction: float = 0.5
     explore: str = "row"  # row: each row explores on its own; vector: the whole action explores at once
     keep_bias: float = 0.5  # when a row explores, chance it keeps its current target instead of uniform
+    keep_bonus: float = 0.0  # added to Q[i, s[i]] when acting greedily: a row changes only for a clear gain
     rows_per_decision: int = 0  # 0: every row is re-decided; n: only n random rows, the rest keep their tie
     replay_size: int = 512
     batch_size: int = 32
@@ -93,8 +94,8 @@ class Decision:
 
     action: list[int]
     greedy: list[int]
-    explored: bool
-    epsilon: float
+    explored: bool | None  # None: no agent took this decision (a fixed or replayed schedule)
+    epsilon: float | None
     q_spread: float
     greedy_agreement: float | None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -184,6 +185,12 @@ class QAgent:
         L = self.num_blocks
         q = self.q_matrix(s, progress)
         greedy = [int(x) for x in q.argmax(dim=1)]
+        if self.cfg.keep_bonus:
+            # keeping a row's current target is worth a bonus: a newly independent block is not thrown away
+            # on a small, noisy difference in Q (the churn that made the paper's agent no better than chance)
+            kept = q.clone()
+            kept[torch.arange(L), torch.tensor(s)] += self.cfg.keep_bonus
+            greedy = [int(x) for x in kept.argmax(dim=1)]
         eps = 0.0 if greedy_only else self.epsilon
         action = list(greedy)
         explored_rows: list[int] = []

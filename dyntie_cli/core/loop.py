@@ -153,6 +153,8 @@ class Trainer:
             independent=cfg.ties.independent, source=self.source, perm_seed=cfg.ties.perm_seed,
         )
         initial = self.policy.initial_state()
+        if cfg.variant.startswith("static-") and not cfg.ties.independent:
+            cfg.ties.independent = independent_count(initial)  # record what the scheme resolved to
         self.checkpoint_dir = self.out_dir / self.writer.run_id / "checkpoint"
         trainer_state = None
         if self.resume:

@@ -44,7 +44,8 @@ class Policy:
 
 
 def _fixed_decision(action: list[int]) -> Decision:
-    return Decision(action=list(action), greedy=list(action), explored=False, epsilon=0.0, q_spread=0.0,
+    """A decision taken by no agent: epsilon and exploration are recorded as NULL."""
+    return Decision(action=list(action), greedy=list(action), explored=None, epsilon=None, q_spread=0.0,
                     greedy_agreement=None)
 
 
@@ -81,9 +82,11 @@ class RandomPolicy(Policy):
     name = "random"
     wants_reward = True  # the reward is logged, so random and dynamic runs can be compared decision by decision
 
-    def __init__(self, num_blocks: int, seed: int) -> None:
+    def __init__(self, num_blocks: int, seed: int, agent: AgentConfig) -> None:
         self.num_blocks = num_blocks
         self.generator = torch.Generator().manual_seed(seed + 7919)
+        # the reward is shaped exactly as the Q-agent's, so the two runs' rewards can be compared
+        self.shaper = QAgent(num_blocks, agent)
 
     def initial_state(self):
         return all_tied(self.num_blocks)
@@ -95,13 +98,14 @@ class RandomPolicy(Policy):
                         greedy_agreement=None)
 
     def observe(self, state, action, ppl, next_state, independent, progress, next_progress):
-        return {"reward": -ppl}
+        return {"reward": self.shaper.shape_reward(ppl, independent)}
 
     def state_dict(self):
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.generator.get_state(), "reward_ref": self.shaper.reward_ref}
 
     def load_state_dict(self, sd):
         self.generator.set_state(sd["generator"])
+        self.shaper.reward_ref = sd["reward_ref"]
 
 
 class FixedPolicy(Policy):
@@ -178,7 +182,7 @@ def make_policy(variant: str, num_blocks: int, *, agent: AgentConfig, total_deci
     if variant == "dynamic":
         return DynamicPolicy(L, agent, total_decisions)
     if variant == "random":
-        return RandomPolicy(L, seed)
+        return RandomPolicy(L, seed, agent)
     if variant == "no-tying":
         return FixedPolicy(all_independent(L), "no-tying")
     if variant == "final-arch":
@@ -190,7 +194,7 @@ def make_policy(variant: str, num_blocks: int, *, agent: AgentConfig, total_deci
             raise DyntieError("replay needs a source run: pass --from-run RUN (a dynamic run).")
         return ReplayPolicy(source.get("initial", all_tied(L)), source["schedule"], random_permutation(L, perm_seed))
     if variant.startswith("static-"):
-        n = independent or round(source.get("mean_independent", 0)) or max(1, L // 4)
+        n = independent or int(source.get("mean_independent", 0) + 0.5) or max(1, L // 4)
         return FixedPolicy(static_state(variant, L, n), variant)
     raise DyntieError(f"Unknown variant {variant!r}.")
 

@@ -126,7 +126,9 @@ def _headline_row(run: Any, last: pd.DataFrame) -> dict[str, Any]:
 # --- means over training ---------------------------------------------------------------------------------
 
 
-def _prefer_logged_mean(con: duckdb.DuckDBPyConnection, ids: list[str], table: pd.DataFrame, name: str) -> None:
+def _prefer_logged_mean(
+    con: duckdb.DuckDBPyConnection, ids: list[str], table: pd.DataFrame, name: str
+) -> None:
     """Replace ``table[name]`` by the trainer's own mean over every step where the run logged one.
 
     The registry samples trainable parameters every log interval and states at decisions; an average of those
@@ -139,7 +141,8 @@ def _prefer_logged_mean(con: duckdb.DuckDBPyConnection, ids: list[str], table: p
     """
     logged = con.execute(sql, {"ids": ids, "name": name}).df()
     by_run = dict(zip(logged.run_id, logged.logged, strict=True))
-    table[name] = [by_run.get(run_id, sampled) for run_id, sampled in zip(table.run_id, table[name], strict=True)]
+    pairs = zip(table.run_id, table[name], strict=True)
+    table[name] = [by_run.get(run_id, sampled) for run_id, sampled in pairs]
 
 
 # --- params ----------------------------------------------------------------------------------------------
@@ -260,13 +263,15 @@ def _agent(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     """
     table = _per_run(con, ids).merge(_fetch(con, decided, ids), on="run_id", how="left")
     table = table.merge(_fetch(con, changed, ids), on="run_id", how="left")
-    states = _fetch(con, f"SELECT run_id, decision, state FROM ties WHERE {_IN_RUNS} ORDER BY run_id, decision", ids)
+    states = _fetch(
+        con, f"SELECT run_id, decision, state FROM ties WHERE {_IN_RUNS} ORDER BY run_id, decision", ids
+    )
     lifetimes = {run_id: independent_lifetime([list(s) for s in rows.state]) for run_id, rows in
                  states.groupby("run_id", sort=False)}
     table["independent_lifetime_mean"] = table.run_id.map(lifetimes).astype(float)
     table["decisions"] = table.decisions.fillna(0).astype(int)
-    columns = ["run_id", "variant", "decisions", "changed_blocks_mean", "greedy_agreement_mean", "q_spread_mean",
-               "td_loss_mean", "independent_lifetime_mean"]
+    columns = ["run_id", "variant", "decisions", "changed_blocks_mean", "greedy_agreement_mean",
+               "q_spread_mean", "td_loss_mean", "independent_lifetime_mean"]
     return table[columns]
 
 
@@ -357,7 +362,7 @@ def _summary(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     parts = [
         _params(con, ids).drop(columns=["variant"]),
         _layers(con, ids)[["run_id", "independent_layers_mean", "independent_layers_end"]],
-        _memory(con, ids)[["run_id", "peak_bytes", "avg_peak_bytes", "training_state_bytes_peak"]],
+        _memory(con, ids)[["run_id", "peak_bytes", "avg_current_bytes", "training_state_bytes_peak"]],
         _train_timing(con, ids),
         _runs(con, ids)[["run_id", "duration_s"]],
     ]
@@ -376,7 +381,7 @@ PAPER_ROWS = [
     ("independent_layers_mean", "independent_layers_mean"),
     ("independent_layers_end", "independent_layers_end"),
     ("peak_memory_bytes", "peak_bytes"),
-    ("avg_memory_bytes", "avg_peak_bytes"),
+    ("avg_memory_bytes", "avg_current_bytes"),  # allocated (CUDA) / resident (CPU) bytes averaged over steps
 ]
 COMPARE_ROWS = [
     *PAPER_ROWS,

@@ -1,0 +1,373 @@
+"""`dyntie report --plot KIND`: figures over the registry, written as image files.
+
+Each kind is a loader (one query over the registry) and a drawer (a matplotlib figure from that frame):
+
+* ``ties``    -- the tie state over time: layer by decision, coloured by the root each layer uses, with the
+  independent layers (``state[i] == i``) drawn as white bars over their spells; one panel per run.
+* ``layers``  -- the paper's bar chart: decisions each layer spent independent; grouped bars for several runs.
+* ``memory``  -- peak memory, and parameter + gradient + optimizer bytes, over steps.
+* ``params``  -- trainable parameters over steps, with the all-independent count for reference.
+* ``metrics`` -- validation curves of the runs' headline metric (ppl, else accuracy, ...), final test marked.
+
+Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas, never through pyplot: no display is
+needed, and nothing global (open figures, the backend) is left behind in the calling process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps, patheffects
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Colormap, ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+from ..errors import DyntieError, UsageError
+from ..registry.db import resolve_run_ids
+from ..registry.lineage import dense_schedule
+from ..registry.queries import HEADLINE_METRICS, open_registry
+
+_IN_RUNS = "run_id IN (SELECT unnest($ids::TEXT[]))"
+_DPI = 100
+# Metrics whose early values span orders of magnitude (perplexity starts near the vocabulary size).
+_LOG_SCALE_METRICS = {"ppl"}
+
+
+@dataclass(frozen=True)
+class PlotKind:
+    load: Callable[[duckdb.DuckDBPyConnection, list[str]], pd.DataFrame]
+    draw: Callable[[pd.DataFrame, dict[str, str]], Figure]
+    missing: str  # what a run without rows lacks, as the error message names it
+
+
+def make_plot(kind: str, db_path: str | os.PathLike[str], run_ids: list[str] | None, out: str | None) -> Path:
+    """Draw ``kind`` for ``run_ids`` (default: the most recent run) into ``out`` (default:
+    ``<kind>-<first run>.png`` in the working directory); returns the path written."""
+    plot = PLOTS.get(kind)
+    if plot is None:
+        raise UsageError(f"No plot '{kind}'; choose one of: {', '.join(PLOTS)}.")
+    path = Path(db_path)
+    with open_registry(path) as con:
+        ids = _chosen_runs(con, run_ids, path)
+        labels = _run_labels(con, ids)
+        data = plot.load(con, ids)
+    _require_rows(kind, data, ids, plot.missing)
+    target = _output_path(kind, ids[0], out)
+    _save(plot.draw(data, labels), target)
+    return target
+
+
+# --- runs, output, saving -----------------------------------------------------------------------------------
+
+
+def _chosen_runs(con: duckdb.DuckDBPyConnection, run_ids: list[str] | None, path: Path) -> list[str]:
+    if run_ids:
+        return resolve_run_ids(con, run_ids, path)
+    latest = resolve_run_ids(con, None, path)[:1]
+    if not latest:
+        raise DyntieError(f"The registry {path} has no runs to plot; run a training first "
+                          "(dyntie train gpt2).")
+    return latest
+
+
+def _run_labels(con: duckdb.DuckDBPyConnection, ids: list[str]) -> dict[str, str]:
+    """Legend text: the run id with its variant, so ablations read as what they are."""
+    rows = con.execute(f"SELECT run_id, variant FROM runs WHERE {_IN_RUNS}", {"ids": ids}).fetchall()
+    variants = dict(rows)
+    return {run_id: f"{run_id} ({variants.get(run_id) or 'unknown'})" for run_id in ids}
+
+
+def _require_rows(kind: str, data: pd.DataFrame, ids: list[str], missing: str) -> None:
+    present = set(data.run_id)
+    absent = [run_id for run_id in ids if run_id not in present]
+    if absent:
+        who = f"Run {absent[0]} has" if len(absent) == 1 else f"Runs {', '.join(absent)} have"
+        raise DyntieError(f"{who} no {missing} for --plot {kind}; wait for the run to log them or choose "
+                          "another run (dyntie report --table runs).")
+
+
+def _output_path(kind: str, first_run: str, out: str | None) -> Path:
+    target = Path(out) if out else Path.cwd() / f"{kind}-{first_run}.png"
+    supported = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    suffix = target.suffix.lower().lstrip(".")
+    if suffix not in supported:
+        raise UsageError(f"Cannot write a plot to {target}; give --out a file ending in .png (or "
+                         f"{', '.join('.' + name for name in sorted(supported) if name != 'png')}).")
+    return target
+
+
+def _save(fig: Figure, target: Path) -> None:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Attach the Agg canvas explicitly, so no backend is picked from the environment (a display, MPLBACKEND).
+        FigureCanvasAgg(fig)
+        fig.savefig(target, dpi=_DPI, bbox_inches="tight")
+    except OSError as error:
+        raise DyntieError(f"Cannot write the plot to {target} ({error.strerror}); pass --out with a writable "
+                          "path.") from None
+
+
+def _byte_scale(largest: float) -> tuple[float, str]:
+    """A divisor and unit that keep the axis numbers readable (binary units, as torch reports memory)."""
+    for power, unit in ((3, "GiB"), (2, "MiB"), (1, "KiB")):
+        if largest >= 1024**power:
+            return float(1024**power), unit
+    return 1.0, "B"
+
+
+def _colours(count: int) -> list[tuple[float, float, float, float]]:
+    cmap = colormaps["tab10" if count <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(count)]
+
+
+# --- ties: layer x decision heatmap -------------------------------------------------------------------------
+
+
+def _load_ties(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    sql = f"SELECT run_id, decision, step, state FROM ties WHERE {_IN_RUNS} ORDER BY run_id, decision"
+    return con.execute(sql, {"ids": ids}).df()
+
+
+def _state_matrix(rows: pd.DataFrame) -> tuple[np.ndarray, int]:
+    """Layers x decisions of root indices, from the first logged decision on (gaps keep the earlier state)."""
+    states = {int(d): [int(x) for x in s] for d, s in zip(rows.decision, rows.state, strict=True)}
+    first = min(states)
+    schedule = dense_schedule(states)[first:]
+    return np.array(schedule, dtype=int).T, first
+
+
+def _roots_colormap(layers: int) -> Colormap:
+    """One colour per block: hues that can be told apart up to 20 blocks, a sequential map (read by position)
+    beyond that."""
+    if layers > 20:
+        return colormaps["viridis"].resampled(layers)
+    return ListedColormap([colour for colour in _colours(layers)])
+
+
+def _draw_ties(data: pd.DataFrame, labels: dict[str, str]) -> Figure:
+    runs = list(labels)
+    matrices = {run_id: _state_matrix(data[data.run_id == run_id]) for run_id in runs}
+    layers = max(m.shape[0] for m, _ in matrices.values())
+    decisions = max(m.shape[1] for m, _ in matrices.values())
+    width = min(14.0, 6.0 + 0.05 * decisions)
+    height = min(8.0, max(2.5, 1.2 + 0.25 * layers))
+    fig = Figure(figsize=(width, height * len(runs)), layout="constrained")
+    axes = fig.subplots(len(runs), 1, squeeze=False)[:, 0]
+    cmap = _roots_colormap(layers)
+    for ax, run_id in zip(axes, runs, strict=True):
+        matrix, first = matrices[run_id]
+        image, key = _ties_panel(ax, matrix, first, cmap, layers, (width, height))
+        ax.set_title(f"tie state: {labels[run_id]}")
+    colorbar = fig.colorbar(image, ax=list(axes), label="root block (whose weights the layer uses)")
+    if layers <= 24:
+        colorbar.set_ticks(range(layers))
+    fig.legend(handles=[key], loc="outside lower left", fontsize="small", frameon=False)
+    return fig
+
+
+def _ties_panel(ax: Axes, matrix: np.ndarray, first: int, cmap: Colormap, layers: int,
+                panel_in: tuple[float, float]) -> tuple[AxesImage, Line2D]:
+    count = matrix.shape[1]
+    extent = (first - 0.5, first + count - 0.5, -0.5, matrix.shape[0] - 0.5)
+    image = ax.imshow(matrix, origin="lower", aspect="auto", interpolation="nearest", cmap=cmap,
+                      vmin=-0.5, vmax=layers - 0.5, extent=extent)
+    # Each spell of independence is one white bar through its row: unlike a marker per cell it stays
+    # visible when hundreds of decisions squeeze a cell to a pixel, and it shows how long a block stayed free.
+    row_pt = panel_in[1] * 72 * 0.8 / matrix.shape[0]
+    width = min(6.0, max(1.5, row_pt / 4))
+    style = dict(color="white", linewidth=width, solid_capstyle="butt",
+                 path_effects=[patheffects.withStroke(linewidth=width + 1.5, foreground="black")])
+    for layer, start, end in _independent_spells(matrix):
+        ax.plot([first + start - 0.35, first + end + 0.35], [layer, layer], **style)
+    ax.set_xlabel("decision")
+    ax.set_ylabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if matrix.shape[0] <= 24:
+        ax.set_yticks(range(matrix.shape[0]))
+    key = Line2D([], [], label="independent (state[i] == i: the layer owns and trains its weights)", **style)
+    return image, key
+
+
+def _independent_spells(matrix: np.ndarray) -> list[tuple[int, int, int]]:
+    """(layer, first column, last column) of every run of consecutive columns where the layer is its own root."""
+    spells = []
+    for layer, row in enumerate(matrix):
+        free = np.concatenate(([False], row == layer, [False])).astype(int)
+        edges = np.flatnonzero(np.diff(free))
+        spells += [(layer, int(start), int(stop) - 1) for start, stop in zip(edges[::2], edges[1::2], strict=True)]
+    return spells
+
+
+# --- layers: decisions each layer spent independent ---------------------------------------------------------
+
+
+def _load_layers(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    # DuckDB lists are 1-based, layers 0-based; a layer is independent at a decision when state[i] == i.
+    sql = f"""
+        SELECT run_id, idx - 1 AS layer, count(*) FILTER (WHERE target = idx - 1) AS independent_decisions
+        FROM (SELECT run_id, unnest(state) AS target, generate_subscripts(state, 1) AS idx
+              FROM ties WHERE {_IN_RUNS})
+        GROUP BY run_id, idx ORDER BY run_id, layer
+    """
+    return con.execute(sql, {"ids": ids}).df()
+
+
+def _draw_layers(data: pd.DataFrame, labels: dict[str, str]) -> Figure:
+    runs = list(labels)
+    layers = int(data.layer.max()) + 1
+    fig = Figure(figsize=(min(14.0, 5.0 + 0.2 * layers * len(runs)), 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.8 / len(runs)
+    for k, (run_id, colour) in enumerate(zip(runs, _colours(len(runs)), strict=True)):
+        rows = data[data.run_id == run_id]
+        offset = (k - (len(runs) - 1) / 2) * width
+        ax.bar(rows.layer + offset, rows.independent_decisions, width=width, color=colour,
+               label=labels[run_id])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("decisions spent independent")
+    ax.set_title("How often each layer owned its weights")
+    if layers <= 48:
+        ax.set_xticks(range(layers))
+    ax.legend(fontsize="small")
+    return fig
+
+
+# --- memory and parameters over steps -----------------------------------------------------------------------
+
+
+def _load_memory(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    sql = f"""
+        SELECT run_id, step, peak_bytes, param_bytes + grad_bytes + optimizer_bytes AS training_state_bytes
+        FROM memory WHERE {_IN_RUNS} AND (peak_bytes IS NOT NULL OR param_bytes IS NOT NULL)
+        ORDER BY run_id, step
+    """
+    return con.execute(sql, {"ids": ids}).df()
+
+
+def _draw_memory(data: pd.DataFrame, labels: dict[str, str]) -> Figure:
+    fig = Figure(figsize=(8.0, 6.0), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    panels = ((top, "peak_bytes", "peak memory"), (bottom, "training_state_bytes",
+                                                    "parameters + gradients + optimizer state"))
+    for ax, column, title in panels:
+        _byte_lines(ax, data, column, labels)
+        ax.set_title(title)
+    bottom.set_xlabel("step")
+    return fig
+
+
+def _byte_lines(ax: Axes, data: pd.DataFrame, column: str, labels: dict[str, str]) -> None:
+    values = data[column].astype(float)
+    largest = values.max()
+    divisor, unit = _byte_scale(0.0 if math.isnan(largest) else largest)
+    for run_id, colour in zip(labels, _colours(len(labels)), strict=True):
+        rows = data[(data.run_id == run_id) & data[column].notna()]
+        ax.plot(rows.step, rows[column].astype(float) / divisor, marker=".", color=colour,
+                label=labels[run_id])
+    ax.set_ylabel(unit)
+    ax.legend(fontsize="small")
+
+
+def _load_params(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    sql = f"""
+        SELECT m.run_id, m.step, m.trainable_params, c.conventional
+        FROM memory m LEFT JOIN (
+            SELECT run_id, max(value) AS conventional FROM metrics
+            WHERE {_IN_RUNS} AND name = 'conventional_params' GROUP BY run_id) c USING (run_id)
+        WHERE m.{_IN_RUNS} AND m.trainable_params IS NOT NULL ORDER BY m.run_id, m.step
+    """
+    return con.execute(sql, {"ids": ids}).df()
+
+
+def _draw_params(data: pd.DataFrame, labels: dict[str, str]) -> Figure:
+    fig = Figure(figsize=(8.0, 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    for run_id, colour in zip(labels, _colours(len(labels)), strict=True):
+        rows = data[data.run_id == run_id]
+        ax.plot(rows.step, rows.trainable_params, drawstyle="steps-post", marker=".", color=colour,
+                label=labels[run_id])
+        conventional = rows.conventional.dropna()
+        if not conventional.empty:
+            # What the same model trains with every block independent: the baseline tying is measured against.
+            ax.axhline(float(conventional.iloc[0]), color=colour, linestyle=":", linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("trainable parameters")
+    ax.set_title("Trainable parameters (dotted: all blocks independent)")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+    ax.legend(fontsize="small")
+    return fig
+
+
+# --- metrics: validation curves -----------------------------------------------------------------------------
+
+
+def _load_metrics(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    sql = f"""
+        SELECT run_id, step, split, name, value FROM metrics
+        WHERE {_IN_RUNS} AND split IN ('validation', 'test') ORDER BY run_id, step
+    """
+    frame = con.execute(sql, {"ids": ids}).df()
+    headline = {run_id: _headline(rows) for run_id, rows in frame.groupby("run_id")}
+    keep = frame.name == frame.run_id.map(headline)
+    # A run with only a final test row has no curve: it counts as having nothing to plot.
+    has_curve = frame.run_id.isin(frame[keep & (frame.split == "validation")].run_id)
+    return frame[keep & has_curve]
+
+
+def _headline(rows: pd.DataFrame) -> str | None:
+    validated = set(rows[rows.split == "validation"].name)
+    return next((name for name in HEADLINE_METRICS if name in validated), None)
+
+
+def _draw_metrics(data: pd.DataFrame, labels: dict[str, str]) -> Figure:
+    names = [name for name in HEADLINE_METRICS if name in set(data.name)]
+    fig = Figure(figsize=(8.0, 4.0 * len(names)), layout="constrained")
+    axes = fig.subplots(len(names), 1, squeeze=False)[:, 0]
+    colours = dict(zip(labels, _colours(len(labels)), strict=True))
+    for ax, name in zip(axes, names, strict=True):
+        for run_id, label in labels.items():
+            _metric_curve(ax, data[(data.run_id == run_id) & (data.name == name)], colours[run_id], label)
+        if name in _LOG_SCALE_METRICS and _spans_decades(data[data.name == name].value):
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        ax.set_title(f"validation {name} (star: final test)")
+        ax.legend(fontsize="small")
+    return fig
+
+
+def _spans_decades(values: pd.Series) -> bool:
+    """Log scale only pays off when the curve covers more than a factor of ten."""
+    low, high = float(values.min()), float(values.max())
+    return low > 0 and high / low > 10
+
+
+def _metric_curve(ax: Axes, rows: pd.DataFrame, colour, label: str) -> None:
+    if rows.empty:
+        return
+    validation = rows[rows.split == "validation"]
+    ax.plot(validation.step, validation.value, marker=".", color=colour, label=label)
+    test = rows[rows.split == "test"]
+    if not test.empty:
+        ax.scatter(test.step, test.value, marker="*", s=120, color=colour, edgecolors="black", zorder=3)
+
+
+PLOTS: dict[str, PlotKind] = {
+    "ties": PlotKind(_load_ties, _draw_ties, "tie states (ties table)"),
+    "layers": PlotKind(_load_layers, _draw_layers, "tie states (ties table)"),
+    "memory": PlotKind(_load_memory, _draw_memory, "memory rows (memory table)"),
+    "params": PlotKind(_load_params, _draw_params, "trainable-parameter rows (memory table)"),
+    "metrics": PlotKind(_load_metrics, _draw_metrics, "validation metrics (metrics table)"),
+}
+KINDS = tuple(PLOTS)

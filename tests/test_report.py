@@ -1,0 +1,262 @@
+"""`dyntie report` over real ablation runs: the paper table, --compare, --table agent, and every plot.
+
+The runs come from ``tests/test_ablate.py``'s session fixture (one dynamic gpt2-tiny run and one ablation of
+it per variant), so every number checked here is checked against direct SQL on a registry dyntie wrote itself.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import matplotlib.image
+import numpy as np
+import pytest
+
+from dyntie_cli.registry.queries import independent_lifetime
+from dyntie_cli.registry.writer import RunWriter
+from tests.conftest import invoke
+from tests.test_ablate import AblationRuns, build_ablation_runs, sql
+
+FORMATS = ("table", "csv", "json", "markdown")
+SHOWN = ("final-arch", "replay", "no-tying", "static-cycle")
+
+
+@pytest.fixture(scope="session")
+def ablation_runs(tmp_path_factory, dyntie_cache) -> AblationRuns:
+    return build_ablation_runs(tmp_path_factory)
+
+
+def paper_ids(runs: AblationRuns) -> list[str]:
+    return [runs.source, *(runs.by_variant[v] for v in SHOWN)]
+
+
+def report(runner, db: Path, *args: Any) -> str:
+    r = invoke(runner, "report", *args, "--db", db)
+    assert r.exit_code == 0, r.stderr
+    return r.stdout
+
+
+def parsed(text: str, fmt: str) -> dict[str, dict[str, Any]]:
+    """A transposed report as {quantity: {column: value}}, from csv (text cells) or json."""
+    records = list(csv.DictReader(io.StringIO(text))) if fmt == "csv" else json.loads(text)
+    return {row["quantity"]: row for row in records}
+
+
+def number(value: Any) -> float:
+    return float(value)
+
+
+QUANTITIES = {  # paper-table quantity -> the SQL it must equal, straight from the registry tables
+    "result": "SELECT value FROM metrics WHERE run_id = $run AND split = 'test' AND name = 'ppl'",
+    "trainable_params_mean": "SELECT value FROM metrics WHERE run_id = $run AND name = 'trainable_params_mean'",
+    "trainable_params_end": "SELECT arg_max(trainable_params, step) FROM memory WHERE run_id = $run",
+    "trainable_params_conventional": "SELECT value FROM metrics WHERE run_id = $run "
+                                     "AND name = 'conventional_params'",
+    "independent_layers_mean": "SELECT value FROM metrics WHERE run_id = $run "
+                               "AND name = 'independent_layers_mean'",
+    "independent_layers_end": "SELECT arg_max(independent_layers, decision) FROM ties WHERE run_id = $run",
+    "peak_memory_bytes": "SELECT max(peak_bytes) FROM memory WHERE run_id = $run",
+}
+
+
+def expected(db: Path, run_ids: list[str]) -> dict[str, dict[str, float]]:
+    """{run: {quantity: value}} for every quantity in QUANTITIES, over one connection."""
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return {run_id: {name: con.execute(query, {"run": run_id}).fetchone()[0]
+                         for name, query in QUANTITIES.items()} for run_id in run_ids}
+    finally:
+        con.close()
+
+
+# --- the paper table ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_paper_table_matches_the_registry(ablation_runs, runner, fmt):
+    db, ids = ablation_runs.db, paper_ids(ablation_runs)
+    text = report(runner, db, "--table", "paper", *(a for i in ids for a in ("--run", i)), "--format", fmt)
+    table = parsed(text, fmt)
+    assert list(table["variant"])[1:] == ids  # one column per run, in the order asked for
+    assert [table["variant"][i] for i in ids] == ["dynamic", *SHOWN]
+    assert {table["metric"][i] for i in ids} == {"ppl (test)"}
+    for run_id, want in expected(db, ids).items():
+        for quantity, value in want.items():
+            assert number(table[quantity][run_id]) == pytest.approx(value), (run_id, quantity)
+
+
+@pytest.mark.parametrize("fmt", ["table", "markdown"])
+def test_paper_table_for_people_names_runs_and_variants(ablation_runs, runner, fmt):
+    db, ids = ablation_runs.db, paper_ids(ablation_runs)
+    text = report(runner, db, "--table", "paper", *(a for i in ids for a in ("--run", i)), "--format", fmt)
+    lines = text.splitlines()
+    header = next(line for line in lines if "quantity" in line)
+    assert all(run_id in header for run_id in ids)
+    variants = next(line for line in lines if line.lstrip("| ").startswith("variant"))
+    assert all(v in variants for v in ("dynamic", *SHOWN))
+    ppl = expected(db, [ablation_runs.source])[ablation_runs.source]["result"]
+    assert f"{ppl:.2f}" in next(line for line in lines if line.lstrip("| ").startswith("result"))
+    if fmt == "markdown":
+        assert all(line.startswith("|") for line in lines if line and not line.startswith("###"))
+
+
+# --- compare: ratios to the first run -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_compare_gives_ratios_to_the_first_run(ablation_runs, runner, fmt):
+    db = ablation_runs.db
+    first = ablation_runs.source
+    others = [ablation_runs.by_variant["no-tying"], ablation_runs.by_variant["static-all"]]
+    table = parsed(report(runner, db, "--compare", first, *others, "--format", fmt), fmt)
+    want = expected(db, [first, *others])
+    for quantity in ("result", "trainable_params_mean", "peak_memory_bytes", "independent_layers_end"):
+        base = want[first][quantity]
+        for run_id in others:
+            value = want[run_id][quantity]
+            assert number(table[quantity][run_id]) == pytest.approx(value)
+            assert number(table[quantity][f"{run_id} / {first}"]) == pytest.approx(value / base)
+    # Text rows have no ratio; no-tying trains every block, so more parameters than the dynamic run.
+    assert table["variant"][f"{others[0]} / {first}"] in ("", None)
+    assert number(table["trainable_params_mean"][f"{others[0]} / {first}"]) > 1
+
+
+@pytest.mark.parametrize("fmt", ["table", "markdown"])
+def test_compare_for_people_shows_ratios(ablation_runs, runner, fmt):
+    first, other = ablation_runs.source, ablation_runs.by_variant["final-arch"]
+    text = report(runner, ablation_runs.db, "--compare", first, other, "--format", fmt)
+    assert f"{other} / {first}" in text
+    result_line = next(line for line in text.splitlines() if line.lstrip("| ").startswith("result"))
+    assert result_line.rstrip(" |").endswith("x")
+
+
+def test_compare_needs_two_runs(ablation_runs, runner):
+    r = invoke(runner, "report", "--compare", ablation_runs.source, "--db", ablation_runs.db)
+    assert r.exit_code == 2 and "at least two runs" in r.stderr
+
+
+# --- agent table --------------------------------------------------------------------------------------------
+
+# Block 1 is independent at decisions 1-2 and again at 4 (still open), block 2 at 2-3, block 3 at 3-4:
+# spells of 2, 1, 2 and 2 decisions, a mean lifetime of 7 / 4.
+HAND_STATES = [[0, 0, 0, 0], [0, 1, 0, 0], [0, 1, 2, 0], [0, 0, 2, 3], [0, 1, 0, 3]]
+HAND_CHANGED = [0, 1, 1, 2, 2]
+HAND_DECISIONS = [  # greedy_agreement, q_spread, td_loss for decisions 1..4
+    (None, 0.5, 4.0), (0.25, 0.25, 2.0), (0.5, 0.75, 1.0), (0.75, 0.5, 1.0),
+]
+
+
+@pytest.fixture
+def hand_registry(tmp_path) -> Path:
+    db = tmp_path / "hand.duckdb"
+    with RunWriter(db, run_id="hand", flush_every_s=3600) as w:
+        w.start("train", "gpt2", "wikitext-2", "dynamic", {})
+        for decision, (state, changed) in enumerate(zip(HAND_STATES, HAND_CHANGED, strict=True)):
+            w.tie(decision=decision, step=10 * decision, state=state, action=state,
+                  independent_layers=sum(s == i for i, s in enumerate(state)), distinct_block_weights=None,
+                  changed_blocks=changed)
+        for decision, (agreement, spread, td) in enumerate(HAND_DECISIONS, start=1):
+            w.decision(decision=decision, step=10 * decision, epsilon=0.5, explored=False, reward=-1.0,
+                       q_predicted=0.0, q_target=0.0, td_loss=td, greedy_agreement=agreement, q_spread=spread)
+    return db
+
+
+def test_agent_table_on_a_hand_made_history(hand_registry, runner):
+    row = json.loads(report(runner, hand_registry, "--table", "agent", "--format", "json"))[0]
+    assert row["run_id"] == "hand" and row["variant"] == "dynamic"
+    assert row["decisions"] == 4
+    assert row["changed_blocks_mean"] == pytest.approx((1 + 1 + 2 + 2) / 4)  # decision 0 is no choice
+    assert row["greedy_agreement_mean"] == pytest.approx(0.5)  # the first decision has nothing to agree with
+    assert row["q_spread_mean"] == pytest.approx(0.5)
+    assert row["td_loss_mean"] == pytest.approx(2.0)
+    assert row["independent_lifetime_mean"] == pytest.approx(7 / 4)
+
+
+@pytest.mark.parametrize(("states", "want"), [
+    ([[0, 0, 0]] * 3, math.nan),  # only block 0 ever owns weights: no spell to measure
+    ([[0, 1, 2]] * 5, 5.0),  # never re-tied: the whole run
+    ([[0, 1], [0, 0], [0, 1], [0, 0], [0, 1]], 1.0),  # flips every decision
+    ([[0, 0, 2], [0, 1, 2], [0, 1, 2], [0, 0, 0]], (2 + 3) / 2),  # block 1 for 2, block 2 for 3
+])
+def test_independent_lifetime(states, want):
+    got = independent_lifetime(states)
+    assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want)
+
+
+def test_agent_table_on_real_runs(ablation_runs, runner):
+    db = ablation_runs.db
+    ids = [ablation_runs.source, ablation_runs.by_variant["no-tying"], ablation_runs.by_variant["random"]]
+    text = report(runner, db, "--table", "agent", *(a for i in ids for a in ("--run", i)), "--format", "csv")
+    rows = {row["run_id"]: row for row in csv.DictReader(io.StringIO(text))}
+    assert list(rows) == ids
+    assert {int(row["decisions"]) for row in rows.values()} == {9}
+    # A fixed state never changes and its blocks stay independent for all ten logged states.
+    fixed = rows[ids[1]]
+    assert float(fixed["changed_blocks_mean"]) == 0 and float(fixed["independent_lifetime_mean"]) == 10
+    assert fixed["td_loss_mean"] == ""  # nothing learns: empty, not zero
+    dynamic = rows[ids[0]]
+    want_td = sql(db, "SELECT avg(td_loss) FROM decisions WHERE run_id = ? AND decision > 0", ids[0])[0][0]
+    assert float(dynamic["td_loss_mean"]) == pytest.approx(want_td)
+    rows = sql(db, "SELECT state FROM ties WHERE run_id = ? ORDER BY decision", ids[0])
+    schedule = [list(row[0]) for row in rows]
+    assert float(dynamic["independent_lifetime_mean"]) == pytest.approx(independent_lifetime(schedule))
+
+
+# --- plots --------------------------------------------------------------------------------------------------
+
+PLOT_RUNS = {  # kind -> variants plotted together (None: the source run)
+    "ties": [None, "replay"],
+    "layers": [None, "random", "no-tying"],
+    "memory": [None, "no-tying"],
+    "params": [None, "static-all", "no-tying"],
+    "metrics": [None, "final-arch", "replay", "no-tying"],
+}
+
+
+def assert_real_png(path: Path) -> None:
+    """A PNG of a real figure: a sensible size, several colours, not a blank page."""
+    image = matplotlib.image.imread(path)
+    height, width = image.shape[:2]
+    assert width >= 300 and height >= 200
+    pixels = image[..., :3].reshape(-1, 3)
+    assert len(np.unique(pixels, axis=0)) > 10
+    assert (pixels < 0.9).any(axis=1).mean() > 0.02  # a visible share of the page is not white
+
+
+@pytest.mark.parametrize("kind", list(PLOT_RUNS))
+def test_each_plot_is_a_real_png(ablation_runs, runner, tmp_path, kind):
+    ids = [ablation_runs.by_variant[v] if v else ablation_runs.source for v in PLOT_RUNS[kind]]
+    target = tmp_path / "figs" / f"{kind}.png"
+    out = report(runner, ablation_runs.db, "--plot", kind, *(a for i in ids for a in ("--run", i)),
+                 "--out", target)
+    assert out.strip() == str(target)
+    assert_real_png(target)
+
+
+def test_plot_default_file_is_named_after_kind_and_run(ablation_runs, runner, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    source = ablation_runs.source
+    out = report(runner, ablation_runs.db, "--plot", "ties", "--run", source[:-1])  # a prefix works too
+    assert Path(out.strip()) == tmp_path / f"ties-{source}.png"
+    assert_real_png(tmp_path / f"ties-{source}.png")
+
+
+def test_plot_errors_name_the_fix(ablation_runs, runner, tmp_path, hand_registry):
+    r = invoke(runner, "report", "--plot", "histogram", "--db", ablation_runs.db)
+    assert r.exit_code == 2
+    assert all(kind in r.stderr for kind in PLOT_RUNS), r.stderr
+    r = invoke(runner, "report", "--plot", "ties", "--out", tmp_path / "ties.txt", "--db", ablation_runs.db)
+    assert r.exit_code == 2 and ".png" in r.stderr
+    # The hand-made run logged ties but never a memory row or a validation metric.
+    for kind, missing in (("memory", "no memory rows"), ("metrics", "no validation metrics")):
+        r = invoke(runner, "report", "--plot", kind, "--run", "hand", "--db", hand_registry,
+                   "--out", tmp_path / "x.png")
+        assert r.exit_code == 1, r.stderr
+        assert f"Run hand has {missing}" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.png").exists()
