@@ -21,7 +21,11 @@ Batch = dict[str, torch.Tensor]
 class TaskData(Protocol):
     """Data for one run: a random training batch on demand and deterministic evaluation batches."""
 
-    #: the split the final score is computed on: "test", or "validation" where test labels are hidden
+    #: which of the dataset's official splits backs the "test" role (the final score): "test", or "validation"
+    #: where test labels are hidden (GLUE). It labels the result in the registry; the loop always asks
+    #: ``eval_batches("test")`` for the final score. A TaskData whose final score is the official validation
+    #: split must serve the "validation" role from data carved out of train, so that model selection never
+    #: sees the split the final score is computed on.
     test_split: str
     #: short description of where the data came from (logged in the run's config)
     source: str
@@ -31,8 +35,9 @@ class TaskData(Protocol):
         ...
 
     def eval_batches(self, split: str, max_items: int | None = None) -> Iterator[Batch]:
-        """Deterministic batches over ``split`` ("validation" or "test"), at most ``max_items`` items
-        (tokens for language models, examples for classifiers)."""
+        """Deterministic batches over the role ``split``: "validation" (model selection, during training) or
+        "test" (the final score, once at the end), at most ``max_items`` items (tokens for language models,
+        examples for classifiers)."""
         ...
 
     def items_per_batch(self) -> int:

@@ -374,11 +374,11 @@ class Trainer:
                      "peak_bytes": m.peak_bytes, "trainable": m.trainable_params})
 
     def _evaluate(self, split: str, budget: int) -> dict[str, float]:
-        data_split = self.data.test_split if split == "test" else split
+        # the data decides what backs "test" (GLUE: the dev split); data.test_split only labels it
         self.model.eval()
         with self._autocast():
             out = self.backbone.evaluate(self.model, (_to(b, self.device) for b in
-                                                      self.data.eval_batches(data_split, budget or None)))
+                                                      self.data.eval_batches(split, budget or None)))
         self.model.train()
         return out
 

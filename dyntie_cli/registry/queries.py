@@ -23,9 +23,9 @@ from dyntie_cli.registry.writer import mark_stale_runs
 
 Builder = Callable[[duckdb.DuckDBPyConnection, list[str]], pd.DataFrame]
 
-# The metric a run is judged by, in order of preference: language models report perplexity, CoLA Matthews
-# correlation, other classifiers accuracy.
-HEADLINE_METRICS = ("ppl", "mcc", "accuracy", "f1", "loss")
+# The metric a run is judged by, in order of preference: Matthews correlation (CoLA), accuracy (other
+# classifiers), perplexity (language models); a run logs only the ones that apply.
+HEADLINE_METRICS = ("mcc", "accuracy", "ppl", "f1", "loss")
 _LOWER_IS_BETTER = {"ppl", "loss"}
 
 # Filters and orders rows by the resolved ids; the casts keep an empty id list well-typed.

@@ -1,0 +1,246 @@
+"""BERT for GLUE (transformers ``BertForSequenceClassification``), from scratch by default as in the paper.
+
+Blocks are ``bert.encoder.layer``. Embeddings, the pooler and the classifier always train. ``model.init``
+(set by ``dyntie finetune --init PATH``) starts from a local pretrained folder instead; the initial tie
+state still makes every block block 0, so a pretrained model keeps only its first block's weights when
+tying starts (DESIGN.md section 2: tied blocks are genuinely block 0).
+
+Metrics: ``loss`` is the mean cross-entropy and ``ppl = exp(loss)``; ``accuracy`` for every classification
+task, plus ``mcc`` (CoLA) and ``f1`` (MRPC, QQP). STS-B is a regression: ``loss`` is the mean squared
+error of the 0-5 similarity score, ``ppl = exp(MSE)`` (not a perplexity: the same monotone transform of the
+loss that the reward uses, so lower is better everywhere), with ``pearson`` and ``spearman`` as its metrics.
+The reward is the base class's ``exp(loss)`` on a fresh training batch -- never accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dyntie_cli.errors import DyntieError
+
+from .base import Backbone, Batch, Preset, TaskData
+from .glue_data import TASKS, GlueTask, get_task
+from .metrics import accuracy, f1_binary, matthews_corrcoef, pearson, spearman
+
+# fmt: off
+_DATA = dict(tokenizer="auto", max_seq_len=128, batch_size=32, eval_batch_size=128, max_train_samples=0,
+             val_fraction=0.1)
+
+PRESETS = {
+    p.name: p
+    for p in [
+        Preset("bert-tiny", "4 x 64, 2 heads, 64-token inputs: seconds, for tests",
+               model=dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=2, intermediate_size=256,
+                          dropout=0.0, init=""),
+               data=dict(_DATA, max_seq_len=64, batch_size=16, eval_batch_size=64),
+               train=dict(max_steps=20, warmup_steps=4, lr=1e-3, eval_every=10, eval_items=256,
+                          test_items=256, log_every=5),
+               ties=dict(decide_every=5)),
+        Preset("bert-cpu", "12 x 128, 4 heads, 128-token inputs, batch 16: a few minutes on RTE on a CPU",
+               model=dict(num_hidden_layers=12, hidden_size=128, num_attention_heads=4, intermediate_size=512,
+                          dropout=0.1, init=""),
+               data=dict(_DATA, batch_size=16),
+               train=dict(max_steps=200, warmup_steps=20, lr=5e-4, eval_every=50, eval_items=0, test_items=0,
+                          log_every=10),
+               ties=dict(decide_every=10)),
+        # The paper's text does not pin its BERT shape; BERT-large is the deeper of the two standard shapes,
+        # and depth is where tying pays. BERT-base: --set model.num_hidden_layers=12 model.hidden_size=768
+        # model.num_attention_heads=12 model.intermediate_size=3072.
+        Preset("bert-paper", "24 x 1024, 16 heads (BERT-large, about 335M parameters), 128-token inputs: GPU",
+               model=dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16,
+                          intermediate_size=4096, dropout=0.1, init=""),
+               data=dict(_DATA),
+               train=dict(max_steps=10000, warmup_steps=1000, lr=1e-4, eval_every=500, eval_items=0,
+                          test_items=0, precision="bf16", log_every=20),
+               ties=dict(decide_every=10)),
+    ]
+}
+# fmt: on
+
+
+class GlueBackbone(Backbone):
+    name = "glue"
+    description = "BERT sequence classifier on GLUE (transformers BertForSequenceClassification)"
+    command = "finetune"
+    presets = PRESETS
+    default_preset = "bert-cpu"
+    datasets = list(TASKS)
+    default_dataset = "rte"
+    metric = "accuracy"
+    higher_is_better = True
+
+    def load_data(self, cfg: Any) -> TaskData:
+        from .glue_data import load_glue_data
+
+        d = cfg.data
+        return load_glue_data(
+            cfg.dataset,
+            data_dir=cfg.data_dir,
+            tokenizer=d["tokenizer"],
+            max_seq_len=d["max_seq_len"],
+            batch_size=d["batch_size"],
+            eval_batch_size=d["eval_batch_size"],
+            max_train_samples=d.get("max_train_samples") or 0,
+            val_fraction=d.get("val_fraction", 0.1),
+            init=cfg.model.get("init") or "",
+        )
+
+    def build_model(self, cfg: Any, data: TaskData) -> nn.Module:
+        task = get_task(cfg.dataset)
+        init = (cfg.model.get("init") or "").strip()
+        if init:
+            return _pretrained(Path(init).expanduser(), task, cfg, data)
+        return _from_scratch(task, cfg, data)
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.bert.encoder.layer)
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+        logits = _logits(model, batch)
+        return _task_loss(logits, batch["labels"]), batch["labels"].shape[0]
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterator[Batch]) -> dict[str, float]:
+        task = get_task(model.config.finetuning_task)
+        total, count = 0.0, 0
+        outputs, labels = [], []
+        for batch in batches:
+            logits = _logits(model, batch)
+            n = batch["labels"].shape[0]
+            total += float(_task_loss(logits, batch["labels"])) * n
+            count += n
+            outputs.append(_predictions(logits).cpu())
+            labels.append(batch["labels"].cpu())
+        mean = total / max(count, 1)
+        out = {"loss": mean, "ppl": math.exp(min(mean, 50.0))}
+        if count:
+            out.update(task_metrics(task, torch.cat(outputs), torch.cat(labels)))
+        return out
+
+
+# -- model construction ----------------------------------------------------------------------------
+
+
+def _task_settings(task: GlueTask, dropout: float) -> dict[str, Any]:
+    """Config keys that make a BERT config this task's classifier; ``finetuning_task`` picks the metrics."""
+    names = task.labels or ("score",)
+    return dict(
+        id2label=dict(enumerate(names)),
+        label2id={name: i for i, name in enumerate(names)},
+        finetuning_task=task.name,
+        problem_type="regression" if task.regression else "single_label_classification",
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+
+
+def _from_scratch(task: GlueTask, cfg: Any, data: Any) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    m = cfg.model
+    config = BertConfig(
+        vocab_size=data.vocab_size,
+        hidden_size=m["hidden_size"],
+        num_hidden_layers=m["num_hidden_layers"],
+        num_attention_heads=m["num_attention_heads"],
+        intermediate_size=m["intermediate_size"],
+        max_position_embeddings=cfg.data["max_seq_len"],
+        pad_token_id=data.tokenizer.pad_id,
+        **_task_settings(task, m.get("dropout", 0.1)),
+    )
+    return BertForSequenceClassification(config)
+
+
+def _pretrained(path: Path, task: GlueTask, cfg: Any, data: Any) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    if not (path / "config.json").is_file():
+        raise DyntieError(
+            f"--init {path} is not a saved model folder (no config.json): "
+            "pass a folder written by save_pretrained."
+        )
+    try:
+        # The task settings go on the config (not as from_pretrained kwargs, which transformers 5 hands to
+        # the model's __init__); a checkpoint with another label count gets a fresh classifier head.
+        config = BertConfig.from_pretrained(str(path))
+        for key, value in _task_settings(task, cfg.model.get("dropout", 0.1)).items():
+            setattr(config, key, value)
+        with _no_progress_bars():
+            model = BertForSequenceClassification.from_pretrained(
+                str(path), config=config, ignore_mismatched_sizes=True
+            )
+    except (OSError, ValueError) as exc:
+        raise DyntieError(
+            f"Could not load a BERT model from {path} ({type(exc).__name__}): pass a BERT folder."
+        ) from exc
+    if data.vocab_size > model.config.vocab_size:
+        raise DyntieError(
+            f"The tokenizer has {data.vocab_size:,} tokens but the model in {path} only "
+            f"{model.config.vocab_size:,}: "
+            "use the model's own tokenizer (--set data.tokenizer=auto)."
+        )
+    if cfg.data["max_seq_len"] > model.config.max_position_embeddings:
+        raise DyntieError(
+            f"data.max_seq_len {cfg.data['max_seq_len']} exceeds the model's "
+            f"{model.config.max_position_embeddings} "
+            "positions: set --set data.max_seq_len to at most that."
+        )
+    return model
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers draws a weight-loading bar on stderr; dyntie's own progress view owns the terminal."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+# -- forward, loss, metrics ------------------------------------------------------------------------
+
+
+def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    # labels are not passed: the loss is computed here, in fp32, the same way for training and evaluation
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        token_type_ids=batch["token_type_ids"],
+    )
+    return out.logits.float()
+
+
+def _task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if logits.size(-1) == 1:  # STS-B: one regression output
+        return F.mse_loss(logits.squeeze(-1), labels.float())
+    return F.cross_entropy(logits, labels)
+
+
+def _predictions(logits: torch.Tensor) -> torch.Tensor:
+    return logits.squeeze(-1) if logits.size(-1) == 1 else logits.argmax(-1)
+
+
+_METRICS = {
+    "accuracy": accuracy,
+    "mcc": matthews_corrcoef,
+    "f1": f1_binary,
+    "pearson": pearson,
+    "spearman": spearman,
+}
+
+
+def task_metrics(task: GlueTask, predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    return {name: _METRICS[name](predictions, labels) for name in task.metrics}
