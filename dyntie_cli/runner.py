@@ -95,10 +95,17 @@ def validate_config(cfg: RunConfig, backbone) -> None:
     if cfg.ties.tied_grad not in ("follow", "sum"):
         raise UsageError(f"--tied-grad must be follow or sum, not {cfg.ties.tied_grad!r}.")
     known = backbone.datasets
-    if cfg.dataset not in known and not any(
-        d.endswith(":PATH") and cfg.dataset.startswith(d[: -len("PATH")]) for d in known
-    ):
+    if any(d.endswith(":PATH") and cfg.dataset.startswith(d[: -len("PATH")]) for d in known):
+        return
+    # names are matched loosely (RTE, sst-2, WikiText_103) and stored in their canonical spelling
+    canonical = {_loose(d): d for d in known}
+    if _loose(cfg.dataset) not in canonical:
         raise UsageError(f"Unknown dataset {cfg.dataset!r} for {backbone.name}; choose one of {', '.join(known)}.")
+    cfg.dataset = canonical[_loose(cfg.dataset)]
+
+
+def _loose(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
 
 
 def default_out_dir(out: str | None) -> Path:

@@ -41,3 +41,11 @@ def test_set_values_are_typed_and_checked():
                               ("agent.preset", "clever", "agent setting"), ("train.lr", True, "number")]:
         with pytest.raises(UsageError, match=match):
             apply_set(cfg, key, value)
+
+
+def test_dataset_names_match_loosely_and_are_stored_canonically():
+    cfg = build_config(RunOptions(backbone="glue", dataset="SST-2", preset="bert-tiny"), expect="finetune")[1]
+    assert cfg.dataset == "sst2"
+    assert _cfg(dataset="WikiText_103").dataset == "wikitext-103"
+    with pytest.raises(UsageError, match="Unknown dataset"):
+        _cfg(dataset="wikitext-3")
