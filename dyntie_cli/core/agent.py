@@ -140,6 +140,32 @@ class QNetwork(nn.Module):
         return q
 
 
+class RewardShaper:
+    """The reward from a fresh batch's perplexity (after the tie change), as ``AgentConfig.reward`` says."""
+
+    def __init__(self, cfg: AgentConfig, num_blocks: int) -> None:
+        self.cfg = cfg
+        self.num_blocks = num_blocks
+        self.reward_ref: float | None = None  # running reference log-PPL of the "relative" reward
+
+    def shape(self, ppl: float, independent: int) -> float:
+        kind = self.cfg.reward
+        if kind == "neg-ppl":
+            r = -ppl
+        elif kind == "neg-log-ppl":
+            r = -math.log(ppl)
+        elif kind == "relative":
+            # -log PPL relative to a running reference: the perplexity falls all through training, so the
+            # raw reward drifts; relative to its own recent level it measures what the tie change did.
+            log_ppl = math.log(ppl)
+            ref = self.reward_ref if self.reward_ref is not None else log_ppl
+            r = ref - log_ppl
+            self.reward_ref = self.cfg.reward_ema * ref + (1 - self.cfg.reward_ema) * log_ppl
+        else:
+            raise DyntieError(f"Unknown reward {kind!r}; use neg-ppl, neg-log-ppl or relative.")
+        return r - self.cfg.param_penalty * independent / self.num_blocks
+
+
 class QAgent:
     """Epsilon-greedy Q-learning over tie actions. Deterministic given its seed; ``state_dict`` is exact."""
 
@@ -166,7 +192,7 @@ class QAgent:
             maxlen=max(cfg.replay_size, 1)
         )
         self.prev_greedy: list[int] | None = None
-        self.reward_ref: float | None = None
+        self.shaper = RewardShaper(cfg, num_blocks)
 
     # -- acting ------------------------------------------------------------------------------------
 
@@ -236,22 +262,7 @@ class QAgent:
     # -- learning ----------------------------------------------------------------------------------
 
     def shape_reward(self, ppl: float, independent: int) -> float:
-        """The reward from a fresh batch's perplexity (after the tie change)."""
-        kind = self.cfg.reward
-        if kind == "neg-ppl":
-            r = -ppl
-        elif kind == "neg-log-ppl":
-            r = -math.log(ppl)
-        elif kind == "relative":
-            # -log PPL relative to a running reference: the perplexity falls all through training, so the
-            # raw reward drifts; relative to its own recent level it measures what the tie change did.
-            log_ppl = math.log(ppl)
-            ref = self.reward_ref if self.reward_ref is not None else log_ppl
-            r = ref - log_ppl
-            self.reward_ref = self.cfg.reward_ema * ref + (1 - self.cfg.reward_ema) * log_ppl
-        else:
-            raise DyntieError(f"Unknown reward {kind!r}; use neg-ppl, neg-log-ppl or relative.")
-        return r - self.cfg.param_penalty * independent / self.num_blocks
+        return self.shaper.shape(ppl, independent)
 
     def _q_sa(self, net: QNetwork, states, progress, actions) -> torch.Tensor:
         q = net(states, progress)
@@ -317,7 +328,7 @@ class QAgent:
             "cfg": asdict(self.cfg), "num_blocks": self.num_blocks, "total_decisions": self.total_decisions,
             "q": self.q.state_dict(), "target": self.target.state_dict() if self.target is not None else None,
             "optimizer": self.optimizer.state_dict(), "epsilon": self.epsilon, "decisions": self.decisions,
-            "replay": list(self.replay), "prev_greedy": self.prev_greedy, "reward_ref": self.reward_ref,
+            "replay": list(self.replay), "prev_greedy": self.prev_greedy, "reward_ref": self.shaper.reward_ref,
             "generator": self.generator.get_state(),
         }
 
@@ -332,6 +343,6 @@ class QAgent:
         self.decisions = sd["decisions"]
         self.replay = deque((tuple(t) for t in sd["replay"]), maxlen=self.replay.maxlen)
         self.prev_greedy = sd["prev_greedy"]
-        self.reward_ref = sd["reward_ref"]
+        self.shaper.reward_ref = sd["reward_ref"]
         self.total_decisions = sd["total_decisions"]
         self.generator.set_state(sd["generator"])

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import DyntieError
-from .agent import AgentConfig, Decision, QAgent
+from .agent import AgentConfig, Decision, QAgent, RewardShaper
 from .ties import all_independent, all_tied, canonicalize, permute_state, validate_state
 
 
@@ -86,7 +86,7 @@ class RandomPolicy(Policy):
         self.num_blocks = num_blocks
         self.generator = torch.Generator().manual_seed(seed + 7919)
         # the reward is shaped exactly as the Q-agent's, so the two runs' rewards can be compared
-        self.shaper = QAgent(num_blocks, agent)
+        self.shaper = RewardShaper(agent, num_blocks)
 
     def initial_state(self):
         return all_tied(self.num_blocks)
@@ -98,7 +98,7 @@ class RandomPolicy(Policy):
                         greedy_agreement=None)
 
     def observe(self, state, action, ppl, next_state, independent, progress, next_progress):
-        return {"reward": self.shaper.shape_reward(ppl, independent)}
+        return {"reward": self.shaper.shape(ppl, independent)}
 
     def state_dict(self):
         return {"generator": self.generator.get_state(), "reward_ref": self.shaper.reward_ref}
