@@ -35,6 +35,17 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
+def rows(db: Path, sql: str, *params):
+    """Rows of a query on a registry file, opened read-only and closed again."""
+    import duckdb
+
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute(sql, list(params)).fetchall()
+    finally:
+        con.close()
+
+
 def invoke(runner: CliRunner, *args: str):
     from dyntie_cli.app import app
 

@@ -13,13 +13,13 @@ import json
 import textwrap
 from pathlib import Path
 
-import duckdb
 import pytest
 from typer.testing import CliRunner
 
 from dyntie_cli.backbones.registry import all_backbones
 from dyntie_cli.core.ties import transition
 from tests.conftest import invoke
+from tests.conftest import rows as _rows
 
 FIXTURES = Path(__file__).parent / "fixtures"
 #: what a backbone needs beyond its defaults to run offline from the repository's own fixtures
@@ -28,13 +28,6 @@ EXTRA_ARGS = {"glue": ["--data-dir", FIXTURES / "glue"]}
 FINAL_SPLIT = {"glue": "validation"}
 MAX_STEPS, DECIDE_EVERY, EVAL_EVERY = 10, 3, 5  # decisions at steps 3, 6, 9; validation at 5 and 10
 
-
-def _rows(db: Path, sql: str, *params):
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute(sql, list(params)).fetchall()
-    finally:
-        con.close()
 
 
 def _tiny_preset(cls) -> str:

@@ -7,11 +7,11 @@ import json
 import os
 import stat
 
-import duckdb
 import pytest
 
 from dyntie_cli.core.ties import transition
 from tests.conftest import invoke
+from tests.conftest import rows as _rows
 
 GROUPS = ["train", "finetune", "ablate", "report", "bench", "backbones"]
 
@@ -31,13 +31,6 @@ def tiny_run(tmp_path_factory):
     run_id = next(line.split(": ")[1] for line in result.stdout.splitlines() if line.startswith("run_id: "))
     return tmp, run_id, result
 
-
-def _rows(db, sql, *params):
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute(sql, list(params)).fetchall()
-    finally:
-        con.close()
 
 
 # -- help and version ---------------------------------------------------------------------------------

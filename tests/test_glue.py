@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
-import duckdb
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,6 +25,7 @@ from dyntie_cli.backbones.glue_data import (
 from dyntie_cli.backbones.metrics import f1_binary, matthews_corrcoef, pearson, spearman
 from dyntie_cli.errors import DyntieError, UsageError
 from tests.conftest import SHARED, invoke
+from tests.conftest import rows as _rows
 
 FIXTURES = Path(__file__).parent / "fixtures" / "glue"
 GLUE = SHARED / "glue"
@@ -48,13 +48,6 @@ def _cfg(task: str, preset: str = "bert-tiny", **data) -> SimpleNamespace:
     p = PRESETS[preset]
     return SimpleNamespace(dataset=task, data_dir=str(FIXTURES), model=dict(p.model), data={**p.data, **data})
 
-
-def _rows(db: Path, sql: str, *params):
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute(sql, list(params)).fetchall()
-    finally:
-        con.close()
 
 
 # -- TSV quirks -----------------------------------------------------------------------------------------

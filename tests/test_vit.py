@@ -10,7 +10,6 @@ import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
-import duckdb
 import numpy as np
 import pytest
 import torch
@@ -27,14 +26,7 @@ from dyntie_cli.backbones.image_data import (
 from dyntie_cli.backbones.vit import PRESETS, ViTBackbone, auto_patch_size
 from dyntie_cli.errors import DyntieError
 from tests.conftest import SHARED, invoke
-
-
-def _rows(db: Path, sql: str, *params):
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute(sql, list(params)).fetchall()
-    finally:
-        con.close()
+from tests.conftest import rows as _rows
 
 
 def _load(dataset: str, data_dir=None, image_size: int = 0, augment: bool = True) -> ImageData:
