@@ -173,8 +173,7 @@ class Trainer:
         self.agent_time = 0.0
         self.wall_time = 0.0  # loop time before a resume
         self.grad_bytes = 0
-        self.indep_steps = 0.0  # step-weighted sums for the means over training
-        self.trainable_steps = 0.0
+        self.indep_steps = 0.0  # step-weighted sum for the mean over training
         if self.resume:
             trainer_state = ckpt.load_trainer_state(self.checkpoint_dir)
             ckpt.restore_optimizer(self.model, self.optimizer, trainer_state)
@@ -182,7 +181,7 @@ class Trainer:
             self.policy.load_state_dict(trainer_state["policy"])
             self.train_gen.set_state(trainer_state["train_gen"])
             self.reward_gen.set_state(trainer_state["reward_gen"])
-            for k in ("step", "decision", "agent_time", "wall_time", "indep_steps", "trainable_steps"):
+            for k in ("step", "decision", "agent_time", "wall_time", "indep_steps"):
                 setattr(self, k, trainer_state[k])
             ckpt.restore_rng(trainer_state)
         self.ties.attach_optimizer(self.optimizer)
@@ -198,6 +197,12 @@ class Trainer:
         """Trainable parameters of the same model with every block independent (the paper's baseline)."""
         always = trainable_parameters(self.model) - self.ties.block_numel() * self.ties.independent_layers
         return always + self.ties.block_numel() * self.num_blocks
+
+    def _mean_trainable(self, steps: int) -> float:
+        """Trainable parameters averaged over steps: the always-trained ones plus one block per independent
+        block (a tie manager invariant), so the mean follows from the mean number of independent blocks."""
+        always = self.conventional_params - self.ties.block_numel() * self.num_blocks
+        return always + self.ties.block_numel() * self.indep_steps / steps
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -255,7 +260,6 @@ class Trainer:
             losses.append(loss)
             step_times.append(dt)
             self.indep_steps += self.ties.independent_layers
-            self.trainable_steps += trainable_parameters(self.model)
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 self._log_train(losses, step_times, items)
                 losses, step_times = [], []
@@ -278,14 +282,14 @@ class Trainer:
             w.metric(self.step, "test", name, value)
         n = max(self.step, 1)
         w.metric(self.step, "train", "independent_layers_mean", self.indep_steps / n)
-        w.metric(self.step, "train", "trainable_params_mean", self.trainable_steps / n)
+        w.metric(self.step, "train", "trainable_params_mean", self._mean_trainable(n))
         w.metric(self.step, "train", "conventional_params", self.conventional_params)
         path = self._save_checkpoint()
         self.events({"type": "end", "final": final, "split": self.data.test_split})
         return RunResult(
             run_id=w.run_id, status="finished", step=self.step, final=final, validation=validation,
             test_split=self.data.test_split, mean_independent=self.indep_steps / n,
-            end_independent=self.ties.independent_layers, mean_trainable=self.trainable_steps / n,
+            end_independent=self.ties.independent_layers, mean_trainable=self._mean_trainable(n),
             end_trainable=trainable_parameters(self.model), checkpoint=str(path),
         )
 
@@ -393,7 +397,7 @@ class Trainer:
         trainer = {
             "step": self.step, "decision": self.decision, "agent_time": self.agent_time,
             "wall_time": self.wall_time + time.perf_counter() - self.loop_start,
-            "indep_steps": self.indep_steps, "trainable_steps": self.trainable_steps,
+            "indep_steps": self.indep_steps,
             "scheduler": self.scheduler.state_dict(),
             "policy": self.policy.state_dict(), "train_gen": self.train_gen.get_state(),
             "reward_gen": self.reward_gen.get_state(), "config": self.cfg.to_dict(),
