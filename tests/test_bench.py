@@ -36,3 +36,20 @@ def test_bench_runs_each_variant_and_reports_ratios(runner, tmp_path):
     r2 = invoke(runner, "report", "--table", "bench", "--db", db, "--run", by_variant["no-tying"][0], "--run",
                 by_variant["dynamic"][0], "--format", "json")
     assert r2.exit_code == 0
+    assert r2.exit_code == 0
+
+    # a second bench in the same registry (other steps): each run is compared with the no-tying run of its own set
+    r3 = invoke(runner, "bench", "gpt2", "--preset", "gpt2-tiny", "--max-steps", "10", "--db", db, "--out",
+                tmp_path / "runs", "--variants", "dynamic", "--format", "json", "--quiet")
+    assert r3.exit_code == 0, r3.stderr
+    r4 = invoke(runner, "report", "--table", "bench", "--db", db, "--format", "json")
+    table = json.loads(r4.stdout)
+    rows = {row["quantity"]: row for row in (table["rows"] if isinstance(table, dict) else table)}
+    con = duckdb.connect(str(db), read_only=True)
+    steps = dict(con.execute("SELECT run_id, max(step) FROM memory GROUP BY run_id").fetchall())
+    con.close()
+    ratio_columns = [c for c in rows["steps"] if " / " in c]
+    assert len(ratio_columns) == 3  # two dynamic runs and one final-arch, each against its own no-tying
+    for column in ratio_columns:
+        run, base = (rows["run_id"][part] for part in column.split(" / "))
+        assert steps[run] == steps[base]

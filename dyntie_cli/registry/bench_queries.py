@@ -1,4 +1,5 @@
-"""The `bench` table: each run's speed and memory, with ratios to the no-tying run of the set."""
+"""The `bench` table: each run's speed and memory, with ratios to the no-tying run of its set (same preset,
+steps and seed; a registry may hold several benches)."""
 
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ def bench_table(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
         val AS (
             SELECT run_id, arg_max(value, step) AS validation_ppl
             FROM metrics WHERE {_IN_RUNS} AND split = 'validation' AND name = 'ppl' GROUP BY run_id)
-        SELECT r.run_id, r.variant, r.preset, r.device_steps AS steps, mem.*, train.*, val.validation_ppl
-        FROM (SELECT run_id, variant, preset,
+        SELECT r.run_id, r.variant, r.preset, r.seed, r.device_steps AS steps, mem.*, train.*, val.validation_ppl
+        FROM (SELECT run_id, variant, preset, seed,
                      (SELECT max(step) FROM memory m WHERE m.run_id = runs.run_id) AS device_steps
               FROM runs WHERE {_IN_RUNS}) r
         LEFT JOIN mem USING (run_id) LEFT JOIN train USING (run_id) LEFT JOIN val USING (run_id)
@@ -49,18 +50,28 @@ def bench_table(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     return _side_by_side(df)
 
 
+def _baseline(df: pd.DataFrame, row: pd.Series) -> pd.Series:
+    """The no-tying run a row is compared with: same preset, steps and seed if there is one, else the first
+    no-tying run, else the first run."""
+    base = df[df["variant"] == "no-tying"]
+    if base.empty:
+        return df.iloc[0]
+    same = base[(base["preset"] == row["preset"]) & (base["steps"] == row["steps"]) & (base["seed"] == row["seed"])]
+    return (same if not same.empty else base).iloc[0]
+
+
 def _side_by_side(df: pd.DataFrame) -> pd.DataFrame:
-    """Quantities as rows; per run a value column and (but for the baseline) a ratio column."""
-    base_rows = df.index[df["variant"] == "no-tying"]
-    base = df.loc[base_rows[0]] if len(base_rows) else df.iloc[0]
-    names = _column_names(df)
+    """Quantities as rows; per run a value column and (but for a baseline) a ratio column."""
+    names = dict(zip(df["run_id"], _column_names(df)))
     out = pd.DataFrame({"quantity": ["run_id", "steps", *BENCH_COLUMNS]})
-    for (_, row), name in zip(df.iterrows(), names):
+    for _, row in df.iterrows():
+        name = names[row["run_id"]]
         out[name] = [row["run_id"], row["steps"], *(row[c] for c in BENCH_COLUMNS)]
+        base = _baseline(df, row)
         if row["run_id"] == base["run_id"]:
             continue
         # agent_share is already a share of wall time; a ratio to no-tying's (near zero) share means nothing
-        out[f"{name} / {base['variant']}"] = [None, None, *(
+        out[f"{name} / {names[base['run_id']]}"] = [None, None, *(
             row[c] / base[c] if c != "agent_share" and base[c] else None for c in BENCH_COLUMNS)]
     return out
 
