@@ -11,6 +11,9 @@ optimizer-state bytes, each stored tensor counted once (a tied block's tensors a
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 import resource
 import sys
@@ -75,6 +78,26 @@ def current_rss_bytes() -> int:
         return peak_rss_bytes()
 
 
+def _libc_malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Give memory freed by released blocks back to the OS. glibc keeps freed heap pages mapped (RSS stays
+    up) until ``malloc_trim``; without it a tie would free tensors without lowering the process's footprint."""
+    gc.collect()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 @dataclass
 class MemoryReading:
     device: str
@@ -98,6 +121,7 @@ class MemoryProbe:
             self.resets = True
         else:
             self.setup_peak = peak_rss_bytes()
+            release_freed_memory()  # what the initial tie state released leaves the process before training
             self.resets = reset_peak_rss()
 
     def read(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_bytes: int | None = None) -> MemoryReading:
