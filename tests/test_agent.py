@@ -119,3 +119,20 @@ def test_state_dict_round_trips_bit_exactly():
         s2 = transition(s, da.action)
         assert a.update(s, da.action, r, s2) == b.update(s, db.action, r, s2)
         s = s2
+
+
+@pytest.mark.parametrize("scope", ["all", "independent"])
+def test_keep_bonus_protects_current_ties_as_scoped(monkeypatch, scope):
+    """Greedy rows move off their current target only for a gain above keep_bonus; with scope
+    'independent' only an independent block (whose trained weights a tie would discard) is protected."""
+    agent = QAgent(4, agent_config("default", keep_bonus=0.5, keep_scope=scope, epsilon=0.0, epsilon_min=0.0))
+    q = torch.full((4, 4), float("-inf"))
+    for i in range(4):
+        q[i, : i + 1] = 0.0
+    q[1, 0], q[1, 1] = 0.0, 0.3  # block 1 is tied to 0; untying it looks a little better
+    q[2, 2], q[2, 0] = 0.0, 0.3  # block 2 is independent; tying it to 0 looks a little better
+    q[3, 3], q[3, 0] = 0.0, 0.9  # block 3 is independent; tying it looks much better
+    monkeypatch.setattr(agent, "q_matrix", lambda state, progress=0.0: q.clone())
+    action = agent.act([0, 0, 2, 3], greedy_only=True).action
+    assert action[2] == 2 and action[3] == 0  # a small gain never discards weights; a large one does
+    assert action[1] == (0 if scope == "all" else 1)

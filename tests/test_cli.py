@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import stat
 
@@ -181,6 +182,10 @@ def test_user_errors(tiny_run, runner, tmp_path):
         (["report", "--table", "runs", "--run", "nosuchrun"], ["nosuchrun", "--table runs"]),
         (["report", "--table", "frobs"], ["frobs", "runs"]),
         (["train", "gpt2", "--recipe", str(tmp_path / "missing.toml")], ["Recipe"]),
+        (["train", "gpt2", "--preset", "gpt2-tiny", "--reward", "accuracy"], ["--reward", "neg-ppl"]),
+        (["train", "gpt2", "--preset", "gpt2-tiny", "--max-independent", "-1"], ["--max-independent"]),
+        (["train", "gpt2", "--preset", "gpt2-tiny", "--param-penalty", "-0.5"], ["--param-penalty"]),
+        (["train", "gpt2", "--preset", "gpt2-tiny", "--set", "agent.reward_batch=test"], ["interval"]),
     ]
     for args, needles in cases:
         r = invoke(runner, *args, "--db", db)
@@ -234,3 +239,33 @@ def test_text_dataset_and_recipe(runner, tmp_path):
                tmp_path / "x.duckdb", "--out", tmp_path / "runs", "--quiet")
     assert r.exit_code == 0, r.stderr
     assert _rows(tmp_path / "x.duckdb", "SELECT count(*) FROM ties")[0][0] == 2
+
+
+@pytest.mark.parametrize("mode", ["interval", "next"])
+def test_reward_is_scored_on_the_training_batches_after_the_change(runner, tmp_path, mode):
+    """interval: exp of the mean loss of the k training batches after a decision; next: the first of them.
+    Each batch is scored by the forward pass before the optimizer uses it, so it is fresh for the model."""
+    r = _train(runner, tmp_path, "--max-steps", "23", "--decide-every", "5", "--set", "train.log_every=1",
+               "--set", f"agent.reward_batch={mode}")
+    assert r.exit_code == 0, r.stderr
+    db = tmp_path / "r.duckdb"
+    loss = dict(_rows(db, "SELECT step, value FROM metrics WHERE split = 'train' AND name = 'loss'"))
+    decisions = _rows(db, "SELECT step, ppl, reward FROM decisions ORDER BY decision")
+    assert [s for s, _, _ in decisions] == [5, 10, 15, 20]
+    for step, ppl, reward in decisions:
+        after = [loss[s] for s in range(step + 1, min(step + 5, 23) + 1)]  # the last interval is cut at step 23
+        scored = after if mode == "interval" else after[:1]
+        assert ppl == pytest.approx(math.exp(sum(scored) / len(scored)), rel=1e-9)
+        assert reward is not None
+
+
+def test_memory_budget_and_parameter_cost_options(runner, tmp_path):
+    """--max-independent is a hard cap on every logged state; the other agent flags land in the config."""
+    r = _train(runner, tmp_path, "--max-steps", "30", "--decide-every", "2", "--max-independent", "2",
+               "--param-penalty", "0.25", "--reward", "neg-log-ppl", "--set", "agent.epsilon_min=1.0")
+    assert r.exit_code == 0, r.stderr
+    db = tmp_path / "r.duckdb"
+    counts = [n for (n,) in _rows(db, "SELECT independent_layers FROM ties")]
+    assert len(counts) == 15 and max(counts) <= 2
+    agent = json.loads(_rows(db, "SELECT config FROM runs")[0][0])["agent"]
+    assert (agent["max_independent"], agent["param_penalty"], agent["reward"]) == (2, 0.25, "neg-log-ppl")

@@ -26,6 +26,9 @@ def finetune(
     decide_every: o.DecideEvery = None,
     variant: o.Variant = None,
     agent: o.Agent = None,
+    reward: o.Reward = None,
+    max_independent: o.MaxIndependent = None,
+    param_penalty: o.ParamPenalty = None,
     tied_grad: o.TiedGrad = None,
     data_dir: o.DataDir = None,
     quiet: o.Quiet = False,
@@ -39,7 +42,8 @@ def finetune(
         sets.append(f"model.init={init}")
     opts = RunOptions(backbone=benchmark, dataset=task, preset=preset, recipe=recipe, sets=sets, db=db, out=out,
                       seed=seed, device=device, max_steps=max_steps, decide_every=decide_every, variant=variant,
-                      agent=agent, tied_grad=tied_grad, data_dir=data_dir, quiet=quiet)
+                      agent=agent, reward=reward, max_independent=max_independent,
+                      param_penalty=param_penalty, tied_grad=tied_grad, data_dir=data_dir, quiet=quiet)
     run_training(opts, record_as="finetune", expect="finetune")
 
 

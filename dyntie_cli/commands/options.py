@@ -23,6 +23,12 @@ Variant = Annotated[str | None, typer.Option("--variant", help="dynamic (default
                                                 "static-all, static-sequence, static-cycle, static-cycle-rev.")]
 Agent = Annotated[str | None, typer.Option("--agent", help="Agent setting: default, or paper (the paper's "
                                               "exact agent).")]
+Reward = Annotated[str | None, typer.Option("--reward", help="Reward shaping: relative (default), neg-log-ppl, "
+                                                "or neg-ppl (the paper's raw -PPL).")]
+MaxIndependent = Annotated[int | None, typer.Option("--max-independent", help="A hard budget: at most N "
+                                                       "independent blocks (actions are masked).")]
+ParamPenalty = Annotated[float | None, typer.Option("--param-penalty", help="Subtract X times the fraction of "
+                                                       "independent blocks from the reward.")]
 TiedGrad = Annotated[str | None, typer.Option("--tied-grad", help="follow (paper: tied blocks get no weight "
                                                  "gradient) or sum (ALBERT-style).")]
 DataDir = Annotated[str | None, typer.Option("--data-dir", help="Local copy of the dataset (offline use).")]

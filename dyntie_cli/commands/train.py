@@ -23,6 +23,9 @@ def train(
     decide_every: o.DecideEvery = None,
     variant: o.Variant = None,
     agent: o.Agent = None,
+    reward: o.Reward = None,
+    max_independent: o.MaxIndependent = None,
+    param_penalty: o.ParamPenalty = None,
     tied_grad: o.TiedGrad = None,
     data_dir: o.DataDir = None,
     resume: Annotated[str | None, typer.Option("--resume", help="Resume a killed run from its last "
@@ -39,7 +42,8 @@ def train(
 
     opts = RunOptions(backbone=backbone, dataset=dataset, preset=preset, recipe=recipe, sets=set_ or [], db=db,
                       out=out, seed=seed, device=device, max_steps=max_steps, decide_every=decide_every,
-                      variant=variant, agent=agent, tied_grad=tied_grad, data_dir=data_dir, quiet=quiet)
+                      variant=variant, agent=agent, reward=reward, max_independent=max_independent,
+                      param_penalty=param_penalty, tied_grad=tied_grad, data_dir=data_dir, quiet=quiet)
     if resume:
         resume_training(resume, opts)
     else:

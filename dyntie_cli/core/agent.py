@@ -32,6 +32,9 @@ from torch import nn
 from ..errors import DyntieError
 from .ties import transition, validate_state
 
+REWARD_BATCHES = ("interval", "next", "fresh")
+REWARDS = ("relative", "neg-log-ppl", "neg-ppl")
+
 
 @dataclass
 class AgentConfig:
@@ -51,12 +54,18 @@ class AgentConfig:
     explore: str = "row"  # row: each row explores on its own; vector: the whole action explores at once
     keep_bias: float = 0.5  # when a row explores, chance it keeps its current target instead of uniform
     keep_bonus: float = 0.0  # added to Q[i, s[i]] when acting greedily: a row changes only for a clear gain
+    keep_scope: str = "all"  # all rows, or "independent": only tying an independent block (whose trained
+    # weights a tie discards) needs the clear gain; a tied row owns nothing, so re-targeting it costs nothing
     rows_per_decision: int = 0  # 0: every row is re-decided; n: only n random rows, the rest keep their tie
     replay_size: int = 512
     batch_size: int = 32
     updates_per_decision: int = 8
     target_sync: int = 5  # decisions between target-network syncs; 0: no target network
     reward: str = "relative"  # neg-ppl (paper) | neg-log-ppl | relative
+    # which fresh batches score a decision (never the test split; each is scored before the model trains on it):
+    # fresh (paper): one extra batch right after the change; next: the next training batch's forward pass;
+    # interval: the mean loss of the k training batches until the next decision (the change's whole effect)
+    reward_batch: str = "interval"
     reward_ema: float = 0.9  # smoothing of the running reference used by reward == "relative"
     max_independent: int = 0  # 0: no cap; n: actions are masked so at most n blocks are independent
     param_penalty: float = 0.0  # subtracted from the reward times the fraction of independent blocks
@@ -68,7 +77,7 @@ AGENT_PRESETS: dict[str, dict[str, Any]] = {
         hidden=128, lr=1e-3, gamma=0.9, encoding="normalized", progress_input=False, epsilon=1.0,
         epsilon_min=0.1, epsilon_decay=0.95, epsilon_schedule="per-decision", explore="row", keep_bias=0.0,
         rows_per_decision=0, replay_size=1, batch_size=1, updates_per_decision=1, target_sync=0,
-        reward="neg-ppl",
+        reward="neg-ppl", reward_batch="fresh",
     ),
     "default": {},
 }
@@ -215,7 +224,10 @@ class QAgent:
             # keeping a row's current target is worth a bonus: a newly independent block is not thrown away
             # on a small, noisy difference in Q (the churn that made the paper's agent no better than chance)
             kept = q.clone()
-            kept[torch.arange(L), torch.tensor(s)] += self.cfg.keep_bonus
+            if self.cfg.keep_scope not in ("all", "independent"):
+                raise DyntieError(f"Unknown agent.keep_scope {self.cfg.keep_scope!r}; use all or independent.")
+            rows_kept = [i for i in range(L) if self.cfg.keep_scope == "all" or s[i] == i]
+            kept[rows_kept, [s[i] for i in rows_kept]] += self.cfg.keep_bonus
             greedy = [int(x) for x in kept.argmax(dim=1)]
         eps = 0.0 if greedy_only else self.epsilon
         action = list(greedy)

@@ -25,7 +25,8 @@ from torch import nn
 from ..config import RunConfig
 from ..errors import DyntieError
 from . import checkpoint as ckpt
-from .memory import MemoryProbe, gradient_bytes, trainable_parameters
+from .agent import REWARD_BATCHES
+from .memory import MemoryProbe, gradient_bytes, release_freed_memory, trainable_parameters
 from .policies import Policy, make_policy
 from .ties import TieManager, independent_count, transition
 
@@ -168,6 +169,10 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.train_gen = torch.Generator().manual_seed(cfg.seed)
         self.reward_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.reward_batch = cfg.agent.reward_batch
+        if self.reward_batch not in REWARD_BATCHES:
+            raise DyntieError(f"Unknown agent.reward_batch {self.reward_batch!r}; use {', '.join(REWARD_BATCHES)}.")
+        self.pending: dict[str, Any] | None = None  # a decision whose reward batches are still being trained on
         self.step = 0
         self.decision = 0
         self.agent_time = 0.0
@@ -183,6 +188,7 @@ class Trainer:
             self.reward_gen.set_state(trainer_state["reward_gen"])
             for k in ("step", "decision", "agent_time", "wall_time", "indep_steps"):
                 setattr(self, k, trainer_state[k])
+            self.pending = trainer_state.get("pending")
             ckpt.restore_rng(trainer_state)
         self.ties.attach_optimizer(self.optimizer)
         self.probe = MemoryProbe(self.device)  # training peaks from here on; the setup peak is kept apart
@@ -217,7 +223,8 @@ class Trainer:
         w = self.writer
         if self.resume:
             w.resume(w.run_id)
-            w.truncate_after(self.step)
+            # a decision still waiting for its reward at the checkpoint is logged again once it is scored
+            w.truncate_after(self.step, decisions_from=self.pending["decision"] if self.pending else None)
         else:
             w.start(self.command, cfg.backbone, cfg.dataset, cfg.variant, cfg.to_dict(),
                     parent_run_id=self.parent_run_id, preset=cfg.preset, seed=cfg.seed,
@@ -260,6 +267,7 @@ class Trainer:
             losses.append(loss)
             step_times.append(dt)
             self.indep_steps += self.ties.independent_layers
+            self._collect_reward(loss)
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 self._log_train(losses, step_times, items)
                 losses, step_times = [], []
@@ -276,6 +284,7 @@ class Trainer:
             if self.stop_signal is not None:
                 self._save_checkpoint()
                 return None
+        self._collect_reward(0.0, final=True)  # a last interval cut short by the end of the run
         validation = self._validate()
         final = self._evaluate("test", t.test_items)
         for name, value in final.items():
@@ -326,28 +335,60 @@ class Trainer:
         next_progress = min(1.0, (self.step + self.cfg.ties.decide_every) / t.max_steps)
         dec = self.policy.decide(state, self.decision, progress)
         new_state = transition(state, dec.action)
-        self.ties.apply(new_state)
-        info: dict[str, Any] = {}
-        ppl = None
-        if self.policy.wants_reward:
-            # the reward: perplexity on a fresh training batch, after the change (never the test split)
+        changes = self.ties.apply(new_state)
+        if changes["tied"] and self.device.type == "cpu":
+            release_freed_memory()  # the released blocks' pages go back to the OS, not only to malloc
+        changed = sum(a != b for a, b in zip(state, new_state))
+        self._log_tie(action=dec.action, changed=changed)
+        pending = {
+            "decision": self.decision, "step": self.step, "state": state, "action": list(dec.action),
+            "next_state": list(new_state), "progress": progress, "next_progress": next_progress,
+            "epsilon": dec.epsilon, "explored": dec.explored, "greedy_agreement": dec.greedy_agreement,
+            "q_spread": dec.q_spread if self.policy.learns else None, "losses": [],
+        }
+        self.agent_time += time.perf_counter() - t0
+        if not self.policy.wants_reward:
+            self._log_decision(pending, None, {})
+        elif self.reward_batch == "fresh":
+            # the paper: perplexity on one extra fresh training batch, after the change (never the test split)
+            t1 = time.perf_counter()
             batch = _to(self.data.train_batch(self.reward_gen), self.device)
             self.model.eval()
             with self._autocast():
                 ppl = self.backbone.reward_ppl(self.model, batch)
             self.model.train()
-            info = self.policy.observe(state, dec.action, ppl, new_state, self.ties.independent_layers,
-                                       progress, next_progress)
+            self.agent_time += time.perf_counter() - t1
+            self._reward(pending, ppl)
+        else:
+            self.pending = pending  # scored by the next training batch(es), before the model trains on them
+
+    def _collect_reward(self, loss: float, final: bool = False) -> None:
+        """Feed a training batch's loss (computed before the optimizer used that batch) to the pending reward."""
+        p = self.pending
+        if p is None:
+            return
+        if not final:
+            p["losses"].append(loss)
+        wanted = 1 if self.reward_batch == "next" else self.cfg.ties.decide_every
+        if p["losses"] and (len(p["losses"]) >= wanted or final):
+            self.pending = None
+            mean = sum(p["losses"]) / len(p["losses"])  # equal-size batches: the token-weighted mean
+            self._reward(p, math.exp(min(mean, 50.0)))
+
+    def _reward(self, p: dict[str, Any], ppl: float) -> None:
+        t0 = time.perf_counter()
+        info = self.policy.observe(p["state"], p["action"], ppl, p["next_state"], independent_count(p["next_state"]),
+                                   p["progress"], p["next_progress"])
         self.agent_time += time.perf_counter() - t0
-        changed = sum(a != b for a, b in zip(state, new_state))
-        self._log_tie(action=dec.action, changed=changed)
+        self._log_decision(p, ppl, info)
+
+    def _log_decision(self, p: dict[str, Any], ppl: float | None, info: dict[str, Any]) -> None:
         self.writer.decision(
-            decision=self.decision, step=self.step, epsilon=dec.epsilon, explored=dec.explored,
+            decision=p["decision"], step=p["step"], epsilon=p["epsilon"], explored=p["explored"],
             reward=info.get("reward"), q_predicted=info.get("q_predicted"), q_target=info.get("q_target"),
-            td_loss=info.get("td_loss"), greedy_agreement=dec.greedy_agreement,
-            q_spread=dec.q_spread if self.policy.learns else None, ppl=ppl,
+            td_loss=info.get("td_loss"), greedy_agreement=p["greedy_agreement"], q_spread=p["q_spread"], ppl=ppl,
         )
-        if ppl is not None:
+        if ppl is not None:  # at the step the reward was measured (the end of its interval for "interval")
             self.writer.metric(self.step, "reward", "ppl", ppl)
             self.writer.metric(self.step, "reward", "reward", info["reward"])
 
@@ -397,7 +438,7 @@ class Trainer:
         trainer = {
             "step": self.step, "decision": self.decision, "agent_time": self.agent_time,
             "wall_time": self.wall_time + time.perf_counter() - self.loop_start,
-            "indep_steps": self.indep_steps,
+            "indep_steps": self.indep_steps, "pending": self.pending,
             "scheduler": self.scheduler.state_dict(),
             "policy": self.policy.state_dict(), "train_gen": self.train_gen.get_state(),
             "reward_gen": self.reward_gen.get_state(), "config": self.cfg.to_dict(),

@@ -251,21 +251,25 @@ class RunWriter:
         self._active, self._finished, self._final = True, False, None
         return self.run_id
 
-    def truncate_after(self, step: int) -> int:
+    def truncate_after(self, step: int, decisions_from: int | None = None) -> int:
         """Delete this run's rows at steps after ``step`` (the checkpoint resumed from); returns rows deleted.
-
-        Without this, the steps between the checkpoint and the kill would be logged twice.
+        ``decisions_from``: also delete decision rows from this decision on (a decision that was waiting for
+        its reward at the checkpoint, and may have been logged after it). Without this, the steps between the
+        checkpoint and the kill would be logged twice.
         """
         for table, rows in self._rows.items():
             step_at = ROW_COLUMNS[table].index("step")
             rows[:] = [row for row in rows if row[step_at] is None or row[step_at] <= step]
         deleted = 0
+        first = decisions_from if decisions_from is not None else 2**31 - 1
 
         def delete(con: duckdb.DuckDBPyConnection) -> None:
             nonlocal deleted
             for table in ROW_COLUMNS:
                 result = con.execute(f"DELETE FROM {table} WHERE run_id = ? AND step > ?", [self.run_id, step])
                 deleted += int(result.fetchone()[0])
+            result = con.execute("DELETE FROM decisions WHERE run_id = ? AND decision >= ?", [self.run_id, first])
+            deleted += int(result.fetchone()[0])
 
         self._commit(LOCK_TIMEOUT_S, delete)
         return deleted
