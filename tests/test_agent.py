@@ -136,3 +136,11 @@ def test_keep_bonus_protects_current_ties_as_scoped(monkeypatch, scope):
     action = agent.act([0, 0, 2, 3], greedy_only=True).action
     assert action[2] == 2 and action[3] == 0  # a small gain never discards weights; a large one does
     assert action[1] == (0 if scope == "all" else 1)
+
+
+def test_keep_bias_scope_independent_explores_only_tied_rows():
+    agent = QAgent(6, agent_config("default", keep_bias=1.0, keep_scope="independent", epsilon=1.0))
+    state = [0, 1, 0, 3, 0, 0]  # blocks 1 and 3 are independent
+    seen = [agent.act(state).action for _ in range(200)]
+    assert all(a[1] == 1 and a[3] == 3 for a in seen)  # exploring never discards trained weights
+    assert len({a[5] for a in seen}) == 6  # a tied row explores over all its choices

@@ -54,8 +54,8 @@ class AgentConfig:
     explore: str = "row"  # row: each row explores on its own; vector: the whole action explores at once
     keep_bias: float = 0.5  # when a row explores, chance it keeps its current target instead of uniform
     keep_bonus: float = 0.0  # added to Q[i, s[i]] when acting greedily: a row changes only for a clear gain
-    keep_scope: str = "all"  # all rows, or "independent": only tying an independent block (whose trained
-    # weights a tie discards) needs the clear gain; a tied row owns nothing, so re-targeting it costs nothing
+    keep_scope: str = "all"  # rows keep_bias and keep_bonus protect: all, or "independent": only an independent
+    # block (whose trained weights a tie discards); a tied row owns nothing, so re-targeting it costs nothing
     rows_per_decision: int = 0  # 0: every row is re-decided; n: only n random rows, the rest keep their tie
     replay_size: int = 512
     batch_size: int = 32
@@ -244,7 +244,8 @@ class QAgent:
         for i in rows:
             if whole or (self.cfg.explore == "row" and self._coin(eps)):
                 explored_rows.append(i)
-                action[i] = s[i] if self._coin(self.cfg.keep_bias) else self._uniform(i)
+                protect = self.cfg.keep_scope == "all" or s[i] == i
+                action[i] = s[i] if protect and self._coin(self.cfg.keep_bias) else self._uniform(i)
         if self.cfg.max_independent:
             action = self._cap_independent(action, q)
         finite = torch.where(torch.isfinite(q), q, torch.nan)
