@@ -85,6 +85,17 @@ def test_max_independent_masks_actions():
         assert independent_count(transition(all_tied(L), a)) <= 2
 
 
+def test_max_independent_refuses_new_blocks_before_dropping_trained_ones(monkeypatch):
+    agent = QAgent(L, agent_config("default", max_independent=2, epsilon=0.0, epsilon_min=0.0))
+    q = torch.full((L, L), float("-inf"))
+    for i in range(L):
+        q[i, :i] = 0.0
+        q[i, i] = 1.0 + 0.1 * i  # every row would rather be independent; block 1 the least
+    monkeypatch.setattr(agent, "q_matrix", lambda state, progress=0.0: q.clone())
+    state = [0, 1, 0, 0, 0, 0]
+    assert transition(state, agent.act(state, greedy_only=True).action) == state
+
+
 def test_rewards_are_shaped_as_documented():
     a = QAgent(L, agent_config("default", reward="neg-ppl"))
     assert a.shape_reward(250.0, 3) == -250.0

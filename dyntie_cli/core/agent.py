@@ -247,7 +247,7 @@ class QAgent:
                 protect = self.cfg.keep_scope == "all" or s[i] == i
                 action[i] = s[i] if protect and self._coin(self.cfg.keep_bias) else self._uniform(i)
         if self.cfg.max_independent:
-            action = self._cap_independent(action, q)
+            action = self._cap_independent(action, q, s)
         finite = torch.where(torch.isfinite(q), q, torch.nan)
         spread = (finite.nan_to_num(float("-inf")).amax(1) - finite.nan_to_num(float("inf")).amin(1))[1:]
         agreement = None
@@ -259,16 +259,17 @@ class QAgent:
             q_spread=float(spread.mean()) if L > 1 else 0.0, greedy_agreement=agreement,
         )
 
-    def _cap_independent(self, action: list[int], q: torch.Tensor) -> list[int]:
-        """Mask actions so Eq. 1 gives at most ``max_independent`` independent blocks (block 0 included):
-        the rows whose independence is worth least to the Q-network are tied to their best earlier block."""
+    def _cap_independent(self, action: list[int], q: torch.Tensor, state: list[int]) -> list[int]:
+        """Mask actions so Eq. 1 gives at most ``max_independent`` independent blocks (block 0 included).
+        Rows asking to *become* independent are refused first (the least valuable to the Q-network first);
+        a block that already trains keeps its weights unless the budget still forces it out."""
         cap = max(1, self.cfg.max_independent)
         own = [i for i in range(1, len(action)) if action[i] == i]
         excess = len(own) + 1 - cap
         if excess <= 0:
             return action
         gain = {i: float(q[i, i] - q[i, :i].max()) for i in own}
-        for i in sorted(own, key=lambda i: gain[i])[:excess]:
+        for i in sorted(own, key=lambda i: (state[i] == i, gain[i]))[:excess]:
             action[i] = int(q[i, :i].argmax())
         return action
 
