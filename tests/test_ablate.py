@@ -21,7 +21,7 @@ from dyntie_cli.core.policies import random_permutation, static_state
 from dyntie_cli.core.ties import independent_count, permute_state, transition
 from dyntie_cli.registry.lineage import load_source_run
 from dyntie_cli.registry.writer import RunWriter
-from tests.conftest import invoke
+from tests.conftest import MOVING_AGENT, invoke
 
 VARIANTS = ("final-arch", "replay", "no-tying", "random", "static-all", "static-sequence", "static-cycle",
             "static-cycle-rev")
@@ -29,7 +29,7 @@ STATIC = [v for v in VARIANTS if v.startswith("static-")]
 # 40 steps with a decision every 4: ten tie states per run, enough for a schedule that moves; one checkpoint
 # (at the end) instead of one per validation keeps the eleven runs quick.
 SOURCE_ARGS = ("--preset", "gpt2-tiny", "--max-steps", "40", "--decide-every", "4",
-               "--set", "train.checkpoint_every=40")
+               "--set", "train.checkpoint_every=40", *MOVING_AGENT)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,8 @@ def _run(agent, costs, decisions, progress=False):
 def test_greedy_policy_reaches_the_best_action_on_a_known_reward(preset):
     costs = _costs()
     best = [min(range(i + 1), key=lambda j: costs[i][j]) for i in range(L)]
-    cfg = agent_config(preset, gamma=0.0, seed=3, progress_input=False, lr=3e-3)
+    # the learning machinery alone: no keep bias or bonus between the Q-network and its greedy choice
+    cfg = agent_config(preset, gamma=0.0, seed=3, progress_input=False, lr=3e-3, keep_bias=0.0, keep_bonus=0.0)
     agent = QAgent(L, cfg, total_decisions=400)
     s = _run(agent, costs, 400 if preset == "default" else 1500)
     assert agent.act(s, greedy_only=True).greedy == best

@@ -11,7 +11,7 @@ import stat
 import pytest
 
 from dyntie_cli.core.ties import transition
-from tests.conftest import invoke
+from tests.conftest import MOVING_AGENT, invoke
 from tests.conftest import rows as _rows
 
 GROUPS = ["train", "finetune", "ablate", "report", "bench", "backbones"]
@@ -27,7 +27,7 @@ def tiny_run(tmp_path_factory):
     from typer.testing import CliRunner
 
     tmp = tmp_path_factory.mktemp("tiny")
-    result = _train(CliRunner(), tmp, "--max-steps", "40", "--decide-every", "4")
+    result = _train(CliRunner(), tmp, "--max-steps", "40", "--decide-every", "4", *MOVING_AGENT)
     assert result.exit_code == 0, result.stderr
     run_id = next(line.split(": ")[1] for line in result.stdout.splitlines() if line.startswith("run_id: "))
     return tmp, run_id, result
