@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from dyntie_cli.backbones.registry import all_backbones
@@ -266,3 +267,38 @@ def test_out_of_tree_plugin_is_listed_and_trains_from_the_cli(toy_plugin, runner
     assert listing.exit_code == 0 and "dyntie-toy-plugin" in listing.stdout and "toy-tiny" in listing.stdout
     db, run_id = train_tiny(runner, tmp_path, "toy", registered.cls)
     check_logged_run(db, run_id, registered.cls, "test")
+
+
+def test_gpt2_uses_gpt2s_gelu_fused_and_it_saves_activation_memory():
+    """The backbone's GELU is GPT-2's tanh approximation ("gelu_new") computed by one fused op: the same
+    outputs, and autograd keeps less for the backward pass."""
+    import types
+
+    from transformers import GPT2LMHeadModel
+
+    from dyntie_cli.runner import RunOptions, build_config
+
+    backbone, cfg = build_config(RunOptions(backbone="gpt2", preset="gpt2-tiny"))
+    fused = backbone.build_model(cfg, types.SimpleNamespace(vocab_size=512, tokenizer=None))
+    assert fused.config.activation_function == "gelu_pytorch_tanh"
+    reference = GPT2LMHeadModel(fused.config.__class__(**{**fused.config.to_dict(), "activation_function": "gelu_new"}))
+    reference.load_state_dict(fused.state_dict())
+    x = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+
+    def saved_bytes(model):
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = model(input_ids=x).logits
+        return logits, sum(seen.values())
+
+    a, fused_bytes = saved_bytes(fused)
+    b, reference_bytes = saved_bytes(reference)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert fused_bytes < 0.8 * reference_bytes
