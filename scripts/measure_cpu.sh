@@ -12,11 +12,12 @@ t() { local start=$(date +%s); "$@"; local rc=$?; log "rc=$rc $(( $(date +%s) - 
 # 1. the README's first command: gpt2-cpu on the embedded WikiText-2
 t dyntie train gpt2 --db main.duckdb --out runs > main.txt 2>&1
 # 2. bench: deep (activations dominate) and wide (parameters and optimizer state dominate)
-t dyntie bench gpt2 --preset gpt2-deep-cpu --max-steps 300 --variants no-tying,dynamic \
+t dyntie bench gpt2 --preset gpt2-deep-cpu --max-steps 300 --variants no-tying,dynamic --set train.test_items=8192 \
   --db bench.duckdb --out runs --format markdown > bench-deep.md 2> bench-deep.err
 t dyntie bench gpt2 --preset gpt2-wide-cpu --max-steps 100 --variants no-tying,dynamic --set train.test_items=16384 \
   --db bench.duckdb --out runs --format markdown > bench-wide.md 2> bench-wide.err
-# 3. the paper's ablations on gpt2-cpu at equal steps
+# 3. the paper's ablations on gpt2-cpu at equal steps (the README's figures are from the previous default agent;
+#    issue 7's two-seed study on gpt2-deep-cpu is scripts/agent_study.sh)
 t dyntie train gpt2 --max-steps 300 --db ablate.duckdb --out runs --quiet > ablate-source.txt 2>&1
 src=$(sed -n 's/^run_id: //p' ablate-source.txt)
 for v in final-arch replay no-tying random static-cycle; do
