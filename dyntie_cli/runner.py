@@ -18,7 +18,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from .backbones.registry import get_backbone
 from .config import VARIANTS, RunConfig, apply_recipe, apply_set, load_recipe, parse_sets
-from .core.agent import REWARD_BATCHES, REWARDS, agent_config
+from .core.agent import agent_config, validate_agent_config
 from .core.loop import RunResult, Trainer
 from .errors import UsageError
 from .registry.db import resolve_db_path
@@ -98,7 +98,7 @@ def validate_config(cfg: RunConfig, backbone) -> None:
         raise UsageError("--decide-every must be a positive number of steps.")
     if cfg.ties.tied_grad not in ("follow", "sum"):
         raise UsageError(f"--tied-grad must be follow or sum, not {cfg.ties.tied_grad!r}.")
-    _validate_agent(cfg.agent)
+    validate_agent_config(cfg.agent)
     known = backbone.datasets
     if any(d.endswith(":PATH") and cfg.dataset.startswith(d[: -len("PATH")]) for d in known):
         return
@@ -107,20 +107,6 @@ def validate_config(cfg: RunConfig, backbone) -> None:
     if _loose(cfg.dataset) not in canonical:
         raise UsageError(f"Unknown dataset {cfg.dataset!r} for {backbone.name}; choose one of {', '.join(known)}.")
     cfg.dataset = canonical[_loose(cfg.dataset)]
-
-
-def _validate_agent(a) -> None:
-    choices = {"reward": REWARDS, "reward_batch": REWARD_BATCHES, "keep_scope": ("all", "independent"),
-               "encoding": ("normalized", "onehot"), "explore": ("row", "vector"),
-               "epsilon_schedule": ("per-decision", "run")}
-    for key, allowed in choices.items():
-        if getattr(a, key) not in allowed:
-            flag = "--reward" if key == "reward" else f"agent.{key}"
-            raise UsageError(f"{flag} must be one of {', '.join(allowed)}, not {getattr(a, key)!r}.")
-    if a.max_independent < 0:
-        raise UsageError("--max-independent must be 0 (no cap) or a positive number of blocks.")
-    if a.param_penalty < 0:
-        raise UsageError("--param-penalty must be zero or positive.")
 
 
 def _loose(name: str) -> str:

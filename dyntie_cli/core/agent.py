@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import DyntieError
+from ..errors import DyntieError, UsageError
 from .ties import transition, validate_state
 
 REWARD_BATCHES = ("interval", "next", "fresh")
@@ -93,6 +93,21 @@ def agent_config(preset: str = "default", **overrides: Any) -> AgentConfig:
     if bad:
         raise DyntieError(f"Unknown agent option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}.")
     return AgentConfig(**{**asdict(AgentConfig()), **AGENT_PRESETS[preset], **overrides, "preset": preset})
+
+
+def validate_agent_config(a: AgentConfig) -> None:
+    """One clear sentence for an agent setting that names no known choice (the CLI and direct use alike)."""
+    choices = {"reward": REWARDS, "reward_batch": REWARD_BATCHES, "keep_scope": ("all", "independent"),
+               "encoding": ("normalized", "onehot"), "explore": ("row", "vector"),
+               "epsilon_schedule": ("per-decision", "run")}
+    for key, allowed in choices.items():
+        if getattr(a, key) not in allowed:
+            flag = "--reward" if key == "reward" else f"agent.{key}"
+            raise UsageError(f"{flag} must be one of {', '.join(allowed)}, not {getattr(a, key)!r}.")
+    if a.max_independent < 0:
+        raise UsageError("--max-independent must be 0 (no cap) or a positive number of blocks.")
+    if a.param_penalty < 0:
+        raise UsageError("--param-penalty must be zero or positive.")
 
 
 def tril_index(num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,6 +200,7 @@ class QAgent:
     def __init__(self, num_blocks: int, cfg: AgentConfig, total_decisions: int | None = None) -> None:
         if num_blocks < 1:
             raise DyntieError("The agent needs at least one block.")
+        validate_agent_config(cfg)
         self.cfg = cfg
         self.num_blocks = num_blocks
         self.total_decisions = total_decisions
@@ -222,13 +238,13 @@ class QAgent:
         L = self.num_blocks
         q = self.q_matrix(s, progress)
         greedy = [int(x) for x in q.argmax(dim=1)]
+        # the rows whose current tie keep_bias and keep_bonus protect
+        protected = [self.cfg.keep_scope == "all" or s[i] == i for i in range(L)]
         if self.cfg.keep_bonus:
             # keeping a row's current target is worth a bonus: a newly independent block is not thrown away
             # on a small, noisy difference in Q (the churn that made the paper's agent no better than chance)
             kept = q.clone()
-            if self.cfg.keep_scope not in ("all", "independent"):
-                raise DyntieError(f"Unknown agent.keep_scope {self.cfg.keep_scope!r}; use all or independent.")
-            rows_kept = [i for i in range(L) if self.cfg.keep_scope == "all" or s[i] == i]
+            rows_kept = [i for i in range(L) if protected[i]]
             kept[rows_kept, [s[i] for i in rows_kept]] += self.cfg.keep_bonus
             greedy = [int(x) for x in kept.argmax(dim=1)]
         eps = 0.0 if greedy_only else self.epsilon
@@ -246,8 +262,7 @@ class QAgent:
         for i in rows:
             if whole or (self.cfg.explore == "row" and self._coin(eps)):
                 explored_rows.append(i)
-                protect = self.cfg.keep_scope == "all" or s[i] == i
-                action[i] = s[i] if protect and self._coin(self.cfg.keep_bias) else self._uniform(i)
+                action[i] = s[i] if protected[i] and self._coin(self.cfg.keep_bias) else self._uniform(i)
         if self.cfg.max_independent:
             action = self._cap_independent(action, q, s)
         finite = torch.where(torch.isfinite(q), q, torch.nan)

@@ -25,7 +25,7 @@ from torch import nn
 from ..config import RunConfig
 from ..errors import DyntieError
 from . import checkpoint as ckpt
-from .agent import REWARD_BATCHES
+from .agent import validate_agent_config
 from .memory import MemoryProbe, gradient_bytes, release_freed_memory, trainable_parameters
 from .policies import Policy, make_policy
 from .ties import TieManager, independent_count, transition
@@ -169,9 +169,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.train_gen = torch.Generator().manual_seed(cfg.seed)
         self.reward_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        validate_agent_config(cfg.agent)  # reward_batch drives the loop for every policy, not only the agent's
         self.reward_batch = cfg.agent.reward_batch
-        if self.reward_batch not in REWARD_BATCHES:
-            raise DyntieError(f"Unknown agent.reward_batch {self.reward_batch!r}; use {', '.join(REWARD_BATCHES)}.")
         self.pending: dict[str, Any] | None = None  # a decision whose reward batches are still being trained on
         self.step = 0
         self.decision = 0
@@ -284,7 +283,7 @@ class Trainer:
             if self.stop_signal is not None:
                 self._save_checkpoint()
                 return None
-        self._collect_reward(0.0, final=True)  # a last interval cut short by the end of the run
+        self._score_pending()  # a last interval cut short by the end of the run
         validation = self._validate()
         final = self._evaluate("test", t.test_items)
         for name, value in final.items():
@@ -362,18 +361,22 @@ class Trainer:
         else:
             self.pending = pending  # scored by the next training batch(es), before the model trains on them
 
-    def _collect_reward(self, loss: float, final: bool = False) -> None:
+    def _collect_reward(self, loss: float) -> None:
         """Feed a training batch's loss (computed before the optimizer used that batch) to the pending reward."""
         p = self.pending
         if p is None:
             return
-        if not final:
-            p["losses"].append(loss)
-        wanted = 1 if self.reward_batch == "next" else self.cfg.ties.decide_every
-        if p["losses"] and (len(p["losses"]) >= wanted or final):
-            self.pending = None
-            mean = sum(p["losses"]) / len(p["losses"])  # equal-size batches: the token-weighted mean
-            self._reward(p, math.exp(min(mean, 50.0)))
+        p["losses"].append(loss)
+        if len(p["losses"]) >= (1 if self.reward_batch == "next" else self.cfg.ties.decide_every):
+            self._score_pending()
+
+    def _score_pending(self) -> None:
+        """Reward the pending decision on the batches collected so far (at the end: an interval cut short)."""
+        p, self.pending = self.pending, None
+        if p is None or not p["losses"]:
+            return
+        mean = sum(p["losses"]) / len(p["losses"])  # equal-size batches: the token-weighted mean
+        self._reward(p, math.exp(min(mean, 50.0)))
 
     def _reward(self, p: dict[str, Any], ppl: float) -> None:
         t0 = time.perf_counter()
