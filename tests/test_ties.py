@@ -142,6 +142,7 @@ def _plain_copy(model, blocks_of, ties):
     plain = copy.deepcopy(model)
     for b in blocks_of(plain):
         b._forward_pre_hooks.clear()
+        b._forward_hooks.clear()
     for i, b in enumerate(blocks_of(plain)):
         for pname, t in zip(ties.names, ties.block_tensors(i)):
             path, _, leaf = pname.rpartition(".")
@@ -329,3 +330,43 @@ def test_follow_mode_saves_fewer_activations_for_tied_blocks():
     a = _setup("gpt2", "follow", initial=all_independent(5))
     b = _setup("gpt2", "follow")
     assert saved(b[0], b[2]) < saved(a[0], a[2])
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_tied_positions_share_one_half_precision_cast_under_autocast(kind):
+    """Under bf16 autocast the four positions tied to block 0 save one bf16 copy of its matrices between
+    them (not one each), and the outputs, before and after an optimizer step, are exactly those of casting
+    at every position."""
+    def run(share):
+        torch.manual_seed(0)
+        model, blocks_of, forward = MODELS[kind]()
+        model.eval()
+        ties = TieManager(blocks_of(model), all_tied(5), share_casts=share)
+        saved = {}
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t  # kept alive, so no address is reused
+            return t
+
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = forward(model)
+        nbytes = sum(t.untyped_storage().nbytes() for t in saved.values())
+        opt = _optimizer(model)
+        ties.attach_optimizer(opt)
+        out.float().pow(2).mean().backward()
+        opt.step()  # the shared cast must follow the update, not keep the old weights
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            after = forward(model)
+        return (out, after), nbytes, ties
+
+    plain, plain_bytes, _ = run(False)
+    shared, shared_bytes, ties = run(True)
+    assert torch.equal(plain[0], shared[0]) and torch.equal(plain[1], shared[1])
+    assert not torch.equal(shared[0], shared[1])
+    # the weight matrices' bf16 copies are what the input gradient needs (a bias needs nothing saved)
+    matrices = sum(p.numel() for p, mm in zip(ties._own[0], ties._feeds_matmul) if mm and p.dim() == 2) * 2
+    assert matrices > 0
+    assert plain_bytes - shared_bytes >= 3 * matrices  # 4 tied positions: 4 copies -> 1
+    # outside the forward a tied block computes with its root's float32 tensors again
+    assert all(t.dtype == torch.float32 for t in ties.block_tensors(3))
+    assert ties.distinct_block_weights() == 1

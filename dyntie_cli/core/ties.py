@@ -12,6 +12,7 @@ optimizer and ``state_dict()`` see exactly the independent blocks plus the alway
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Literal
 
@@ -119,6 +120,13 @@ def permute_state(state: Sequence[int], perm: Sequence[int]) -> list[int]:
 # --------------------------------------------------------------------------------------------------
 
 
+def _matmul_modules() -> tuple[type, ...]:
+    """Module types whose weight and bias go straight into a matrix product (autocast casts them down):
+    ``nn.Linear`` and, when transformers is loaded, its GPT-2 ``Conv1D``."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+
+
 class TieManager:
     """Applies tie states to an ordered list of blocks with identical parameter structure.
 
@@ -127,6 +135,12 @@ class TieManager:
     neither computes nor stores a weight gradient for it (and so saves fewer activations).
     ``tied_grad="sum"`` (ALBERT-style): a tied block uses the root's Parameter itself, so autograd adds the
     gradient of every position that uses a weight into the root's ``.grad``.
+
+    Under autocast (bf16/fp16), autocast casts a detached weight again at every position that uses it and
+    autograd keeps each copy for the input gradient: 45 tied positions would save 45 half-precision copies
+    of their root's matrices. With ``share_casts`` (the default) the tied positions of one root share a
+    single cast made once per forward, the same values autocast would have made, so the outputs are
+    unchanged and the copies are saved once per root.
     """
 
     def __init__(
@@ -136,6 +150,7 @@ class TieManager:
         *,
         tied_grad: TiedGrad = "follow",
         untie_optim: UntieOptim = "fresh",
+        share_casts: bool = True,
     ) -> None:
         if tied_grad not in ("follow", "sum"):
             raise DyntieError(f"tied_grad must be 'follow' or 'sum', not {tied_grad!r}.")
@@ -147,6 +162,7 @@ class TieManager:
         self.tied_grad: TiedGrad = tied_grad
         self.untie_optim: UntieOptim = untie_optim
         self.optimizer: torch.optim.Optimizer | None = None
+        self.share_casts = share_casts
         self.names = [n for n, _ in self.blocks[0].named_parameters()]
         shapes = [p.shape for _, p in self.blocks[0].named_parameters()]
         for i, b in enumerate(self.blocks):
@@ -163,9 +179,15 @@ class TieManager:
         ]
         self.state: list[int] = all_independent(len(self.blocks))
         self._group_of: list[int] = []
+        # which of a block's tensors feed a matrix product (autocast runs those in half precision)
+        matmul = _matmul_modules()
+        self._feeds_matmul = [isinstance(m, matmul) for m, _ in self._slots[0]]
+        self._casts: dict[int, tuple[tuple, list[torch.Tensor]]] = {}  # root -> (key, shared casts)
         # Re-read the root's tensors before each forward, so a tie survives .to()/.double() (which replace a
-        # Parameter's data but skip plain tensor attributes) and can never go stale.
+        # Parameter's data but skip plain tensor attributes) and can never go stale; after the forward a
+        # tied block holds plain views of its root again (not the half-precision casts of the forward).
         self._hooks = [b.register_forward_pre_hook(self._make_refresh(i)) for i, b in enumerate(self.blocks)]
+        self._hooks += [b.register_forward_hook(self._make_restore(i)) for i, b in enumerate(self.blocks)]
         self.apply(initial_state if initial_state is not None else all_tied(len(self.blocks)))
 
     # -- wiring ------------------------------------------------------------------------------------
@@ -192,18 +214,45 @@ class TieManager:
     def _make_refresh(self, i: int):
         def refresh(module, args):
             if self.state[i] != i:
-                self._inject(i)
+                self._inject(i, forward=True)
         return refresh
+
+    def _make_restore(self, i: int):
+        def restore(module, args, output):
+            if self.state[i] != i and self._casts:
+                self._inject(i)
+        return restore
 
     def _view(self, p: nn.Parameter) -> torch.Tensor:
         return p.detach() if self.tied_grad == "follow" else p
 
-    def _inject(self, i: int) -> None:
-        root = self._own[self.state[i]]
+    def _shared_casts(self, r: int, root: list[nn.Parameter]) -> list[torch.Tensor] | None:
+        """Root r's tensors as autocast would cast them for a matrix product, made once per weight update
+        and shared by every position that follows r; None where autocast is off or gradients are summed."""
+        if not self.share_casts or self.tied_grad != "follow":
+            return None
+        device = root[0].device.type
+        if not torch.is_autocast_enabled(device):
+            return None
+        dtype = torch.get_autocast_dtype(device)
+        # an optimizer step bumps each tensor's version; a device or dtype move changes its storage
+        key = (dtype, tuple((p.data_ptr(), p._version) for p in root))
+        hit = self._casts.get(r)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        casts = [p.detach().to(dtype) if mm and p.is_floating_point() else p.detach()
+                 for p, mm in zip(root, self._feeds_matmul)]
+        self._casts[r] = (key, casts)
+        return casts
+
+    def _inject(self, i: int, forward: bool = False) -> None:
+        r = self.state[i]
+        root = self._own[r]
         assert root is not None
-        for (m, leaf), p in zip(self._slots[i], root):
+        tensors = (self._shared_casts(r, root) if forward else None) or [self._view(p) for p in root]
+        for (m, leaf), t in zip(self._slots[i], tensors):
             # object.__setattr__ keeps the tensor out of m._parameters: the block owns nothing
-            object.__setattr__(m, leaf, self._view(p))
+            object.__setattr__(m, leaf, t)
 
     # -- applying a state --------------------------------------------------------------------------
 
@@ -213,6 +262,7 @@ class TieManager:
         if len(new) != len(self.blocks):
             raise DyntieError(f"A tie state needs {len(self.blocks)} entries, got {len(new)}.")
         old = self.state
+        self._casts.clear()  # casts of weights that may be released or re-rooted
         untie = [i for i in range(len(new)) if new[i] == i and old[i] != i]
         release = [i for i in range(len(new)) if new[i] != i and old[i] == i]
         # 1. untie: a fresh copy of the weights the block was using (read before anything is released)
