@@ -143,6 +143,9 @@ class QNetwork(nn.Module):
         rows, cols = tril_index(num_blocks)
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("cols", cols, persistent=False)
+        # the outputs are the lower triangle row by row: entry (i, j) is output i(i+1)/2 + j
+        i = torch.arange(num_blocks)
+        self.register_buffer("row_start", i * (i + 1) // 2, persistent=False)
 
     def encode(self, states: torch.Tensor, progress: torch.Tensor) -> torch.Tensor:
         """``states``: [B, L] long; ``progress``: [B] float in 0..1."""
@@ -164,6 +167,10 @@ class QNetwork(nn.Module):
         q = flat.new_full((flat.shape[0], L, L), float("-inf"))
         q[:, self.rows, self.cols] = flat
         return q
+
+    def q_taken(self, states: torch.Tensor, progress: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Q of each row's action, [B, L]: the outputs ``forward`` would place at (i, actions[:, i])."""
+        return self.net(self.encode(states, progress)).gather(1, self.row_start + actions)
 
 
 class RewardShaper:
@@ -192,6 +199,12 @@ class RewardShaper:
         return r - self.cfg.param_penalty * independent / self.num_blocks
 
 
+def _transition(state, action, reward, next_state, progress, next_progress) -> tuple:
+    long = torch.long
+    return (torch.tensor(state, dtype=long), torch.tensor(action, dtype=long), float(reward),
+            torch.tensor(next_state, dtype=long), float(progress), float(next_progress))
+
+
 class QAgent:
     """Epsilon-greedy Q-learning over tie actions. Deterministic given its seed; ``state_dict`` is exact."""
 
@@ -215,7 +228,9 @@ class QAgent:
         self.optimizer = torch.optim.Adam(self.q.parameters(), lr=cfg.lr)
         self.epsilon = cfg.epsilon
         self.decisions = 0
-        self.replay: deque[tuple[list[int], list[int], float, list[int], float, float]] = deque(
+        # (state, action, reward, next state, progress, next progress); states and actions as long tensors,
+        # so a minibatch is a stack, not a conversion of nested lists (most of an update's time otherwise)
+        self.replay: deque[tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, float, float]] = deque(
             maxlen=max(cfg.replay_size, 1)
         )
         self.prev_greedy: list[int] | None = None
@@ -296,8 +311,7 @@ class QAgent:
         return self.shaper.shape(ppl, independent)
 
     def _q_sa(self, net: QNetwork, states, progress, actions) -> torch.Tensor:
-        q = net(states, progress)
-        return q.gather(2, actions.unsqueeze(2)).squeeze(2).mean(1)
+        return net.q_taken(states, progress, actions).mean(1)
 
     def _target(self, reward: torch.Tensor, next_states, next_progress) -> torch.Tensor:
         net = self.target if self.target is not None else self.q
@@ -309,7 +323,7 @@ class QAgent:
         """Store the transition and train; returns Q(s,a), its target and the TD loss for this transition."""
         if transition(state, action) != list(next_state):
             raise DyntieError("The transition does not follow Eq. 1 from the state and action given.")
-        self.replay.append((list(state), list(action), float(reward), list(next_state), progress, next_progress))
+        self.replay.append(_transition(state, action, reward, next_state, progress, next_progress))
         newest = [self.replay[-1]]
         s, a, r, s2, p, p2 = self._stack(newest)
         with torch.no_grad():  # what the agent predicted for this transition, and the target it trains on
@@ -337,7 +351,7 @@ class QAgent:
     @staticmethod
     def _stack(batch):
         s, a, r, s2, p, p2 = zip(*batch)
-        return (torch.tensor(s), torch.tensor(a), torch.tensor(r, dtype=torch.float32), torch.tensor(s2),
+        return (torch.stack(s), torch.stack(a), torch.tensor(r, dtype=torch.float32), torch.stack(s2),
                 torch.tensor(p, dtype=torch.float32), torch.tensor(p2, dtype=torch.float32))
 
     def _decay_epsilon(self) -> None:
@@ -359,7 +373,8 @@ class QAgent:
             "cfg": asdict(self.cfg), "num_blocks": self.num_blocks, "total_decisions": self.total_decisions,
             "q": self.q.state_dict(), "target": self.target.state_dict() if self.target is not None else None,
             "optimizer": self.optimizer.state_dict(), "epsilon": self.epsilon, "decisions": self.decisions,
-            "replay": list(self.replay), "prev_greedy": self.prev_greedy, "reward_ref": self.shaper.reward_ref,
+            "replay": [(s.tolist(), a.tolist(), r, s2.tolist(), p, p2) for s, a, r, s2, p, p2 in self.replay],
+            "prev_greedy": self.prev_greedy, "reward_ref": self.shaper.reward_ref,
             "generator": self.generator.get_state(),
         }
 
@@ -372,7 +387,7 @@ class QAgent:
         self.optimizer.load_state_dict(sd["optimizer"])
         self.epsilon = sd["epsilon"]
         self.decisions = sd["decisions"]
-        self.replay = deque((tuple(t) for t in sd["replay"]), maxlen=self.replay.maxlen)
+        self.replay = deque((_transition(*t) for t in sd["replay"]), maxlen=self.replay.maxlen)
         self.prev_greedy = sd["prev_greedy"]
         self.shaper.reward_ref = sd["reward_ref"]
         self.total_decisions = sd["total_decisions"]
