@@ -32,6 +32,9 @@ def test_bench_runs_each_variant_and_reports_ratios(runner, tmp_path):
     assert rows["trainable_params_mean"]["dynamic / no-tying"] < 1
     assert rows["state_bytes_mean"]["dynamic / no-tying"] < 1
     assert 0 < rows["agent_share"]["dynamic"] < 1
+    # on CPU the device peak is the process's peak RSS: each variant has its own process, so its own peak
+    assert rows["device"]["dynamic"] == "cpu"
+    assert 0 < rows["peak_bytes"]["dynamic / no-tying"] and rows["peak_bytes"]["dynamic"] >= rows["avg_peak_bytes"]["dynamic"]
     # the same table comes back from the registry later
     r2 = invoke(runner, "report", "--table", "bench", "--db", db, "--run", by_variant["no-tying"][0], "--run",
                 by_variant["dynamic"][0], "--format", "json")

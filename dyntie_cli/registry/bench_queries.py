@@ -8,9 +8,10 @@ import pandas as pd
 
 _IN_RUNS = "run_id IN (SELECT unnest($ids::TEXT[]))"
 
-# the quantities `dyntie bench` reports, each also as a ratio to no-tying
+# the quantities `dyntie bench` reports, each also as a ratio to no-tying. peak_bytes is the device's peak:
+# the process's peak RSS on CPU, peak allocated bytes on CUDA (avg_peak_bytes: the mean over logging intervals)
 BENCH_COLUMNS = [
-    "peak_rss_bytes", "setup_peak_bytes", "state_bytes_mean", "state_bytes_peak", "param_bytes_mean", "grad_bytes_mean",
+    "peak_bytes", "avg_peak_bytes", "setup_peak_bytes", "state_bytes_mean", "state_bytes_peak", "param_bytes_mean", "grad_bytes_mean",
     "optimizer_bytes_mean", "trainable_params_mean", "trainable_params_end", "tokens_per_s", "step_time_s",
     "validation_ppl", "agent_share",
 ]
@@ -19,7 +20,8 @@ BENCH_COLUMNS = [
 def bench_table(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     sql = f"""
         WITH mem AS (
-            SELECT run_id, max(peak_bytes) AS peak_rss_bytes,
+            SELECT run_id, any_value(device) AS device, max(peak_bytes) AS peak_bytes,
+                avg(peak_bytes) AS avg_peak_bytes,
                 avg(param_bytes + grad_bytes + optimizer_bytes) AS state_bytes_mean,
                 max(param_bytes + grad_bytes + optimizer_bytes) AS state_bytes_peak,
                 avg(param_bytes) AS param_bytes_mean, avg(grad_bytes) AS grad_bytes_mean,
@@ -63,15 +65,15 @@ def _baseline(df: pd.DataFrame, row: pd.Series) -> pd.Series:
 def _side_by_side(df: pd.DataFrame) -> pd.DataFrame:
     """Quantities as rows; per run a value column and (but for a baseline) a ratio column."""
     names = dict(zip(df["run_id"], _column_names(df)))
-    out = pd.DataFrame({"quantity": ["run_id", "steps", *BENCH_COLUMNS]})
+    out = pd.DataFrame({"quantity": ["run_id", "device", "steps", *BENCH_COLUMNS]})
     for _, row in df.iterrows():
         name = names[row["run_id"]]
-        out[name] = [row["run_id"], row["steps"], *(row[c] for c in BENCH_COLUMNS)]
+        out[name] = [row["run_id"], row["device"], row["steps"], *(row[c] for c in BENCH_COLUMNS)]
         base = _baseline(df, row)
         if row["run_id"] == base["run_id"]:
             continue
         # agent_share is already a share of wall time; a ratio to no-tying's (near zero) share means nothing
-        out[f"{name} / {names[base['run_id']]}"] = [None, None, *(
+        out[f"{name} / {names[base['run_id']]}"] = [None, None, None, *(
             row[c] / base[c] if c != "agent_share" and base[c] else None for c in BENCH_COLUMNS)]
     return out
 
