@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pickle
+import random
 
 import pytest
 import torch
 
 from dyntie_cli.core.agent import QAgent, agent_config
-from dyntie_cli.core.ties import all_tied, independent_count, transition
+from dyntie_cli.core.ties import all_tied, canonicalize, independent_count, transition
 from dyntie_cli.errors import DyntieError
 
 L = 6
@@ -151,8 +152,50 @@ def test_keep_bonus_protects_current_ties_as_scoped(monkeypatch, scope):
 
 
 def test_keep_bias_scope_independent_explores_only_tied_rows():
-    agent = QAgent(6, agent_config("default", keep_bias=1.0, keep_scope="independent", epsilon=1.0))
+    agent = QAgent(6, agent_config("default", keep_bias=1.0, keep_scope="independent", epsilon=1.0,
+                                  explore_moves="any"))
     state = [0, 1, 0, 3, 0, 0]  # blocks 1 and 3 are independent
     seen = [agent.act(state).action for _ in range(200)]
     assert all(a[1] == 1 and a[3] == 3 for a in seen)  # exploring never discards trained weights
     assert len({a[5] for a in seen}) == 6  # a tied row explores over all its choices
+
+
+def test_keep_target_previous_keeps_groups_consecutive():
+    """keep_target=previous: a kept row follows the row before it when they share a root, so keeping every row
+    leaves any state as it is, and untying block i splits its group at i (a sequence layout, never a hole)."""
+    rng = random.Random(0)
+    L = 10
+    agent = QAgent(L, agent_config("default", keep_target="previous", keep_bias=1.0, epsilon=1.0))
+    for _ in range(50):  # every row explores and keeps: the state never changes
+        s = canonicalize([rng.randint(0, i) for i in range(L)])
+        assert transition(s, agent.act(s).action) == s
+    s = all_tied(L)
+    kept = agent.act(s).action
+    assert kept[1:] == list(range(L - 1))  # each row follows the one before it
+    split = list(kept)
+    split[4] = 4
+    assert transition(s, split) == [0] * 4 + [4] * 6
+    split2 = list(agent.act([0] * 4 + [4] * 6).action)
+    split2[7] = 7
+    assert transition([0] * 4 + [4] * 6, split2) == [0] * 4 + [4] * 3 + [7] * 3
+    # with keep_target=root the same untie leaves the rows after it on block 0
+    root = QAgent(L, agent_config("default", keep_target="root", keep_bias=1.0, epsilon=1.0)).act(s).action
+    root[4] = 4
+    assert transition(s, root) == [0] * 4 + [4] + [0] * 5
+
+
+def test_local_exploration_keeps_groups_runs_of_consecutive_blocks():
+    """explore_moves=local with keep_target=previous: exploring rows only untie, join the group before or keep,
+    so from all-tied every state the exploration reaches has each group as one run of consecutive blocks."""
+    L = 16
+    agent = QAgent(L, agent_config("default", keep_target="previous", explore_moves="local", keep_bias=0.7,
+                                   epsilon=1.0, epsilon_min=1.0))
+    s = all_tied(L)
+    sizes = set()
+    for _ in range(40):
+        s = transition(s, agent.act(s).action)
+        starts = [i for i in range(L) if i == 0 or s[i] != s[i - 1]]
+        assert all(s[i] == i for i in starts)  # every run starts at its own root ...
+        assert len(starts) == independent_count(s)  # ... and no root has a second run
+        sizes.add(independent_count(s))
+    assert len(sizes) > 3  # the exploration did move

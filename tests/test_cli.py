@@ -186,6 +186,7 @@ def test_user_errors(tiny_run, runner, tmp_path):
         (["train", "gpt2", "--preset", "gpt2-tiny", "--max-independent", "-1"], ["--max-independent"]),
         (["train", "gpt2", "--preset", "gpt2-tiny", "--param-penalty", "-0.5"], ["--param-penalty"]),
         (["train", "gpt2", "--preset", "gpt2-tiny", "--set", "agent.reward_batch=test"], ["interval"]),
+        (["train", "gpt2", "--preset", "gpt2-tiny", "--set", "agent.keep_target=next"], ["previous"]),
     ]
     for args, needles in cases:
         r = invoke(runner, *args, "--db", db)

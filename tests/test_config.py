@@ -20,6 +20,8 @@ def test_precedence_preset_recipe_options_set(tmp_path):
     assert cfg.preset == "gpt2-tiny" and cfg.model["n_layer"] == 4
     assert cfg.train.max_steps == 9 and cfg.train.lr == 0.25
     assert cfg.agent.preset == "paper" and cfg.agent.replay_size == 1 and cfg.agent.gamma == 0.5
+    # the paper's agent explores uniformly over each row's choices and has no budget
+    assert (cfg.agent.explore_moves, cfg.agent.max_independent, cfg.agent.keep_bias) == ("any", 0, 0.0)
 
 
 @pytest.mark.parametrize("name", list_recipes())
@@ -49,3 +51,14 @@ def test_dataset_names_match_loosely_and_are_stored_canonically():
     assert _cfg(dataset="WikiText_103").dataset == "wikitext-103"
     with pytest.raises(UsageError, match="Unknown dataset"):
         _cfg(dataset="wikitext-3")
+
+
+def test_agent_settings_default_and_lean():
+    """default: sequence-keeping moves with a budget of 8 blocks; lean: the previous default (fewer blocks)."""
+    default = _cfg().agent
+    assert (default.keep_target, default.explore_moves, default.max_independent, default.keep_bias) == (
+        "previous", "local", 8, 0.95)
+    lean = _cfg(agent="lean").agent
+    assert lean.preset == "lean"
+    assert (lean.keep_target, lean.explore_moves, lean.max_independent, lean.keep_bias, lean.keep_bonus) == (
+        "root", "any", 0, 0.9, 2.0)

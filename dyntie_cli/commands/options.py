@@ -21,12 +21,14 @@ MaxSteps = Annotated[int | None, typer.Option("--max-steps", help="Training step
 DecideEvery = Annotated[int | None, typer.Option("--decide-every", "-k", help="A tie decision every K steps.")]
 Variant = Annotated[str | None, typer.Option("--variant", help="dynamic (default), no-tying, random, "
                                                 "static-all, static-sequence, static-cycle, static-cycle-rev.")]
-Agent = Annotated[str | None, typer.Option("--agent", help="Agent setting: default, or paper (the paper's "
-                                              "exact agent).")]
+Agent = Annotated[str | None, typer.Option("--agent", help="Agent setting: default, lean (about half the "
+                                              "independent blocks of default, worse perplexity), or paper "
+                                              "(the paper's exact agent).")]
 Reward = Annotated[str | None, typer.Option("--reward", help="Reward shaping: relative (default), neg-log-ppl, "
                                                 "or neg-ppl (the paper's raw -PPL).")]
 MaxIndependent = Annotated[int | None, typer.Option("--max-independent", help="A hard budget: at most N "
-                                                       "independent blocks (actions are masked).")]
+                                                       "independent blocks (actions are masked; default agent: "
+                                                       "8, 0 for no cap).")]
 ParamPenalty = Annotated[float | None, typer.Option("--param-penalty", help="Subtract X times the fraction of "
                                                        "independent blocks from the reward.")]
 TiedGrad = Annotated[str | None, typer.Option("--tied-grad", help="follow (paper: tied blocks get no weight "

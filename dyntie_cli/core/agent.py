@@ -12,10 +12,13 @@ Two named settings:
 * ``default`` -- the same Q-function and target, plus what the short-run study of issue 7 found to matter
   (README, "Issue 7 study"): a replay buffer with several minibatch updates per decision, a target network,
   exploration that decays over the first 30% of the run to 0.02, a strong bias toward keeping a block's
-  current tie (an exploring row keeps it with p=0.9; greedily, a row moves only if that gains more than
-  ``keep_bonus`` = 2.0 in Q units), the reward scored on the k training batches that follow a change (no extra
-  forward pass), and training progress as an extra input. In runs of a few hundred steps, churn -- tying a
-  block that has trained, re-targeting tied blocks -- cost more than any choice the agent could learn.
+  current tie (an exploring row keeps it with p=0.95; greedily, a row moves only if that gains more than
+  ``keep_bonus`` = 2.0 in Q units), where keeping means following the block before when both share a root,
+  so untying block i splits its group at i and groups stay runs of consecutive blocks; an exploring row that
+  does not keep makes such a local move (untie, or join the group before); at most 8 independent blocks;
+  the reward scored on the k training batches that follow a change (no extra forward pass), and training
+  progress as an extra input. In runs of a few hundred steps, churn -- tying a block that has trained,
+  re-targeting tied blocks -- and scattered layouts cost more than any choice the agent could learn.
 
 Encodings (``encoding``): ``normalized`` feeds ``s[i] / (L - 1)`` (L numbers); ``onehot`` feeds the
 lower-triangular one-hot of each row's target (L(L+1)/2 numbers).
@@ -54,10 +57,19 @@ class AgentConfig:
     epsilon_schedule: str = "run"  # per-decision (paper) | run (reach epsilon_min at explore_fraction)
     explore_fraction: float = 0.3
     explore: str = "row"  # row: each row explores on its own; vector: the whole action explores at once
-    keep_bias: float = 0.9  # when a row explores, chance it keeps its current target instead of uniform
+    keep_bias: float = 0.95  # when a row explores, chance it keeps its current tie instead of moving
     keep_bonus: float = 2.0  # added to Q[i, s[i]] when acting greedily: a row changes only for a clear gain
     keep_scope: str = "all"  # rows keep_bias and keep_bonus protect: all, or "independent": only an independent
     # block (whose trained weights a tie discards); a tied row owns nothing, so re-targeting it costs nothing
+    # what "keep" means for a tied row: root: keep pointing at its root (a[i] = s[i]); previous: a row in the same
+    # group as the row before it keeps following that row (a[i] = i - 1), so by Eq. 1 it goes where that row
+    # goes: untying block i then splits its group at i (i and the rows after it in the group follow i's copy,
+    # the same weights at that moment) and groups stay runs of consecutive blocks
+    keep_target: str = "previous"
+    # what an exploring row that does not keep its tie does: any: a uniform choice among its allowed entries
+    # (the paper); local: a move that keeps groups consecutive: a tied row unties (or joins the group before it
+    # if it starts a group), an independent block joins the group before it
+    explore_moves: str = "local"
     rows_per_decision: int = 0  # 0: every row is re-decided; n: only n random rows, the rest keep their tie
     replay_size: int = 512
     batch_size: int = 32
@@ -69,7 +81,7 @@ class AgentConfig:
     # interval: the mean loss of the k training batches until the next decision (the change's whole effect)
     reward_batch: str = "interval"
     reward_ema: float = 0.9  # smoothing of the running reference used by reward == "relative"
-    max_independent: int = 0  # 0: no cap; n: actions are masked so at most n blocks are independent
+    max_independent: int = 8  # 0: no cap; n: actions are masked so at most n blocks are independent
     param_penalty: float = 0.0  # subtracted from the reward times the fraction of independent blocks
     seed: int = 0
 
@@ -78,10 +90,13 @@ AGENT_PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(
         hidden=128, lr=1e-3, gamma=0.9, encoding="normalized", progress_input=False, epsilon=1.0,
         epsilon_min=0.1, epsilon_decay=0.95, epsilon_schedule="per-decision", explore="row", keep_bias=0.0, keep_bonus=0.0,
-        rows_per_decision=0, replay_size=1, batch_size=1, updates_per_decision=1, target_sync=0,
-        reward="neg-ppl", reward_batch="fresh",
+        keep_target="root", explore_moves="any", rows_per_decision=0, replay_size=1, batch_size=1,
+        updates_per_decision=1, target_sync=0, reward="neg-ppl", reward_batch="fresh", max_independent=0,
     ),
     "default": {},
+    # the previous default: about 3 independent blocks of 48 instead of about 6, so the most memory and speed
+    # saved, at a worse perplexity in the issue 7 study (README): keep the root, uniform exploration, no cap
+    "lean": dict(keep_bias=0.9, keep_target="root", explore_moves="any", max_independent=0),
 }
 
 
@@ -98,6 +113,7 @@ def agent_config(preset: str = "default", **overrides: Any) -> AgentConfig:
 def validate_agent_config(a: AgentConfig) -> None:
     """One clear sentence for an agent setting that names no known choice (the CLI and direct use alike)."""
     choices = {"reward": REWARDS, "reward_batch": REWARD_BATCHES, "keep_scope": ("all", "independent"),
+               "keep_target": ("root", "previous"), "explore_moves": ("any", "local"),
                "encoding": ("normalized", "onehot"), "explore": ("row", "vector"),
                "epsilon_schedule": ("per-decision", "run")}
     for key, allowed in choices.items():
@@ -253,14 +269,15 @@ class QAgent:
         L = self.num_blocks
         q = self.q_matrix(s, progress)
         greedy = [int(x) for x in q.argmax(dim=1)]
-        # the rows whose current tie keep_bias and keep_bonus protect
+        # the rows whose current tie keep_bias and keep_bonus protect, and the action entry that keeps each
         protected = [self.cfg.keep_scope == "all" or s[i] == i for i in range(L)]
+        keep = [self._keep(s, i) for i in range(L)]
         if self.cfg.keep_bonus:
             # keeping a row's current target is worth a bonus: a newly independent block is not thrown away
             # on a small, noisy difference in Q (the churn that made the paper's agent no better than chance)
             kept = q.clone()
             rows_kept = [i for i in range(L) if protected[i]]
-            kept[rows_kept, [s[i] for i in rows_kept]] += self.cfg.keep_bonus
+            kept[rows_kept, [keep[i] for i in rows_kept]] += self.cfg.keep_bonus
             greedy = [int(x) for x in kept.argmax(dim=1)]
         eps = 0.0 if greedy_only else self.epsilon
         action = list(greedy)
@@ -271,13 +288,13 @@ class QAgent:
             chosen = {rows[k] for k in perm[: self.cfg.rows_per_decision]}
             for i in rows:
                 if i not in chosen:
-                    action[i] = s[i]
+                    action[i] = keep[i]
             rows = sorted(chosen)
         whole = self.cfg.explore == "vector" and self._coin(eps)
         for i in rows:
             if whole or (self.cfg.explore == "row" and self._coin(eps)):
                 explored_rows.append(i)
-                action[i] = s[i] if protected[i] and self._coin(self.cfg.keep_bias) else self._uniform(i)
+                action[i] = keep[i] if protected[i] and self._coin(self.cfg.keep_bias) else self._move(i, keep[i])
         if self.cfg.max_independent:
             action = self._cap_independent(action, q, s)
         finite = torch.where(torch.isfinite(q), q, torch.nan)
@@ -291,10 +308,25 @@ class QAgent:
             q_spread=float(spread.mean()) if L > 1 else 0.0, greedy_agreement=agreement,
         )
 
+    def _move(self, i: int, keep: int) -> int:
+        """An exploring row's choice when it does not keep its tie (``explore_moves``)."""
+        if self.cfg.explore_moves == "any":
+            return self._uniform(i)
+        moves = [m for m in (i, i - 1) if m != keep]  # untie, or join the group of the block before
+        return moves[self._uniform(len(moves) - 1)]
+
+    def _keep(self, s: list[int], i: int) -> int:
+        """The action entry that leaves row i's tie as it is (``keep_target``)."""
+        if self.cfg.keep_target == "previous" and i > 0 and s[i] != i and s[i] == s[i - 1]:
+            return i - 1
+        return s[i]
+
     def _cap_independent(self, action: list[int], q: torch.Tensor, state: list[int]) -> list[int]:
         """Mask actions so Eq. 1 gives at most ``max_independent`` independent blocks (block 0 included).
         Rows asking to *become* independent are refused first (the least valuable to the Q-network first);
-        a block that already trains keeps its weights unless the budget still forces it out."""
+        a block that already trains keeps its weights unless the budget still forces it out. A refused row
+        takes its best tied entry, or with ``keep_target=previous`` stays local: a refused request keeps the
+        row's tie and a block forced out joins the group before it (groups stay consecutive)."""
         cap = max(1, self.cfg.max_independent)
         own = [i for i in range(1, len(action)) if action[i] == i]
         excess = len(own) + 1 - cap
@@ -302,7 +334,10 @@ class QAgent:
             return action
         gain = {i: float(q[i, i] - q[i, :i].max()) for i in own}
         for i in sorted(own, key=lambda i: (state[i] == i, gain[i]))[:excess]:
-            action[i] = int(q[i, :i].argmax())
+            if self.cfg.keep_target == "previous":
+                action[i] = i - 1 if state[i] == i else self._keep(state, i)
+            else:
+                action[i] = int(q[i, :i].argmax())
         return action
 
     # -- learning ----------------------------------------------------------------------------------
