@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU figures in the README, one after another (run on a quiet machine; about an hour on 2 cores;
+# The CPU figures in the README, one after another (run on a quiet machine; about 1.5 hours on 2 cores;
 # a busy machine makes OpenMP threads wait on each other and every step many times slower).
 # Usage: scripts/measure_cpu.sh OUTDIR
 set -u
@@ -16,7 +16,12 @@ t dyntie bench gpt2 --preset gpt2-deep-cpu --max-steps 300 --variants no-tying,d
   --db bench.duckdb --out runs --format markdown > bench-deep.md 2> bench-deep.err
 t dyntie bench gpt2 --preset gpt2-wide-cpu --max-steps 100 --variants no-tying,dynamic --set train.test_items=16384 \
   --db bench.duckdb --out runs --format markdown > bench-wide.md 2> bench-wide.err
-# 3. the paper's ablations on gpt2-cpu at equal steps (the README's figures are from the previous default agent;
+# the same two benches with the lean agent (the README's second ratio column; a bench holds several sets)
+t dyntie bench gpt2 --preset gpt2-deep-cpu --max-steps 300 --variants no-tying,dynamic --set train.test_items=8192 \
+  --agent lean --db bench-lean.duckdb --out runs --format markdown > bench-deep-lean.md 2> bench-deep-lean.err
+t dyntie bench gpt2 --preset gpt2-wide-cpu --max-steps 100 --variants no-tying,dynamic --set train.test_items=16384 \
+  --agent lean --db bench-lean.duckdb --out runs --format markdown > bench-wide-lean.md 2> bench-wide-lean.err
+# 3. the paper's ablations on gpt2-cpu at equal steps (the README's figures are from an earlier default agent;
 #    issue 7's two-seed study on gpt2-deep-cpu is scripts/agent_study.sh)
 t dyntie train gpt2 --max-steps 300 --db ablate.duckdb --out runs --quiet > ablate-source.txt 2>&1
 src=$(sed -n 's/^run_id: //p' ablate-source.txt)
