@@ -58,7 +58,7 @@ class AgentConfig:
     explore_fraction: float = 0.3
     explore: str = "row"  # row: each row explores on its own; vector: the whole action explores at once
     keep_bias: float = 0.95  # when a row explores, chance it keeps its current tie instead of moving
-    keep_bonus: float = 2.0  # added to Q[i, s[i]] when acting greedily: a row changes only for a clear gain
+    keep_bonus: float = 2.0  # added to row i's keep entry when acting greedily: it moves only for a clear gain
     keep_scope: str = "all"  # rows keep_bias and keep_bonus protect: all, or "independent": only an independent
     # block (whose trained weights a tie discards); a tied row owns nothing, so re-targeting it costs nothing
     # what "keep" means for a tied row: root: keep pointing at its root (a[i] = s[i]); previous: a row in the same
@@ -215,7 +215,7 @@ class RewardShaper:
         return r - self.cfg.param_penalty * independent / self.num_blocks
 
 
-def _transition(state, action, reward, next_state, progress, next_progress) -> tuple:
+def _replay_entry(state, action, reward, next_state, progress, next_progress) -> tuple:
     long = torch.long
     return (torch.tensor(state, dtype=long), torch.tensor(action, dtype=long), float(reward),
             torch.tensor(next_state, dtype=long), float(progress), float(next_progress))
@@ -296,7 +296,7 @@ class QAgent:
                 explored_rows.append(i)
                 action[i] = keep[i] if protected[i] and self._coin(self.cfg.keep_bias) else self._move(i, keep[i])
         if self.cfg.max_independent:
-            action = self._cap_independent(action, q, s)
+            action = self._cap_independent(action, q, s, keep)
         finite = torch.where(torch.isfinite(q), q, torch.nan)
         spread = (finite.nan_to_num(float("-inf")).amax(1) - finite.nan_to_num(float("inf")).amin(1))[1:]
         agreement = None
@@ -321,7 +321,7 @@ class QAgent:
             return i - 1
         return s[i]
 
-    def _cap_independent(self, action: list[int], q: torch.Tensor, state: list[int]) -> list[int]:
+    def _cap_independent(self, action: list[int], q: torch.Tensor, state: list[int], keep: list[int]) -> list[int]:
         """Mask actions so Eq. 1 gives at most ``max_independent`` independent blocks (block 0 included).
         Rows asking to *become* independent are refused first (the least valuable to the Q-network first);
         a block that already trains keeps its weights unless the budget still forces it out. A refused row
@@ -335,7 +335,7 @@ class QAgent:
         gain = {i: float(q[i, i] - q[i, :i].max()) for i in own}
         for i in sorted(own, key=lambda i: (state[i] == i, gain[i]))[:excess]:
             if self.cfg.keep_target == "previous":
-                action[i] = i - 1 if state[i] == i else self._keep(state, i)
+                action[i] = i - 1 if state[i] == i else keep[i]
             else:
                 action[i] = int(q[i, :i].argmax())
         return action
@@ -358,7 +358,7 @@ class QAgent:
         """Store the transition and train; returns Q(s,a), its target and the TD loss for this transition."""
         if transition(state, action) != list(next_state):
             raise DyntieError("The transition does not follow Eq. 1 from the state and action given.")
-        self.replay.append(_transition(state, action, reward, next_state, progress, next_progress))
+        self.replay.append(_replay_entry(state, action, reward, next_state, progress, next_progress))
         newest = [self.replay[-1]]
         s, a, r, s2, p, p2 = self._stack(newest)
         with torch.no_grad():  # what the agent predicted for this transition, and the target it trains on
@@ -422,7 +422,7 @@ class QAgent:
         self.optimizer.load_state_dict(sd["optimizer"])
         self.epsilon = sd["epsilon"]
         self.decisions = sd["decisions"]
-        self.replay = deque((_transition(*t) for t in sd["replay"]), maxlen=self.replay.maxlen)
+        self.replay = deque((_replay_entry(*t) for t in sd["replay"]), maxlen=self.replay.maxlen)
         self.prev_greedy = sd["prev_greedy"]
         self.shaper.reward_ref = sd["reward_ref"]
         self.total_decisions = sd["total_decisions"]

@@ -139,8 +139,8 @@ class TieManager:
     Under autocast (bf16/fp16), autocast casts a detached weight again at every position that uses it and
     autograd keeps each copy for the input gradient: 45 tied positions would save 45 half-precision copies
     of their root's matrices. With ``share_casts`` (the default) the tied positions of one root share a
-    single cast made once per forward, the same values autocast would have made, so the outputs are
-    unchanged and the copies are saved once per root.
+    single cast, made again only after the root's weights change (an optimizer step), with the same values
+    autocast would have made, so the outputs are unchanged and the copies are saved once per root.
     """
 
     def __init__(
