@@ -31,8 +31,8 @@ def dyntie_cache(tmp_path_factory) -> Path:
 
 
 # The default agent keeps a block's tie unless the gain is clear, so a 40-step test run may never move; runs
-# whose tests need a schedule that changes drop the keep bias and bonus.
-MOVING_AGENT = ("--set", "agent.keep_bias=0", "--set", "agent.keep_bonus=0")
+# whose tests need a schedule that changes drop the keep bias and bonus and let the greedy choice tie trained blocks.
+MOVING_AGENT = ("--set", "agent.keep_bias=0", "--set", "agent.keep_bonus=0", "--set", "agent.keep_trained=false")
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import random
 
@@ -36,7 +37,8 @@ def test_greedy_policy_reaches_the_best_action_on_a_known_reward(preset):
     costs = _costs()
     best = [min(range(i + 1), key=lambda j: costs[i][j]) for i in range(L)]
     # the learning machinery alone: no keep bias or bonus between the Q-network and its greedy choice
-    cfg = agent_config(preset, gamma=0.0, seed=3, progress_input=False, lr=3e-3, keep_bias=0.0, keep_bonus=0.0)
+    cfg = agent_config(preset, gamma=0.0, seed=3, progress_input=False, lr=3e-3, keep_bias=0.0, keep_bonus=0.0,
+                       keep_trained=False)
     agent = QAgent(L, cfg, total_decisions=400)
     s = _run(agent, costs, 400 if preset == "default" else 1500)
     assert agent.act(s, greedy_only=True).greedy == best
@@ -71,6 +73,20 @@ def test_epsilon_floors_and_exploration_is_per_row():
     # with epsilon 1 every row is uniform over 0..i: row 5 takes all six values
     assert {a[5] for a in actions} == set(range(6))
     assert all(a[0] == 0 for a in actions)
+
+
+@pytest.mark.parametrize("floor", [0.02, 0.0])
+def test_run_schedule_decays_over_the_explore_fraction_then_holds_the_floor(floor):
+    # 40 decisions, explore_fraction 0.25: epsilon falls over the first 10 and stays at the floor after
+    agent = QAgent(L, agent_config("default", epsilon_min=floor, explore_fraction=0.25), total_decisions=40)
+    seen = []
+    for _ in range(40):
+        agent._decay_epsilon()
+        agent.decisions += 1
+        seen.append(agent.epsilon)
+    assert all(a >= b for a, b in itertools.pairwise(seen))  # never rises
+    assert seen[4] > 0.05  # half-way through exploring (a zero floor must not end exploration at once)
+    assert seen[11:] == [floor] * len(seen[11:])
 
 
 def test_update_rejects_a_transition_that_breaks_eq1():
@@ -138,7 +154,8 @@ def test_state_dict_round_trips_bit_exactly():
 def test_keep_bonus_protects_current_ties_as_scoped(monkeypatch, scope):
     """Greedy rows move off their current target only for a gain above keep_bonus; with scope
     'independent' only an independent block (whose trained weights a tie would discard) is protected."""
-    agent = QAgent(4, agent_config("default", keep_bonus=0.5, keep_scope=scope, epsilon=0.0, epsilon_min=0.0))
+    agent = QAgent(4, agent_config("default", keep_bonus=0.5, keep_scope=scope, epsilon=0.0, epsilon_min=0.0,
+                                   keep_trained=False))
     q = torch.full((4, 4), float("-inf"))
     for i in range(4):
         q[i, : i + 1] = 0.0
@@ -149,6 +166,23 @@ def test_keep_bonus_protects_current_ties_as_scoped(monkeypatch, scope):
     action = agent.act([0, 0, 2, 3], greedy_only=True).action
     assert action[2] == 2 and action[3] == 0  # a small gain never discards weights; a large one does
     assert action[1] == (0 if scope == "all" else 1)
+
+
+def test_keep_trained_greedy_never_ties_a_training_block(monkeypatch):
+    """keep_trained: however much the Q-network prefers tying an independent block, the greedy action keeps
+    it; greedy untying of a tied block is still allowed, and exploration may still tie (rarely, keep_bias)."""
+    agent = QAgent(4, agent_config("default", keep_trained=True, keep_bonus=0.0, epsilon=0.0, epsilon_min=0.0))
+    q = torch.full((4, 4), float("-inf"))
+    for i in range(4):
+        q[i, : i + 1] = 0.0
+    q[1, 1] = 5.0  # tied block 1: untying it looks better
+    q[2, 0] = 9.0  # independent block 2: tying it looks far better
+    q[3, 2] = 9.0  # independent block 3 likewise
+    monkeypatch.setattr(agent, "q_matrix", lambda state, progress=0.0: q.clone())
+    dec = agent.act([0, 0, 2, 3], greedy_only=True)
+    assert dec.action == [0, 1, 2, 3] and dec.greedy == [0, 1, 2, 3]
+    explorer = QAgent(4, agent_config("default", keep_trained=True, keep_bias=0.0, epsilon=1.0))
+    assert any(explorer.act([0, 0, 2, 3]).action[2] != 2 for _ in range(50))
 
 
 def test_keep_bias_scope_independent_explores_only_tied_rows():

@@ -15,7 +15,8 @@ Two named settings:
   current tie (an exploring row keeps it with p=0.95; greedily, a row moves only if that gains more than
   ``keep_bonus`` = 2.0 in Q units), where keeping means following the block before when both share a root,
   so untying block i splits its group at i and groups stay runs of consecutive blocks; an exploring row that
-  does not keep makes such a local move (untie, or join the group before); at most 8 independent blocks;
+  does not keep makes such a local move (untie, or join the group before); the greedy choice never ties a block
+  that trains (``keep_trained``: only exploration or the budget can); at most 8 independent blocks;
   the reward scored on the k training batches that follow a change (no extra forward pass), and training
   progress as an extra input. In runs of a few hundred steps, churn -- tying a block that has trained,
   re-targeting tied blocks -- and scattered layouts cost more than any choice the agent could learn.
@@ -59,6 +60,9 @@ class AgentConfig:
     explore: str = "row"  # row: each row explores on its own; vector: the whole action explores at once
     keep_bias: float = 0.95  # when a row explores, chance it keeps its current tie instead of moving
     keep_bonus: float = 2.0  # added to row i's keep entry when acting greedily: it moves only for a clear gain
+    # a block that trains keeps its weights unless exploration or the budget ties it: the greedy policy
+    # never throws a trained block away (its Q entries are only constrained through their mean over rows)
+    keep_trained: bool = True
     keep_scope: str = "all"  # rows keep_bias and keep_bonus protect: all, or "independent": only an independent
     # block (whose trained weights a tie discards); a tied row owns nothing, so re-targeting it costs nothing
     # what "keep" means for a tied row: root: keep pointing at its root (a[i] = s[i]); previous: a row in the same
@@ -92,11 +96,12 @@ AGENT_PRESETS: dict[str, dict[str, Any]] = {
         epsilon_min=0.1, epsilon_decay=0.95, epsilon_schedule="per-decision", explore="row", keep_bias=0.0, keep_bonus=0.0,
         keep_target="root", explore_moves="any", rows_per_decision=0, replay_size=1, batch_size=1,
         updates_per_decision=1, target_sync=0, reward="neg-ppl", reward_batch="fresh", max_independent=0,
+        keep_trained=False,
     ),
     "default": {},
     # the previous default: about 3 independent blocks of 48 instead of about 6, so the most memory and speed
     # saved, at a worse perplexity in the issue 7 study (README): keep the root, uniform exploration, no cap
-    "lean": dict(keep_bias=0.9, keep_target="root", explore_moves="any", max_independent=0),
+    "lean": dict(keep_bias=0.9, keep_target="root", explore_moves="any", max_independent=0, keep_trained=False),
 }
 
 
@@ -279,6 +284,8 @@ class QAgent:
             rows_kept = [i for i in range(L) if protected[i]]
             kept[rows_kept, [keep[i] for i in rows_kept]] += self.cfg.keep_bonus
             greedy = [int(x) for x in kept.argmax(dim=1)]
+        if self.cfg.keep_trained:
+            greedy = [i if s[i] == i else g for i, g in enumerate(greedy)]
         eps = 0.0 if greedy_only else self.epsilon
         action = list(greedy)
         explored_rows: list[int] = []
@@ -396,8 +403,13 @@ class QAgent:
         elif c.epsilon_schedule == "run":
             horizon = max(1.0, c.explore_fraction * (self.total_decisions or 100))
             frac = min(1.0, self.decisions / horizon)
-            # geometric interpolation from epsilon to epsilon_min, reached at explore_fraction of the run
-            self.epsilon = max(c.epsilon * (c.epsilon_min / c.epsilon) ** frac, c.epsilon_min)
+            if frac >= 1.0 or c.epsilon <= c.epsilon_min:
+                self.epsilon = c.epsilon_min
+            else:
+                # geometric interpolation from epsilon to epsilon_min, reached at explore_fraction of the run;
+                # toward epsilon_min == 0 (no exploration after that point) it aims at epsilon / 100 on the way
+                end = c.epsilon_min if c.epsilon_min > 0 else c.epsilon / 100
+                self.epsilon = max(c.epsilon * (end / c.epsilon) ** frac, c.epsilon_min)
         else:
             raise DyntieError(f"Unknown epsilon schedule {c.epsilon_schedule!r}; use per-decision or run.")
 
