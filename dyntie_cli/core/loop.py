@@ -26,7 +26,7 @@ from ..config import RunConfig
 from ..errors import DyntieError
 from . import checkpoint as ckpt
 from .agent import validate_agent_config
-from .memory import MemoryProbe, gradient_bytes, release_freed_memory, trainable_parameters
+from .memory import MemoryProbe, base_bytes, gradient_bytes, release_freed_memory, trainable_parameters
 from .policies import Policy, make_policy
 from .ties import TieManager, independent_count, transition
 
@@ -145,6 +145,15 @@ class Trainer:
         seed_everything(cfg.seed)
         self.device = resolve_device(cfg.device)
         self.data = self.backbone.load_data(cfg)
+        # what the process holds before any model exists (libraries, data): no tie state can save it. Building
+        # the model once on the meta device first loads the libraries the model needs (transformers' modelling
+        # code alone is ~0.2 GiB) without allocating a weight or drawing a random number
+        try:
+            with torch.device("meta"):
+                self.backbone.build_model(cfg, self.data)
+        except (RuntimeError, NotImplementedError):  # a model that cannot be built on meta: measured before it
+            pass
+        self.base_bytes = base_bytes(self.device)
         self.model = self.backbone.build_model(cfg, self.data).to(self.device)
         blocks = self.backbone.blocks(self.model)
         self.num_blocks = len(blocks)
@@ -230,6 +239,7 @@ class Trainer:
                     out_dir=str(self.out_dir / w.run_id), test_split=self.data.test_split)
             self._log_tie(action=self.ties.state, changed=0)  # decision 0: the initial state
             w.metric(0, "train", "setup_peak_bytes", self.probe.setup_peak)
+            w.metric(0, "train", "base_bytes", self.base_bytes)
             w.flush()
         self.events({"type": "start", "run_id": w.run_id, "total": cfg.train.max_steps, "step": self.step,
                      "blocks": self.num_blocks, "source": getattr(self.data, "source", "")})

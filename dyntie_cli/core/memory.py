@@ -98,6 +98,15 @@ def release_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
+def base_bytes(device: torch.device) -> int:
+    """The device memory in use before a model is built: the process's RSS on CPU (the libraries and the data,
+    which the tie state cannot change), allocated bytes on CUDA."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    release_freed_memory()  # what loading the data freed is not part of the baseline
+    return current_rss_bytes()
+
+
 @dataclass
 class MemoryReading:
     device: str

@@ -9,9 +9,11 @@ import pandas as pd
 _IN_RUNS = "run_id IN (SELECT unnest($ids::TEXT[]))"
 
 # the quantities `dyntie bench` reports, each also as a ratio to no-tying. peak_bytes is the device's peak:
-# the process's peak RSS on CPU, peak allocated bytes on CUDA (avg_peak_bytes: the mean over logging intervals)
+# the process's peak RSS on CPU, peak allocated bytes on CUDA (avg_peak_bytes: the mean over logging intervals);
+# base_bytes: what the process held before the model was built (on CPU the libraries and data, ~0.7 GiB with
+# torch and transformers), and peak_above_base_bytes the peak less that: the part the tie state acts on
 BENCH_COLUMNS = [
-    "peak_bytes", "avg_peak_bytes", "setup_peak_bytes", "state_bytes_mean", "state_bytes_peak", "param_bytes_mean", "grad_bytes_mean",
+    "peak_bytes", "avg_peak_bytes", "base_bytes", "peak_above_base_bytes", "setup_peak_bytes", "state_bytes_mean", "state_bytes_peak", "param_bytes_mean", "grad_bytes_mean",
     "optimizer_bytes_mean", "trainable_params_mean", "trainable_params_end", "tokens_per_s", "step_time_s",
     "validation_ppl", "agent_share",
 ]
@@ -33,6 +35,7 @@ def bench_table(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
                 median(value) FILTER (WHERE name = 'step_time_s') AS step_time_s,
                 arg_max(value, step) FILTER (WHERE name = 'agent_time_s') AS agent_time_s,
                 max(value) FILTER (WHERE name = 'setup_peak_bytes') AS setup_peak_bytes,
+                max(value) FILTER (WHERE name = 'base_bytes') AS base_bytes,
                 arg_max(value, step) FILTER (WHERE name = 'wall_time_s') AS wall_time_s,
                 arg_max(value, step) FILTER (WHERE name = 'trainable_params_mean') AS trainable_params_mean
             FROM metrics WHERE {_IN_RUNS} AND split = 'train' GROUP BY run_id),
@@ -49,6 +52,7 @@ def bench_table(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     df = con.execute(sql, {"ids": ids}).df()
     df = df.loc[:, ~df.columns.duplicated()]
     df["agent_share"] = df["agent_time_s"] / df["wall_time_s"]
+    df["peak_above_base_bytes"] = df["peak_bytes"] - df["base_bytes"]  # what training added to the process
     return _side_by_side(df)
 
 
