@@ -77,11 +77,22 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """A config as saved in the registry. Agent fields added after a run was recorded take the value that
+        reproduces how that run behaved (a resume or an ablation of an older run must not switch policy)."""
         d = dict(d)
         train = TrainSettings(**d.pop("train", {}))
         ties = TieSettings(**d.pop("ties", {}))
-        agent = agent_config(**d.pop("agent", {"preset": "default"}))
+        saved = d.pop("agent", None)
+        agent = agent_config(**({**AGENT_FIELDS_BEFORE_THEY_EXISTED, **saved} if saved else {"preset": "default"}))
         return cls(train=train, ties=ties, agent=agent, **d)
+
+
+#: agent fields added after the first release of the registry schema, each with the value that reproduces the
+#: behaviour of runs recorded before it existed
+AGENT_FIELDS_BEFORE_THEY_EXISTED: dict[str, Any] = {
+    "keep_bonus": 0.0, "keep_scope": "all", "reward_batch": "fresh", "keep_target": "root",
+    "explore_moves": "any", "keep_trained": False,
+}
 
 
 TOP_LEVEL = ("backbone", "preset", "dataset", "variant", "seed", "device", "data_dir")

@@ -183,6 +183,10 @@ def test_keep_trained_greedy_never_ties_a_training_block(monkeypatch):
     assert dec.action == [0, 1, 2, 3] and dec.greedy == [0, 1, 2, 3]
     explorer = QAgent(4, agent_config("default", keep_trained=True, keep_bias=0.0, epsilon=1.0))
     assert any(explorer.act([0, 0, 2, 3]).action[2] != 2 for _ in range(50))
+    # the budget still binds: with room for 2 independent blocks, one of the three trained ones is tied
+    capped = QAgent(4, agent_config("default", keep_trained=True, max_independent=2, epsilon=0.0, epsilon_min=0.0))
+    monkeypatch.setattr(capped, "q_matrix", lambda state, progress=0.0: q.clone())
+    assert independent_count(transition([0, 1, 2, 3], capped.act([0, 1, 2, 3], greedy_only=True).action)) == 2
 
 
 def test_keep_bias_scope_independent_explores_only_tied_rows():

@@ -62,3 +62,20 @@ def test_agent_settings_default_and_lean():
     assert lean.preset == "lean"
     assert (lean.keep_target, lean.explore_moves, lean.max_independent, lean.keep_bias, lean.keep_bonus) == (
         "root", "any", 0, 0.9, 2.0)
+
+
+def test_a_saved_config_round_trips_and_an_older_one_keeps_its_policy():
+    """Resume and ablate rebuild a run's config from the registry: a current config comes back unchanged, and one
+    saved before an agent field existed gets the value that reproduces how that run behaved, not today's default."""
+    from dyntie_cli.config import AGENT_FIELDS_BEFORE_THEY_EXISTED, RunConfig
+
+    cfg = _cfg()
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.agent.keep_trained is True
+    old = cfg.to_dict()
+    for key in AGENT_FIELDS_BEFORE_THEY_EXISTED:
+        del old["agent"][key]
+    agent = RunConfig.from_dict(old).agent
+    assert (agent.keep_trained, agent.keep_target, agent.explore_moves, agent.keep_bonus, agent.reward_batch) == (
+        False, "root", "any", 0.0, "fresh")
+    assert agent.max_independent == cfg.agent.max_independent  # a field the run saved is taken as saved

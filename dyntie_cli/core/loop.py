@@ -13,7 +13,7 @@ import signal
 import statistics
 import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,11 +148,11 @@ class Trainer:
         # what the process holds before any model exists (libraries, data): no tie state can save it. Building
         # the model once on the meta device first loads the libraries the model needs (transformers' modelling
         # code alone is ~0.2 GiB) without allocating a weight or drawing a random number
-        try:
-            with torch.device("meta"):
+        if not cfg.model.get("init"):  # (a pretrained folder would be read for nothing)
+            # only a measurement: a model that cannot be built on meta is measured before its libraries load,
+            # and any real fault surfaces in the build just below
+            with suppress(Exception), torch.device("meta"):
                 self.backbone.build_model(cfg, self.data)
-        except (RuntimeError, NotImplementedError):  # a model that cannot be built on meta: measured before it
-            pass
         self.base_bytes = base_bytes(self.device)
         self.model = self.backbone.build_model(cfg, self.data).to(self.device)
         blocks = self.backbone.blocks(self.model)
