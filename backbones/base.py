@@ -85,6 +85,13 @@ class Backbone:
     def build_model(self, cfg: Any, data: TaskData) -> nn.Module:
         raise NotImplementedError
 
+    def load_model_code(self, cfg: Any, data: TaskData) -> None:
+        """Load the libraries ``build_model`` needs without allocating a weight or drawing a random number; the
+        loop measures the process's memory baseline (``base_bytes``) right after. The default builds the model
+        once on the meta device."""
+        with torch.device("meta"):
+            self.build_model(cfg, data)
+
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         """The ordered list of transformer blocks that may be tied."""
         raise NotImplementedError

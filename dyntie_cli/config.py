@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .core.agent import AGENT_PRESETS, AgentConfig, agent_config
+from .core.agent import AGENT_FIELDS_BEFORE_THEY_EXISTED, AGENT_PRESETS, AgentConfig, agent_config
 from .errors import DyntieError, UsageError
 
 if sys.version_info >= (3, 11):
@@ -86,13 +86,6 @@ class RunConfig:
         agent = agent_config(**({**AGENT_FIELDS_BEFORE_THEY_EXISTED, **saved} if saved else {"preset": "default"}))
         return cls(train=train, ties=ties, agent=agent, **d)
 
-
-#: agent fields added after the first release of the registry schema, each with the value that reproduces the
-#: behaviour of runs recorded before it existed
-AGENT_FIELDS_BEFORE_THEY_EXISTED: dict[str, Any] = {
-    "keep_bonus": 0.0, "keep_scope": "all", "reward_batch": "fresh", "keep_target": "root",
-    "explore_moves": "any", "keep_trained": False,
-}
 
 
 TOP_LEVEL = ("backbone", "preset", "dataset", "variant", "seed", "device", "data_dir")

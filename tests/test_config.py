@@ -67,7 +67,8 @@ def test_agent_settings_default_and_lean():
 def test_a_saved_config_round_trips_and_an_older_one_keeps_its_policy():
     """Resume and ablate rebuild a run's config from the registry: a current config comes back unchanged, and one
     saved before an agent field existed gets the value that reproduces how that run behaved, not today's default."""
-    from dyntie_cli.config import AGENT_FIELDS_BEFORE_THEY_EXISTED, RunConfig
+    from dyntie_cli.config import RunConfig
+    from dyntie_cli.core.agent import AGENT_FIELDS_BEFORE_THEY_EXISTED
 
     cfg = _cfg()
     assert RunConfig.from_dict(cfg.to_dict()) == cfg

@@ -104,6 +104,13 @@ AGENT_PRESETS: dict[str, dict[str, Any]] = {
     "lean": dict(keep_bias=0.9, keep_target="root", explore_moves="any", max_independent=0, keep_trained=False),
 }
 
+#: fields added to AgentConfig after runs were first recorded, each with the value that reproduces how a run
+#: recorded before it existed behaved (a resume or an ablation of such a run must not switch policy)
+AGENT_FIELDS_BEFORE_THEY_EXISTED: dict[str, Any] = {
+    "keep_bonus": 0.0, "keep_scope": "all", "reward_batch": "fresh", "keep_target": "root",
+    "explore_moves": "any", "keep_trained": False,
+}
+
 
 def agent_config(preset: str = "default", **overrides: Any) -> AgentConfig:
     if preset not in AGENT_PRESETS:

@@ -145,14 +145,12 @@ class Trainer:
         seed_everything(cfg.seed)
         self.device = resolve_device(cfg.device)
         self.data = self.backbone.load_data(cfg)
-        # what the process holds before any model exists (libraries, data): no tie state can save it. Building
-        # the model once on the meta device first loads the libraries the model needs (transformers' modelling
-        # code alone is ~0.2 GiB) without allocating a weight or drawing a random number
-        if not cfg.model.get("init"):  # (a pretrained folder would be read for nothing)
-            # only a measurement: a model that cannot be built on meta is measured before its libraries load,
-            # and any real fault surfaces in the build just below
-            with suppress(Exception), torch.device("meta"):
-                self.backbone.build_model(cfg, self.data)
+        # what the process holds before any model exists (libraries, data): no tie state can save it. The
+        # backbone first loads the code its model needs (transformers' modelling code alone is ~0.2 GiB). Only a
+        # measurement: a model whose code cannot load that way is measured without it, and any real fault
+        # surfaces in the build just below
+        with suppress(Exception):
+            self.backbone.load_model_code(cfg, self.data)
         self.base_bytes = base_bytes(self.device)
         self.model = self.backbone.build_model(cfg, self.data).to(self.device)
         blocks = self.backbone.blocks(self.model)
