@@ -9,13 +9,22 @@ import duckdb
 from tests.conftest import invoke
 
 
+def _bench(runner, tmp_path, *args) -> dict:
+    """Run `dyntie bench gpt2 --preset gpt2-tiny ... --format json`; its table as {quantity: row}."""
+    r = invoke(runner, "bench", "gpt2", "--preset", "gpt2-tiny", "--db", tmp_path / "b.duckdb", "--out",
+               tmp_path / "runs", *args, "--format", "json", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    return _rows(r.stdout)
+
+
+def _rows(stdout: str) -> dict:
+    table = json.loads(stdout)
+    return {row["quantity"]: row for row in (table["rows"] if isinstance(table, dict) else table)}
+
+
 def test_bench_runs_each_variant_and_reports_ratios(runner, tmp_path):
     db = tmp_path / "b.duckdb"
-    r = invoke(runner, "bench", "gpt2", "--preset", "gpt2-tiny", "--max-steps", "20", "--db", db, "--out",
-               tmp_path / "runs", "--variants", "dynamic,final-arch", "--format", "json", "--quiet")
-    assert r.exit_code == 0, r.stderr
-    table = json.loads(r.stdout)
-    rows = {row["quantity"]: row for row in (table["rows"] if isinstance(table, dict) else table)}
+    rows = _bench(runner, tmp_path, "--max-steps", "20", "--variants", "dynamic,final-arch")
     con = duckdb.connect(str(db), read_only=True)
     runs = con.execute("SELECT run_id, variant, command, parent_run_id FROM runs").fetchall()
     trainable = dict(con.execute("SELECT run_id, arg_max(trainable_params, step) FROM memory GROUP BY run_id")
@@ -45,12 +54,8 @@ def test_bench_runs_each_variant_and_reports_ratios(runner, tmp_path):
     assert r2.exit_code == 0
 
     # a second bench in the same registry (other steps): each run is compared with the no-tying run of its own set
-    r3 = invoke(runner, "bench", "gpt2", "--preset", "gpt2-tiny", "--max-steps", "10", "--db", db, "--out",
-                tmp_path / "runs", "--variants", "dynamic", "--format", "json", "--quiet")
-    assert r3.exit_code == 0, r3.stderr
-    r4 = invoke(runner, "report", "--table", "bench", "--db", db, "--format", "json")
-    table = json.loads(r4.stdout)
-    rows = {row["quantity"]: row for row in (table["rows"] if isinstance(table, dict) else table)}
+    _bench(runner, tmp_path, "--max-steps", "10", "--variants", "dynamic")
+    rows = _rows(invoke(runner, "report", "--table", "bench", "--db", db, "--format", "json").stdout)
     con = duckdb.connect(str(db), read_only=True)
     steps = dict(con.execute("SELECT run_id, max(step) FROM memory GROUP BY run_id").fetchall())
     con.close()
@@ -59,3 +64,33 @@ def test_bench_runs_each_variant_and_reports_ratios(runner, tmp_path):
     for column in ratio_columns:
         run, base = (rows["run_id"][part] for part in column.split(" / "))
         assert steps[run] == steps[base]
+
+
+def test_bench_repeat_alternates_the_order_and_reports_medians_over_rounds(runner, tmp_path):
+    db = tmp_path / "b.duckdb"
+    rows = _bench(runner, tmp_path, "--max-steps", "10", "--repeat", "2")
+    con = duckdb.connect(str(db), read_only=True)
+    runs = con.execute("SELECT run_id, variant FROM runs ORDER BY started_at").fetchall()
+    step_time = dict(con.execute("SELECT run_id, median(value) FROM metrics WHERE name = 'step_time_s' "
+                                 "AND split = 'train' GROUP BY run_id").fetchall())
+    ppl = dict(con.execute("SELECT run_id, arg_max(value, step) FROM metrics WHERE name = 'ppl' "
+                           "AND split = 'validation' GROUP BY run_id").fetchall())
+    con.close()
+    # round 1 runs no-tying then dynamic, round 2 the reverse, so the rounds' pairs are adjacent
+    assert [v for _, v in runs] == ["no-tying", "dynamic", "dynamic", "no-tying"]
+    (nt1, _), (dy1, _), (dy2, _), (nt2, _) = runs
+    assert rows["rounds"]["dynamic"] == 2
+    assert rows["step_time_s"]["dynamic"] == (step_time[dy1] + step_time[dy2]) / 2  # the median of two
+    per_round = sorted([step_time[dy1] / step_time[nt1], step_time[dy2] / step_time[nt2]])
+    assert rows["step_time_s ratio, lowest round"]["dynamic / no-tying"] == per_round[0]
+    assert rows["step_time_s ratio, highest round"]["dynamic / no-tying"] == per_round[1]
+    assert rows["step_time_s"]["dynamic / no-tying"] == sum(per_round) / 2
+    # the same seed and steps train the same model in every round: only the timings differ
+    assert ppl[dy1] == ppl[dy2] and ppl[nt1] == ppl[nt2]
+    assert rows["validation_ppl"]["dynamic / no-tying"] == ppl[dy1] / ppl[nt1]
+
+
+def test_bench_refuses_a_repeat_below_one(runner, tmp_path):
+    r = invoke(runner, "bench", "gpt2", "--preset", "gpt2-tiny", "--repeat", "0", "--db", tmp_path / "b.duckdb")
+    assert r.exit_code != 0
+    assert "--repeat must be at least 1" in r.stderr

@@ -46,6 +46,9 @@ def bench(
     decide_every: o.DecideEvery = None,
     agent: o.Agent = None,
     data_dir: o.DataDir = None,
+    repeat: Annotated[int, typer.Option("--repeat", help="Run the set N times, the order reversed every other "
+                                        "round (no-tying, dynamic, dynamic, no-tying, ...), and report medians: "
+                                        "for speed on a machine whose load drifts.")] = 1,
     fmt: Annotated[str, typer.Option("--format", "-f", help="table, csv, json or markdown.")] = "table",
     quiet: o.Quiet = False,
 ) -> None:
@@ -53,12 +56,14 @@ def bench(
     them as runs (command 'bench'), and print ratios against no-tying: peak memory, parameter / gradient /
     optimizer bytes, trainable parameters, tokens/s, median step time, validation perplexity, agent share.
 
-    Example: dyntie bench gpt2 --preset gpt2-deep-cpu --max-steps 300
+    Example: dyntie bench gpt2 --preset gpt2-deep-cpu --max-steps 300 --repeat 2
     """
     from ..registry.db import resolve_db_path
-    from ..registry.queries import run_query
+    from ..registry.queries import open_registry, run_query
     from ..report.tables import render
 
+    if repeat < 1:
+        raise UsageError("--repeat must be at least 1 (the number of times the set of variants runs).")
     names = [v.strip() for v in variants.split(",") if v.strip()]
     if "no-tying" not in names:
         names.insert(0, "no-tying")
@@ -73,20 +78,34 @@ def bench(
             common += [flag, str(value)]
     for s in set_ or []:
         common += ["--set", s]
-    run_ids: dict[str, str] = {}
-    ordered = sorted(names, key=lambda v: v == "final-arch")  # final-arch after its source
-    for v in ordered:
-        if v == "final-arch":
-            args = ["ablate", "--variant", "final-arch", "--from-run", run_ids["dynamic"], "--as-command", "bench",
-                    "--db", db_path, "--quiet"]
-            args += [a for flag in ("--out", "--device") for a in _flag(common, flag)]
-        else:
-            args = ["train", backbone, "--variant", v, "--as-command", "bench", *common]
-            if agent and v == "dynamic":
-                args += ["--agent", agent]
-        run_ids[v] = _run_variant(args, v, quiet)
-    ids = [run_ids[v] for v in names]
-    typer.echo(render(run_query("bench", db_path, ids), fmt, title="bench (ratios: variant / no-tying)"))
+    trained = [v for v in names if v != "final-arch"]
+    after = [v for v in names if v == "final-arch"]  # final-arch needs its source, this round's dynamic run
+    rounds: list[dict[str, str]] = []
+    for r in range(repeat):
+        # every other round in reverse: a slow patch of the machine falls on both sides of a comparison
+        order = (trained if r % 2 == 0 else trained[::-1]) + after
+        run_ids: dict[str, str] = {}
+        for v in order:
+            if v == "final-arch":
+                args = ["ablate", "--variant", "final-arch", "--from-run", run_ids["dynamic"], "--as-command",
+                        "bench", "--db", db_path, "--quiet"]
+                args += [a for flag in ("--out", "--device") for a in _flag(common, flag)]
+            else:
+                args = ["train", backbone, "--variant", v, "--as-command", "bench", *common]
+                if agent and v == "dynamic":
+                    args += ["--agent", agent]
+            run_ids[v] = _run_variant(args, v if repeat == 1 else f"{v} (round {r + 1} of {repeat})", quiet)
+        rounds.append({v: run_ids[v] for v in names})
+    if repeat == 1:
+        table = run_query("bench", db_path, list(rounds[0].values()))
+        title = "bench (ratios: variant / no-tying)"
+    else:
+        from ..registry.bench_queries import pooled_table
+
+        with open_registry(db_path) as con:
+            table = pooled_table(con, rounds)
+        title = f"bench, {repeat} rounds (medians; ratios: median over rounds of variant / that round's no-tying)"
+    typer.echo(render(table, fmt, title=title))
 
 
 def _flag(args: list[str], flag: str) -> list[str]:

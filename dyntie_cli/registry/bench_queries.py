@@ -19,7 +19,8 @@ BENCH_COLUMNS = [
 ]
 
 
-def bench_table(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+def _bench_rows(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    """One row per run: the bench quantities (not yet ratios), in the order of ``ids``."""
     sql = f"""
         WITH mem AS (
             SELECT run_id, any_value(device) AS device, max(peak_bytes) AS peak_bytes,
@@ -53,7 +54,40 @@ def bench_table(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     df = df.loc[:, ~df.columns.duplicated()]
     df["agent_share"] = df["agent_time_s"] / df["wall_time_s"]
     df["peak_above_base_bytes"] = df["peak_bytes"] - df["base_bytes"]  # what training added to the process
-    return _side_by_side(df)
+    return df
+
+
+def bench_table(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    return _side_by_side(_bench_rows(con, ids))
+
+
+def pooled_table(con: duckdb.DuckDBPyConnection, rounds: list[dict[str, str]]) -> pd.DataFrame:
+    """A bench repeated in rounds (``rounds[r]``: variant -> run id): per variant the median of each quantity
+    over its rounds, and per quantity the median over rounds of the ratio to that round's no-tying run, so a
+    machine that slows down for a while shifts one round's pair, not the comparison. ``step_time_s`` also gets
+    the lowest and highest of the per-round ratios: how far one bench could have been off."""
+    ids = [rid for r in rounds for rid in r.values()]
+    df = _bench_rows(con, ids).set_index("run_id")
+    variants = list(rounds[0])
+    out = pd.DataFrame({"quantity": ["rounds", "device", "steps", *BENCH_COLUMNS,
+                                     "step_time_s ratio, lowest round", "step_time_s ratio, highest round"]})
+    for v in variants:
+        runs = df.loc[[r[v] for r in rounds]]
+        out[v] = [len(rounds), runs["device"].iloc[0], runs["steps"].iloc[0],
+                  *(runs[c].median() for c in BENCH_COLUMNS), None, None]
+        if v == "no-tying":
+            continue
+        ratios = {c: [] for c in BENCH_COLUMNS}
+        for r in rounds:
+            row, base = df.loc[r[v]], df.loc[r["no-tying"]]
+            for c in BENCH_COLUMNS:
+                if c != "agent_share" and base[c]:
+                    ratios[c].append(row[c] / base[c])
+        steps = ratios["step_time_s"]
+        out[f"{v} / no-tying"] = [None, None, None, *(float(pd.Series(ratios[c]).median()) if ratios[c] else None
+                                                      for c in BENCH_COLUMNS),
+                                  min(steps) if steps else None, max(steps) if steps else None]
+    return out
 
 
 def _baseline(df: pd.DataFrame, row: pd.Series) -> pd.Series:
