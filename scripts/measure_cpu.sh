@@ -13,7 +13,7 @@ t() { local start=$(date +%s); "$@"; local rc=$?; log "rc=$rc $(( $(date +%s) - 
 t dyntie train gpt2 --db main.duckdb --out runs > main.txt 2>&1
 # 2. bench: deep (activations dominate) and wide (parameters and optimizer state dominate)
 t dyntie bench gpt2 --preset gpt2-deep-cpu --max-steps 300 --variants no-tying,dynamic --set train.test_items=8192 \
-  --db bench.duckdb --out runs --format markdown > bench-deep.md 2> bench-deep.err
+  --repeat 2 --db bench.duckdb --out runs --format markdown > bench-deep.md 2> bench-deep.err
 t dyntie bench gpt2 --preset gpt2-wide-cpu --max-steps 100 --variants no-tying,dynamic --set train.test_items=16384 \
   --db bench.duckdb --out runs --format markdown > bench-wide.md 2> bench-wide.err
 # the same two benches with the lean agent (the README's second ratio column; a bench holds several sets)

@@ -63,6 +63,44 @@ def test_q_values_follow_the_paper_definitions():
     assert agent.epsilon == pytest.approx(0.95)  # paper: x0.95 per decision from 1.0
 
 
+def test_greedy_td_target_values_the_action_the_agent_would_take():
+    """The default's target: r + gamma * mean over rows of Q_target(s') at the agent's greedy choice in s' (keep
+    bonus and keep_trained included, chosen by the online network); the paper and lean agents keep the row max."""
+    assert agent_config("paper").td_target == "max" and agent_config("lean").td_target == "max"
+    agent = QAgent(L, agent_config("default", seed=0, target_sync=0))
+    assert agent.cfg.td_target == "greedy"
+    s = all_tied(L)
+    a = [0, 1, 0, 3, 3, 5]
+    s2 = transition(s, a)
+    q2 = agent.q_matrix(s2)
+    greedy = agent.act(s2, greedy_only=True).greedy
+    assert all(greedy[i] == i for i in range(L) if s2[i] == i)  # keep_trained: an independent row keeps
+    target = 0.5 + agent.cfg.gamma * float(sum(q2[i, greedy[i]] for i in range(L)) / L)
+    assert agent.update(s, a, 0.5, s2)["q_target"] == pytest.approx(target, rel=1e-5)
+    assert target < 0.5 + agent.cfg.gamma * float(q2.amax(1).mean())  # below the row max, which it replaces
+
+
+def test_q_values_stay_bounded_over_a_long_run_with_the_greedy_target():
+    """The decisions of a real 1,000-step, 48-block run (fixture), replayed into a fresh agent: with the row-max
+    target the entries the policy never takes drift and feed the target, and the Q spread grows without bound
+    (about doubling every 10 decisions); with the greedy target it stays small."""
+    import json
+    from pathlib import Path
+
+    rec = json.loads((Path(__file__).parent / "fixtures" / "agent" / "deep1000_transitions.json").read_text())
+    n, steps = len(rec["states"][0]), rec["max_steps"]
+    spreads = {}
+    for target in ("max", "greedy"):
+        agent = QAgent(n, agent_config("default", td_target=target), total_decisions=len(rec["states"]) - 1)
+        for d in range(1, len(rec["states"])):
+            p = rec["steps"][d] / steps
+            agent.update(rec["states"][d - 1], rec["actions"][d], rec["rewards"][d], rec["states"][d], p,
+                         min(1.0, p + 10 / steps))
+        spreads[target] = agent.act(rec["states"][-1], 1.0, greedy_only=True).q_spread
+    assert spreads["max"] > 100
+    assert spreads["greedy"] < 10
+
+
 def test_epsilon_floors_and_exploration_is_per_row():
     agent = QAgent(L, agent_config("paper", seed=1))
     for _ in range(100):

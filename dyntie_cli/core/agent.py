@@ -79,6 +79,12 @@ class AgentConfig:
     batch_size: int = 32
     updates_per_decision: int = 8
     target_sync: int = 5  # decisions between target-network syncs; 0: no target network
+    # the value of the next state in the TD target: max (DESIGN.md / the paper): mean over rows of each row's best
+    # entry; greedy: mean over rows of the entry the agent would choose there (keep bonus and keep_trained
+    # included; chosen with the online network, valued with the target network). With max, entries the policy
+    # never takes are never trained, drift, and feed the target: at 48 blocks the Q spread doubled about every
+    # 10 decisions over a 1,000-step run (99 decisions: spread 392, TD loss 9,107); greedy held it near 1-8
+    td_target: str = "greedy"
     reward: str = "relative"  # neg-ppl (paper) | neg-log-ppl | relative
     # which fresh batches score a decision (never the test split; each is scored before the model trains on it):
     # fresh (paper): one extra batch right after the change; next: the next training batch's forward pass;
@@ -96,19 +102,20 @@ AGENT_PRESETS: dict[str, dict[str, Any]] = {
         epsilon_min=0.1, epsilon_decay=0.95, epsilon_schedule="per-decision", explore="row", keep_bias=0.0, keep_bonus=0.0,
         keep_target="root", explore_moves="any", rows_per_decision=0, replay_size=1, batch_size=1,
         updates_per_decision=1, target_sync=0, reward="neg-ppl", reward_batch="fresh", max_independent=0,
-        keep_trained=False,
+        keep_trained=False, td_target="max",
     ),
     "default": {},
     # the previous default: about 3 independent blocks of 48 instead of about 6, so the most memory and speed
     # saved, at a worse perplexity in the issue 7 study (README): keep the root, uniform exploration, no cap
-    "lean": dict(keep_bias=0.9, keep_target="root", explore_moves="any", max_independent=0, keep_trained=False),
+    "lean": dict(keep_bias=0.9, keep_target="root", explore_moves="any", max_independent=0, keep_trained=False,
+                 td_target="max"),
 }
 
 #: fields added to AgentConfig after runs were first recorded, each with the value that reproduces how a run
 #: recorded before it existed behaved (a resume or an ablation of such a run must not switch policy)
 AGENT_FIELDS_BEFORE_THEY_EXISTED: dict[str, Any] = {
     "keep_bonus": 0.0, "keep_scope": "all", "reward_batch": "fresh", "keep_target": "root",
-    "explore_moves": "any", "keep_trained": False,
+    "explore_moves": "any", "keep_trained": False, "td_target": "max",
 }
 
 
@@ -127,7 +134,7 @@ def validate_agent_config(a: AgentConfig) -> None:
     choices = {"reward": REWARDS, "reward_batch": REWARD_BATCHES, "keep_scope": ("all", "independent"),
                "keep_target": ("root", "previous"), "explore_moves": ("any", "local"),
                "encoding": ("normalized", "onehot"), "explore": ("row", "vector"),
-               "epsilon_schedule": ("per-decision", "run")}
+               "epsilon_schedule": ("per-decision", "run"), "td_target": ("max", "greedy")}
     for key, allowed in choices.items():
         if getattr(a, key) not in allowed:
             flag = "--reward" if key == "reward" else f"agent.{key}"
@@ -280,19 +287,11 @@ class QAgent:
         s = validate_state(state)
         L = self.num_blocks
         q = self.q_matrix(s, progress)
-        greedy = [int(x) for x in q.argmax(dim=1)]
         # the rows whose current tie keep_bias and keep_bonus protect, and the action entry that keeps each
-        protected = [self.cfg.keep_scope == "all" or s[i] == i for i in range(L)]
-        keep = [self._keep(s, i) for i in range(L)]
-        if self.cfg.keep_bonus:
-            # keeping a row's current target is worth a bonus: a newly independent block is not thrown away
-            # on a small, noisy difference in Q (the churn that made the paper's agent no better than chance)
-            kept = q.clone()
-            rows_kept = [i for i in range(L) if protected[i]]
-            kept[rows_kept, [keep[i] for i in rows_kept]] += self.cfg.keep_bonus
-            greedy = [int(x) for x in kept.argmax(dim=1)]
-        if self.cfg.keep_trained:
-            greedy = [i if s[i] == i else g for i, g in enumerate(greedy)]
+        st = torch.tensor([s])
+        keep = self._keep_entries(st)[0].tolist()
+        protected = self._protected(st)[0].tolist()
+        greedy = self._greedy(q.unsqueeze(0), st)[0].tolist()
         eps = 0.0 if greedy_only else self.epsilon
         action = list(greedy)
         explored_rows: list[int] = []
@@ -329,11 +328,34 @@ class QAgent:
         moves = [m for m in (i, i - 1) if m != keep]  # untie, or join the group of the block before
         return moves[self._uniform(len(moves) - 1)]
 
-    def _keep(self, s: list[int], i: int) -> int:
-        """The action entry that leaves row i's tie as it is (``keep_target``)."""
-        if self.cfg.keep_target == "previous" and i > 0 and s[i] != i and s[i] == s[i - 1]:
-            return i - 1
-        return s[i]
+    def _keep_entries(self, states: torch.Tensor) -> torch.Tensor:
+        """[B, L]: the action entry that leaves each row's tie as it is (``keep_target``)."""
+        keep = states.clone()
+        if self.cfg.keep_target == "previous":
+            rows = torch.arange(states.shape[1])
+            # a tied row in the same group as the row before it keeps following that row
+            follows = torch.zeros_like(states, dtype=torch.bool)
+            follows[:, 1:] = (states[:, 1:] != rows[1:]) & (states[:, 1:] == states[:, :-1])
+            keep = torch.where(follows, (rows - 1).expand_as(states), keep)
+        return keep
+
+    def _protected(self, states: torch.Tensor) -> torch.Tensor:
+        """[B, L]: the rows keep_bias and keep_bonus protect (``keep_scope``)."""
+        own = states == torch.arange(states.shape[1])
+        return torch.ones_like(own) if self.cfg.keep_scope == "all" else own
+
+    def _greedy(self, q: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """[B, L]: the greedy action in each state: argmax of each row, the keep entry of a protected row raised by
+        the keep bonus (a newly independent block is not thrown away on a small, noisy difference in Q: the churn
+        that made the paper's agent no better than chance), and with ``keep_trained`` an independent block kept."""
+        if self.cfg.keep_bonus:
+            bonus = torch.zeros_like(q).scatter_(2, self._keep_entries(states).unsqueeze(2), self.cfg.keep_bonus)
+            q = q + bonus * self._protected(states).unsqueeze(2)
+        greedy = q.argmax(dim=2)
+        if self.cfg.keep_trained:
+            rows = torch.arange(states.shape[1]).expand_as(states)
+            greedy = torch.where(states == rows, rows, greedy)
+        return greedy
 
     def _cap_independent(self, action: list[int], q: torch.Tensor, state: list[int], keep: list[int]) -> list[int]:
         """Mask actions so Eq. 1 gives at most ``max_independent`` independent blocks (block 0 included).
@@ -365,7 +387,12 @@ class QAgent:
     def _target(self, reward: torch.Tensor, next_states, next_progress) -> torch.Tensor:
         net = self.target if self.target is not None else self.q
         with torch.no_grad():
-            return reward + self.cfg.gamma * net(next_states, next_progress).amax(2).mean(1)
+            q_next = net(next_states, next_progress)
+            if self.cfg.td_target == "max":
+                return reward + self.cfg.gamma * q_next.amax(2).mean(1)
+            # greedy: the entries the agent would choose in s' (chosen by the online network, as it acts)
+            chosen = self._greedy(self.q(next_states, next_progress), next_states)
+            return reward + self.cfg.gamma * q_next.gather(2, chosen.unsqueeze(2)).squeeze(2).mean(1)
 
     def update(self, state: list[int], action: list[int], reward: float, next_state: list[int],
                progress: float = 0.0, next_progress: float = 0.0) -> dict[str, float]:
