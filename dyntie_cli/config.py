@@ -87,7 +87,6 @@ class RunConfig:
         return cls(train=train, ties=ties, agent=agent, **d)
 
 
-
 TOP_LEVEL = ("backbone", "preset", "dataset", "variant", "seed", "device", "data_dir")
 SECTIONS = {"train": TrainSettings, "ties": TieSettings, "agent": AgentConfig}
 

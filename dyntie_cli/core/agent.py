@@ -390,8 +390,10 @@ class QAgent:
             q_next = net(next_states, next_progress)
             if self.cfg.td_target == "max":
                 return reward + self.cfg.gamma * q_next.amax(2).mean(1)
-            # greedy: the entries the agent would choose in s' (chosen by the online network, as it acts)
-            chosen = self._greedy(self.q(next_states, next_progress), next_states)
+            # greedy: the entries the agent would choose in s' (chosen by the online network, as it acts; without a
+            # target network that is the forward pass just made)
+            online = q_next if net is self.q else self.q(next_states, next_progress)
+            chosen = self._greedy(online, next_states)
             return reward + self.cfg.gamma * q_next.gather(2, chosen.unsqueeze(2)).squeeze(2).mean(1)
 
     def update(self, state: list[int], action: list[int], reward: float, next_state: list[int],
