@@ -80,6 +80,22 @@ def test_greedy_td_target_values_the_action_the_agent_would_take():
     assert target < 0.5 + agent.cfg.gamma * float(q2.amax(1).mean())  # below the row max, which it replaces
 
 
+@pytest.mark.parametrize("budget", [0, 2])
+def test_greedy_td_target_respects_the_budget(budget):
+    """Under --max-independent the target values the action the agent would really take in s': an untie the
+    budget would refuse is valued as the refused row's fallback (here: keeping its tie), not as if it happened."""
+    agent = QAgent(L, agent_config("default", seed=0, target_sync=0, max_independent=budget))
+    out = agent.q.net[-1]
+    with torch.no_grad():  # every row's Q: 5 for becoming (or staying) independent, 0 for any tie
+        out.weight.zero_()
+        out.bias.copy_(torch.tensor([5.0 if j == i else 0.0 for i in range(L) for j in range(i + 1)]))
+    s, a = all_tied(L), [0, 1, 0, 0, 0, 0]
+    s2 = transition(s, a)  # blocks 0 and 1 train: the budget of 2 is full
+    valued = (L if not budget else 2) * 5.0 / L  # unbudgeted every row unties; budgeted only 0 and 1 are own
+    assert agent.update(s, a, 0.5, s2)["q_target"] == pytest.approx(0.5 + agent.cfg.gamma * valued, rel=1e-5)
+    assert transition(s2, agent.act(s2, greedy_only=True).action) == (list(range(L)) if not budget else s2)
+
+
 def test_q_values_stay_bounded_over_a_long_run_with_the_greedy_target():
     """The decisions of a real 1,000-step, 48-block run (fixture), replayed into a fresh agent: with the row-max
     target the entries the policy never takes drift and feed the target, and the Q spread grows without bound

@@ -3,13 +3,14 @@
 The Q-network maps an encoding of the tie state ``s`` to the L(L+1)/2 entries of a lower-triangular L x L
 matrix: row i scores the i+1 choices for block i (``j == i``: independent, ``j < i``: use block j's weights).
 ``Q(s, a)`` is the mean over rows of the chosen entries; the TD target is
-``y = r + gamma * mean_i max_{j<=i} Q(s')[i, j]`` and the loss is MSE(Q(s, a), y).
+``y = r + gamma * mean_i max_{j<=i} Q(s')[i, j]`` (``td_target=max``; the default values s' at the action it
+would take there instead, ``td_target=greedy``) and the loss is MSE(Q(s, a), y).
 
 Two named settings:
 
 * ``paper`` -- exactly the paper's agent: one transition, one optimizer step per decision, per-row
   epsilon-greedy over all rows, epsilon x0.95 per decision from 1.0 with floor 0.1, no replay, no target net.
-* ``default`` -- the same Q-function and target, plus what the short-run study of issue 7 found to matter
+* ``default`` -- the same Q-function, the greedy TD target, plus what the short-run study of issue 7 found to matter
   (README, "Issue 7 study"): a replay buffer with several minibatch updates per decision, a target network,
   exploration that decays over the first 30% of the run to 0.02, a strong bias toward keeping a block's
   current tie (an exploring row keeps it with p=0.95; greedily, a row moves only if that gains more than
@@ -80,8 +81,8 @@ class AgentConfig:
     updates_per_decision: int = 8
     target_sync: int = 5  # decisions between target-network syncs; 0: no target network
     # the value of the next state in the TD target: max (DESIGN.md / the paper): mean over rows of each row's best
-    # entry; greedy: mean over rows of the entry the agent would choose there (keep bonus and keep_trained
-    # included; chosen with the online network, valued with the target network). With max, entries the policy
+    # entry; greedy: mean over rows of the entry the agent would choose there (keep bonus, keep_trained and the
+    # max_independent budget included; chosen with the online network, valued with the target network). With max, entries the policy
     # never takes are never trained, drift, and feed the target: at 48 blocks the Q spread doubled about every
     # 10 decisions over a 1,000-step run (99 decisions: spread 392, TD loss 9,107); greedy held it near 1-8
     td_target: str = "greedy"
@@ -309,7 +310,7 @@ class QAgent:
                 explored_rows.append(i)
                 action[i] = keep[i] if protected[i] and self._coin(self.cfg.keep_bias) else self._move(i, keep[i])
         if self.cfg.max_independent:
-            action = self._cap_independent(action, q, s, keep)
+            action = self._cap_independent(torch.tensor([action]), q.unsqueeze(0), st)[0].tolist()
         finite = torch.where(torch.isfinite(q), q, torch.nan)
         spread = (finite.nan_to_num(float("-inf")).amax(1) - finite.nan_to_num(float("inf")).amin(1))[1:]
         agreement = None
@@ -357,24 +358,36 @@ class QAgent:
             greedy = torch.where(states == rows, rows, greedy)
         return greedy
 
-    def _cap_independent(self, action: list[int], q: torch.Tensor, state: list[int], keep: list[int]) -> list[int]:
-        """Mask actions so Eq. 1 gives at most ``max_independent`` independent blocks (block 0 included).
-        Rows asking to *become* independent are refused first (the least valuable to the Q-network first);
-        a block that already trains keeps its weights unless the budget still forces it out. A refused row
-        takes its best tied entry, or with ``keep_target=previous`` stays local: a refused request keeps the
-        row's tie and a block forced out joins the group before it (groups stay consecutive)."""
+    def _cap_independent(self, action: torch.Tensor, q: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """Mask actions [B, L] so Eq. 1 gives at most ``max_independent`` independent blocks (block 0 included).
+        Rows asking to *become* independent are refused first (the least valuable to the Q-network first, ``q``
+        [B, L, L] being the Q matrices the actions were chosen from); a block that already trains keeps its
+        weights unless the budget still forces it out. A refused row takes its best tied entry, or with
+        ``keep_target=previous`` stays local: a refused request keeps the row's tie and a block forced out joins
+        the group before it (groups stay consecutive)."""
         cap = max(1, self.cfg.max_independent)
-        own = [i for i in range(1, len(action)) if action[i] == i]
-        excess = len(own) + 1 - cap
-        if excess <= 0:
+        n = action.shape[1]
+        rows = torch.arange(n)
+        own = action == rows
+        own[:, 0] = False
+        excess = own.sum(1) + 1 - cap
+        if not bool((excess > 0).any()):
             return action
-        gain = {i: float(q[i, i] - q[i, :i].max()) for i in own}
-        for i in sorted(own, key=lambda i: (state[i] == i, gain[i]))[:excess]:
-            if self.cfg.keep_target == "previous":
-                action[i] = i - 1 if state[i] == i else keep[i]
-            else:
-                action[i] = int(q[i, :i].argmax())
-        return action
+        tied_entries = q.masked_fill(rows.view(1, 1, n) >= rows.view(1, n, 1), float("-inf"))  # j < i
+        gain = q.diagonal(dim1=1, dim2=2) - tied_entries.amax(2)
+        trains = states == rows
+        # refusal order: requests before blocks that train, then the smallest gain, then the lower row (two
+        # stable sorts); rows not asking to be independent last
+        order = torch.sort(gain.masked_fill(~own, float("inf")), dim=1, stable=True).indices
+        group = (trains.long() + 2 * (~own).long()).gather(1, order)
+        order = order.gather(1, torch.sort(group, dim=1, stable=True).indices)
+        rank = torch.empty_like(order).scatter_(1, order, rows.expand_as(order))
+        refuse = own & (rank < excess.unsqueeze(1))
+        if self.cfg.keep_target == "previous":
+            fallback = torch.where(trains, rows - 1, self._keep_entries(states))
+        else:
+            fallback = tied_entries.argmax(2)
+        return torch.where(refuse, fallback, action)
 
     # -- learning ----------------------------------------------------------------------------------
 
@@ -394,6 +407,8 @@ class QAgent:
             # target network that is the forward pass just made)
             online = q_next if net is self.q else self.q(next_states, next_progress)
             chosen = self._greedy(online, next_states)
+            if self.cfg.max_independent:  # what the budget would refuse is not what the agent would do
+                chosen = self._cap_independent(chosen, online, next_states)
             return reward + self.cfg.gamma * q_next.gather(2, chosen.unsqueeze(2)).squeeze(2).mean(1)
 
     def update(self, state: list[int], action: list[int], reward: float, next_state: list[int],
