@@ -80,6 +80,7 @@ class RunConfig:
         """A config as saved in the registry. Agent fields added after a run was recorded take the value that
         reproduces how that run behaved (a resume or an ablation of an older run must not switch policy)."""
         d = dict(d)
+        d.pop("bench", None)  # the round of a repeated bench the run was: a label, not a setting to inherit
         train = TrainSettings(**d.pop("train", {}))
         ties = TieSettings(**d.pop("ties", {}))
         saved = d.pop("agent", None)

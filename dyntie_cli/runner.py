@@ -156,11 +156,23 @@ class ProgressView:
             self.progress = None
 
 
+def parse_bench_round(text: str | None) -> dict[str, Any] | None:
+    if not text:
+        return None
+    group, _, rest = text.partition(":")
+    round_, _, rounds = rest.partition(":")
+    try:
+        return {"group": group, "round": int(round_), "rounds": int(rounds)}
+    except ValueError:
+        raise UsageError(f"--bench-round expects GROUP:ROUND:ROUNDS, got {text!r}.") from None
+
+
 def run_training(opts: RunOptions, *, record_as: str, expect: str | None = None,
                  source: dict[str, Any] | None = None, parent_run_id: str | None = None,
-                 cfg_override: RunConfig | None = None, backbone=None) -> RunResult:
+                 cfg_override: RunConfig | None = None, backbone=None, bench_round: str | None = None) -> RunResult:
     """Train; the run is recorded in the registry with command ``record_as`` (train, finetune, ablate,
-    bench). ``expect`` checks the backbone belongs to that command (``train gpt2``, ``finetune glue``)."""
+    bench). ``expect`` checks the backbone belongs to that command (``train gpt2``, ``finetune glue``).
+    ``bench_round``: ``GROUP:ROUND:ROUNDS``, set by `dyntie bench --repeat`; kept in the run's config."""
     if cfg_override is None:
         backbone, cfg = build_config(opts, expect=expect)
     else:
@@ -170,7 +182,8 @@ def run_training(opts: RunOptions, *, record_as: str, expect: str | None = None,
     view = ProgressView(opts.quiet)
     try:
         trainer = Trainer(backbone, cfg, writer, command=record_as, out_dir=default_out_dir(opts.out),
-                          source=source, parent_run_id=parent_run_id, events=view)
+                          source=source, parent_run_id=parent_run_id, events=view,
+                          bench_round=parse_bench_round(bench_round))
         result = trainer.run()
     finally:
         view.close()

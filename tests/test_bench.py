@@ -89,6 +89,26 @@ def test_bench_repeat_alternates_the_order_and_reports_medians_over_rounds(runne
     assert ppl[dy1] == ppl[dy2] and ppl[nt1] == ppl[nt2]
     assert rows["validation_ppl"]["dynamic / no-tying"] == ppl[dy1] / ppl[nt1]
 
+    # each run's config says its round, so the registry gives the same pooled table later
+    def report() -> dict:
+        r = invoke(runner, "report", "--table", "bench", "--db", db, "--format", "json")
+        assert r.exit_code == 0, r.stderr
+        return _rows(r.stdout)
+
+    assert report() == rows
+    con = duckdb.connect(str(db), read_only=True)
+    labels = [json.loads(c)["bench"] for (c,) in con.execute("SELECT config FROM runs ORDER BY started_at").fetchall()]
+    con.close()
+    group = labels[0]["group"]
+    assert [(x["group"], x["round"], x["rounds"]) for x in labels] == [(group, 1, 2)] * 2 + [(group, 2, 2)] * 2
+    # beside a single bench: that bench side by side, the repeated one still pooled, its columns named by group
+    _bench(runner, tmp_path, "--max-steps", "10")
+    both = report()
+    assert both["rounds"][f"dynamic [{group}]"] == 2
+    assert both["step_time_s"][f"dynamic / no-tying [{group}]"] == rows["step_time_s"]["dynamic / no-tying"]
+    single = {k: v for k, v in both["run_id"].items() if k != "quantity" and v is not None}
+    assert set(single) == {"no-tying", "dynamic"} and not set(single.values()) & {nt1, dy1, dy2, nt2}
+
 
 def test_bench_refuses_a_repeat_below_one(runner, tmp_path):
     r = invoke(runner, "bench", "gpt2", "--preset", "gpt2-tiny", "--repeat", "0", "--db", tmp_path / "b.duckdb")

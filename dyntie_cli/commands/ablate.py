@@ -45,6 +45,7 @@ def ablate(
     data_dir: o.DataDir = None,
     quiet: o.Quiet = False,
     as_command: Annotated[str, typer.Option("--as-command", hidden=True)] = "ablate",
+    bench_round: Annotated[str | None, typer.Option("--bench-round", hidden=True)] = None,
 ) -> None:
     """Run variant V as a new run linked to its source run (parent_run_id), with the same data, seed, steps
     and hyperparameters unless overridden, so `dyntie report --table paper` can set them side by side.
@@ -63,7 +64,7 @@ def ablate(
     if not from_run:
         if independent is not None:
             opts.sets.append(f"ties.independent={independent}")
-        run_training(opts, record_as=as_command)
+        run_training(opts, record_as=as_command, bench_round=bench_round)
         return
     if preset:
         raise UsageError("--preset cannot change with --from-run: an ablation keeps its source run's model.")
@@ -78,7 +79,7 @@ def ablate(
     if variant == "replay" and not _sets_key(opts.sets, "perm_seed"):
         _choose_moving_permutation(cfg, source, quiet)
     run_training(opts, record_as=as_command, source=source, parent_run_id=source["run_id"],
-                 cfg_override=cfg, backbone=bb)
+                 cfg_override=cfg, backbone=bb, bench_round=bench_round)
 
 
 def _check_arguments(variant: str, from_run: str | None, backbone: str | None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from typing import Annotated
 
 import typer
@@ -58,8 +59,9 @@ def bench(
 
     Example: dyntie bench gpt2 --preset gpt2-deep-cpu --max-steps 300 --repeat 2
     """
+    from ..registry.bench_queries import bench_title
     from ..registry.db import resolve_db_path
-    from ..registry.queries import open_registry, run_query
+    from ..registry.queries import run_query
     from ..report.tables import render
 
     if repeat < 1:
@@ -81,31 +83,25 @@ def bench(
     trained = [v for v in names if v != "final-arch"]
     after = [v for v in names if v == "final-arch"]  # final-arch needs its source, this round's dynamic run
     rounds: list[dict[str, str]] = []
+    group = uuid.uuid4().hex[:8]  # recorded in each run's config, so `report --table bench` pools the rounds too
     for r in range(repeat):
         # every other round in reverse: a slow patch of the machine falls on both sides of a comparison
         order = (trained if r % 2 == 0 else trained[::-1]) + after
         run_ids: dict[str, str] = {}
+        label = ["--bench-round", f"{group}:{r + 1}:{repeat}"] if repeat > 1 else []
         for v in order:
             if v == "final-arch":
                 args = ["ablate", "--variant", "final-arch", "--from-run", run_ids["dynamic"], "--as-command",
-                        "bench", "--db", db_path, "--quiet"]
+                        "bench", *label, "--db", db_path, "--quiet"]
                 args += [a for flag in ("--out", "--device") for a in _flag(common, flag)]
             else:
-                args = ["train", backbone, "--variant", v, "--as-command", "bench", *common]
+                args = ["train", backbone, "--variant", v, "--as-command", "bench", *label, *common]
                 if agent and v == "dynamic":
                     args += ["--agent", agent]
             run_ids[v] = _run_variant(args, v if repeat == 1 else f"{v} (round {r + 1} of {repeat})", quiet)
         rounds.append({v: run_ids[v] for v in names})
-    if repeat == 1:
-        table = run_query("bench", db_path, list(rounds[0].values()))
-        title = "bench (ratios: variant / no-tying)"
-    else:
-        from ..registry.bench_queries import pooled_table
-
-        with open_registry(db_path) as con:
-            table = pooled_table(con, rounds)
-        title = f"bench, {repeat} rounds (medians; ratios: median over rounds of variant / that round's no-tying)"
-    typer.echo(render(table, fmt, title=title))
+    table = run_query("bench", db_path, [rid for r in rounds for rid in r.values()])
+    typer.echo(render(table, fmt, title=bench_title(repeat)))
 
 
 def _flag(args: list[str], flag: str) -> list[str]:

@@ -32,6 +32,7 @@ def train(
                                                   "checkpoint.")] = None,
     quiet: o.Quiet = False,
     as_command: Annotated[str, typer.Option("--as-command", hidden=True)] = "train",
+    bench_round: Annotated[str | None, typer.Option("--bench-round", hidden=True)] = None,
 ) -> None:
     """Train BACKBONE with dynamic layer tying and record the run in the registry.
 
@@ -47,7 +48,8 @@ def train(
     if resume:
         resume_training(resume, opts)
     else:
-        run_training(opts, record_as=as_command, expect="train" if as_command == "train" else None)
+        run_training(opts, record_as=as_command, expect="train" if as_command == "train" else None,
+                     bench_round=bench_round)
 
 
 def register(app: typer.Typer) -> None:

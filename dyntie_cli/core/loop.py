@@ -121,8 +121,10 @@ class Trainer:
 
     def __init__(self, backbone, cfg: RunConfig, writer, *, command: str = "train", out_dir: Path,
                  source: dict[str, Any] | None = None, parent_run_id: str | None = None,
-                 resume: bool = False, events: Callable[[Event], None] | None = None) -> None:
+                 resume: bool = False, events: Callable[[Event], None] | None = None,
+                 bench_round: dict[str, Any] | None = None) -> None:
         self.backbone = backbone
+        self.bench_round = bench_round  # which round of a repeated `dyntie bench` this run is (registry only)
         self.cfg = cfg
         self.writer = writer
         self.command = command
@@ -232,7 +234,8 @@ class Trainer:
             # a decision still waiting for its reward at the checkpoint is logged again once it is scored
             w.truncate_after(self.step, decisions_from=self.pending["decision"] if self.pending else None)
         else:
-            w.start(self.command, cfg.backbone, cfg.dataset, cfg.variant, cfg.to_dict(),
+            config = cfg.to_dict() | ({"bench": self.bench_round} if self.bench_round else {})
+            w.start(self.command, cfg.backbone, cfg.dataset, cfg.variant, config,
                     parent_run_id=self.parent_run_id, preset=cfg.preset, seed=cfg.seed,
                     out_dir=str(self.out_dir / w.run_id), test_split=self.data.test_split)
             self._log_tie(action=self.ties.state, changed=0)  # decision 0: the initial state

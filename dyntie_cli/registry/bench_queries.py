@@ -1,5 +1,6 @@
 """The `bench` table: each run's speed and memory, with ratios to the no-tying run of its set (same preset,
-steps and seed; a registry may hold several benches)."""
+steps and seed; a registry may hold several benches). The runs of a repeated bench (`dyntie bench --repeat N`,
+each run's config says its group and round) are pooled: medians over rounds, as the bench printed them."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ BENCH_COLUMNS = [
     "optimizer_bytes_mean", "trainable_params_mean", "trainable_params_end", "tokens_per_s", "step_time_s",
     "validation_ppl", "agent_share",
 ]
+# a repeated bench's lowest and highest per-round step-time ratio: how far one round could have been off
+_ROUND_RANGE = ("step_time_s ratio, lowest round", "step_time_s ratio, highest round")
 
 
 def _bench_rows(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
@@ -57,8 +60,52 @@ def _bench_rows(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     return df
 
 
+def bench_title(repeat: int) -> str:
+    if repeat == 1:
+        return "bench (ratios: variant / no-tying)"
+    return f"bench, {repeat} rounds (medians; ratios: median over rounds of variant / that round's no-tying)"
+
+
 def bench_table(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
-    return _side_by_side(_bench_rows(con, ids))
+    """Runs of a repeated bench with at least two complete rounds pooled (``pooled_table``); any other run side
+    by side with ratios to its no-tying run. Several groups, or a group beside other runs: columns named with
+    the group, rows the union of both tables' quantities."""
+    groups = _repeated_groups(con, ids)
+    pooled = {rid for rounds in groups.values() for r in rounds for rid in r.values()}
+    single = [rid for rid in ids if rid not in pooled]
+    if not groups:
+        return _side_by_side(_bench_rows(con, ids))
+    if not single and len(groups) == 1:
+        return pooled_table(con, next(iter(groups.values())))
+    parts = [_side_by_side(_bench_rows(con, single))] if single else []
+    for group, rounds in groups.items():
+        t = pooled_table(con, rounds)
+        parts.append(t.rename(columns={c: f"{c} [{group}]" for c in t.columns if c != "quantity"}))
+    order = ["run_id", "rounds", "device", "steps", *BENCH_COLUMNS, *_ROUND_RANGE]
+    merged = pd.concat([p.set_index("quantity") for p in parts], axis=1)
+    return merged.reindex([q for q in order if q in merged.index]).rename_axis("quantity").reset_index()
+
+
+def _repeated_groups(con: duckdb.DuckDBPyConnection, ids: list[str]) -> dict[str, list[dict[str, str]]]:
+    """Repeated benches among ``ids``: group -> its complete rounds (variant -> run id, no-tying first), for
+    groups with at least two rounds that each finished with a no-tying run."""
+    rows = con.execute(f"""
+        SELECT run_id, variant, json_extract_string(config, '$.bench.group') AS grp,
+               CAST(json_extract(config, '$.bench.round') AS INTEGER) AS rnd
+        FROM runs WHERE {_IN_RUNS} AND status = 'finished' AND command = 'bench'
+            AND json_extract_string(config, '$.bench.group') IS NOT NULL
+        ORDER BY started_at""", {"ids": ids}).fetchall()
+    found: dict[str, dict[int, dict[str, str]]] = {}
+    for rid, variant, grp, rnd in rows:
+        found.setdefault(grp, {}).setdefault(rnd, {})[variant] = rid
+    groups = {}
+    for grp, by_round in found.items():
+        variants = {v for r in by_round.values() for v in r}
+        complete = [r for _, r in sorted(by_round.items()) if "no-tying" in r and set(r) == variants]
+        if len(complete) >= 2:
+            order = ["no-tying", *(v for v in complete[0] if v != "no-tying")]
+            groups[grp] = [{v: r[v] for v in order} for r in complete]
+    return groups
 
 
 def pooled_table(con: duckdb.DuckDBPyConnection, rounds: list[dict[str, str]]) -> pd.DataFrame:
@@ -69,8 +116,7 @@ def pooled_table(con: duckdb.DuckDBPyConnection, rounds: list[dict[str, str]]) -
     ids = [rid for r in rounds for rid in r.values()]
     df = _bench_rows(con, ids).set_index("run_id")
     variants = list(rounds[0])
-    out = pd.DataFrame({"quantity": ["rounds", "device", "steps", *BENCH_COLUMNS,
-                                     "step_time_s ratio, lowest round", "step_time_s ratio, highest round"]})
+    out = pd.DataFrame({"quantity": ["rounds", "device", "steps", *BENCH_COLUMNS, *_ROUND_RANGE]})
     for v in variants:
         runs = df.loc[[r[v] for r in rounds]]
         out[v] = [len(rounds), runs["device"].iloc[0], runs["steps"].iloc[0],
