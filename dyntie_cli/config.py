@@ -80,7 +80,8 @@ class RunConfig:
         """A config as saved in the registry. Agent fields added after a run was recorded take the value that
         reproduces how that run behaved (a resume or an ablation of an older run must not switch policy)."""
         d = dict(d)
-        d.pop("bench", None)  # the round of a repeated bench the run was: a label, not a setting to inherit
+        for label in RUN_LABELS:  # facts about how the run was launched, not settings to inherit or resume with
+            d.pop(label, None)
         train = TrainSettings(**d.pop("train", {}))
         ties = TieSettings(**d.pop("ties", {}))
         saved = d.pop("agent", None)
@@ -88,6 +89,8 @@ class RunConfig:
         return cls(train=train, ties=ties, agent=agent, **d)
 
 
+# what a run's stored config says besides its settings: the round of a repeated bench, the number of processes
+RUN_LABELS = ("bench", "world_size")
 TOP_LEVEL = ("backbone", "preset", "dataset", "variant", "seed", "device", "data_dir")
 SECTIONS = {"train": TrainSettings, "ties": TieSettings, "agent": AgentConfig}
 

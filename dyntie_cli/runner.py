@@ -19,10 +19,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from .backbones.registry import get_backbone
 from .config import VARIANTS, RunConfig, apply_recipe, apply_set, load_recipe, parse_sets
 from .core.agent import agent_config, validate_agent_config
-from .core.loop import RunResult, Trainer
+from .core.distributed import Group
+from .core.loop import RunResult, Trainer, resolve_device
 from .errors import UsageError
 from .registry.db import resolve_db_path
-from .registry.writer import RunWriter
+from .registry.writer import RankWriter, RunWriter
 
 err_console = Console(stderr=True)
 
@@ -178,17 +179,31 @@ def run_training(opts: RunOptions, *, record_as: str, expect: str | None = None,
     else:
         cfg = cfg_override
     db = resolve_db_path(opts.db)
-    writer = RunWriter(db, flush_every_s=cfg.train.flush_every_s, backbone=cfg.backbone)
-    view = ProgressView(opts.quiet)
+    group = start_group(cfg)
     try:
-        trainer = Trainer(backbone, cfg, writer, command=record_as, out_dir=default_out_dir(opts.out),
-                          source=source, parent_run_id=parent_run_id, events=view,
-                          bench_round=parse_bench_round(bench_round))
-        result = trainer.run()
+        # rank 0 records the run; the other ranks of a torchrun launch only learn its id
+        writer = RunWriter(db, flush_every_s=cfg.train.flush_every_s, backbone=cfg.backbone) if group.is_main else None
+        rid = group.broadcast(writer.run_id if writer else None)
+        view = ProgressView(opts.quiet or not group.is_main)
+        try:
+            trainer = Trainer(backbone, cfg, writer or RankWriter(rid), command=record_as,
+                              out_dir=default_out_dir(opts.out), source=source, parent_run_id=parent_run_id,
+                              events=view, bench_round=parse_bench_round(bench_round), group=group)
+            result = trainer.run()
+        finally:
+            view.close()
     finally:
-        view.close()
-    print_result(result, backbone)
+        group.close()
+    if group.is_main:
+        print_result(result, backbone)
     return result
+
+
+def start_group(cfg: RunConfig) -> Group:
+    """The processes of a torchrun launch (one process without torchrun), joined on the run's device."""
+    group = Group.from_env()
+    group.start(resolve_device(cfg.device))
+    return group
 
 
 def resume_training(run_id: str, opts: RunOptions) -> RunResult:
@@ -203,15 +218,20 @@ def resume_training(run_id: str, opts: RunOptions) -> RunResult:
     if opts.max_steps is not None:
         cfg.train.max_steps = opts.max_steps
     backbone = get_backbone(cfg.backbone)
-    writer = RunWriter(db, run_id=rid, flush_every_s=cfg.train.flush_every_s)
-    view = ProgressView(opts.quiet)
+    group = start_group(cfg)
     try:
-        trainer = Trainer(backbone, cfg, writer, command=command, out_dir=Path(out_dir).parent, resume=True,
-                          events=view)
-        result = trainer.run()
+        writer = RunWriter(db, run_id=rid, flush_every_s=cfg.train.flush_every_s) if group.is_main else None
+        view = ProgressView(opts.quiet or not group.is_main)
+        try:
+            trainer = Trainer(backbone, cfg, writer or RankWriter(rid), command=command,
+                              out_dir=Path(out_dir).parent, resume=True, events=view, group=group)
+            result = trainer.run()
+        finally:
+            view.close()
     finally:
-        view.close()
-    print_result(result, backbone)
+        group.close()
+    if group.is_main:
+        print_result(result, backbone)
     return result
 
 

@@ -114,3 +114,9 @@ def test_bench_refuses_a_repeat_below_one(runner, tmp_path):
     r = invoke(runner, "bench", "gpt2", "--preset", "gpt2-tiny", "--repeat", "0", "--db", tmp_path / "b.duckdb")
     assert r.exit_code != 0
     assert "--repeat must be at least 1" in r.stderr
+
+
+def test_bench_refuses_to_run_under_torchrun(runner, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    r = invoke(runner, "bench", "gpt2", "--preset", "gpt2-tiny", "--db", tmp_path / "b.duckdb")
+    assert r.exit_code != 0 and "without torchrun" in r.stderr

@@ -66,6 +66,8 @@ def bench(
 
     if repeat < 1:
         raise UsageError("--repeat must be at least 1 (the number of times the set of variants runs).")
+    if int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        raise UsageError("Run `dyntie bench` as one process, without torchrun: it starts one process per variant.")
     names = [v.strip() for v in variants.split(",") if v.strip()]
     if "no-tying" not in names:
         names.insert(0, "no-tying")

@@ -60,8 +60,7 @@ def save_checkpoint(path: Path, *, model: nn.Module, ties_map: dict, optimizer: 
         **trainer,
         "optimizer": optimizer.state_dict(),
         "optimizer_param_names": optimizer_param_names(model, optimizer),
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        "rng": rng_state(),
     }, tmp / "trainer.pt")
     old = path.with_name(path.name + ".old")
     if path.exists():
@@ -106,6 +105,12 @@ def restore_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, traine
     for group, names in zip(optimizer.param_groups, saved):
         group["params"] = [params[n] for n in names]
     optimizer.load_state_dict(trainer["optimizer"])
+
+
+def rng_state() -> dict[str, Any]:
+    """The process's random-number generators (torch, Python, NumPy, CUDA)."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def restore_rng(trainer: dict[str, Any]) -> None:

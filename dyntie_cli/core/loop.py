@@ -26,6 +26,7 @@ from ..config import RunConfig
 from ..errors import DyntieError
 from . import checkpoint as ckpt
 from .agent import validate_agent_config
+from .distributed import Group
 from .memory import MemoryProbe, base_bytes, gradient_bytes, release_freed_memory, trainable_parameters
 from .policies import Policy, make_policy
 from .ties import TieManager, independent_count, transition
@@ -47,6 +48,9 @@ class RunResult:
 
 
 Event = dict[str, Any]
+
+
+_RANK_SEED_STRIDE = 1_000_003  # rank r of a torchrun launch draws its batches from seed + r * stride
 
 
 def resolve_device(name: str) -> torch.device:
@@ -122,8 +126,9 @@ class Trainer:
     def __init__(self, backbone, cfg: RunConfig, writer, *, command: str = "train", out_dir: Path,
                  source: dict[str, Any] | None = None, parent_run_id: str | None = None,
                  resume: bool = False, events: Callable[[Event], None] | None = None,
-                 bench_round: dict[str, Any] | None = None) -> None:
+                 bench_round: dict[str, Any] | None = None, group: Group | None = None) -> None:
         self.backbone = backbone
+        self.group = group or Group()  # the ranks of a torchrun launch; one process by default
         self.bench_round = bench_round  # which round of a repeated `dyntie bench` this run is (registry only)
         self.cfg = cfg
         self.writer = writer
@@ -145,8 +150,9 @@ class Trainer:
         if cfg.ties.decide_every < 1:
             raise DyntieError("--decide-every must be a positive number of steps.")
         seed_everything(cfg.seed)
-        self.device = resolve_device(cfg.device)
-        self.data = self.backbone.load_data(cfg)
+        self.device = self.group.device or resolve_device(cfg.device)
+        with self.group.main_first():  # rank 0 fills the token cache, the other ranks read it
+            self.data = self.backbone.load_data(cfg)
         # what the process holds before any model exists (libraries, data): no tie state can save it. The
         # backbone first loads the code its model needs (transformers' modelling code alone is ~0.2 GiB). Only a
         # measurement: a model whose code cannot load that way is measured without it, and any real fault
@@ -171,12 +177,17 @@ class Trainer:
             tie_map = ckpt.load_tie_map(self.checkpoint_dir)
             initial = tie_map["state"]
         self.ties = TieManager(blocks, initial, tied_grad=cfg.ties.tied_grad, untie_optim=cfg.ties.untie_optim)
+        if self.group.active:
+            self.group.broadcast_parameters(self.model)  # the same start on every rank (the seed gives it too)
+            if not self.group.is_main:
+                torch.manual_seed(cfg.seed + _RANK_SEED_STRIDE * self.group.rank)  # its own dropout
         self.conventional_params = self._conventional_params()
         if self.resume:
             ckpt.load_model_weights(self.checkpoint_dir, self.model)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        self.train_gen = torch.Generator().manual_seed(cfg.seed)
+        # each rank its own batches; rank 0 (and a single process) the run's seed
+        self.train_gen = torch.Generator().manual_seed(cfg.seed + _RANK_SEED_STRIDE * self.group.rank)
         self.reward_gen = torch.Generator().manual_seed(cfg.seed + 1)
         validate_agent_config(cfg.agent)  # reward_batch drives the loop for every policy, not only the agent's
         self.reward_batch = cfg.agent.reward_batch
@@ -189,6 +200,12 @@ class Trainer:
         self.indep_steps = 0.0  # step-weighted sum for the mean over training
         if self.resume:
             trainer_state = ckpt.load_trainer_state(self.checkpoint_dir)
+            saved_world = trainer_state.get("world_size", 1)
+            if saved_world != self.group.world:
+                raise DyntieError(f"Run {self.writer.run_id} was trained by {saved_world} process(es); resume it with "
+                                  f"as many (torchrun --nproc_per_node {saved_world}, or no torchrun for 1).")
+            if self.group.active:
+                trainer_state.update(trainer_state["ranks"][self.group.rank])  # this rank's batches and RNG
             ckpt.restore_optimizer(self.model, self.optimizer, trainer_state)
             self.scheduler.load_state_dict(trainer_state["scheduler"])
             self.policy.load_state_dict(trainer_state["policy"])
@@ -196,7 +213,7 @@ class Trainer:
             self.reward_gen.set_state(trainer_state["reward_gen"])
             for k in ("step", "decision", "agent_time", "wall_time", "indep_steps"):
                 setattr(self, k, trainer_state[k])
-            self.pending = trainer_state.get("pending")
+            self.pending = trainer_state.get("pending") if self.group.is_main else None  # rank 0's policy learns
             ckpt.restore_rng(trainer_state)
         self.ties.attach_optimizer(self.optimizer)
         self.probe = MemoryProbe(self.device)  # training peaks from here on; the setup peak is kept apart
@@ -235,6 +252,8 @@ class Trainer:
             w.truncate_after(self.step, decisions_from=self.pending["decision"] if self.pending else None)
         else:
             config = cfg.to_dict() | ({"bench": self.bench_round} if self.bench_round else {})
+            if self.group.active:
+                config["world_size"] = self.group.world
             w.start(self.command, cfg.backbone, cfg.dataset, cfg.variant, config,
                     parent_run_id=self.parent_run_id, preset=cfg.preset, seed=cfg.seed,
                     out_dir=str(self.out_dir / w.run_id), test_split=self.data.test_split)
@@ -256,11 +275,13 @@ class Trainer:
             raise
         if result is None:  # stopped by a signal at a step boundary, checkpointed
             w.finish("killed")
+            self.group.wait_for_all()  # no rank exits (torchrun would then end the rest) before rank 0 has recorded it
             raise DyntieError(
                 f"Run {w.run_id} was stopped at step {self.step}; resume it with `--resume {w.run_id}`.",
-                exit_code=128 + int(self.stop_signal or 0),
+                exit_code=128 + int(self.stop_signal or signal.SIGTERM),
             )
         w.finish("finished")
+        self.group.wait_for_all()
         return result
 
     def _loop(self) -> RunResult | None:
@@ -268,11 +289,12 @@ class Trainer:
         k = cfg.ties.decide_every
         losses: list[float] = []
         step_times: list[float] = []
-        items = self.data.items_per_batch()
+        items = self.data.items_per_batch() * self.group.world  # tokens (examples) per step over all ranks
         self.loop_start = time.perf_counter()
         self.model.train()
         while self.step < t.max_steps:
             loss, dt = self._train_step()
+            loss = self.group.mean(loss)  # the ranks' mean loss, for the logs and the rewards
             self.step += 1
             losses.append(loss)
             step_times.append(dt)
@@ -291,10 +313,13 @@ class Trainer:
             if t.checkpoint_every and self.step % t.checkpoint_every == 0:
                 self._save_checkpoint()
             w.maybe_flush()
-            if self.stop_signal is not None:
+            # a stop asked of any rank stops every rank at this step (a signal landing after this point is
+            # seen at the next step: the ranks must agree on where they stop)
+            if self.group.any(self.stop_signal is not None):
                 self._save_checkpoint()
                 return None
         self._score_pending()  # a last interval cut short by the end of the run
+        self.group.check_identical(self.model)
         validation = self._validate()
         final = self._evaluate("test", t.test_items)
         for name, value in final.items():
@@ -317,11 +342,11 @@ class Trainer:
         batch = _to(self.data.train_batch(self.train_gen), self.device)
         with self._autocast():
             loss, _ = self.backbone.loss(self.model, batch)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        # before unscaling, as DDP does: an overflow on one rank reaches every rank's scaler, which all skip the step
+        self.group.average_gradients(self.model)
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
         if self.cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
         if self.scaler is not None:
@@ -343,7 +368,8 @@ class Trainer:
         t = self.cfg.train
         progress = self.step / t.max_steps
         next_progress = min(1.0, (self.step + self.cfg.ties.decide_every) / t.max_steps)
-        dec = self.policy.decide(state, self.decision, progress)
+        # rank 0 decides; every rank applies the same change
+        dec = self.group.broadcast(self.policy.decide(state, self.decision, progress) if self.group.is_main else None)
         new_state = transition(state, dec.action)
         changes = self.ties.apply(new_state)
         if changes["tied"] and self.device.type == "cpu":
@@ -357,6 +383,8 @@ class Trainer:
             "q_spread": dec.q_spread if self.policy.learns else None, "losses": [],
         }
         self.agent_time += time.perf_counter() - t0
+        if not self.group.is_main:
+            return  # only rank 0's policy learns
         if not self.policy.wants_reward:
             self._log_decision(pending, None, {})
         elif self.reward_batch == "fresh":
@@ -434,6 +462,8 @@ class Trainer:
 
     def _evaluate(self, split: str, budget: int) -> dict[str, float]:
         # the data decides what backs "test" (GLUE: the dev split); data.test_split only labels it
+        if not self.group.is_main:
+            return {}  # rank 0 evaluates; the others wait for it at the next step's all-reduce
         self.model.eval()
         with self._autocast():
             out = self.backbone.evaluate(self.model, (_to(b, self.device) for b in
@@ -449,6 +479,10 @@ class Trainer:
         return out
 
     def _save_checkpoint(self) -> Path:
+        # every rank's batch stream and RNG, gathered on all ranks (a collective: every rank calls this)
+        ranks = self.group.gather({"train_gen": self.train_gen.get_state(), "rng": ckpt.rng_state()})
+        if not self.group.is_main:
+            return self.checkpoint_dir
         trainer = {
             "step": self.step, "decision": self.decision, "agent_time": self.agent_time,
             "wall_time": self.wall_time + time.perf_counter() - self.loop_start,
@@ -456,6 +490,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "policy": self.policy.state_dict(), "train_gen": self.train_gen.get_state(),
             "reward_gen": self.reward_gen.get_state(), "config": self.cfg.to_dict(),
+            "world_size": self.group.world, **({"ranks": ranks} if self.group.active else {}),
         }
         path = ckpt.save_checkpoint(self.checkpoint_dir, model=self.model, ties_map=self.ties.tie_map(),
                                     optimizer=self.optimizer, trainer=trainer)

@@ -465,3 +465,35 @@ class RunWriter:
             "UPDATE runs SET status = ?, error = ?, ended_at = ?, heartbeat_at = ? WHERE run_id = ?",
             [status, error, ended_at, now, self.run_id],
         )
+
+
+class RankWriter:
+    """What a rank other than 0 of a multi-process run writes: nothing (rank 0 records the run). It knows the
+    run's id, which rank 0 chose, so every rank finds the same checkpoint folder."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.finished = False
+
+    def start(self, *args: Any, **kwargs: Any) -> str:
+        return self.run_id
+
+    def resume(self, run_id: str) -> str:
+        return self.run_id
+
+    def truncate_after(self, step: int, decisions_from: int | None = None) -> int:
+        return 0
+
+    def finish(self, status: str = "finished", error: str | None = None) -> None:
+        self.finished = True
+
+    def metric(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    memory = tie = decision = metric
+
+    def maybe_flush(self) -> bool:
+        return False
+
+    def flush(self) -> None:
+        pass

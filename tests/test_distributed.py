@@ -1,0 +1,89 @@
+"""Several processes under torchrun (gloo on CPU): one run recorded by rank 0, gradients averaged over ranks,
+decisions broadcast, weights identical on every rank (the run fails otherwise), kill + resume bit-exact."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import rows as _rows
+from tests.test_processes import _run_id, _train_args
+
+
+def _launch(*args, nproc: int = 2) -> subprocess.Popen:
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "dyntie_cli", *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _finish(p: subprocess.Popen) -> str:
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    return out
+
+
+def _final(db: Path, rid: str):
+    test = _rows(db, "SELECT name, value FROM metrics WHERE run_id=? AND split='test' ORDER BY name", rid)
+    ties = _rows(db, "SELECT decision, step, state FROM ties WHERE run_id=? ORDER BY decision", rid)
+    return test, ties
+
+
+def test_two_processes_record_one_run_with_twice_the_batch(tmp_path):
+    db = tmp_path / "r.duckdb"
+    two = _run_id(_finish(_launch(*_train_args(db, tmp_path / "runs", 30))))
+    one = _run_id(_finish(_launch(*_train_args(db, tmp_path / "runs", 30), nproc=1)))
+    runs = dict(_rows(db, "SELECT run_id, json_extract(config, '$.world_size') FROM runs WHERE status='finished'"))
+    assert runs == {two: "2", one: None}  # rank 1 recorded nothing of its own
+    # 30 steps, a decision every 5 (and the initial state): each logged once, by rank 0
+    assert _rows(db, "SELECT count(*), count(DISTINCT decision) FROM ties WHERE run_id=?", two) == [(6, 6)]
+    assert _rows(db, "SELECT count(*) FROM decisions WHERE run_id=?", two) == [(5,)]
+
+    def items_per_step(rid):  # tokens/s x seconds/step, per logging interval
+        rows = _rows(db, "SELECT step, name, value FROM metrics WHERE run_id=? AND split='train' AND name IN "
+                     "('tokens_per_s', 'step_time_s')", rid)
+        by_step = {}
+        for step, name, value in rows:
+            by_step.setdefault(step, {})[name] = value
+        return {round(v["tokens_per_s"] * v["step_time_s"]) for v in by_step.values()}
+
+    assert items_per_step(two) == {2 * n for n in items_per_step(one)}
+    # a run trained by two processes resumes only with two
+    r = subprocess.run([sys.executable, "-m", "dyntie_cli", "train", "--resume", two, "--db", db, "--quiet"],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode != 0 and "trained by 2 process(es)" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_two_processes_stop_together_and_resume_exactly(tmp_path):
+    steps, extra = 60, ["--set", "train.eval_every=20"]
+    ref = _run_id(_finish(_launch(*_train_args(tmp_path / "ref.duckdb", tmp_path / "ref", steps, *extra))))
+    db, out = tmp_path / "k.duckdb", tmp_path / "k"
+    p = _launch(*_train_args(db, out, steps, *extra))
+    deadline = time.time() + 300
+    while not list(out.glob("*/checkpoint/ties.json")) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)  # torchrun passes it to both ranks; they stop at the same step
+    _, err = p.communicate(timeout=300)
+    assert p.returncode != 0 and "resume it with" in err, err[-4000:]
+    run_id = next(d.name for d in out.iterdir())
+    assert _rows(db, "SELECT status FROM runs") == [("killed",)]
+    assert _rows(db, "SELECT max(step) FROM memory")[0][0] < steps
+    _finish(_launch("train", "--resume", run_id, "--db", db, "--quiet"))
+    assert _rows(db, "SELECT status FROM runs") == [("finished",)]
+    got, want = _final(db, run_id), _final(tmp_path / "ref.duckdb", ref)
+    assert got[1] == want[1], "the tie schedule after resume is the uninterrupted one"
+    assert got[0] == want[0], "bit-identical test metrics after kill + resume on two processes"
+
+
+def test_one_process_ignores_rank_variables_left_in_the_environment(monkeypatch):
+    from dyntie_cli.core.distributed import Group
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "not a number")
+    g = Group.from_env()
+    assert (g.active, g.is_main, g.world) == (False, True, 1)
