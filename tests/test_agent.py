@@ -80,20 +80,34 @@ def test_greedy_td_target_values_the_action_the_agent_would_take():
     assert target < 0.5 + agent.cfg.gamma * float(q2.amax(1).mean())  # below the row max, which it replaces
 
 
-@pytest.mark.parametrize("budget", [0, 2])
-def test_greedy_td_target_respects_the_budget(budget):
+@pytest.mark.parametrize(("budget", "keep_target", "valued"), [
+    (0, "previous", 5 + 6 + 7 + 8 + 9 + 10),  # no budget: every row unties
+    # budget 3 with blocks 0 and 1 training: of the four rows asking to untie, the three of least gain (2, 3, 4)
+    # are refused and keep their tie (following the row before: entries 0, 0.2, 0.3); row 5 unties
+    (3, "previous", 5 + 6 + 0.0 + 0.2 + 0.3 + 10),
+    (3, "root", 5 + 6 + 0.1 + 0.2 + 0.3 + 10),  # refused rows take their best tied entry, j = i - 1
+])
+def test_greedy_td_target_respects_the_budget(budget, keep_target, valued):
     """Under --max-independent the target values the action the agent would really take in s': an untie the
-    budget would refuse is valued as the refused row's fallback (here: keeping its tie), not as if it happened."""
-    agent = QAgent(L, agent_config("default", seed=0, target_sync=0, max_independent=budget))
-    out = agent.q.net[-1]
-    with torch.no_grad():  # every row's Q: 5 for becoming (or staying) independent, 0 for any tie
-        out.weight.zero_()
-        out.bias.copy_(torch.tensor([5.0 if j == i else 0.0 for i in range(L) for j in range(i + 1)]))
+    budget would refuse is valued as the refused row's fallback, not as if it happened; requests of least gain
+    are refused first."""
+    def agent_with_fixed_q(**kw):
+        agent = QAgent(L, agent_config("default", seed=0, target_sync=0, max_independent=budget,
+                                       keep_target=keep_target, **kw))
+        out = agent.q.net[-1]
+        with torch.no_grad():  # row i: 5 + i for becoming (or staying) independent, 0.1 * j for a tie to block j
+            out.weight.zero_()
+            out.bias.copy_(torch.tensor([5.0 + i if j == i else 0.1 * j for i in range(L) for j in range(i + 1)]))
+        return agent
+
     s, a = all_tied(L), [0, 1, 0, 0, 0, 0]
-    s2 = transition(s, a)  # blocks 0 and 1 train: the budget of 2 is full
-    valued = (L if not budget else 2) * 5.0 / L  # unbudgeted every row unties; budgeted only 0 and 1 are own
-    assert agent.update(s, a, 0.5, s2)["q_target"] == pytest.approx(0.5 + agent.cfg.gamma * valued, rel=1e-5)
-    assert transition(s2, agent.act(s2, greedy_only=True).action) == (list(range(L)) if not budget else s2)
+    s2 = transition(s, a)  # blocks 0 and 1 train
+    agent = agent_with_fixed_q()
+    assert independent_count(transition(s2, agent.act(s2, greedy_only=True).action)) == (budget or L)
+    assert agent.update(s, a, 0.5, s2)["q_target"] == pytest.approx(0.5 + agent.cfg.gamma * valued / L, rel=1e-5)
+    # runs recorded before the budget entered the target keep the unbudgeted greedy choice (every row unties)
+    old = agent_with_fixed_q(td_budget=False)
+    assert old.update(s, a, 0.5, s2)["q_target"] == pytest.approx(0.5 + old.cfg.gamma * 45 / L, rel=1e-5)
 
 
 def test_q_values_stay_bounded_over_a_long_run_with_the_greedy_target():

@@ -108,6 +108,18 @@ def test_bench_repeat_alternates_the_order_and_reports_medians_over_rounds(runne
     assert both["step_time_s"][f"dynamic / no-tying [{group}]"] == rows["step_time_s"]["dynamic / no-tying"]
     single = {k: v for k, v in both["run_id"].items() if k != "quantity" and v is not None}
     assert set(single) == {"no-tying", "dynamic"} and not set(single.values()) & {nt1, dy1, dy2, nt2}
+    assert "dynamic / no-tying" in both["steps"]  # the single bench's dynamic run against its own no-tying run
+
+    def report_runs(*ids) -> dict:
+        args = [a for rid in ids for a in ("--run", rid)]
+        r = invoke(runner, "report", "--table", "bench", "--db", db, *args, "--format", "json")
+        assert r.exit_code == 0, r.stderr
+        return _rows(r.stdout)
+
+    # without its own no-tying run, a single run is compared with the pooled group's matching one, named by id
+    assert f"dynamic / no-tying ({nt1[-4:]})" in report_runs(nt1, dy1, nt2, dy2, single["dynamic"])["steps"]
+    # a round picked without its other runs is not pooled: the runs are shown one by one
+    assert "rounds" not in report_runs(nt1, dy1, nt2)
 
 
 def test_bench_refuses_a_repeat_below_one(runner, tmp_path):

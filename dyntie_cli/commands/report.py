@@ -54,7 +54,8 @@ def report(
     if compare:
         raise UsageError("Run ids as arguments go with --compare; otherwise use --run R.")
     name = table or "runs"
-    typer.echo(render(run_query(name, path, run or None), fmt, title=name))
+    title = "bench (ratios: variant / no-tying; a repeated bench: medians over its rounds)" if name == "bench" else name
+    typer.echo(render(run_query(name, path, run or None), fmt, title=title))
 
 
 def register(app: typer.Typer) -> None:

@@ -81,11 +81,14 @@ class AgentConfig:
     updates_per_decision: int = 8
     target_sync: int = 5  # decisions between target-network syncs; 0: no target network
     # the value of the next state in the TD target: max (DESIGN.md / the paper): mean over rows of each row's best
-    # entry; greedy: mean over rows of the entry the agent would choose there (keep bonus, keep_trained and the
-    # max_independent budget included; chosen with the online network, valued with the target network). With max, entries the policy
+    # entry; greedy: mean over rows of the entry the agent would choose there (keep bonus and keep_trained
+    # included; chosen with the online network, valued with the target network). With max, entries the policy
     # never takes are never trained, drift, and feed the target: at 48 blocks the Q spread doubled about every
     # 10 decisions over a 1,000-step run (99 decisions: spread 392, TD loss 9,107); greedy held it near 1-8
     td_target: str = "greedy"
+    # the greedy target applies the max_independent budget as acting does (an untie it would refuse is valued as
+    # the refused row's fallback); false: as the greedy target first did, the unbudgeted greedy choice
+    td_budget: bool = True
     reward: str = "relative"  # neg-ppl (paper) | neg-log-ppl | relative
     # which fresh batches score a decision (never the test split; each is scored before the model trains on it):
     # fresh (paper): one extra batch right after the change; next: the next training batch's forward pass;
@@ -116,7 +119,7 @@ AGENT_PRESETS: dict[str, dict[str, Any]] = {
 #: recorded before it existed behaved (a resume or an ablation of such a run must not switch policy)
 AGENT_FIELDS_BEFORE_THEY_EXISTED: dict[str, Any] = {
     "keep_bonus": 0.0, "keep_scope": "all", "reward_batch": "fresh", "keep_target": "root",
-    "explore_moves": "any", "keep_trained": False, "td_target": "max",
+    "explore_moves": "any", "keep_trained": False, "td_target": "max", "td_budget": False,
 }
 
 
@@ -407,7 +410,7 @@ class QAgent:
             # target network that is the forward pass just made)
             online = q_next if net is self.q else self.q(next_states, next_progress)
             chosen = self._greedy(online, next_states)
-            if self.cfg.max_independent:  # what the budget would refuse is not what the agent would do
+            if self.cfg.max_independent and self.cfg.td_budget:  # what the budget refuses, the agent does not do
                 chosen = self._cap_independent(chosen, online, next_states)
             return reward + self.cfg.gamma * q_next.gather(2, chosen.unsqueeze(2)).squeeze(2).mean(1)
 

@@ -77,7 +77,8 @@ def bench_table(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
         return _side_by_side(_bench_rows(con, ids))
     if not single and len(groups) == 1:
         return pooled_table(con, next(iter(groups.values())))
-    parts = [_side_by_side(_bench_rows(con, single))] if single else []
+    # a run beside the groups keeps its own baseline, even when that no-tying run is pooled in a group
+    parts = [_side_by_side(_bench_rows(con, single), baselines=_bench_rows(con, ids))] if single else []
     for group, rounds in groups.items():
         t = pooled_table(con, rounds)
         parts.append(t.rename(columns={c: f"{c} [{group}]" for c in t.columns if c != "quantity"}))
@@ -87,8 +88,9 @@ def bench_table(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
 
 
 def _repeated_groups(con: duckdb.DuckDBPyConnection, ids: list[str]) -> dict[str, list[dict[str, str]]]:
-    """Repeated benches among ``ids``: group -> its complete rounds (variant -> run id, no-tying first), for
-    groups with at least two rounds that each finished with a no-tying run."""
+    """Repeated benches among ``ids``: group -> its rounds (variant -> run id, no-tying first), for groups with
+    at least two rounds that finished a no-tying run; pooled are the variants every such round has (a run of
+    another variant, or one picked without its round's other runs, stays a single run)."""
     rows = con.execute(f"""
         SELECT run_id, variant, json_extract_string(config, '$.bench.group') AS grp,
                CAST(json_extract(config, '$.bench.round') AS INTEGER) AS rnd
@@ -100,11 +102,11 @@ def _repeated_groups(con: duckdb.DuckDBPyConnection, ids: list[str]) -> dict[str
         found.setdefault(grp, {}).setdefault(rnd, {})[variant] = rid
     groups = {}
     for grp, by_round in found.items():
-        variants = {v for r in by_round.values() for v in r}
-        complete = [r for _, r in sorted(by_round.items()) if "no-tying" in r and set(r) == variants]
-        if len(complete) >= 2:
-            order = ["no-tying", *(v for v in complete[0] if v != "no-tying")]
-            groups[grp] = [{v: r[v] for v in order} for r in complete]
+        rounds = [r for _, r in sorted(by_round.items()) if "no-tying" in r]
+        common = set.intersection(*(set(r) for r in rounds)) if rounds else set()
+        if len(rounds) >= 2 and len(common) >= 2:
+            order = ["no-tying", *(v for v in rounds[0] if v in common and v != "no-tying")]
+            groups[grp] = [{v: r[v] for v in order} for r in rounds]
     return groups
 
 
@@ -136,28 +138,35 @@ def pooled_table(con: duckdb.DuckDBPyConnection, rounds: list[dict[str, str]]) -
     return out
 
 
-def _baseline(df: pd.DataFrame, row: pd.Series) -> pd.Series:
-    """The no-tying run a row is compared with: same preset, steps and seed if there is one, else the first
-    no-tying run, else the first run."""
+def _baseline(df: pd.DataFrame, row: pd.Series, more: pd.DataFrame | None = None) -> pd.Series:
+    """The no-tying run a row is compared with: same preset, steps and seed if there is one among ``df``'s
+    runs, else among ``more``, else the first no-tying run, else the first run."""
+    for frame in (df, more):
+        if frame is None:
+            continue
+        base = frame[frame["variant"] == "no-tying"]
+        same = base[(base["preset"] == row["preset"]) & (base["steps"] == row["steps"])
+                    & (base["seed"] == row["seed"])]
+        if not same.empty:
+            return same.iloc[0]
     base = df[df["variant"] == "no-tying"]
-    if base.empty:
-        return df.iloc[0]
-    same = base[(base["preset"] == row["preset"]) & (base["steps"] == row["steps"]) & (base["seed"] == row["seed"])]
-    return (same if not same.empty else base).iloc[0]
+    return (base if not base.empty else df).iloc[0]
 
 
-def _side_by_side(df: pd.DataFrame) -> pd.DataFrame:
-    """Quantities as rows; per run a value column and (but for a baseline) a ratio column."""
+def _side_by_side(df: pd.DataFrame, baselines: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Quantities as rows; per run a value column and (but for a baseline) a ratio column. ``baselines``: more
+    runs a baseline may come from when ``df`` has none that matches; one not shown is named by its id's end."""
     names = dict(zip(df["run_id"], _column_names(df)))
     out = pd.DataFrame({"quantity": ["run_id", "device", "steps", *BENCH_COLUMNS]})
     for _, row in df.iterrows():
         name = names[row["run_id"]]
         out[name] = [row["run_id"], row["device"], row["steps"], *(row[c] for c in BENCH_COLUMNS)]
-        base = _baseline(df, row)
+        base = _baseline(df, row, baselines)
         if row["run_id"] == base["run_id"]:
             continue
+        base_name = names.get(base["run_id"], f"{base['variant']} ({base['run_id'][-4:]})")
         # agent_share is already a share of wall time; a ratio to no-tying's (near zero) share means nothing
-        out[f"{name} / {names[base['run_id']]}"] = [None, None, None, *(
+        out[f"{name} / {base_name}"] = [None, None, None, *(
             row[c] / base[c] if c != "agent_share" and base[c] else None for c in BENCH_COLUMNS)]
     return out
 
