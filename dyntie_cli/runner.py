@@ -9,6 +9,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,16 +180,24 @@ def run_training(opts: RunOptions, *, record_as: str, expect: str | None = None,
     else:
         cfg = cfg_override
     db = resolve_db_path(opts.db)
-    group = start_group(cfg)
+    return _run_trainer(backbone, cfg, opts.quiet,
+                        lambda: RunWriter(db, flush_every_s=cfg.train.flush_every_s, backbone=cfg.backbone),
+                        command=record_as, out_dir=default_out_dir(opts.out), source=source,
+                        parent_run_id=parent_run_id, bench_round=parse_bench_round(bench_round))
+
+
+def _run_trainer(backbone, cfg: RunConfig, quiet: bool, new_writer: Callable[[], RunWriter],
+                 **trainer_kwargs: Any) -> RunResult:
+    """Run a Trainer in every process of a torchrun launch (one process without torchrun) and print the result.
+    Rank 0 records the run with ``new_writer()``; the other ranks only learn its id."""
+    group = Group.from_env()
+    group.start(resolve_device(cfg.device))
     try:
-        # rank 0 records the run; the other ranks of a torchrun launch only learn its id
-        writer = RunWriter(db, flush_every_s=cfg.train.flush_every_s, backbone=cfg.backbone) if group.is_main else None
+        writer = new_writer() if group.is_main else None
         rid = group.broadcast(writer.run_id if writer else None)
-        view = ProgressView(opts.quiet or not group.is_main)
+        view = ProgressView(quiet or not group.is_main)
         try:
-            trainer = Trainer(backbone, cfg, writer or RankWriter(rid), command=record_as,
-                              out_dir=default_out_dir(opts.out), source=source, parent_run_id=parent_run_id,
-                              events=view, bench_round=parse_bench_round(bench_round), group=group)
+            trainer = Trainer(backbone, cfg, writer or RankWriter(rid), events=view, group=group, **trainer_kwargs)
             result = trainer.run()
         finally:
             view.close()
@@ -197,13 +206,6 @@ def run_training(opts: RunOptions, *, record_as: str, expect: str | None = None,
     if group.is_main:
         print_result(result, backbone)
     return result
-
-
-def start_group(cfg: RunConfig) -> Group:
-    """The processes of a torchrun launch (one process without torchrun), joined on the run's device."""
-    group = Group.from_env()
-    group.start(resolve_device(cfg.device))
-    return group
 
 
 def resume_training(run_id: str, opts: RunOptions) -> RunResult:
@@ -217,22 +219,9 @@ def resume_training(run_id: str, opts: RunOptions) -> RunResult:
     cfg = RunConfig.from_dict(json.loads(config) if isinstance(config, str) else config)
     if opts.max_steps is not None:
         cfg.train.max_steps = opts.max_steps
-    backbone = get_backbone(cfg.backbone)
-    group = start_group(cfg)
-    try:
-        writer = RunWriter(db, run_id=rid, flush_every_s=cfg.train.flush_every_s) if group.is_main else None
-        view = ProgressView(opts.quiet or not group.is_main)
-        try:
-            trainer = Trainer(backbone, cfg, writer or RankWriter(rid), command=command,
-                              out_dir=Path(out_dir).parent, resume=True, events=view, group=group)
-            result = trainer.run()
-        finally:
-            view.close()
-    finally:
-        group.close()
-    if group.is_main:
-        print_result(result, backbone)
-    return result
+    return _run_trainer(get_backbone(cfg.backbone), cfg, opts.quiet,
+                        lambda: RunWriter(db, run_id=rid, flush_every_s=cfg.train.flush_every_s),
+                        command=command, out_dir=Path(out_dir).parent, resume=True)
 
 
 def print_result(result: RunResult, backbone) -> None:

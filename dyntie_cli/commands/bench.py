@@ -59,6 +59,7 @@ def bench(
 
     Example: dyntie bench gpt2 --preset gpt2-deep-cpu --max-steps 300 --repeat 2
     """
+    from ..core.distributed import Group
     from ..registry.bench_queries import bench_title
     from ..registry.db import resolve_db_path
     from ..registry.queries import run_query
@@ -66,7 +67,7 @@ def bench(
 
     if repeat < 1:
         raise UsageError("--repeat must be at least 1 (the number of times the set of variants runs).")
-    if int(os.environ.get("WORLD_SIZE") or 1) > 1:
+    if Group.from_env().active:
         raise UsageError("Run `dyntie bench` as one process, without torchrun: it starts one process per variant.")
     names = [v.strip() for v in variants.split(",") if v.strip()]
     if "no-tying" not in names:

@@ -54,7 +54,12 @@ def report(
     if compare:
         raise UsageError("Run ids as arguments go with --compare; otherwise use --run R.")
     name = table or "runs"
-    title = "bench (ratios: variant / no-tying; a repeated bench: medians over its rounds)" if name == "bench" else name
+    if name == "bench":
+        from ..registry.bench_queries import bench_title
+
+        title = bench_title()
+    else:
+        title = name
     typer.echo(render(run_query(name, path, run or None), fmt, title=title))
 
 

@@ -60,7 +60,10 @@ def _bench_rows(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     return df
 
 
-def bench_title(repeat: int) -> str:
+def bench_title(repeat: int | None = None) -> str:
+    """The bench table's title: for a bench of ``repeat`` rounds, or (None) for whatever the registry holds."""
+    if repeat is None:
+        return "bench (ratios: variant / no-tying; a repeated bench: medians over its rounds)"
     if repeat == 1:
         return "bench (ratios: variant / no-tying)"
     return f"bench, {repeat} rounds (medians; ratios: median over rounds of variant / that round's no-tying)"
@@ -70,17 +73,18 @@ def bench_table(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     """Runs of a repeated bench with at least two complete rounds pooled (``pooled_table``); any other run side
     by side with ratios to its no-tying run. Several groups, or a group beside other runs: columns named with
     the group, rows the union of both tables' quantities."""
+    rows = _bench_rows(con, ids)  # every run's quantities, queried once
     groups = _repeated_groups(con, ids)
     pooled = {rid for rounds in groups.values() for r in rounds for rid in r.values()}
-    single = [rid for rid in ids if rid not in pooled]
+    single = rows[~rows["run_id"].isin(pooled)].reset_index(drop=True)
     if not groups:
-        return _side_by_side(_bench_rows(con, ids))
-    if not single and len(groups) == 1:
-        return pooled_table(con, next(iter(groups.values())))
+        return _side_by_side(rows)
+    if single.empty and len(groups) == 1:
+        return pooled_table(rows, next(iter(groups.values())))
     # a run beside the groups keeps its own baseline, even when that no-tying run is pooled in a group
-    parts = [_side_by_side(_bench_rows(con, single), baselines=_bench_rows(con, ids))] if single else []
+    parts = [_side_by_side(single, baselines=rows)] if not single.empty else []
     for group, rounds in groups.items():
-        t = pooled_table(con, rounds)
+        t = pooled_table(rows, rounds)
         parts.append(t.rename(columns={c: f"{c} [{group}]" for c in t.columns if c != "quantity"}))
     order = ["run_id", "rounds", "device", "steps", *BENCH_COLUMNS, *_ROUND_RANGE]
     merged = pd.concat([p.set_index("quantity") for p in parts], axis=1)
@@ -110,13 +114,13 @@ def _repeated_groups(con: duckdb.DuckDBPyConnection, ids: list[str]) -> dict[str
     return groups
 
 
-def pooled_table(con: duckdb.DuckDBPyConnection, rounds: list[dict[str, str]]) -> pd.DataFrame:
+def pooled_table(rows: pd.DataFrame, rounds: list[dict[str, str]]) -> pd.DataFrame:
     """A bench repeated in rounds (``rounds[r]``: variant -> run id): per variant the median of each quantity
     over its rounds, and per quantity the median over rounds of the ratio to that round's no-tying run, so a
     machine that slows down for a while shifts one round's pair, not the comparison. ``step_time_s`` also gets
-    the lowest and highest of the per-round ratios: how far one bench could have been off."""
-    ids = [rid for r in rounds for rid in r.values()]
-    df = _bench_rows(con, ids).set_index("run_id")
+    the lowest and highest of the per-round ratios: how far one bench could have been off. ``rows``: the runs'
+    ``_bench_rows`` (more runs may be in it)."""
+    df = rows.set_index("run_id")
     variants = list(rounds[0])
     out = pd.DataFrame({"quantity": ["rounds", "device", "steps", *BENCH_COLUMNS, *_ROUND_RANGE]})
     for v in variants:
