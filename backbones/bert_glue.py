@@ -3,7 +3,7 @@
 Blocks are ``bert.encoder.layer``. Embeddings, the pooler and the classifier always train. ``model.init``
 (set by ``dyntie finetune --init PATH``) starts from a local pretrained folder instead; the initial tie
 state still makes every block block 0, so a pretrained model keeps only its first block's weights when
-tying starts (DESIGN.md section 2: tied blocks are genuinely block 0).
+tying starts (docs/method.md: tied blocks are genuinely block 0).
 
 Metrics: ``loss`` is the mean cross-entropy and ``ppl = exp(loss)``; ``accuracy`` for every classification
 task, plus ``mcc`` (CoLA) and ``f1`` (MRPC, QQP). STS-B is a regression: ``loss`` is the mean squared
@@ -14,7 +14,6 @@ The reward is the base class's ``exp(loss)`` on a fresh training batch -- never 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,11 +23,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dyntie_cli.backbone import Backbone, Batch, EvalStep, Preset, TaskData
 from dyntie_cli.errors import DyntieError
+from dyntie_cli.settings import RunSettings, Section, setting
 
-from .base import Backbone, Batch, Preset, TaskData
 from .glue_data import TASKS, GlueTask, get_task
 from .metrics import accuracy, f1_binary, matthews_corrcoef, pearson, spearman
+
+
+class BertModel(Section):
+    """The BERT shape (``--set model.KEY=VALUE``)."""
+
+    num_hidden_layers: int = setting(12, "Transformer blocks.", ge=1)
+    hidden_size: int = setting(128, "Hidden width.", ge=1)
+    num_attention_heads: int = setting(4, "Attention heads (hidden_size must be a multiple).", ge=1)
+    intermediate_size: int = setting(512, "Feed-forward width.", ge=1)
+    dropout: float = setting(0.1, "Hidden and attention dropout.", ge=0, lt=1)
+    init: str = setting("", "A local pretrained model folder to start from (empty: from scratch).")
+
+
+class GlueDataSettings(Section):
+    """Tokenizer, lengths and batches (``--set data.KEY=VALUE``)."""
+
+    tokenizer: str = setting("auto", "auto (the --init folder's, else bert-base-uncased), a local folder or "
+                                     "file, or a hub id.")
+    max_seq_len: int = setting(128, "Tokens per example (pairs trimmed longest first).", ge=8)
+    batch_size: int = setting(32, "Examples per training step.", ge=1)
+    eval_batch_size: int = setting(128, "Examples per evaluation batch.", ge=1)
+    max_train_samples: int = setting(0, "Train on N random rows of train (0: all).", ge=0)
+    val_fraction: float = setting(0.1, "Share of train held out for validation.", gt=0, lt=1)
+
 
 # fmt: off
 _DATA = dict(tokenizer="auto", max_seq_len=128, batch_size=32, eval_batch_size=128, max_train_samples=0,
@@ -76,31 +100,33 @@ class GlueBackbone(Backbone):
     default_dataset = "rte"
     metric = "accuracy"
     higher_is_better = True
+    model_settings = BertModel
+    data_settings = GlueDataSettings
 
-    def load_data(self, cfg: Any) -> TaskData:
+    def load_data(self, cfg: RunSettings) -> TaskData:
         from .glue_data import load_glue_data
 
         d = cfg.data
         return load_glue_data(
             cfg.dataset,
             data_dir=cfg.data_dir,
-            tokenizer=d["tokenizer"],
-            max_seq_len=d["max_seq_len"],
-            batch_size=d["batch_size"],
-            eval_batch_size=d["eval_batch_size"],
-            max_train_samples=d.get("max_train_samples") or 0,
-            val_fraction=d.get("val_fraction", 0.1),
-            init=cfg.model.get("init") or "",
+            tokenizer=d.tokenizer,
+            max_seq_len=d.max_seq_len,
+            batch_size=d.batch_size,
+            eval_batch_size=d.eval_batch_size,
+            max_train_samples=d.max_train_samples,
+            val_fraction=d.val_fraction,
+            init=cfg.model.init,
         )
 
-    def build_model(self, cfg: Any, data: TaskData) -> nn.Module:
+    def build_model(self, cfg: RunSettings, data: TaskData) -> nn.Module:
         task = get_task(cfg.dataset)
-        init = (cfg.model.get("init") or "").strip()
+        init = cfg.model.init.strip()
         if init:
             return _pretrained(Path(init).expanduser(), task, cfg, data)
         return _from_scratch(task, cfg, data)
 
-    def load_model_code(self, cfg: Any, data: TaskData) -> None:
+    def load_model_code(self, cfg: RunSettings, data: TaskData) -> None:
         # the same modules as a pretrained --init folder, without reading its weights
         with torch.device("meta"):
             _from_scratch(get_task(cfg.dataset), cfg, data)
@@ -112,23 +138,13 @@ class GlueBackbone(Backbone):
         logits = _logits(model, batch)
         return _task_loss(logits, batch["labels"]), batch["labels"].shape[0]
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, batches: Iterator[Batch]) -> dict[str, float]:
-        task = get_task(model.config.finetuning_task)
-        total, count = 0.0, 0
-        outputs, labels = [], []
-        for batch in batches:
-            logits = _logits(model, batch)
-            n = batch["labels"].shape[0]
-            total += float(_task_loss(logits, batch["labels"])) * n
-            count += n
-            outputs.append(_predictions(logits).cpu())
-            labels.append(batch["labels"].cpu())
-        mean = total / max(count, 1)
-        out = {"loss": mean, "ppl": math.exp(min(mean, 50.0))}
-        if count:
-            out.update(task_metrics(task, torch.cat(outputs), torch.cat(labels)))
-        return out
+    def eval_step(self, model: nn.Module, batch: Batch) -> EvalStep:
+        logits = _logits(model, batch)
+        labels = batch["labels"]
+        return EvalStep(float(_task_loss(logits, labels)), labels.shape[0], _predictions(logits), labels)
+
+    def task_metrics(self, model: nn.Module, predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        return task_metrics(get_task(model.config.finetuning_task), predictions, labels)
 
 
 # -- model construction ----------------------------------------------------------------------------
@@ -147,24 +163,24 @@ def _task_settings(task: GlueTask, dropout: float) -> dict[str, Any]:
     )
 
 
-def _from_scratch(task: GlueTask, cfg: Any, data: Any) -> nn.Module:
+def _from_scratch(task: GlueTask, cfg: RunSettings, data: Any) -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
     m = cfg.model
     config = BertConfig(
         vocab_size=data.vocab_size,
-        hidden_size=m["hidden_size"],
-        num_hidden_layers=m["num_hidden_layers"],
-        num_attention_heads=m["num_attention_heads"],
-        intermediate_size=m["intermediate_size"],
-        max_position_embeddings=cfg.data["max_seq_len"],
+        hidden_size=m.hidden_size,
+        num_hidden_layers=m.num_hidden_layers,
+        num_attention_heads=m.num_attention_heads,
+        intermediate_size=m.intermediate_size,
+        max_position_embeddings=cfg.data.max_seq_len,
         pad_token_id=data.tokenizer.pad_id,
-        **_task_settings(task, m.get("dropout", 0.1)),
+        **_task_settings(task, m.dropout),
     )
     return BertForSequenceClassification(config)
 
 
-def _pretrained(path: Path, task: GlueTask, cfg: Any, data: Any) -> nn.Module:
+def _pretrained(path: Path, task: GlueTask, cfg: RunSettings, data: Any) -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
     if not (path / "config.json").is_file():
@@ -176,7 +192,7 @@ def _pretrained(path: Path, task: GlueTask, cfg: Any, data: Any) -> nn.Module:
         # The task settings go on the config (not as from_pretrained kwargs, which transformers 5 hands to
         # the model's __init__); a checkpoint with another label count gets a fresh classifier head.
         config = BertConfig.from_pretrained(str(path))
-        for key, value in _task_settings(task, cfg.model.get("dropout", 0.1)).items():
+        for key, value in _task_settings(task, cfg.model.dropout).items():
             setattr(config, key, value)
         with _no_progress_bars():
             model = BertForSequenceClassification.from_pretrained(
@@ -192,9 +208,9 @@ def _pretrained(path: Path, task: GlueTask, cfg: Any, data: Any) -> nn.Module:
             f"{model.config.vocab_size:,}: "
             "use the model's own tokenizer (--set data.tokenizer=auto)."
         )
-    if cfg.data["max_seq_len"] > model.config.max_position_embeddings:
+    if cfg.data.max_seq_len > model.config.max_position_embeddings:
         raise DyntieError(
-            f"data.max_seq_len {cfg.data['max_seq_len']} exceeds the model's "
+            f"data.max_seq_len {cfg.data.max_seq_len} exceeds the model's "
             f"{model.config.max_position_embeddings} "
             "positions: set --set data.max_seq_len to at most that."
         )

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from dyntie_cli.backbone import Batch
 from dyntie_cli.errors import DyntieError, UsageError
 
-from .base import Batch
-from .lm_data import hub_reachable
+from .common import carve, hub_reachable
 
 #: the hold-out is the same rows whatever the run's --seed, so validation numbers compare across seeds
 SPLIT_SEED = 0
@@ -305,11 +305,9 @@ def hold_out(n: int, fraction: float, seed: int = SPLIT_SEED) -> tuple[np.ndarra
     """Indices of train and of a seeded random hold-out of ``fraction`` of ``n`` rows (disjoint)."""
     if not 0 < fraction < 1:
         raise UsageError(f"data.val_fraction must be between 0 and 1, not {fraction}: use for example 0.1.")
-    order = np.random.default_rng(seed).permutation(n)
-    size = max(1, round(n * fraction))
-    if size >= n:
-        raise DyntieError(f"The training split has only {n} rows, too few to hold out validation from.")
-    return order[size:], order[:size]
+    rest, roles = carve(n, [("validation", max(1, round(n * fraction)))], seed=seed,
+                        too_few=f"The training split has only {n} rows, too few to hold out validation from.")
+    return rest, roles["validation"]
 
 
 # -- the tokenizer -------------------------------------------------------------------------------------

@@ -5,13 +5,37 @@ Blocks are ``transformer.h``. Embeddings, the final norm and the (embedding-tied
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Backbone, Batch, Preset, TaskData
+from dyntie_cli.backbone import Backbone, Batch, Preset, TaskData
+from dyntie_cli.settings import RunSettings, Section, setting
+
+from .text_tokenizers import DEFAULT_BPE_TRAIN_CHARS
+
+
+class GPT2Model(Section):
+    """The GPT-2 shape (``--set model.KEY=VALUE``)."""
+
+    n_layer: int = setting(12, "Transformer blocks.", ge=1)
+    n_embd: int = setting(128, "Hidden width.", ge=1)
+    n_head: int = setting(4, "Attention heads (n_embd must be a multiple).", ge=1)
+    dropout: float = setting(0.0, "Residual, embedding and attention dropout.", ge=0, lt=1)
+
+
+class GPT2Data(Section):
+    """Tokenizer and batches (``--set data.KEY=VALUE``)."""
+
+    tokenizer: str = setting("bpe:8192", "bpe:N (a byte-level BPE trained on train), a local tokenizer folder, "
+                                         "or a hub id such as gpt2.")
+    seq_len: int = setting(128, "Tokens per training window (and the model's positions).", ge=1)
+    batch_size: int = setting(8, "Windows per training step.", ge=1)
+    eval_batch_size: int = setting(16, "Windows per evaluation batch.", ge=1)
+    max_train_tokens: int = setting(0, "Train on the first N tokens of train (0: all).", ge=0)
+    bpe_train_chars: int = setting(DEFAULT_BPE_TRAIN_CHARS, "Characters of train a bpe:N tokenizer learns from.",
+                                   ge=1)
+
 
 _CPU_DATA = dict(tokenizer="bpe:8192", seq_len=128, batch_size=8, eval_batch_size=16, max_train_tokens=0)
 _CPU_TRAIN = dict(lr=1e-3, warmup_steps=100, eval_every=250, eval_items=32768, test_items=0, log_every=10)
@@ -57,27 +81,28 @@ class GPT2Backbone(Backbone):
     default_dataset = "wikitext-2"
     metric = "ppl"
     higher_is_better = False
+    model_settings = GPT2Model
+    data_settings = GPT2Data
 
-    def load_data(self, cfg: Any) -> TaskData:
+    def load_data(self, cfg: RunSettings) -> TaskData:
         from .lm_data import load_lm_data
 
         d = cfg.data
-        extra = {"bpe_train_chars": d["bpe_train_chars"]} if d.get("bpe_train_chars") else {}
         return load_lm_data(
-            cfg.dataset, data_dir=cfg.data_dir, tokenizer=d["tokenizer"], seq_len=d["seq_len"],
-            batch_size=d["batch_size"], eval_batch_size=d["eval_batch_size"],
-            max_train_tokens=d.get("max_train_tokens") or None, **extra,
+            cfg.dataset, data_dir=cfg.data_dir, tokenizer=d.tokenizer, seq_len=d.seq_len,
+            batch_size=d.batch_size, eval_batch_size=d.eval_batch_size,
+            max_train_tokens=d.max_train_tokens or None, bpe_train_chars=d.bpe_train_chars,
         )
 
-    def build_model(self, cfg: Any, data: TaskData) -> nn.Module:
+    def build_model(self, cfg: RunSettings, data: TaskData) -> nn.Module:
         from transformers import GPT2Config, GPT2LMHeadModel
 
         m = cfg.model
-        p = m.get("dropout", 0.0)
+        p = m.dropout
         eos = getattr(getattr(data, "tokenizer", None), "eos_id", None)
         config = GPT2Config(
-            bos_token_id=eos, eos_token_id=eos, vocab_size=data.vocab_size, n_positions=cfg.data["seq_len"], n_embd=m["n_embd"],
-            n_layer=m["n_layer"], n_head=m["n_head"], resid_pdrop=p, embd_pdrop=p, attn_pdrop=p,
+            bos_token_id=eos, eos_token_id=eos, vocab_size=data.vocab_size, n_positions=cfg.data.seq_len,
+            n_embd=m.n_embd, n_layer=m.n_layer, n_head=m.n_head, resid_pdrop=p, embd_pdrop=p, attn_pdrop=p,
             use_cache=False,
             # GPT-2's tanh-approximate GELU as one fused op: the same function as "gelu_new" (to float
             # rounding), but autograd keeps only its input instead of every intermediate of the formula --

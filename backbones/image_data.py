@@ -31,10 +31,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dyntie_cli.backbone import Batch
 from dyntie_cli.errors import DyntieError, UsageError
 
-from .base import Batch
-from .lm_data import _atomic_write, default_cache_dir, hub_reachable
+from .common import atomic_write, carve, default_cache_dir, hub_reachable
 
 SPLITS = ("train", "validation", "test")
 #: the carved splits are the same images whatever the run's --seed, so numbers compare across seeds
@@ -246,20 +246,16 @@ def complete_splits(splits: dict[str, Split], seed: int = SPLIT_SEED) -> tuple[d
         return dict(splits), ""
     train = splits["train"]
     n = len(train)
-    sizes = {"test": round(n * TEST_FRACTION), "validation": round(n * VAL_FRACTION)}
-    order = torch.from_numpy(np.random.default_rng(seed).permutation(n))
-    out, start, notes = dict(splits), 0, []
-    for role in missing:
-        size = max(1, sizes[role])
-        out[role] = train.take(order[start : start + size])
-        notes.append(f"{role} {size:,}")
-        start += size
-    if start >= n:
-        raise DyntieError(
-            f"The training split has only {n} images, too few to carve {' and '.join(missing)} from."
-        )
-    out["train"] = train.take(order[start:])
-    return out, f"carved from train with seed {seed}: {', '.join(notes)} (train keeps {n - start:,})"
+    fractions = {"test": TEST_FRACTION, "validation": VAL_FRACTION}
+    sizes = [(role, max(1, round(n * fractions[role]))) for role in missing]
+    rest, roles = carve(n, sizes, seed=seed, too_few=(
+        f"The training split has only {n} images, too few to carve {' and '.join(missing)} from."))
+    out = dict(splits)
+    for role, index in roles.items():
+        out[role] = train.take(torch.from_numpy(index))
+    out["train"] = train.take(torch.from_numpy(rest))
+    notes = [f"{role} {size:,}" for role, size in sizes]
+    return out, f"carved from train with seed {seed}: {', '.join(notes)} (train keeps {len(rest):,})"
 
 
 class ImageData:
@@ -560,7 +556,7 @@ def _decoded(source: Path, image_size: int, mode: str, classes: list[str] | None
         )
     images = _stack([_decode(name, read(), mode, image_size) for _, name, read in items], source)
     labels = np.asarray([classes.index(cls) for cls, _, _ in items], dtype=np.int64)
-    _atomic_write(cache, lambda tmp: _save_npz(tmp, images, labels, classes))
+    atomic_write(cache, lambda tmp: _save_npz(tmp, images, labels, classes))
     return Split(torch.from_numpy(images), torch.from_numpy(labels)), classes
 
 

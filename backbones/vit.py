@@ -8,19 +8,40 @@ negative accuracy, a signal that is flat for long stretches and blind to confide
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
-from typing import Any, cast
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dyntie_cli.backbone import Backbone, Batch, EvalStep, Preset, TaskData
 from dyntie_cli.errors import DyntieError
+from dyntie_cli.settings import RunSettings, Section, setting
 
-from .base import Backbone, Batch, Preset, TaskData
 from .image_data import DATASETS, ImageData
 from .metrics import accuracy
+
+
+class ViTModel(Section):
+    """The ViT shape (``--set model.KEY=VALUE``)."""
+
+    depth: int = setting(12, "Transformer blocks.", ge=1)
+    embed_dim: int = setting(128, "Hidden width.", ge=1)
+    num_heads: int = setting(4, "Attention heads (embed_dim must be a multiple).", ge=1)
+    mlp_ratio: float = setting(4.0, "Feed-forward width / embed_dim.", gt=0)
+    patch_size: int = setting(0, "Patch side in pixels (0: 4 px up to 64-px images, else 16).", ge=0)
+    dropout: float = setting(0.0, "Dropout after the projections and attention.", ge=0, lt=1)
+    drop_path: float = setting(0.0, "Stochastic depth rate.", ge=0, lt=1)
+
+
+class ImageDataSettings(Section):
+    """Images and batches (``--set data.KEY=VALUE``)."""
+
+    image_size: int = setting(0, "Resize images to NxN (0: native size).", ge=0)
+    batch_size: int = setting(64, "Images per training step.", ge=1)
+    eval_batch_size: int = setting(256, "Images per evaluation batch.", ge=1)
+    augment: bool = setting(True, "Random translations (and flips where a mirror keeps the class).")
+
 
 # fmt: off
 _DATA = dict(image_size=0, batch_size=64, eval_batch_size=256, augment=True)
@@ -78,46 +99,48 @@ class ViTBackbone(Backbone):
     default_dataset = "digits"
     metric = "accuracy"
     higher_is_better = True
+    model_settings = ViTModel
+    data_settings = ImageDataSettings
 
-    def load_data(self, cfg: Any) -> TaskData:
+    def load_data(self, cfg: RunSettings) -> TaskData:
         from .image_data import load_image_data
 
         d = cfg.data
         return load_image_data(
             cfg.dataset,
             data_dir=cfg.data_dir,
-            image_size=d.get("image_size") or 0,
-            batch_size=d["batch_size"],
-            eval_batch_size=d["eval_batch_size"],
-            augment=bool(d.get("augment", True)),
+            image_size=d.image_size,
+            batch_size=d.batch_size,
+            eval_batch_size=d.eval_batch_size,
+            augment=d.augment,
         )
 
-    def build_model(self, cfg: Any, data: TaskData) -> nn.Module:
+    def build_model(self, cfg: RunSettings, data: TaskData) -> nn.Module:
         from timm.models.vision_transformer import VisionTransformer
 
         m = cfg.model
         images = cast(ImageData, data)
         size = images.image_size
-        patch = m.get("patch_size") or auto_patch_size(size)
+        patch = m.patch_size or auto_patch_size(size)
         if size % patch:
             raise DyntieError(
                 f"The {size}-px images do not split into {patch}-px patches: set --set model.patch_size=N "
                 f"with N dividing {size} (or --set data.image_size=M)."
             )
-        p = m.get("dropout", 0.0)
+        p = m.dropout
         return VisionTransformer(
             img_size=size,
             patch_size=patch,
             in_chans=images.channels,
             num_classes=images.num_classes,
-            embed_dim=m["embed_dim"],
-            depth=m["depth"],
-            num_heads=m["num_heads"],
-            mlp_ratio=m["mlp_ratio"],
+            embed_dim=m.embed_dim,
+            depth=m.depth,
+            num_heads=m.num_heads,
+            mlp_ratio=m.mlp_ratio,
             drop_rate=p,
             proj_drop_rate=p,
             attn_drop_rate=p,
-            drop_path_rate=m.get("drop_path", 0.0),
+            drop_path_rate=m.drop_path,
         )
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
@@ -127,19 +150,10 @@ class ViTBackbone(Backbone):
         logits = model(batch["pixel_values"]).float()
         return F.cross_entropy(logits, batch["labels"]), batch["labels"].shape[0]
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, batches: Iterator[Batch]) -> dict[str, float]:
-        total, count = 0.0, 0
-        predictions, labels = [], []
-        for batch in batches:
-            logits = model(batch["pixel_values"]).float()
-            n = batch["labels"].shape[0]
-            total += float(F.cross_entropy(logits, batch["labels"])) * n
-            count += n
-            predictions.append(logits.argmax(-1).cpu())
-            labels.append(batch["labels"].cpu())
-        mean = total / max(count, 1)
-        out = {"loss": mean, "ppl": math.exp(min(mean, 50.0))}
-        if count:
-            out["accuracy"] = accuracy(torch.cat(predictions), torch.cat(labels))
-        return out
+    def eval_step(self, model: nn.Module, batch: Batch) -> EvalStep:
+        logits = model(batch["pixel_values"]).float()
+        labels = batch["labels"]
+        return EvalStep(float(F.cross_entropy(logits, labels)), labels.shape[0], logits.argmax(-1), labels)
+
+    def task_metrics(self, model: nn.Module, predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        return {"accuracy": accuracy(predictions, labels)}

@@ -1,11 +1,11 @@
-"""From command-line options to a finished run: config resolution, the registry writer, the progress bar.
+"""From a command line to a finished run: settings, the results writer, the progress view, the printed summary.
 
-Shared by ``train``, ``finetune``, ``ablate`` and ``bench``; the training itself is ``core.loop.Trainer``.
+Shared by ``train``, ``finetune``, ``ablate``, ``bench`` (whose variants run as child processes, each handed a
+``Job`` file) and ``study``; the training itself is ``core.loop.Trainer``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -17,106 +17,161 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .backbones.registry import get_backbone
-from .config import VARIANTS, RunConfig, apply_recipe, apply_set, load_recipe, parse_sets
-from .core.agent import agent_config, validate_agent_config
 from .core.distributed import Group
 from .core.loop import RunResult, Trainer, resolve_device
 from .errors import UsageError
-from .registry.db import resolve_db_path
-from .registry.writer import RankWriter, RunWriter
+from .plugins import get_backbone
+from .results.db import resolve_db_path
+from .results.lineage import load_run
+from .results.writer import RankWriter, RunWriter
+from .settings import RunSettings, from_saved, load_recipe, recipe_pairs, resolve
 
 err_console = Console(stderr=True)
 
 
-@dataclass
-class RunOptions:
-    """The options every command that trains accepts (DESIGN.md section 6)."""
-
-    backbone: str
-    dataset: str | None = None
-    preset: str | None = None
-    recipe: str | None = None
-    sets: list[str] = field(default_factory=list)
-    db: str | None = None
-    out: str | None = None
-    seed: int | None = None
-    device: str | None = None
-    max_steps: int | None = None
-    decide_every: int | None = None
-    variant: str | None = None
-    agent: str | None = None
-    reward: str | None = None
-    max_independent: int | None = None
-    param_penalty: float | None = None
-    tied_grad: str | None = None
-    data_dir: str | None = None
-    quiet: bool = False
+# --------------------------------------------------------------------------------------------------
+# Settings of a new run, of a recorded one
+# --------------------------------------------------------------------------------------------------
 
 
-def build_config(opts: RunOptions, *, expect: str | None = None) -> tuple[Any, RunConfig]:
-    """``expect``: the command the backbone must belong to (train or finetune); None accepts any."""
-    backbone = get_backbone(opts.backbone)
+def new_settings(backbone_name: str, opts: Any, *, expect: str | None = None) -> tuple[Any, RunSettings]:
+    """The backbone and the validated settings of a command line (``opts``: ``TrainingOptions``). ``expect``:
+    the command the backbone must belong to (train or finetune); None accepts any."""
+    backbone = get_backbone(backbone_name)
     if expect is not None and backbone.command != expect:
-        command = expect
-        raise UsageError(f"Backbone {opts.backbone!r} is run with `dyntie {backbone.command} {opts.backbone}`, "
-                         f"not `dyntie {command}`.")
+        raise UsageError(f"Backbone {backbone_name!r} is run with `dyntie {backbone.command} {backbone_name}`, "
+                         f"not `dyntie {expect}`.")
     recipe = load_recipe(opts.recipe) if opts.recipe else {}
+    if recipe.get("backbone") not in (None, backbone.name):
+        raise UsageError(f"Recipe {opts.recipe!r} is for backbone {recipe['backbone']!r}; run it with "
+                         f"`dyntie {backbone.command} {recipe['backbone']} --recipe {opts.recipe}`.")
     preset_name = opts.preset or recipe.get("preset") or backbone.default_preset
     if preset_name not in backbone.presets:
         raise UsageError(f"Unknown preset {preset_name!r} for {backbone.name}; presets: "
                          f"{', '.join(backbone.presets)}.")
-    preset = backbone.presets[preset_name]
-    cfg = RunConfig(backbone=backbone.name, preset=preset_name, dataset=backbone.default_dataset,
-                    model=dict(preset.model), data=dict(preset.data), agent=agent_config("default"))
-    for section in ("train", "ties"):
-        for k, v in getattr(preset, section).items():
-            apply_set(cfg, f"{section}.{k}", v)
-    apply_recipe(cfg, {k: v for k, v in recipe.items() if k != "preset"})
-    cli = {
-        "dataset": opts.dataset, "seed": opts.seed, "device": opts.device, "variant": opts.variant,
-        "data_dir": opts.data_dir, "train.max_steps": opts.max_steps, "ties.decide_every": opts.decide_every,
-        "ties.tied_grad": opts.tied_grad, "agent.reward": opts.reward, "agent.max_independent": opts.max_independent,
-        "agent.param_penalty": opts.param_penalty,
-    }
-    if opts.agent:
-        apply_set(cfg, "agent.preset", opts.agent)
-    for k, v in cli.items():
-        if v is not None:
-            apply_set(cfg, k, v)
-    for k, v in parse_sets(opts.sets):
-        apply_set(cfg, k, v)
-    cfg.agent.seed = cfg.seed
-    validate_config(cfg, backbone)
-    return backbone, cfg
+    settings = resolve(type(backbone), backbone.presets[preset_name],
+                       sources=[recipe_pairs(recipe), opts.flag_pairs(), opts.set_pairs()])
+    check_dataset(settings, backbone)
+    return backbone, settings
 
 
-def validate_config(cfg: RunConfig, backbone) -> None:
-    if cfg.variant not in VARIANTS:
-        raise UsageError(f"Unknown variant {cfg.variant!r}; choose one of {', '.join(VARIANTS)}.")
-    if cfg.train.max_steps < 1:
-        raise UsageError("--max-steps must be a positive number of training steps.")
-    if cfg.ties.decide_every < 1:
-        raise UsageError("--decide-every must be a positive number of steps.")
-    if cfg.ties.tied_grad not in ("follow", "sum"):
-        raise UsageError(f"--tied-grad must be follow or sum, not {cfg.ties.tied_grad!r}.")
-    validate_agent_config(cfg.agent)
+def recorded_settings(config: dict[str, Any], sources: list[list[tuple[str, Any]]]) -> tuple[Any, RunSettings]:
+    """The backbone and settings of a recorded run's config with ``sources`` applied on top."""
+    backbone = get_backbone(config["backbone"])
+    settings = from_saved(type(backbone), config, sources)
+    check_dataset(settings, backbone)
+    return backbone, settings
+
+
+def check_dataset(settings: RunSettings, backbone) -> None:
+    """The dataset must be one the backbone knows; names match loosely (RTE, sst-2, WikiText_103) and are
+    stored in their canonical spelling."""
     known = backbone.datasets
-    if any(d.endswith(":PATH") and cfg.dataset.startswith(d[: -len("PATH")]) for d in known):
+    if any(d.endswith(":PATH") and settings.dataset.startswith(d[: -len("PATH")]) for d in known):
         return
-    # names are matched loosely (RTE, sst-2, WikiText_103) and stored in their canonical spelling
     canonical = {_loose(d): d for d in known}
-    if _loose(cfg.dataset) not in canonical:
-        raise UsageError(f"Unknown dataset {cfg.dataset!r} for {backbone.name}; choose one of {', '.join(known)}.")
-    cfg.dataset = canonical[_loose(cfg.dataset)]
+    if _loose(settings.dataset) not in canonical:
+        raise UsageError(f"Unknown dataset {settings.dataset!r} for {backbone.name}; choose one of "
+                         f"{', '.join(known)}.")
+    settings.dataset = canonical[_loose(settings.dataset)]
 
 
 def _loose(name: str) -> str:
     return name.lower().replace("-", "").replace("_", "")
 
 
+# --------------------------------------------------------------------------------------------------
+# Jobs: one run to do
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Launch:
+    """Where a run's results go and how it is shown; none of it changes what is trained."""
+
+    db: Path
+    out: Path
+    quiet: bool = False
+
+    @classmethod
+    def from_options(cls, opts: Any) -> Launch:
+        return cls(resolve_db_path(opts.db), default_out_dir(opts.out), bool(opts.quiet))
+
+
+@dataclass
+class Job:
+    """A run to train: its settings and what the registry records beside them."""
+
+    settings: RunSettings
+    command: str  # how the registry records it: train, finetune, ablate, bench, study
+    parent_run_id: str | None = None
+    source: dict[str, Any] | None = None  # what a run-dependent variant takes from its source run
+    labels: dict[str, Any] = field(default_factory=dict)  # kept in runs.config: a bench round, a study
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: how a job is handed to another process."""
+        return {"settings": self.settings.to_dict(), "command": self.command, "parent_run_id": self.parent_run_id,
+                "source": self.source, "labels": self.labels}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> tuple[Any, Job]:
+        """The backbone and the job of ``to_dict``'s output, its settings validated again."""
+        backbone, settings = recorded_settings(data["settings"], [])
+        return backbone, cls(settings, data["command"], data["parent_run_id"], data["source"], data["labels"])
+
+
 def default_out_dir(out: str | None) -> Path:
     return Path(out or os.environ.get("DYNTIE_OUT", "runs"))
+
+
+def run_job(backbone, job: Job, launch: Launch, *, print_summary: bool = True) -> RunResult:
+    """Train ``job``, recorded in ``launch.db``; prints the summary on stdout unless told not to."""
+    settings = job.settings
+    return _run_trainer(
+        backbone, settings, launch.quiet,
+        lambda: RunWriter(launch.db, flush_every_s=settings.train.flush_every_s, backbone=settings.backbone),
+        print_summary=print_summary, command=job.command, out_dir=launch.out, source=job.source,
+        parent_run_id=job.parent_run_id, labels=job.labels,
+    )
+
+
+def resume_run(run_id: str, opts: Any) -> RunResult:
+    """Continue a killed run from its last checkpoint (``--max-steps`` may extend it)."""
+    db = resolve_db_path(opts.db)
+    run = load_run(db, run_id)
+    extend = [("train.max_steps", opts.max_steps)] if opts.max_steps is not None else []
+    backbone, settings = recorded_settings(run.config, [extend])
+    return _run_trainer(backbone, settings, bool(opts.quiet),
+                        lambda: RunWriter(db, run_id=run.run_id, flush_every_s=settings.train.flush_every_s),
+                        command=run.command, out_dir=Path(run.out_dir).parent, resume=True)
+
+
+def _run_trainer(backbone, settings: RunSettings, quiet: bool, new_writer: Callable[[], RunWriter], *,
+                 print_summary: bool = True, **trainer_kwargs: Any) -> RunResult:
+    """Run a Trainer in every process of a torchrun launch (one process without torchrun) and print the result.
+    Rank 0 records the run with ``new_writer()``; the other ranks only learn its id."""
+    group = Group.from_env()
+    group.start(resolve_device(settings.device))
+    try:
+        writer = new_writer() if group.is_main else None
+        rid = group.broadcast(writer.run_id if writer else None)
+        view = ProgressView(quiet or not group.is_main)
+        try:
+            trainer = Trainer(backbone, settings, writer or RankWriter(rid), events=view, group=group,
+                              **trainer_kwargs)
+            result = trainer.run()
+        finally:
+            view.close()
+    finally:
+        group.close()
+    if group.is_main and print_summary:
+        print_result(result)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# What a person sees
+# --------------------------------------------------------------------------------------------------
 
 
 class ProgressView:
@@ -158,73 +213,7 @@ class ProgressView:
             self.progress = None
 
 
-def parse_bench_round(text: str | None) -> dict[str, Any] | None:
-    if not text:
-        return None
-    group, _, rest = text.partition(":")
-    round_, _, rounds = rest.partition(":")
-    try:
-        return {"group": group, "round": int(round_), "rounds": int(rounds)}
-    except ValueError:
-        raise UsageError(f"--bench-round expects GROUP:ROUND:ROUNDS, got {text!r}.") from None
-
-
-def run_training(opts: RunOptions, *, record_as: str, expect: str | None = None,
-                 source: dict[str, Any] | None = None, parent_run_id: str | None = None,
-                 cfg_override: RunConfig | None = None, backbone=None, bench_round: str | None = None) -> RunResult:
-    """Train; the run is recorded in the registry with command ``record_as`` (train, finetune, ablate,
-    bench). ``expect`` checks the backbone belongs to that command (``train gpt2``, ``finetune glue``).
-    ``bench_round``: ``GROUP:ROUND:ROUNDS``, set by `dyntie bench --repeat`; kept in the run's config."""
-    if cfg_override is None:
-        backbone, cfg = build_config(opts, expect=expect)
-    else:
-        cfg = cfg_override
-    db = resolve_db_path(opts.db)
-    return _run_trainer(backbone, cfg, opts.quiet,
-                        lambda: RunWriter(db, flush_every_s=cfg.train.flush_every_s, backbone=cfg.backbone),
-                        command=record_as, out_dir=default_out_dir(opts.out), source=source,
-                        parent_run_id=parent_run_id, bench_round=parse_bench_round(bench_round))
-
-
-def _run_trainer(backbone, cfg: RunConfig, quiet: bool, new_writer: Callable[[], RunWriter],
-                 **trainer_kwargs: Any) -> RunResult:
-    """Run a Trainer in every process of a torchrun launch (one process without torchrun) and print the result.
-    Rank 0 records the run with ``new_writer()``; the other ranks only learn its id."""
-    group = Group.from_env()
-    group.start(resolve_device(cfg.device))
-    try:
-        writer = new_writer() if group.is_main else None
-        rid = group.broadcast(writer.run_id if writer else None)
-        view = ProgressView(quiet or not group.is_main)
-        try:
-            trainer = Trainer(backbone, cfg, writer or RankWriter(rid), events=view, group=group, **trainer_kwargs)
-            result = trainer.run()
-        finally:
-            view.close()
-    finally:
-        group.close()
-    if group.is_main:
-        print_result(result, backbone)
-    return result
-
-
-def resume_training(run_id: str, opts: RunOptions) -> RunResult:
-    from .registry.db import connect, resolve_run_id
-
-    db = resolve_db_path(opts.db)
-    with connect(db, read_only=True) as con:
-        rid = resolve_run_id(con, run_id, db)
-        row = con.execute("SELECT config, out_dir, command FROM runs WHERE run_id = ?", [rid]).fetchone()
-    config, out_dir, command = row
-    cfg = RunConfig.from_dict(json.loads(config) if isinstance(config, str) else config)
-    if opts.max_steps is not None:
-        cfg.train.max_steps = opts.max_steps
-    return _run_trainer(get_backbone(cfg.backbone), cfg, opts.quiet,
-                        lambda: RunWriter(db, run_id=rid, flush_every_s=cfg.train.flush_every_s),
-                        command=command, out_dir=Path(out_dir).parent, resume=True)
-
-
-def print_result(result: RunResult, backbone) -> None:
+def print_result(result: RunResult) -> None:
     """The run's outcome on stdout (data), one line per fact, easy to grep."""
     out = sys.stdout
     split = "test" if result.test_split == "test" else f"{result.test_split} (no labelled test split)"
@@ -234,4 +223,3 @@ def print_result(result: RunResult, backbone) -> None:
     print(f"independent layers: mean {result.mean_independent:.2f}, end {result.end_independent}", file=out)
     print(f"trainable params: mean {result.mean_trainable:,.0f}, end {result.end_trainable:,}", file=out)
     print(f"checkpoint: {result.checkpoint}", file=out)
-

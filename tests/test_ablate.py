@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from dyntie_cli.core.policies import random_permutation, static_state
 from dyntie_cli.core.ties import independent_count, permute_state, transition
-from dyntie_cli.registry.lineage import load_source_run
-from dyntie_cli.registry.writer import RunWriter
+from dyntie_cli.results.lineage import load_source_run
+from dyntie_cli.results.writer import RunWriter
 from tests.conftest import MOVING_AGENT, invoke
 
 VARIANTS = ("final-arch", "replay", "no-tying", "random", "static-all", "static-sequence", "static-cycle",
@@ -275,7 +275,7 @@ def test_errors_that_need_the_source(ablation_runs, runner, tmp_path):
     source = ablation_runs.source
     r = invoke(runner, "ablate", "--variant", "no-tying", "--from-run", source, "--preset", "gpt2-cpu",
                *common)
-    assert r.exit_code == 2 and "--preset cannot change" in r.stderr
+    assert r.exit_code == 2 and "--preset cannot be combined with --from-run" in r.stderr
     r = invoke(runner, "ablate", "--variant", "no-tying", "--from-run", source, "--backbone", "vit", *common)
     assert r.exit_code == 2 and "drop --backbone" in r.stderr
     # A run without tie history cannot give final-arch its state.

@@ -9,9 +9,10 @@ import random
 import pytest
 import torch
 
-from dyntie_cli.core.agent import QAgent, agent_config
+from dyntie_cli.core.agent import QAgent
 from dyntie_cli.core.ties import all_tied, canonicalize, independent_count, transition
 from dyntie_cli.errors import DyntieError
+from dyntie_cli.settings import AgentSettings
 
 L = 6
 
@@ -37,7 +38,7 @@ def test_greedy_policy_reaches_the_best_action_on_a_known_reward(preset):
     costs = _costs()
     best = [min(range(i + 1), key=lambda j: costs[i][j]) for i in range(L)]
     # the learning machinery alone: no keep bias or bonus between the Q-network and its greedy choice
-    cfg = agent_config(preset, gamma=0.0, seed=3, progress_input=False, lr=3e-3, keep_bias=0.0, keep_bonus=0.0,
+    cfg = AgentSettings.from_preset(preset, gamma=0.0, seed=3, progress_input=False, lr=3e-3, keep_bias=0.0, keep_bonus=0.0,
                        keep_trained=False)
     agent = QAgent(L, cfg, total_decisions=400)
     s = _run(agent, costs, 400 if preset == "default" else 1500)
@@ -46,7 +47,7 @@ def test_greedy_policy_reaches_the_best_action_on_a_known_reward(preset):
 
 
 def test_q_values_follow_the_paper_definitions():
-    agent = QAgent(L, agent_config("paper", seed=0))
+    agent = QAgent(L, AgentSettings.from_preset("paper", seed=0))
     s = all_tied(L)
     a = [0, 1, 0, 3, 3, 5]
     q = agent.q_matrix(s)
@@ -66,8 +67,8 @@ def test_q_values_follow_the_paper_definitions():
 def test_greedy_td_target_values_the_action_the_agent_would_take():
     """The default's target: r + gamma * mean over rows of Q_target(s') at the agent's greedy choice in s' (keep
     bonus and keep_trained included, chosen by the online network); the paper and lean agents keep the row max."""
-    assert agent_config("paper").td_target == "max" and agent_config("lean").td_target == "max"
-    agent = QAgent(L, agent_config("default", seed=0, target_sync=0))
+    assert AgentSettings.from_preset("paper").td_target == "max" and AgentSettings.from_preset("lean").td_target == "max"
+    agent = QAgent(L, AgentSettings.from_preset("default", seed=0, target_sync=0))
     assert agent.cfg.td_target == "greedy"
     s = all_tied(L)
     a = [0, 1, 0, 3, 3, 5]
@@ -92,7 +93,7 @@ def test_greedy_td_target_respects_the_budget(budget, keep_target, valued):
     budget would refuse is valued as the refused row's fallback, not as if it happened; requests of least gain
     are refused first."""
     def agent_with_fixed_q(**kw):
-        agent = QAgent(L, agent_config("default", seed=0, target_sync=0, max_independent=budget,
+        agent = QAgent(L, AgentSettings.from_preset("default", seed=0, target_sync=0, max_independent=budget,
                                        keep_target=keep_target, **kw))
         out = agent.q.net[-1]
         with torch.no_grad():  # row i: 5 + i for becoming (or staying) independent, 0.1 * j for a tie to block j
@@ -121,7 +122,7 @@ def test_q_values_stay_bounded_over_a_long_run_with_the_greedy_target():
     n, steps = len(rec["states"][0]), rec["max_steps"]
     spreads = {}
     for target in ("max", "greedy"):
-        agent = QAgent(n, agent_config("default", td_target=target), total_decisions=len(rec["states"]) - 1)
+        agent = QAgent(n, AgentSettings.from_preset("default", td_target=target), total_decisions=len(rec["states"]) - 1)
         for d in range(1, len(rec["states"])):
             p = rec["steps"][d] / steps
             agent.update(rec["states"][d - 1], rec["actions"][d], rec["rewards"][d], rec["states"][d], p,
@@ -132,7 +133,7 @@ def test_q_values_stay_bounded_over_a_long_run_with_the_greedy_target():
 
 
 def test_epsilon_floors_and_exploration_is_per_row():
-    agent = QAgent(L, agent_config("paper", seed=1))
+    agent = QAgent(L, AgentSettings.from_preset("paper", seed=1))
     for _ in range(100):
         agent._decay_epsilon()
     assert agent.epsilon == pytest.approx(0.1)
@@ -146,7 +147,7 @@ def test_epsilon_floors_and_exploration_is_per_row():
 @pytest.mark.parametrize("floor", [0.02, 0.0])
 def test_run_schedule_decays_over_the_explore_fraction_then_holds_the_floor(floor):
     # 40 decisions, explore_fraction 0.25: epsilon falls over the first 10 and stays at the floor after
-    agent = QAgent(L, agent_config("default", epsilon_min=floor, explore_fraction=0.25), total_decisions=40)
+    agent = QAgent(L, AgentSettings.from_preset("default", epsilon_min=floor, explore_fraction=0.25), total_decisions=40)
     seen = []
     for _ in range(40):
         agent._decay_epsilon()
@@ -158,13 +159,13 @@ def test_run_schedule_decays_over_the_explore_fraction_then_holds_the_floor(floo
 
 
 def test_update_rejects_a_transition_that_breaks_eq1():
-    agent = QAgent(L, agent_config("default"))
+    agent = QAgent(L, AgentSettings.from_preset("default"))
     with pytest.raises(DyntieError, match="Eq. 1"):
         agent.update(all_tied(L), [0, 1, 2, 3, 4, 5], 0.0, all_tied(L))
 
 
 def test_max_independent_masks_actions():
-    agent = QAgent(L, agent_config("default", max_independent=2, seed=0))
+    agent = QAgent(L, AgentSettings.from_preset("default", max_independent=2, seed=0))
     agent.epsilon = 1.0
     for _ in range(100):
         a = agent.act(all_tied(L)).action
@@ -172,7 +173,7 @@ def test_max_independent_masks_actions():
 
 
 def test_max_independent_refuses_new_blocks_before_dropping_trained_ones(monkeypatch):
-    agent = QAgent(L, agent_config("default", max_independent=2, epsilon=0.0, epsilon_min=0.0))
+    agent = QAgent(L, AgentSettings.from_preset("default", max_independent=2, epsilon=0.0, epsilon_min=0.0))
     q = torch.full((L, L), float("-inf"))
     for i in range(L):
         q[i, :i] = 0.0
@@ -183,27 +184,27 @@ def test_max_independent_refuses_new_blocks_before_dropping_trained_ones(monkeyp
 
 
 def test_rewards_are_shaped_as_documented():
-    a = QAgent(L, agent_config("default", reward="neg-ppl"))
+    a = QAgent(L, AgentSettings.from_preset("default", reward="neg-ppl"))
     assert a.shape_reward(250.0, 3) == -250.0
-    b = QAgent(L, agent_config("default", reward="neg-log-ppl", param_penalty=0.6))
+    b = QAgent(L, AgentSettings.from_preset("default", reward="neg-log-ppl", param_penalty=0.6))
     assert b.shape_reward(100.0, 3) == pytest.approx(-4.60517 - 0.3, rel=1e-5)
-    c = QAgent(L, agent_config("default", reward="relative"))
+    c = QAgent(L, AgentSettings.from_preset("default", reward="relative"))
     assert c.shape_reward(100.0, 1) == 0.0 and c.shape_reward(50.0, 1) == pytest.approx(0.693147, rel=1e-5)
 
 
 def test_unknown_agent_setting_is_a_clear_error():
     with pytest.raises(DyntieError, match="agent setting"):
-        agent_config("clever")
-    with pytest.raises(DyntieError, match="agent option"):
-        agent_config("default", gama=0.3)
+        AgentSettings.from_preset("clever")
+    with pytest.raises(DyntieError, match="Unknown setting agent.gama"):
+        AgentSettings.from_preset("default", gama=0.3)
 
 
 def test_state_dict_round_trips_bit_exactly():
     costs = _costs(1)
-    a = QAgent(L, agent_config("default", seed=5), total_decisions=50)
+    a = QAgent(L, AgentSettings.from_preset("default", seed=5), total_decisions=50)
     s = _run(a, costs, 20)
     blob = pickle.dumps(a.state_dict())
-    b = QAgent(L, agent_config("default", seed=99), total_decisions=50)
+    b = QAgent(L, AgentSettings.from_preset("default", seed=99), total_decisions=50)
     b.load_state_dict(pickle.loads(blob))
     for (k, p), (_, q) in zip(a.q.state_dict().items(), b.q.state_dict().items()):
         assert torch.equal(p, q), k
@@ -222,7 +223,7 @@ def test_state_dict_round_trips_bit_exactly():
 def test_keep_bonus_protects_current_ties_as_scoped(monkeypatch, scope):
     """Greedy rows move off their current target only for a gain above keep_bonus; with scope
     'independent' only an independent block (whose trained weights a tie would discard) is protected."""
-    agent = QAgent(4, agent_config("default", keep_bonus=0.5, keep_scope=scope, epsilon=0.0, epsilon_min=0.0,
+    agent = QAgent(4, AgentSettings.from_preset("default", keep_bonus=0.5, keep_scope=scope, epsilon=0.0, epsilon_min=0.0,
                                    keep_trained=False))
     q = torch.full((4, 4), float("-inf"))
     for i in range(4):
@@ -239,7 +240,7 @@ def test_keep_bonus_protects_current_ties_as_scoped(monkeypatch, scope):
 def test_keep_trained_greedy_never_ties_a_training_block(monkeypatch):
     """keep_trained: however much the Q-network prefers tying an independent block, the greedy action keeps
     it; greedy untying of a tied block is still allowed, and exploration may still tie (rarely, keep_bias)."""
-    agent = QAgent(4, agent_config("default", keep_trained=True, keep_bonus=0.0, epsilon=0.0, epsilon_min=0.0))
+    agent = QAgent(4, AgentSettings.from_preset("default", keep_trained=True, keep_bonus=0.0, epsilon=0.0, epsilon_min=0.0))
     q = torch.full((4, 4), float("-inf"))
     for i in range(4):
         q[i, : i + 1] = 0.0
@@ -249,16 +250,16 @@ def test_keep_trained_greedy_never_ties_a_training_block(monkeypatch):
     monkeypatch.setattr(agent, "q_matrix", lambda state, progress=0.0: q.clone())
     dec = agent.act([0, 0, 2, 3], greedy_only=True)
     assert dec.action == [0, 1, 2, 3] and dec.greedy == [0, 1, 2, 3]
-    explorer = QAgent(4, agent_config("default", keep_trained=True, keep_bias=0.0, epsilon=1.0))
+    explorer = QAgent(4, AgentSettings.from_preset("default", keep_trained=True, keep_bias=0.0, epsilon=1.0))
     assert any(explorer.act([0, 0, 2, 3]).action[2] != 2 for _ in range(50))
     # the budget still binds: with room for 2 independent blocks, one of the three trained ones is tied
-    capped = QAgent(4, agent_config("default", keep_trained=True, max_independent=2, epsilon=0.0, epsilon_min=0.0))
+    capped = QAgent(4, AgentSettings.from_preset("default", keep_trained=True, max_independent=2, epsilon=0.0, epsilon_min=0.0))
     monkeypatch.setattr(capped, "q_matrix", lambda state, progress=0.0: q.clone())
     assert independent_count(transition([0, 1, 2, 3], capped.act([0, 1, 2, 3], greedy_only=True).action)) == 2
 
 
 def test_keep_bias_scope_independent_explores_only_tied_rows():
-    agent = QAgent(6, agent_config("default", keep_bias=1.0, keep_scope="independent", epsilon=1.0,
+    agent = QAgent(6, AgentSettings.from_preset("default", keep_bias=1.0, keep_scope="independent", epsilon=1.0,
                                   explore_moves="any"))
     state = [0, 1, 0, 3, 0, 0]  # blocks 1 and 3 are independent
     seen = [agent.act(state).action for _ in range(200)]
@@ -271,7 +272,7 @@ def test_keep_target_previous_keeps_groups_consecutive():
     leaves any state as it is, and untying block i splits its group at i (a sequence layout, never a hole)."""
     rng = random.Random(0)
     L = 10
-    agent = QAgent(L, agent_config("default", keep_target="previous", keep_bias=1.0, epsilon=1.0))
+    agent = QAgent(L, AgentSettings.from_preset("default", keep_target="previous", keep_bias=1.0, epsilon=1.0))
     for _ in range(50):  # every row explores and keeps: the state never changes
         s = canonicalize([rng.randint(0, i) for i in range(L)])
         assert transition(s, agent.act(s).action) == s
@@ -285,7 +286,7 @@ def test_keep_target_previous_keeps_groups_consecutive():
     split2[7] = 7
     assert transition([0] * 4 + [4] * 6, split2) == [0] * 4 + [4] * 3 + [7] * 3
     # with keep_target=root the same untie leaves the rows after it on block 0
-    root = QAgent(L, agent_config("default", keep_target="root", keep_bias=1.0, epsilon=1.0)).act(s).action
+    root = QAgent(L, AgentSettings.from_preset("default", keep_target="root", keep_bias=1.0, epsilon=1.0)).act(s).action
     root[4] = 4
     assert transition(s, root) == [0] * 4 + [4] + [0] * 5
 
@@ -294,7 +295,7 @@ def test_local_exploration_keeps_groups_runs_of_consecutive_blocks():
     """explore_moves=local with keep_target=previous: exploring rows only untie, join the group before or keep,
     so from all-tied every state the exploration reaches has each group as one run of consecutive blocks."""
     L = 16
-    agent = QAgent(L, agent_config("default", keep_target="previous", explore_moves="local", keep_bias=0.7,
+    agent = QAgent(L, AgentSettings.from_preset("default", keep_target="previous", explore_moves="local", keep_bias=0.7,
                                    epsilon=1.0, epsilon_min=1.0))
     s = all_tied(L)
     sizes = set()

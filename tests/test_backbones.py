@@ -2,7 +2,7 @@
 
 The parametrised test enumerates the registry, so a backbone is tested the day it is registered: it trains the
 backbone's ``*-tiny`` preset for a few steps with several tie decisions and checks what the run logged
-against DESIGN.md (Eq. 1, measured weight sharing, validation during training, the final score once at
+against the method (Eq. 1, measured weight sharing, validation during training, the final score once at
 the end, memory rows).
 """
 
@@ -17,8 +17,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dyntie_cli.backbones.registry import all_backbones
 from dyntie_cli.core.ties import transition
+from dyntie_cli.plugins import all_backbones
 from tests.conftest import invoke
 from tests.conftest import rows as _rows
 
@@ -33,7 +33,7 @@ MAX_STEPS, DECIDE_EVERY, EVAL_EVERY = 10, 3, 5  # decisions at steps 3, 6, 9; va
 
 def _tiny_preset(cls) -> str:
     tiny = [name for name in cls.presets if name.endswith("-tiny")]
-    assert tiny, f"backbone {cls.name} has no *-tiny preset for tests (DESIGN.md section 6)"
+    assert tiny, f"backbone {cls.name} has no *-tiny preset for tests (docs/plugins.md)"
     return tiny[0]
 
 
@@ -69,7 +69,7 @@ def train_tiny(runner: CliRunner, tmp: Path, name: str, cls, *extra) -> tuple[Pa
 
 
 def check_logged_run(db: Path, run_id: str, cls, final_split: str) -> None:
-    """What any backbone's run must have logged (DESIGN.md sections 2, 3 and 6)."""
+    """What any backbone's run must have logged (docs/method.md and docs/registry.md)."""
     status, command, test_split = _rows(
         db, "SELECT status, command, test_split FROM runs WHERE run_id = ?", run_id
     )[0]
@@ -152,7 +152,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from dyntie_cli.backbones.base import Backbone, Preset
+from dyntie_cli.backbone import Backbone, Preset
 
 
 class Block(nn.Module):
@@ -276,9 +276,10 @@ def test_gpt2_uses_gpt2s_gelu_fused_and_it_saves_activation_memory():
 
     from transformers import GPT2LMHeadModel
 
-    from dyntie_cli.runner import RunOptions, build_config
+    from dyntie_cli.commands.options import TrainingOptions
+    from dyntie_cli.runner import new_settings
 
-    backbone, cfg = build_config(RunOptions(backbone="gpt2", preset="gpt2-tiny"))
+    backbone, cfg = new_settings("gpt2", TrainingOptions({"preset": "gpt2-tiny"}))
     fused = backbone.build_model(cfg, types.SimpleNamespace(vocab_size=512, tokenizer=None))
     assert fused.config.activation_function == "gelu_pytorch_tanh"
     reference = GPT2LMHeadModel(fused.config.__class__(**{**fused.config.to_dict(), "activation_function": "gelu_new"}))
@@ -308,9 +309,10 @@ def test_gpt2_uses_gpt2s_gelu_fused_and_it_saves_activation_memory():
 def test_loading_the_model_code_draws_no_random_numbers(name):
     """Before measuring the memory baseline the loop has the backbone load its model code (by default a build on
     the meta device); that must leave the seeded initialisation of the real model exactly as it was."""
-    from dyntie_cli.runner import RunOptions, build_config
+    from dyntie_cli.commands.options import TrainingOptions
+    from dyntie_cli.runner import new_settings
 
-    backbone, cfg = build_config(RunOptions(backbone=name, preset=_tiny_preset(all_backbones()[name].cls)))
+    backbone, cfg = new_settings(name, TrainingOptions({"preset": _tiny_preset(all_backbones()[name].cls)}))
     data = backbone.load_data(cfg)
     torch.manual_seed(0)
     reference = backbone.build_model(cfg, data).state_dict()

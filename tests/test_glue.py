@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,6 +23,7 @@ from dyntie_cli.backbones.glue_data import (
 )
 from dyntie_cli.backbones.metrics import f1_binary, matthews_corrcoef, pearson, spearman
 from dyntie_cli.errors import DyntieError, UsageError
+from dyntie_cli.settings import RunSettings, resolve
 from tests.conftest import SHARED, invoke
 from tests.conftest import rows as _rows
 
@@ -44,9 +44,9 @@ GLUE_ROWS = {
 }
 
 
-def _cfg(task: str, preset: str = "bert-tiny", **data) -> SimpleNamespace:
-    p = PRESETS[preset]
-    return SimpleNamespace(dataset=task, data_dir=str(FIXTURES), model=dict(p.model), data={**p.data, **data})
+def _cfg(task: str, preset: str = "bert-tiny", **data) -> RunSettings:
+    pairs = [("data_dir", str(FIXTURES)), *((f"data.{k}", v) for k, v in data.items())]
+    return resolve(GlueBackbone, PRESETS[preset], dataset=task, sources=[pairs])
 
 
 

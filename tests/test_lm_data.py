@@ -15,16 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from dyntie_cli.backbones import lm_data
-from dyntie_cli.backbones.lm_data import (
-    EOS_TOKEN,
-    LMData,
-    LMTokenizer,
-    get_tokenizer,
-    hub_reachable,
-    load_corpus,
-    load_lm_data,
-)
+from dyntie_cli.backbones import text_corpora, text_tokenizers
+from dyntie_cli.backbones.common import hub_reachable
+from dyntie_cli.backbones.lm_data import LMData, load_lm_data
+from dyntie_cli.backbones.text_corpora import EOS_TOKEN, load_corpus
+from dyntie_cli.backbones.text_tokenizers import LMTokenizer, get_tokenizer
 from dyntie_cli.errors import DyntieError, UsageError
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -58,7 +53,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def wiki_head() -> str:
     """The first 200 KB of the embedded WikiText-2 train split: enough to train a small BPE quickly."""
-    return lm_data._embedded_wikitext2("wiki.train.tokens")[:200_000]
+    return text_corpora._embedded_wikitext2("wiki.train.tokens")[:200_000]
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +289,7 @@ def test_bpe_is_trained_once_then_loaded_from_the_cache(
     def no_training(*args: object) -> None:
         raise AssertionError("the cached tokenizer was trained again")
 
-    monkeypatch.setattr(lm_data, "_train_bpe", no_training)
+    monkeypatch.setattr(text_tokenizers, "_train_bpe", no_training)
     second = get_tokenizer("bpe:512", wiki_head)
     assert second.fingerprint == first.fingerprint
     assert np.array_equal(second.encode(sample), first.encode(sample))
@@ -336,7 +331,7 @@ def test_chunked_encoding_equals_encoding_the_whole_text(gpt2: LMTokenizer) -> N
     text = WIKI_FIXTURE.read_text(encoding="utf-8")
     whole = gpt2.tokenizer.encode(text, add_special_tokens=False).ids
     assert gpt2.encode(text).tolist() == whole
-    small_chunks = lm_data._chunks(text, 64)
+    small_chunks = text_tokenizers._chunks(text, 64)
     assert len(small_chunks) > 1000 and "".join(small_chunks) == text
     assert [i for e in gpt2.tokenizer.encode_batch(small_chunks) for i in e.ids] == whole
 

@@ -23,8 +23,9 @@ import pandas as pd
 import pytest
 
 from dyntie_cli.errors import DyntieError, UsageError
-from dyntie_cli.registry import queries, writer
-from dyntie_cli.registry.db import (
+from dyntie_cli.report.tables import human_bytes, render
+from dyntie_cli.results import writer
+from dyntie_cli.results.db import (
     SCHEMA_VERSION,
     RegistryLockedError,
     connect,
@@ -32,8 +33,8 @@ from dyntie_cli.registry.db import (
     resolve_db_path,
     schema_version,
 )
-from dyntie_cli.registry.writer import RunWriter, mark_stale_runs
-from dyntie_cli.report.tables import human_bytes, render
+from dyntie_cli.results.queries import run_query
+from dyntie_cli.results.writer import RunWriter, mark_stale_runs
 
 EXPECTED_COLUMNS = {
     "runs": {
@@ -129,17 +130,17 @@ def test_oldest_schema_is_migrated_and_keeps_its_rows(tmp_path):
         for table, expected in EXPECTED_COLUMNS.items():
             assert expected <= set(columns_of(con, table)), table
         assert con.execute("SELECT preset, test_split FROM runs").fetchall() == [(None, None)]
-    tie = queries.ties(db, ["old-run"]).iloc[0]
+    tie = run_query("ties", db, ["old-run"]).iloc[0]
     assert list(tie.state) == [0, 0, 2] and pd.isna(tie.changed_blocks)
-    assert queries.decisions(db, ["old-run"]).iloc[0].reward == -1.5
-    assert queries.ppl(db, ["old-run"]).test_split.tolist() == ["test"]  # NULL in old rows means 'test'
+    assert run_query("decisions", db, ["old-run"]).iloc[0].reward == -1.5
+    assert run_query("ppl", db, ["old-run"]).test_split.tolist() == ["test"]  # NULL in old rows means 'test'
     # The upgraded file takes new rows like any other.
     w = RunWriter(db, flush_every_s=3600)
     w.resume("old-run")
     w.tie(decision=2, step=20, state=[0, 1, 2], action=[0, 1, 0], independent_layers=3,
           distinct_block_weights=3, changed_blocks=1)
     w.finish()
-    assert queries.ties(db, ["old-run"]).changed_blocks.tolist()[1] == 1
+    assert run_query("ties", db, ["old-run"]).changed_blocks.tolist()[1] == 1
 
 
 def test_read_only_open_of_a_missing_registry_explains_and_creates_nothing(tmp_path):
@@ -147,7 +148,7 @@ def test_read_only_open_of_a_missing_registry_explains_and_creates_nothing(tmp_p
     with pytest.raises(DyntieError, match="No dyntie registry exists at .*--db"), connect(db, read_only=True):
         pass
     with pytest.raises(DyntieError, match="No dyntie registry"):
-        queries.runs(db)
+        run_query("runs", db)
     assert not db.exists()
 
 
@@ -158,7 +159,7 @@ def test_corrupt_file_is_refused_and_left_untouched(tmp_path):
     for attempt in (
         lambda: connect(db).__enter__(),
         lambda: connect(db, read_only=True).__enter__(),
-        lambda: queries.runs(db),
+        lambda: run_query("runs", db),
         lambda: started_writer(db),
     ):
         with pytest.raises(DyntieError, match=r"is not a DuckDB file; pass --db with another path\."):
@@ -182,7 +183,7 @@ def test_foreign_duckdb_and_newer_schema_are_refused(tmp_path):
     with connect(newer) as con:
         con.execute("INSERT INTO schema_migrations VALUES (99, 'from_the_future', now()::TIMESTAMP)")
     with pytest.raises(DyntieError, match="newer dyntie"):
-        queries.runs(newer)
+        run_query("runs", newer)
 
 
 def test_unwritable_location_names_the_fix(tmp_path):
@@ -307,7 +308,7 @@ def test_locked_file_is_waited_for_and_maybe_flush_defers(tmp_path, monkeypatch)
 
 CONCURRENT_WRITER = """
 import sys, time
-from dyntie_cli.registry.writer import RunWriter
+from dyntie_cli.results.writer import RunWriter
 db, run_id, rows = sys.argv[1], sys.argv[2], int(sys.argv[3])
 w = RunWriter(db, run_id=run_id, flush_every_s=0.03)
 w.start("train", "gpt2", "synthetic", "dynamic", {"rows": rows})
@@ -339,8 +340,8 @@ def test_two_writers_and_a_reader_share_one_file_without_losing_rows(tmp_path):
     reads = 0
     try:
         while any(proc.poll() is None for proc in procs):
-            for query in (queries.runs, queries.paper, queries.layers):
-                query(db)  # must never fail while the writers run
+            for query in ("runs", "paper", "layers"):
+                run_query(query, db)  # must never fail while the writers run
                 reads += 1
     finally:
         errors = [proc.communicate(timeout=60)[1] for proc in procs]
@@ -350,7 +351,7 @@ def test_two_writers_and_a_reader_share_one_file_without_losing_rows(tmp_path):
         for table, expected in (("metrics", rows), ("memory", rows), ("ties", rows // 20), ("decisions", rows // 20)):
             assert count(db, f"SELECT count(*) FROM {table} WHERE run_id = ?", [run_id]) == expected, table
         assert count(db, "SELECT count(DISTINCT step) FROM metrics WHERE run_id = ?", [run_id]) == rows
-    assert set(queries.runs(db).status) == {"finished"}
+    assert set(run_query("runs", db).status) == {"finished"}
 
 
 def test_resume_keeps_rows_and_truncate_drops_steps_after_the_checkpoint(tmp_path):
@@ -368,7 +369,7 @@ def test_resume_keeps_rows_and_truncate_drops_steps_after_the_checkpoint(tmp_pat
 
     second = RunWriter(db, flush_every_s=3600)
     assert second.resume("gpt2-res") == "gpt2-resumable"  # a unique prefix is enough
-    status, ended = queries.runs(db).iloc[0][["status", "ended_at"]]
+    status, ended = run_query("runs", db).iloc[0][["status", "ended_at"]]
     assert status == "running" and pd.isna(ended)
     assert second.truncate_after(5) == 5 + 5 + 1 + 1
     for step in range(6, 11):
@@ -379,7 +380,7 @@ def test_resume_keeps_rows_and_truncate_drops_steps_after_the_checkpoint(tmp_pat
     assert count(db, "SELECT count(DISTINCT step) FROM metrics") == 11
     assert count(db, "SELECT count(*) FROM memory") == 6
     assert count(db, "SELECT count(*) FROM ties") == 1 and count(db, "SELECT count(*) FROM decisions") == 0
-    assert queries.runs(db).status.tolist() == ["finished"]
+    assert run_query("runs", db).status.tolist() == ["finished"]
     with pytest.raises(DyntieError, match="No run 'nope'"):
         RunWriter(db).resume("nope")
 
@@ -401,7 +402,7 @@ def test_first_final_status_wins_and_late_rows_are_dropped(tmp_path):
     w.finish("failed", "KeyboardInterrupt")
     w.metric(1, "train", "loss", 1.0)
     assert w.dropped_rows == 1
-    assert queries.runs(db).status.tolist() == ["killed"]
+    assert run_query("runs", db).status.tolist() == ["killed"]
     with pytest.raises(ValueError, match="status must be one of"):
         w.finish("done")
 
@@ -421,7 +422,7 @@ def test_finish_from_a_signal_handler_during_a_flush_loses_nothing(tmp_path, mon
     monkeypatch.setattr(w, "_insert_rows", interrupted)
     w.flush()
     assert w.finished
-    assert queries.runs(db).status.tolist() == ["killed"]
+    assert run_query("runs", db).status.tolist() == ["killed"]
     assert count(db, "SELECT count(*) FROM metrics") == 1
 
 
@@ -431,7 +432,7 @@ def test_context_manager_records_a_failure(tmp_path):
         w.start("train", "gpt2", "wikitext-2", "dynamic", {})
         w.metric(1, "train", "loss", 1.0)
         raise RuntimeError("out of memory")
-    row = queries.runs(db).iloc[0]
+    row = run_query("runs", db).iloc[0]
     assert (row.status, row.error) == ("failed", "RuntimeError: out of memory")
     assert count(db, "SELECT count(*) FROM metrics") == 1
 
@@ -440,18 +441,31 @@ def test_runs_of_dead_processes_are_marked_killed(tmp_path):
     db = tmp_path / "r.duckdb"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    for run_id, pid, host in (("dead", dead.pid, socket.gethostname()), ("alive", os.getpid(), socket.gethostname()),
-                              ("elsewhere", dead.pid, "another-host")):
+    processes = (("dead", dead.pid, socket.gethostname()), ("alive", os.getpid(), socket.gethostname()),
+                 ("elsewhere", dead.pid, "another-host"))
+    for run_id, _, _ in processes:
         started_writer(db, run_id=run_id)
-        with connect(db) as con:
+    with connect(db) as con:
+        for run_id, pid, host in processes:
             con.execute("UPDATE runs SET pid = ?, host = ? WHERE run_id = ?", [pid, host, run_id])
     with connect(db) as con:
         heartbeat = con.execute("SELECT heartbeat_at FROM runs WHERE run_id = 'dead'").fetchone()[0]
-    table = queries.runs(db).set_index("run_id")  # the read path marks them
-    assert table.loc["dead", "status"] == "killed"
+    before = db.read_bytes()
+    table = run_query("runs", db).set_index("run_id")  # reads show the dead run as killed...
+    assert table.loc["dead", "status"] == "killed" and "ended without finishing" in table.loc["dead", "error"]
     assert table.loc["dead", "ended_at"] == heartbeat
     assert table.loc["alive", "status"] == "running" and table.loc["elsewhere", "status"] == "running"
+    assert pd.isna(table.loc["alive", "ended_at"])
+    assert db.read_bytes() == before  # ... without writing
     with connect(db) as con:
+        assert con.execute("SELECT status FROM runs WHERE run_id = 'dead'").fetchone()[0] == "running"
+    # the next run that starts marks it, and says which it marked
+    w = RunWriter(db, flush_every_s=3600, backbone="gpt2")
+    w.start("train", "gpt2", "wikitext-2", "dynamic", {})
+    assert w.marked_stale == ["dead"]
+    w.finish()
+    with connect(db) as con:
+        assert con.execute("SELECT status FROM runs WHERE run_id = 'dead'").fetchone()[0] == "killed"
         assert mark_stale_runs(con) == []
 
 
@@ -508,8 +522,8 @@ def registry(tmp_path_factory) -> Path:
 
 
 def test_runs_lists_most_recent_first_and_accepts_prefixes(registry):
-    assert queries.runs(registry).run_id.tolist() == ["glue-rte", "base", "dyn"]
-    table = queries.runs(registry, ["dy", "glue"])
+    assert run_query("runs", registry).run_id.tolist() == ["glue-rte", "base", "dyn"]
+    table = run_query("runs", registry, ["dy", "glue"])
     assert table.run_id.tolist() == ["dyn", "glue-rte"]  # the order asked for
     assert table.steps.tolist() == [35, 30]
     assert table.status.tolist() == ["finished", "finished"]
@@ -517,17 +531,17 @@ def test_runs_lists_most_recent_first_and_accepts_prefixes(registry):
 
 def test_unknown_or_ambiguous_run_ids_name_the_fix(registry, tmp_path):
     with pytest.raises(DyntieError, match=r"No run 'nope' in .*synthetic\.duckdb; `dyntie report --table runs`"):
-        queries.ppl(registry, ["nope"])
+        run_query("ppl", registry, ["nope"])
     with connect(tmp_path / "x.duckdb") as con:
         con.execute("INSERT INTO runs (run_id, status) VALUES ('ab-1', 'finished'), ('ab-2', 'finished')")
     with pytest.raises(DyntieError, match="matches 2 runs"):
-        queries.runs(tmp_path / "x.duckdb", ["ab"])
+        run_query("runs", tmp_path / "x.duckdb", ["ab"])
     with pytest.raises(UsageError, match="No report table 'nope'"):
-        queries.run_query("nope", registry)
+        run_query("nope", registry)
 
 
 def test_ppl_reports_final_validation_and_test_with_the_split(registry):
-    table = queries.ppl(registry, ["dyn", "base", "glue-rte"]).set_index("run_id")
+    table = run_query("ppl", registry, ["dyn", "base", "glue-rte"]).set_index("run_id")
     dyn = table.loc["dyn"]
     assert (dyn.metric, dyn.validation, dyn.validation_step, dyn.best_validation) == ("ppl", 45.0, 30, 40.0)
     assert (dyn.test, dyn.test_step, dyn.test_split) == (42.0, 35, "test")
@@ -538,7 +552,7 @@ def test_ppl_reports_final_validation_and_test_with_the_split(registry):
 
 
 def test_params_mean_end_max_and_conventional(registry):
-    table = queries.params(registry, ["dyn", "base"]).set_index("run_id")
+    table = run_query("params", registry, ["dyn", "base"]).set_index("run_id")
     dyn = table.loc["dyn"]
     assert (dyn.trainable_params_mean, dyn.trainable_params_end, dyn.trainable_params_max) == (70.0, 70, 80)
     # Fitted from the history: 50 shared + 10 per block, at all 4 blocks.
@@ -549,7 +563,7 @@ def test_params_mean_end_max_and_conventional(registry):
 
 
 def test_layers_means_ends_and_per_layer_counts(registry):
-    table = queries.layers(registry, ["dyn", "base"]).set_index("run_id")
+    table = run_query("layers", registry, ["dyn", "base"]).set_index("run_id")
     dyn = table.loc["dyn"]
     assert dyn.decisions == 3 and dyn.layers == 4
     assert dyn.independent_layers_mean == pytest.approx(7 / 3)
@@ -557,13 +571,13 @@ def test_layers_means_ends_and_per_layer_counts(registry):
     assert dyn.weight_mismatches == 1 and dyn.changed_blocks_mean == 2.0
     assert dyn.independent_decisions_per_layer == [3, 1, 2, 1]
     assert pd.isna(table.loc["base", "independent_layers_mean"])  # no decisions: nothing invented
-    counts = queries.layer_counts(registry, ["dyn"])
+    counts = run_query("layer-counts", registry, ["dyn"])
     assert counts.layer.tolist() == [0, 1, 2, 3]
     assert counts.independent_fraction.tolist() == pytest.approx([1, 1 / 3, 2 / 3, 1 / 3])
 
 
 def test_memory_peak_and_average(registry):
-    dyn = queries.memory(registry, ["dyn"]).iloc[0]
+    dyn = run_query("memory", registry, ["dyn"]).iloc[0]
     assert (dyn.device, dyn.samples, dyn.peak_bytes, dyn.avg_peak_bytes) == ("cpu", 4, 4000, 2500.0)
     assert (dyn.param_bytes_mean, dyn.param_bytes_peak) == (280.0, 320)
     assert (dyn.optimizer_bytes_mean, dyn.optimizer_bytes_peak) == (560.0, 640)
@@ -571,16 +585,16 @@ def test_memory_peak_and_average(registry):
 
 
 def test_ties_and_decisions_return_the_rows(registry):
-    tie_rows = queries.ties(registry, ["dyn"])
+    tie_rows = run_query("ties", registry, ["dyn"])
     assert [list(state) for state in tie_rows.state] == [state for _, state, _ in DYN_STATES]
     assert tie_rows.step.tolist() == [10, 20, 30]
-    dec = queries.decisions(registry, ["dyn"])
+    dec = run_query("decisions", registry, ["dyn"])
     assert dec.reward.tolist() == [-1.0, -2.0, -3.0] and dec.td_loss.tolist() == [0.25] * 3
-    assert queries.ties(registry, ["base"]).empty
+    assert run_query("ties", registry, ["base"]).empty
 
 
 def test_paper_table_has_one_column_per_run(registry):
-    table = queries.paper(registry, ["dyn", "base"]).set_index("quantity")
+    table = run_query("paper", registry, ["dyn", "base"]).set_index("quantity")
     assert table.columns.tolist() == ["dyn", "base"]
     assert table.loc["variant"].tolist() == ["dynamic", "no-tying"]
     assert table.loc["metric"].tolist() == ["ppl (test)", "ppl (test)"]
@@ -592,12 +606,12 @@ def test_paper_table_has_one_column_per_run(registry):
     assert table.loc["independent_layers_end"].tolist() == [2, None]
     assert table.loc["peak_memory_bytes"].tolist() == [4000, 8000]
     assert table.loc["avg_memory_bytes"].tolist() == [1250.0, 4000.0]  # mean of current_bytes
-    glue = queries.paper(registry, ["glue-rte"]).set_index("quantity")["glue-rte"]
+    glue = run_query("paper", registry, ["glue-rte"]).set_index("quantity")["glue-rte"]
     assert (glue["metric"], glue["result"]) == ("accuracy (validation)", 0.65)
 
 
 def test_compare_gives_ratios_to_the_first_run(registry):
-    table = queries.compare(registry, ["dyn", "base"]).set_index("quantity")
+    table = run_query("compare", registry, ["dyn", "base"]).set_index("quantity")
     ratio = table["base / dyn"]
     assert ratio["result"] == pytest.approx(43 / 42)
     assert ratio["trainable_params_mean"] == pytest.approx(90 / 70)
@@ -611,7 +625,7 @@ def test_compare_gives_ratios_to_the_first_run(registry):
 
 
 def test_render_json_and_csv_keep_raw_values(registry):
-    table = queries.memory(registry, ["dyn", "base"])
+    table = run_query("memory", registry, ["dyn", "base"])
     records = json.loads(render(table, "json"))
     assert [r["run_id"] for r in records] == ["dyn", "base"]
     assert records[0]["peak_bytes"] == 4000 and records[0]["avg_peak_bytes"] == 2500.0
@@ -622,15 +636,15 @@ def test_render_json_and_csv_keep_raw_values(registry):
         assert row["run_id"] == expected.run_id
         for column in ("peak_bytes", "avg_peak_bytes", "param_bytes_mean", "training_state_bytes_peak"):
             assert float(row[column]) == expected[column]
-    ties = queries.ties(registry, ["dyn"])
+    ties = run_query("ties", registry, ["dyn"])
     assert json.loads(render(ties, "json"))[0]["state"] == [0, 0, 2, 2]
     assert next(csv.DictReader(io.StringIO(render(ties, "csv"))))["state"] == "[0, 0, 2, 2]"
-    missing = json.loads(render(queries.layers(registry, ["base"]), "json"))[0]
+    missing = json.loads(render(run_query("layers", registry, ["base"]), "json"))[0]
     assert missing["independent_layers_mean"] is None  # NaN becomes null: valid JSON
 
 
 def test_render_table_and_markdown_are_for_people(registry):
-    table = queries.memory(registry, ["dyn", "base"])
+    table = run_query("memory", registry, ["dyn", "base"])
     markdown = render(table, "markdown", title="Memory").splitlines()
     assert markdown[0] == "### Memory"
     assert markdown[2].startswith("| run_id | variant |")
@@ -641,7 +655,7 @@ def test_render_table_and_markdown_are_for_people(registry):
     rich_text = render(table, "table", title="Memory")
     assert "Memory" in rich_text and "7.8 KiB" in rich_text and "dynamic" in rich_text
     assert "…" not in rich_text and "4000" not in rich_text
-    paper_text = render(queries.compare(registry, ["dyn", "base"]), "markdown")
+    paper_text = render(run_query("compare", registry, ["dyn", "base"]), "markdown")
     peak = next(line for line in paper_text.splitlines() if line.startswith("| peak_memory_bytes"))
     assert [cell.strip() for cell in peak.strip("|").split("|")] == ["peak_memory_bytes", "3.9 KiB", "7.8 KiB", "2x"]
     assert "| a \\| b |" in render(pd.DataFrame({"x": ["a | b"]}), "markdown")

@@ -18,8 +18,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from dyntie_cli.registry.queries import independent_lifetime
-from dyntie_cli.registry.writer import RunWriter
+from dyntie_cli.results.queries import independent_lifetime
+from dyntie_cli.results.writer import RunWriter
 from tests.conftest import invoke
 from tests.test_ablate import AblationRuns, build_ablation_runs, sql
 

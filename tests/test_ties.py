@@ -1,4 +1,4 @@
-"""The tie state, Eq. 1 and the tie manager on real GPT-2, BERT and timm ViT models (DESIGN.md section 2)."""
+"""The tie state, Eq. 1 and the tie manager on real GPT-2, BERT and timm ViT models (docs/method.md)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,6 @@ import math
 import struct
 import tarfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,6 +24,7 @@ from dyntie_cli.backbones.image_data import (
 )
 from dyntie_cli.backbones.vit import PRESETS, ViTBackbone, auto_patch_size
 from dyntie_cli.errors import DyntieError
+from dyntie_cli.settings import resolve
 from tests.conftest import SHARED, invoke
 from tests.conftest import rows as _rows
 
@@ -242,7 +242,7 @@ def test_real_mnist_t10k_files():
 def _vit(dataset: str = "digits"):
     backbone = ViTBackbone()
     p = PRESETS["vit-tiny"]
-    cfg = SimpleNamespace(dataset=dataset, data_dir=None, model=dict(p.model), data=dict(p.data))
+    cfg = resolve(ViTBackbone, p, dataset=dataset)
     data = backbone.load_data(cfg)
     torch.manual_seed(0)
     return backbone, backbone.build_model(cfg, data).eval(), data, cfg
@@ -253,7 +253,7 @@ def test_model_shape_patches_and_blocks():
     assert backbone.blocks(model) == list(model.blocks) and len(model.blocks) == 4
     assert model.patch_embed.patch_size == (4, 4) and model.head.out_features == 10
     assert [auto_patch_size(s) for s in (8, 28, 32, 224)] == [4, 4, 4, 16]
-    cfg.model["patch_size"] = 3
+    cfg.model.patch_size = 3
     with pytest.raises(DyntieError, match="model.patch_size"):
         backbone.build_model(cfg, data)
     depth = {name: p.model["depth"] for name, p in PRESETS.items()}

@@ -15,7 +15,7 @@ def backbones(
     pattern: Annotated[str, typer.Argument(help="Shell-style pattern, e.g. 'gpt2*'.")] = "*",
 ) -> None:
     """List backbones: name, providing package, command, presets and datasets."""
-    from ..backbones.registry import list_backbones
+    from ..plugins import list_backbones
 
     found = list_backbones(pattern)
     if not found:

@@ -1,37 +1,129 @@
-"""Options shared by every command that trains (DESIGN.md section 6), declared once."""
+"""The options every command that trains shares, declared once: each flag, its help, and the setting it sets.
+
+``train``, ``finetune``, ``ablate``, ``bench``, ``study``, ``plan`` and ``config show`` take them through
+``@training_options``, which adds them to the command's signature (Typer reads it) and hands the command one
+``TrainingOptions`` object. A flag that names a setting (``--max-steps`` sets ``train.max_steps``) takes its help
+from the settings schema, so the two cannot disagree.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
 
 import typer
 
-Dataset = Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset name, or text:PATH / "
-                                                "imagefolder:PATH (see `dyntie backbones`).")]
-Preset = Annotated[str | None, typer.Option("--preset", "-p", help="Named model + training preset.")]
-Recipe = Annotated[str | None, typer.Option("--recipe", help="A TOML recipe file, or a packaged recipe name.")]
-Sets = Annotated[list[str] | None, typer.Option("--set", help="Override any config key: --set train.lr=3e-4 "
-                                                   "(repeatable).")]
-Db = Annotated[str | None, typer.Option("--db", envvar="DYNTIE_DB", help="DuckDB registry file "
-                                           "\\[default: ./dyntie.duckdb].")]
-Out = Annotated[str | None, typer.Option("--out", help="Folder for checkpoints \\[default: ./runs].")]
-Seed = Annotated[int | None, typer.Option("--seed", help="Random seed (data order, init, agent).")]
-Device = Annotated[str | None, typer.Option("--device", help="cpu, cuda or auto.")]
-MaxSteps = Annotated[int | None, typer.Option("--max-steps", help="Training steps.")]
-DecideEvery = Annotated[int | None, typer.Option("--decide-every", "-k", help="A tie decision every K steps.")]
-Variant = Annotated[str | None, typer.Option("--variant", help="dynamic (default), no-tying, random, "
-                                                "static-all, static-sequence, static-cycle, static-cycle-rev.")]
-Agent = Annotated[str | None, typer.Option("--agent", help="Agent setting: default, lean (about half the "
-                                              "independent blocks of default, worse perplexity), or paper "
-                                              "(the paper's exact agent).")]
-Reward = Annotated[str | None, typer.Option("--reward", help="Reward shaping: relative (default), neg-log-ppl, "
-                                                "or neg-ppl (the paper's raw -PPL).")]
-MaxIndependent = Annotated[int | None, typer.Option("--max-independent", help="A hard budget: at most N "
-                                                       "independent blocks (actions are masked; default agent: "
-                                                       "8, 0 for no cap).")]
-ParamPenalty = Annotated[float | None, typer.Option("--param-penalty", help="Subtract X times the fraction of "
-                                                       "independent blocks from the reward.")]
-TiedGrad = Annotated[str | None, typer.Option("--tied-grad", help="follow (paper: tied blocks get no weight "
-                                                 "gradient) or sum (ALBERT-style).")]
-DataDir = Annotated[str | None, typer.Option("--data-dir", help="Local copy of the dataset (offline use).")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or messages.")]
+from ..settings import FLAG_OF, RunSettings, parse_sets, section_fields
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str  # the parameter name
+    decls: tuple[str, ...]  # "--max-steps", "-k"
+    kind: Any  # the value's type
+    key: str | None  # the setting it sets; None: an option of the launch (where results go, what is shown)
+    help: str = ""  # for a setting: added after the schema's help
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("dataset", ("--dataset", "-d"), str, "dataset", "See `dyntie backbones`."),
+    Flag("preset", ("--preset", "-p"), str, None, "Named model + training preset (`dyntie backbones` lists them)."),
+    Flag("recipe", ("--recipe",), str, None, "A TOML recipe file, or a packaged recipe name."),
+    Flag("sets", ("--set",), list[str], None, "Override any setting: --set train.lr=3e-4 (repeatable; "
+                                              "`dyntie config show` prints them all)."),
+    Flag("db", ("--db",), str, None, "DuckDB registry file (or DYNTIE_DB) \\[default: ./dyntie.duckdb]."),
+    Flag("out", ("--out",), str, None, "Folder for checkpoints \\[default: ./runs]."),
+    Flag("seed", ("--seed",), int, "seed"),
+    Flag("device", ("--device",), str, "device"),
+    Flag("max_steps", ("--max-steps",), int, "train.max_steps"),
+    Flag("decide_every", ("--decide-every", "-k"), int, "ties.decide_every"),
+    Flag("variant", ("--variant",), str, "variant"),
+    Flag("independent", ("--independent",), int, "ties.independent"),
+    Flag("agent", ("--agent",), str, "agent.preset", "default, lean (fewer blocks, worse perplexity), or paper "
+                                                     "(the paper's exact agent)."),
+    Flag("reward", ("--reward",), str, "agent.reward"),
+    Flag("max_independent", ("--max-independent",), int, "agent.max_independent"),
+    Flag("param_penalty", ("--param-penalty",), float, "agent.param_penalty"),
+    Flag("tied_grad", ("--tied-grad",), str, "ties.tied_grad"),
+    Flag("data_dir", ("--data-dir",), str, "data_dir"),
+    Flag("quiet", ("--quiet", "-q"), bool, None, "No progress bar or messages."),
+)
+BY_NAME = {f.name: f for f in FLAGS}
+FLAG_OF.update({f.key: f.decls[0] for f in FLAGS if f.key})
+
+
+def _schema_help(key: str) -> str:
+    section, _, name = key.rpartition(".")
+    fields = section_fields(RunSettings)[section] if section else RunSettings.model_fields
+    info = fields.get(name)
+    return info.description or "" if info is not None else ""
+
+
+def _help(flag: Flag) -> str:
+    text = " ".join(part for part in (_schema_help(flag.key) if flag.key else "", flag.help) if part)
+    return text.replace("[", "\\[") if "\\[" not in text else text  # Rich markup: keep brackets visible
+
+
+def _parameter(flag: Flag) -> inspect.Parameter:
+    if flag.kind is bool:
+        annotation = Annotated[bool, typer.Option(*flag.decls, help=_help(flag))]
+        default: Any = False
+    else:
+        annotation = Annotated[flag.kind | None, typer.Option(*flag.decls, help=_help(flag), show_default=False)]
+        default = None
+    return inspect.Parameter(flag.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+@dataclass
+class TrainingOptions:
+    """The shared options of one command line, and the settings pairs they give."""
+
+    values: dict[str, Any]
+    #: settings a command sets from its own options (``finetune --task`` sets ``dataset``), after the flags
+    extra: list[tuple[str, Any]] = field(default_factory=list)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in BY_NAME:
+            return self.values.get(name)
+        raise AttributeError(name)
+
+    def flag_pairs(self) -> list[tuple[str, Any]]:
+        """(settings key, value) of every flag given; the named agent first, so flags and --set refine it."""
+        pairs = [(f.key, self.values[f.name]) for f in FLAGS
+                 if f.key and self.values.get(f.name) is not None]
+        return sorted(pairs, key=lambda pair: pair[0] != "agent.preset") + self.extra
+
+    def set_pairs(self) -> list[tuple[str, Any]]:
+        return parse_sets(self.values.get("sets"))
+
+    def given(self, name: str) -> bool:
+        return self.values.get(name) not in (None, False, [])
+
+
+def training_options(*, exclude: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add the shared flags (but ``exclude``) to a command; it receives them as ``opts: TrainingOptions``."""
+    flags = [f for f in FLAGS if f.name not in exclude]
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(fn, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != "opts"]
+        added = [_parameter(f) for f in flags]
+
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> Any:
+            values = {f.name: kwargs.pop(f.name) for f in flags}
+            return fn(opts=TrainingOptions(values), **kwargs)
+
+        parameters = own + added
+        command.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in parameters}
+        return command
+
+    return wrap
+
+
+Db = Annotated[str | None, typer.Option("--db", envvar="DYNTIE_DB", help=_help(BY_NAME["db"]))]
+Format = Annotated[str, typer.Option("--format", "-f", help="table, csv, json or markdown.")]

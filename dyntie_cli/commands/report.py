@@ -6,16 +6,13 @@ from typing import Annotated
 
 import typer
 
-from ..errors import UsageError
-from . import options as o
-
-FORMATS = ("table", "csv", "json", "markdown")
-TABLES = ("runs", "ppl", "params", "layers", "memory", "ties", "decisions", "paper", "bench", "agent",
-          "layer-counts")
+from ..report.tables import FORMATS
+from ..results.queries import REPORT_TABLES
+from .options import Db, Format
 
 
 def report(
-    table: Annotated[str | None, typer.Option("--table", help=f"One of: {', '.join(TABLES)}.")] = None,
+    table: Annotated[str | None, typer.Option("--table", help=f"One of: {', '.join(REPORT_TABLES)}.")] = None,
     run: Annotated[list[str] | None, typer.Option("--run", help="Run id or unique prefix (repeatable); "
                                                      "default: all runs.")] = None,
     compare: Annotated[list[str] | None, typer.Argument(help="With --compare: runs to set side by side.",
@@ -24,17 +21,19 @@ def report(
                                                "with ratios to the first.")] = False,
     plot: Annotated[str | None, typer.Option("--plot", help="ties, layers, memory, params or metrics.")] = None,
     out: Annotated[str | None, typer.Option("--out", help="PNG file for --plot.")] = None,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="table, csv, json or markdown.")] = "table",
-    db: o.Db = None,
+    fmt: Format = "table",
+    db: Db = None,
 ) -> None:
     """Show a named table from the registry. Data goes to stdout, so `--format csv > runs.csv` works.
 
     Examples: dyntie report --table runs | dyntie report --table paper --run R1 --run R2 --format markdown |
     dyntie report --compare R1 R2 | dyntie report --plot ties --run R --out ties.png
     """
-    from ..registry.db import resolve_db_path
-    from ..registry.queries import run_query
+    from ..errors import UsageError
     from ..report.tables import render
+    from ..results.bench import bench_title
+    from ..results.db import resolve_db_path
+    from ..results.queries import run_query
 
     if fmt not in FORMATS:
         raise UsageError(f"Unknown format {fmt!r}; use {', '.join(FORMATS)}.")
@@ -54,12 +53,9 @@ def report(
     if compare:
         raise UsageError("Run ids as arguments go with --compare; otherwise use --run R.")
     name = table or "runs"
-    if name == "bench":
-        from ..registry.bench_queries import bench_title
-
-        title = bench_title()
-    else:
-        title = name
+    if name not in REPORT_TABLES:
+        raise UsageError(f"No report table '{name}'; choose one of: {', '.join(REPORT_TABLES)}.")
+    title = bench_title() if name == "bench" else name
     typer.echo(render(run_query(name, path, run or None), fmt, title=title))
 
 

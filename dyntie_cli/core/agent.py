@@ -1,4 +1,4 @@
-"""The Q-learning agent of DESIGN.md section 2.
+"""The Q-learning agent (docs/method.md).
 
 The Q-network maps an encoding of the tie state ``s`` to the L(L+1)/2 entries of a lower-triangular L x L
 matrix: row i scores the i+1 choices for block i (``j == i``: independent, ``j < i``: use block j's weights).
@@ -10,8 +10,8 @@ Two named settings:
 
 * ``paper`` -- exactly the paper's agent: one transition, one optimizer step per decision, per-row
   epsilon-greedy over all rows, epsilon x0.95 per decision from 1.0 with floor 0.1, no replay, no target net.
-* ``default`` -- the same Q-function, the greedy TD target, plus what the short-run study of issue 7 found to matter
-  (README, "Issue 7 study"): a replay buffer with several minibatch updates per decision, a target network,
+* ``default`` -- the same Q-function, the greedy TD target, plus what the short-run agent study found to matter
+  (docs/studies.md): a replay buffer with several minibatch updates per decision, a target network,
   exploration that decays over the first 30% of the run to 0.02, a strong bias toward keeping a block's
   current tie (an exploring row keeps it with p=0.95; greedily, a row moves only if that gains more than
   ``keep_bonus`` = 2.0 in Q units), where keeping means following the block before when both share a root,
@@ -30,123 +30,15 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import DyntieError, UsageError
+from ..errors import DyntieError
+from ..settings import AgentSettings
 from .ties import transition, validate_state
-
-REWARD_BATCHES = ("interval", "next", "fresh")
-REWARDS = ("relative", "neg-log-ppl", "neg-ppl")
-
-
-@dataclass
-class AgentConfig:
-    """Agent hyper-parameters. ``preset`` names the starting point; explicit fields override it."""
-
-    preset: str = "default"
-    hidden: int = 128
-    lr: float = 1e-3
-    gamma: float = 0.9
-    encoding: str = "normalized"  # normalized | onehot
-    progress_input: bool = True  # feed training progress (0..1) as an extra input
-    epsilon: float = 1.0
-    epsilon_min: float = 0.02
-    epsilon_decay: float = 0.95  # per decision, used when epsilon_schedule == "per-decision"
-    epsilon_schedule: str = "run"  # per-decision (paper) | run (reach epsilon_min at explore_fraction)
-    explore_fraction: float = 0.3
-    explore: str = "row"  # row: each row explores on its own; vector: the whole action explores at once
-    keep_bias: float = 0.95  # when a row explores, chance it keeps its current tie instead of moving
-    keep_bonus: float = 2.0  # added to row i's keep entry when acting greedily: it moves only for a clear gain
-    # a block that trains keeps its weights unless exploration or the budget ties it: the greedy policy
-    # never throws a trained block away (its Q entries are only constrained through their mean over rows)
-    keep_trained: bool = True
-    keep_scope: str = "all"  # rows keep_bias and keep_bonus protect: all, or "independent": only an independent
-    # block (whose trained weights a tie discards); a tied row owns nothing, so re-targeting it costs nothing
-    # what "keep" means for a tied row: root: keep pointing at its root (a[i] = s[i]); previous: a row in the same
-    # group as the row before it keeps following that row (a[i] = i - 1), so by Eq. 1 it goes where that row
-    # goes: untying block i then splits its group at i (i and the rows after it in the group follow i's copy,
-    # the same weights at that moment) and groups stay runs of consecutive blocks
-    keep_target: str = "previous"
-    # what an exploring row that does not keep its tie does: any: a uniform choice among its allowed entries
-    # (the paper); local: a move that keeps groups consecutive: a tied row unties (or joins the group before it
-    # if it starts a group), an independent block joins the group before it
-    explore_moves: str = "local"
-    rows_per_decision: int = 0  # 0: every row is re-decided; n: only n random rows, the rest keep their tie
-    replay_size: int = 512
-    batch_size: int = 32
-    updates_per_decision: int = 8
-    target_sync: int = 5  # decisions between target-network syncs; 0: no target network
-    # the value of the next state in the TD target: max (DESIGN.md / the paper): mean over rows of each row's best
-    # entry; greedy: mean over rows of the entry the agent would choose there (keep bonus and keep_trained
-    # included; chosen with the online network, valued with the target network). With max, entries the policy
-    # never takes are never trained, drift, and feed the target: at 48 blocks the Q spread doubled about every
-    # 10 decisions over a 1,000-step run (99 decisions: spread 392, TD loss 9,107); greedy held it near 1-8
-    td_target: str = "greedy"
-    # the greedy target applies the max_independent budget as acting does (an untie it would refuse is valued as
-    # the refused row's fallback); false: as the greedy target first did, the unbudgeted greedy choice
-    td_budget: bool = True
-    reward: str = "relative"  # neg-ppl (paper) | neg-log-ppl | relative
-    # which fresh batches score a decision (never the test split; each is scored before the model trains on it):
-    # fresh (paper): one extra batch right after the change; next: the next training batch's forward pass;
-    # interval: the mean loss of the k training batches until the next decision (the change's whole effect)
-    reward_batch: str = "interval"
-    reward_ema: float = 0.9  # smoothing of the running reference used by reward == "relative"
-    max_independent: int = 8  # 0: no cap; n: actions are masked so at most n blocks are independent
-    param_penalty: float = 0.0  # subtracted from the reward times the fraction of independent blocks
-    seed: int = 0
-
-
-AGENT_PRESETS: dict[str, dict[str, Any]] = {
-    "paper": dict(
-        hidden=128, lr=1e-3, gamma=0.9, encoding="normalized", progress_input=False, epsilon=1.0,
-        epsilon_min=0.1, epsilon_decay=0.95, epsilon_schedule="per-decision", explore="row", keep_bias=0.0, keep_bonus=0.0,
-        keep_target="root", explore_moves="any", rows_per_decision=0, replay_size=1, batch_size=1,
-        updates_per_decision=1, target_sync=0, reward="neg-ppl", reward_batch="fresh", max_independent=0,
-        keep_trained=False, td_target="max",
-    ),
-    "default": {},
-    # the previous default: about 3 independent blocks of 48 instead of about 6, so the most memory and speed
-    # saved, at a worse perplexity in the issue 7 study (README): keep the root, uniform exploration, no cap
-    "lean": dict(keep_bias=0.9, keep_target="root", explore_moves="any", max_independent=0, keep_trained=False,
-                 td_target="max"),
-}
-
-#: fields added to AgentConfig after runs were first recorded, each with the value that reproduces how a run
-#: recorded before it existed behaved (a resume or an ablation of such a run must not switch policy)
-AGENT_FIELDS_BEFORE_THEY_EXISTED: dict[str, Any] = {
-    "keep_bonus": 0.0, "keep_scope": "all", "reward_batch": "fresh", "keep_target": "root",
-    "explore_moves": "any", "keep_trained": False, "td_target": "max", "td_budget": False,
-}
-
-
-def agent_config(preset: str = "default", **overrides: Any) -> AgentConfig:
-    if preset not in AGENT_PRESETS:
-        raise DyntieError(f"Unknown agent setting {preset!r}; choose one of {', '.join(AGENT_PRESETS)}.")
-    known = {f.name for f in fields(AgentConfig)}
-    bad = sorted(set(overrides) - known)
-    if bad:
-        raise DyntieError(f"Unknown agent option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}.")
-    return AgentConfig(**{**asdict(AgentConfig()), **AGENT_PRESETS[preset], **overrides, "preset": preset})
-
-
-def validate_agent_config(a: AgentConfig) -> None:
-    """One clear sentence for an agent setting that names no known choice (the CLI and direct use alike)."""
-    choices = {"reward": REWARDS, "reward_batch": REWARD_BATCHES, "keep_scope": ("all", "independent"),
-               "keep_target": ("root", "previous"), "explore_moves": ("any", "local"),
-               "encoding": ("normalized", "onehot"), "explore": ("row", "vector"),
-               "epsilon_schedule": ("per-decision", "run"), "td_target": ("max", "greedy")}
-    for key, allowed in choices.items():
-        if getattr(a, key) not in allowed:
-            flag = "--reward" if key == "reward" else f"agent.{key}"
-            raise UsageError(f"{flag} must be one of {', '.join(allowed)}, not {getattr(a, key)!r}.")
-    if a.max_independent < 0:
-        raise UsageError("--max-independent must be 0 (no cap) or a positive number of blocks.")
-    if a.param_penalty < 0:
-        raise UsageError("--param-penalty must be zero or positive.")
 
 
 def tril_index(num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +59,7 @@ class Decision:
 
 
 class QNetwork(nn.Module):
-    def __init__(self, num_blocks: int, cfg: AgentConfig) -> None:
+    def __init__(self, num_blocks: int, cfg: AgentSettings) -> None:
         super().__init__()
         self.num_blocks = num_blocks
         self.encoding = cfg.encoding
@@ -191,10 +83,8 @@ class QNetwork(nn.Module):
         L = self.num_blocks
         if self.encoding == "normalized":
             x = states.float() / max(L - 1, 1)
-        elif self.encoding == "onehot":
+        else:  # onehot
             x = (states[:, self.rows] == self.cols).float()
-        else:
-            raise DyntieError(f"Unknown state encoding {self.encoding!r}; use normalized or onehot.")
         if self.progress_input:
             x = torch.cat([x, progress.float().unsqueeze(1)], dim=1)
         return x
@@ -213,9 +103,9 @@ class QNetwork(nn.Module):
 
 
 class RewardShaper:
-    """The reward from a fresh batch's perplexity (after the tie change), as ``AgentConfig.reward`` says."""
+    """The reward from a fresh batch's perplexity (after the tie change), as ``AgentSettings.reward`` says."""
 
-    def __init__(self, cfg: AgentConfig, num_blocks: int) -> None:
+    def __init__(self, cfg: AgentSettings, num_blocks: int) -> None:
         self.cfg = cfg
         self.num_blocks = num_blocks
         self.reward_ref: float | None = None  # running reference log-PPL of the "relative" reward
@@ -226,15 +116,13 @@ class RewardShaper:
             r = -ppl
         elif kind == "neg-log-ppl":
             r = -math.log(ppl)
-        elif kind == "relative":
+        else:  # relative
             # -log PPL relative to a running reference: the perplexity falls all through training, so the
             # raw reward drifts; relative to its own recent level it measures what the tie change did.
             log_ppl = math.log(ppl)
             ref = self.reward_ref if self.reward_ref is not None else log_ppl
             r = ref - log_ppl
             self.reward_ref = self.cfg.reward_ema * ref + (1 - self.cfg.reward_ema) * log_ppl
-        else:
-            raise DyntieError(f"Unknown reward {kind!r}; use neg-ppl, neg-log-ppl or relative.")
         return r - self.cfg.param_penalty * independent / self.num_blocks
 
 
@@ -249,10 +137,9 @@ class QAgent:
 
     learns = True
 
-    def __init__(self, num_blocks: int, cfg: AgentConfig, total_decisions: int | None = None) -> None:
+    def __init__(self, num_blocks: int, cfg: AgentSettings, total_decisions: int | None = None) -> None:
         if num_blocks < 1:
             raise DyntieError("The agent needs at least one block.")
-        validate_agent_config(cfg)
         self.cfg = cfg
         self.num_blocks = num_blocks
         self.total_decisions = total_decisions
@@ -454,7 +341,7 @@ class QAgent:
         c = self.cfg
         if c.epsilon_schedule == "per-decision":
             self.epsilon = max(c.epsilon_decay * self.epsilon, c.epsilon_min)
-        elif c.epsilon_schedule == "run":
+        else:  # run
             horizon = max(1.0, c.explore_fraction * (self.total_decisions or 100))
             frac = min(1.0, self.decisions / horizon)
             if frac >= 1.0 or c.epsilon <= c.epsilon_min:
@@ -464,14 +351,12 @@ class QAgent:
                 # toward epsilon_min == 0 (no exploration after that point) it aims at epsilon / 100 on the way
                 end = c.epsilon_min if c.epsilon_min > 0 else c.epsilon / 100
                 self.epsilon = max(c.epsilon * (end / c.epsilon) ** frac, c.epsilon_min)
-        else:
-            raise DyntieError(f"Unknown epsilon schedule {c.epsilon_schedule!r}; use per-decision or run.")
 
     # -- resume ------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "cfg": asdict(self.cfg), "num_blocks": self.num_blocks, "total_decisions": self.total_decisions,
+            "cfg": self.cfg.model_dump(), "num_blocks": self.num_blocks, "total_decisions": self.total_decisions,
             "q": self.q.state_dict(), "target": self.target.state_dict() if self.target is not None else None,
             "optimizer": self.optimizer.state_dict(), "epsilon": self.epsilon, "decisions": self.decisions,
             "replay": [(s.tolist(), a.tolist(), r, s2.tolist(), p, p2) for s, a, r, s2, p, p2 in self.replay],

@@ -1,12 +1,14 @@
-"""Checkpoints: everything needed to resume a run exactly (DESIGN.md section 8).
+"""Checkpoints: everything needed to resume a run exactly (docs/method.md, "Resume").
 
 A checkpoint folder holds
 * ``model.safetensors`` -- each stored tensor once. Tied blocks own no tensors (``state_dict`` omits them);
   other aliases (GPT-2's lm_head is its token embedding) are saved once and listed in the metadata,
   because safetensors refuses tensors that share memory;
 * ``ties.json`` -- the tie map: the state vector and the tie mode;
-* ``trainer.pt`` -- optimizer (with the *names* of its parameters in order, since the tie manager changes
-  the parameter set), LR schedule, policy/agent, RNG states, step and decision counters.
+* ``trainer.pt`` -- the loop's state (``LoopState``: step and decision counters, timers, a decision still
+  waiting for its reward), the optimizer (with the *names* of its parameters in order, since the tie manager
+  changes the parameter set), and every other resumable part the trainer lists (LR schedule, policy/agent,
+  batch generators), and the RNG states.
 The folder is written under a temporary name and renamed, so a kill mid-write leaves the last good one.
 """
 
@@ -16,6 +18,7 @@ import json
 import os
 import random
 import shutil
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,47 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import DyntieError
+
+
+@dataclass
+class PendingDecision:
+    """A decision whose reward batches are still being trained on (``reward_batch`` interval or next)."""
+
+    decision: int
+    step: int
+    state: list[int]
+    action: list[int]
+    next_state: list[int]
+    progress: float
+    next_progress: float
+    epsilon: float | None
+    explored: bool | None
+    greedy_agreement: float | None
+    q_spread: float | None
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class LoopState:
+    """The loop's own state: one list of fields, saved and restored as a whole, so a new piece of loop state
+    cannot be forgotten at resume (add it here and it is checkpointed)."""
+
+    step: int = 0
+    decision: int = 0
+    agent_time: float = 0.0  # seconds spent choosing, applying and rewarding decisions
+    wall_time: float = 0.0  # loop seconds of the earlier processes of this run (before a resume)
+    indep_steps: float = 0.0  # step-weighted sum of independent blocks, for the mean over training
+    pending: PendingDecision | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> LoopState:
+        values = {f.name: saved[f.name] for f in fields(cls) if f.name in saved}
+        pending = values.get("pending")
+        values["pending"] = PendingDecision(**pending) if pending else None
+        return cls(**values)
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

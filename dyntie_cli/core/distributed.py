@@ -1,4 +1,4 @@
-"""Several processes under ``torchrun`` (DESIGN.md section 8): data parallel, gloo on CPU, NCCL on GPUs.
+"""Several processes under ``torchrun`` (docs/method.md, "Several processes"): data parallel, gloo on CPU, NCCL on GPUs.
 
 Every rank holds the whole model and the same tie state and trains on its own batches; after backward the
 gradients are averaged over the ranks, as DDP does. (By hand, not with DDP: DDP fixes its parameter set when it

@@ -1,8 +1,8 @@
-"""Algorithm 1 over any backbone: train, decide every k steps, reward on a fresh batch, learn, log.
+"""Algorithm 1 over any backbone: train, decide every k steps, reward on fresh batches, learn, log.
 
-The loop knows a backbone only through ``backbones.base.Backbone``; it owns the tie manager, the policy,
-the optimizer, memory probes, checkpoints and the registry writer. Commands build a ``Trainer`` and
-listen to its events (for the progress bar); they hold no training logic.
+The loop knows a backbone only through the contract (``dyntie_cli.backbone.Backbone``); it owns the tie
+manager, the policy, the optimizer, memory probes, checkpoints and the results writer. Commands build a
+``Trainer`` and listen to its events (for the progress bar); they hold no training logic.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import statistics
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import RunConfig
+from ..backbone import perplexity
 from ..errors import DyntieError
+from ..settings import RunSettings
 from . import checkpoint as ckpt
-from .agent import validate_agent_config
+from .checkpoint import LoopState, PendingDecision
 from .distributed import Group
 from .memory import MemoryProbe, base_bytes, gradient_bytes, release_freed_memory, trainable_parameters
 from .policies import Policy, make_policy
@@ -69,7 +70,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: RunSettings) -> torch.optim.Optimizer:
     """AdamW over the de-duplicated parameters: matrices decayed, vectors (biases, norms) not."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -81,7 +82,7 @@ def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     )
 
 
-def lr_lambda(cfg: RunConfig) -> Callable[[int], float]:
+def lr_lambda(cfg: RunSettings) -> Callable[[int], float]:
     t = cfg.train
 
     def f(step: int) -> float:
@@ -123,13 +124,14 @@ def _stop_on_signals(trainer: Trainer):
 class Trainer:
     """One run. ``source`` carries what an ablation takes from another run (final state, schedule)."""
 
-    def __init__(self, backbone, cfg: RunConfig, writer, *, command: str = "train", out_dir: Path,
+    def __init__(self, backbone, cfg: RunSettings, writer, *, command: str = "train", out_dir: Path,
                  source: dict[str, Any] | None = None, parent_run_id: str | None = None,
                  resume: bool = False, events: Callable[[Event], None] | None = None,
-                 bench_round: dict[str, Any] | None = None, group: Group | None = None) -> None:
+                 labels: dict[str, Any] | None = None, group: Group | None = None) -> None:
         self.backbone = backbone
         self.group = group or Group()  # the ranks of a torchrun launch; one process by default
-        self.bench_round = bench_round  # which round of a repeated `dyntie bench` this run is (registry only)
+        # what the registry keeps beside the settings in runs.config (a bench round, a study): labels only
+        self.labels = labels or {}
         self.cfg = cfg
         self.writer = writer
         self.command = command
@@ -144,39 +146,16 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg = self.cfg
-        t = cfg.train
-        if t.max_steps < 1:
-            raise DyntieError("--max-steps must be a positive number of training steps.")
-        if cfg.ties.decide_every < 1:
-            raise DyntieError("--decide-every must be a positive number of steps.")
         seed_everything(cfg.seed)
         self.device = self.group.device or resolve_device(cfg.device)
         with self.group.main_first():  # rank 0 fills the token cache, the other ranks read it
             self.data = self.backbone.load_data(cfg)
-        # what the process holds before any model exists (libraries, data): no tie state can save it. The
-        # backbone first loads the code its model needs (transformers' modelling code alone is ~0.2 GiB). Only a
-        # measurement: a model whose code cannot load that way is measured without it, and any real fault
-        # surfaces in the build just below
-        with suppress(Exception):
-            self.backbone.load_model_code(cfg, self.data)
-        self.base_bytes = base_bytes(self.device)
-        self.model = self.backbone.build_model(cfg, self.data).to(self.device)
-        blocks = self.backbone.blocks(self.model)
-        self.num_blocks = len(blocks)
-        self.total_decisions = max(0, (t.max_steps - 1) // cfg.ties.decide_every)
-        self.policy: Policy = make_policy(
-            cfg.variant, self.num_blocks, agent=cfg.agent, total_decisions=self.total_decisions, seed=cfg.seed,
-            independent=cfg.ties.independent, source=self.source, perm_seed=cfg.ties.perm_seed,
-        )
-        initial = self.policy.initial_state()
-        if cfg.variant.startswith("static-") and not cfg.ties.independent:
-            cfg.ties.independent = independent_count(initial)  # record what the scheme resolved to
+        self._build_model()
+        self._make_policy()
         self.checkpoint_dir = self.out_dir / self.writer.run_id / "checkpoint"
-        trainer_state = None
-        if self.resume:
-            tie_map = ckpt.load_tie_map(self.checkpoint_dir)
-            initial = tie_map["state"]
-        self.ties = TieManager(blocks, initial, tied_grad=cfg.ties.tied_grad, untie_optim=cfg.ties.untie_optim)
+        initial = ckpt.load_tie_map(self.checkpoint_dir)["state"] if self.resume else self.policy.initial_state()
+        self.ties = TieManager(self.backbone.blocks(self.model), initial, tied_grad=cfg.ties.tied_grad,
+                               untie_optim=cfg.ties.untie_optim)
         if self.group.active:
             self.group.broadcast_parameters(self.model)  # the same start on every rank (the seed gives it too)
             if not self.group.is_main:
@@ -189,40 +168,63 @@ class Trainer:
         # each rank its own batches; rank 0 (and a single process) the run's seed
         self.train_gen = torch.Generator().manual_seed(cfg.seed + _RANK_SEED_STRIDE * self.group.rank)
         self.reward_gen = torch.Generator().manual_seed(cfg.seed + 1)
-        validate_agent_config(cfg.agent)  # reward_batch drives the loop for every policy, not only the agent's
-        self.reward_batch = cfg.agent.reward_batch
-        self.pending: dict[str, Any] | None = None  # a decision whose reward batches are still being trained on
-        self.step = 0
-        self.decision = 0
-        self.agent_time = 0.0
-        self.wall_time = 0.0  # loop time before a resume
+        self.loop = LoopState()
         self.grad_bytes = 0
-        self.indep_steps = 0.0  # step-weighted sum for the mean over training
         if self.resume:
-            trainer_state = ckpt.load_trainer_state(self.checkpoint_dir)
-            saved_world = trainer_state.get("world_size", 1)
-            if saved_world != self.group.world:
-                raise DyntieError(f"Run {self.writer.run_id} was trained by {saved_world} process(es); resume it with "
-                                  f"as many (torchrun --nproc_per_node {saved_world}, or no torchrun for 1).")
-            if self.group.active:
-                trainer_state.update(trainer_state["ranks"][self.group.rank])  # this rank's batches and RNG
-            ckpt.restore_optimizer(self.model, self.optimizer, trainer_state)
-            self.scheduler.load_state_dict(trainer_state["scheduler"])
-            self.policy.load_state_dict(trainer_state["policy"])
-            self.train_gen.set_state(trainer_state["train_gen"])
-            self.reward_gen.set_state(trainer_state["reward_gen"])
-            for k in ("step", "decision", "agent_time", "wall_time", "indep_steps"):
-                setattr(self, k, trainer_state[k])
-            self.pending = trainer_state.get("pending") if self.group.is_main else None  # rank 0's policy learns
-            ckpt.restore_rng(trainer_state)
+            self._restore()
         self.ties.attach_optimizer(self.optimizer)
         self.probe = MemoryProbe(self.device)  # training peaks from here on; the setup peak is kept apart
-        precision = cfg.train.precision
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise DyntieError(f"Unknown precision {precision!r}; use fp32, bf16 or fp16.")
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        use_scaler = precision == "fp16" and self.device.type == "cuda"
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+        use_scaler = cfg.train.precision == "fp16" and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        # what the process holds before any model exists (libraries, data): no tie state can save it. The
+        # backbone first loads the code its model needs (transformers' modelling code alone is ~0.2 GiB). Only a
+        # measurement: a model whose code cannot load that way is measured without it, and any real fault
+        # surfaces in the build just below
+        with suppress(Exception):
+            self.backbone.load_model_code(cfg, self.data)
+        self.base_bytes = base_bytes(self.device)
+        self.model = self.backbone.build_model(cfg, self.data).to(self.device)
+        self.num_blocks = len(self.backbone.blocks(self.model))
+
+    def _make_policy(self) -> None:
+        cfg = self.cfg
+        self.total_decisions = max(0, (cfg.train.max_steps - 1) // cfg.ties.decide_every)
+        self.policy: Policy = make_policy(
+            cfg.variant, self.num_blocks, agent=cfg.agent, total_decisions=self.total_decisions, seed=cfg.seed,
+            independent=cfg.ties.independent, source=self.source, perm_seed=cfg.ties.perm_seed,
+        )
+        if cfg.variant.startswith("static-") and not cfg.ties.independent:
+            cfg.ties.independent = independent_count(self.policy.initial_state())  # what the scheme resolved to
+
+    def _resumables(self) -> dict[str, tuple[Callable[[], Any], Callable[[Any], Any]]]:
+        """Every part of the run a checkpoint saves and a resume restores by name (besides the loop state,
+        the model, the optimizer and the RNGs): one list for both directions."""
+        return {
+            "scheduler": (self.scheduler.state_dict, self.scheduler.load_state_dict),
+            "policy": (self.policy.state_dict, self.policy.load_state_dict),
+            "train_gen": (self.train_gen.get_state, self.train_gen.set_state),
+            "reward_gen": (self.reward_gen.get_state, self.reward_gen.set_state),
+        }
+
+    def _restore(self) -> None:
+        saved = ckpt.load_trainer_state(self.checkpoint_dir)
+        saved_world = saved.get("world_size", 1)
+        if saved_world != self.group.world:
+            raise DyntieError(f"Run {self.writer.run_id} was trained by {saved_world} process(es); resume it with "
+                              f"as many (torchrun --nproc_per_node {saved_world}, or no torchrun for 1).")
+        if self.group.active:
+            saved.update(saved["ranks"][self.group.rank])  # this rank's batches and RNG
+        ckpt.restore_optimizer(self.model, self.optimizer, saved)
+        for name, (_, load) in self._resumables().items():
+            load(saved[name])
+        self.loop = LoopState.from_dict(saved)
+        if not self.group.is_main:
+            self.loop.pending = None  # only rank 0's policy learns
+        ckpt.restore_rng(saved)
 
     def _conventional_params(self) -> int:
         """Trainable parameters of the same model with every block independent (the paper's baseline)."""
@@ -233,7 +235,7 @@ class Trainer:
         """Trainable parameters averaged over steps: the always-trained ones plus one block per independent
         block (a tie manager invariant), so the mean follows from the mean number of independent blocks."""
         always = self.conventional_params - self.ties.block_numel() * self.num_blocks
-        return always + self.ties.block_numel() * self.indep_steps / steps
+        return always + self.ties.block_numel() * self.loop.indep_steps / steps
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -249,9 +251,9 @@ class Trainer:
         if self.resume:
             w.resume(w.run_id)
             # a decision still waiting for its reward at the checkpoint is logged again once it is scored
-            w.truncate_after(self.step, decisions_from=self.pending["decision"] if self.pending else None)
+            w.truncate_after(self.loop.step, decisions_from=self.loop.pending.decision if self.loop.pending else None)
         else:
-            config = cfg.to_dict() | ({"bench": self.bench_round} if self.bench_round else {})
+            config = cfg.to_dict() | self.labels
             if self.group.active:
                 config["world_size"] = self.group.world
             w.start(self.command, cfg.backbone, cfg.dataset, cfg.variant, config,
@@ -261,14 +263,14 @@ class Trainer:
             w.metric(0, "train", "setup_peak_bytes", self.probe.setup_peak)
             w.metric(0, "train", "base_bytes", self.base_bytes)
             w.flush()
-        self.events({"type": "start", "run_id": w.run_id, "total": cfg.train.max_steps, "step": self.step,
+        self.events({"type": "start", "run_id": w.run_id, "total": cfg.train.max_steps, "step": self.loop.step,
                      "blocks": self.num_blocks, "source": getattr(self.data, "source", "")})
         try:
             with _stop_on_signals(self):
                 result = self._loop()
         except KeyboardInterrupt:
             w.finish("killed")
-            raise DyntieError(f"Run {w.run_id} was interrupted at step {self.step}; its last checkpoint is kept.",
+            raise DyntieError(f"Run {w.run_id} was interrupted at step {self.loop.step}; its last checkpoint is kept.",
                               exit_code=130) from None
         except BaseException as e:
             w.finish("failed", error=f"{type(e).__name__}: {e}")
@@ -277,7 +279,7 @@ class Trainer:
             w.finish("killed")
             self.group.wait_for_all()  # no rank exits (torchrun would then end the rest) before rank 0 has recorded it
             raise DyntieError(
-                f"Run {w.run_id} was stopped at step {self.step}; resume it with `--resume {w.run_id}`.",
+                f"Run {w.run_id} was stopped at step {self.loop.step}; resume it with `--resume {w.run_id}`.",
                 exit_code=128 + int(self.stop_signal or signal.SIGTERM),
             )
         w.finish("finished")
@@ -292,25 +294,25 @@ class Trainer:
         items = self.data.items_per_batch() * self.group.world  # tokens (examples) per step over all ranks
         self.loop_start = time.perf_counter()
         self.model.train()
-        while self.step < t.max_steps:
+        while self.loop.step < t.max_steps:
             loss, dt = self._train_step()
             loss = self.group.mean(loss)  # the ranks' mean loss, for the logs and the rewards
-            self.step += 1
+            self.loop.step += 1
             losses.append(loss)
             step_times.append(dt)
-            self.indep_steps += self.ties.independent_layers
+            self.loop.indep_steps += self.ties.independent_layers
             self._collect_reward(loss)
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
+            if self.loop.step % t.log_every == 0 or self.loop.step == t.max_steps:
                 self._log_train(losses, step_times, items)
                 losses, step_times = [], []
-            if self.step % k == 0 and self.step < t.max_steps:
+            if self.loop.step % k == 0 and self.loop.step < t.max_steps:
                 self._decide()
-            eval_now = t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps
+            eval_now = t.eval_every and self.loop.step % t.eval_every == 0 and self.loop.step < t.max_steps
             if eval_now:
                 self._validate()
                 if not t.checkpoint_every:
                     self._save_checkpoint()
-            if t.checkpoint_every and self.step % t.checkpoint_every == 0:
+            if t.checkpoint_every and self.loop.step % t.checkpoint_every == 0:
                 self._save_checkpoint()
             w.maybe_flush()
             # a stop asked of any rank stops every rank at this step (a signal landing after this point is
@@ -323,16 +325,16 @@ class Trainer:
         validation = self._validate()
         final = self._evaluate("test", t.test_items)
         for name, value in final.items():
-            w.metric(self.step, "test", name, value)
-        n = max(self.step, 1)
-        w.metric(self.step, "train", "independent_layers_mean", self.indep_steps / n)
-        w.metric(self.step, "train", "trainable_params_mean", self._mean_trainable(n))
-        w.metric(self.step, "train", "conventional_params", self.conventional_params)
+            w.metric(self.loop.step, "test", name, value)
+        n = max(self.loop.step, 1)
+        w.metric(self.loop.step, "train", "independent_layers_mean", self.loop.indep_steps / n)
+        w.metric(self.loop.step, "train", "trainable_params_mean", self._mean_trainable(n))
+        w.metric(self.loop.step, "train", "conventional_params", self.conventional_params)
         path = self._save_checkpoint()
         self.events({"type": "end", "final": final, "split": self.data.test_split})
         return RunResult(
-            run_id=w.run_id, status="finished", step=self.step, final=final, validation=validation,
-            test_split=self.data.test_split, mean_independent=self.indep_steps / n,
+            run_id=w.run_id, status="finished", step=self.loop.step, final=final, validation=validation,
+            test_split=self.data.test_split, mean_independent=self.loop.indep_steps / n,
             end_independent=self.ties.independent_layers, mean_trainable=self._mean_trainable(n),
             end_trainable=trainable_parameters(self.model), checkpoint=str(path),
         )
@@ -354,7 +356,7 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
-        if (self.step + 1) % self.cfg.train.log_every == 0 or self.step + 1 == self.cfg.train.max_steps:
+        if (self.loop.step + 1) % self.cfg.train.log_every == 0 or self.loop.step + 1 == self.cfg.train.max_steps:
             self.grad_bytes = gradient_bytes(self.model)  # gradients exist only until zero_grad, just below
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -363,31 +365,31 @@ class Trainer:
 
     def _decide(self) -> None:
         t0 = time.perf_counter()
-        self.decision += 1
+        self.loop.decision += 1
         state = list(self.ties.state)
         t = self.cfg.train
-        progress = self.step / t.max_steps
-        next_progress = min(1.0, (self.step + self.cfg.ties.decide_every) / t.max_steps)
+        progress = self.loop.step / t.max_steps
+        next_progress = min(1.0, (self.loop.step + self.cfg.ties.decide_every) / t.max_steps)
         # rank 0 decides; every rank applies the same change
-        dec = self.group.broadcast(self.policy.decide(state, self.decision, progress) if self.group.is_main else None)
+        dec = self.group.broadcast(self.policy.decide(state, self.loop.decision, progress) if self.group.is_main else None)
         new_state = transition(state, dec.action)
         changes = self.ties.apply(new_state)
         if changes["tied"] and self.device.type == "cpu":
             release_freed_memory()  # the released blocks' pages go back to the OS, not only to malloc
         changed = sum(a != b for a, b in zip(state, new_state))
         self._log_tie(action=dec.action, changed=changed)
-        pending = {
-            "decision": self.decision, "step": self.step, "state": state, "action": list(dec.action),
-            "next_state": list(new_state), "progress": progress, "next_progress": next_progress,
-            "epsilon": dec.epsilon, "explored": dec.explored, "greedy_agreement": dec.greedy_agreement,
-            "q_spread": dec.q_spread if self.policy.learns else None, "losses": [],
-        }
-        self.agent_time += time.perf_counter() - t0
+        pending = PendingDecision(
+            decision=self.loop.decision, step=self.loop.step, state=state, action=list(dec.action),
+            next_state=list(new_state), progress=progress, next_progress=next_progress, epsilon=dec.epsilon,
+            explored=dec.explored, greedy_agreement=dec.greedy_agreement,
+            q_spread=dec.q_spread if self.policy.learns else None,
+        )
+        self.loop.agent_time += time.perf_counter() - t0
         if not self.group.is_main:
             return  # only rank 0's policy learns
         if not self.policy.wants_reward:
             self._log_decision(pending, None, {})
-        elif self.reward_batch == "fresh":
+        elif self.cfg.agent.reward_batch == "fresh":
             # the paper: perplexity on one extra fresh training batch, after the change (never the test split)
             t1 = time.perf_counter()
             batch = _to(self.data.train_batch(self.reward_gen), self.device)
@@ -395,48 +397,48 @@ class Trainer:
             with self._autocast():
                 ppl = self.backbone.reward_ppl(self.model, batch)
             self.model.train()
-            self.agent_time += time.perf_counter() - t1
+            self.loop.agent_time += time.perf_counter() - t1
             self._reward(pending, ppl)
         else:
-            self.pending = pending  # scored by the next training batch(es), before the model trains on them
+            self.loop.pending = pending  # scored by the next training batch(es), before the model trains on them
 
     def _collect_reward(self, loss: float) -> None:
         """Feed a training batch's loss (computed before the optimizer used that batch) to the pending reward."""
-        p = self.pending
+        p = self.loop.pending
         if p is None:
             return
-        p["losses"].append(loss)
-        if len(p["losses"]) >= (1 if self.reward_batch == "next" else self.cfg.ties.decide_every):
+        p.losses.append(loss)
+        if len(p.losses) >= (1 if self.cfg.agent.reward_batch == "next" else self.cfg.ties.decide_every):
             self._score_pending()
 
     def _score_pending(self) -> None:
         """Reward the pending decision on the batches collected so far (at the end: an interval cut short)."""
-        p, self.pending = self.pending, None
-        if p is None or not p["losses"]:
+        p, self.loop.pending = self.loop.pending, None
+        if p is None or not p.losses:
             return
-        mean = sum(p["losses"]) / len(p["losses"])  # equal-size batches: the token-weighted mean
-        self._reward(p, math.exp(min(mean, 50.0)))
+        mean = sum(p.losses) / len(p.losses)  # equal-size batches: the token-weighted mean
+        self._reward(p, perplexity(mean))
 
-    def _reward(self, p: dict[str, Any], ppl: float) -> None:
+    def _reward(self, p: PendingDecision, ppl: float) -> None:
         t0 = time.perf_counter()
-        info = self.policy.observe(p["state"], p["action"], ppl, p["next_state"], independent_count(p["next_state"]),
-                                   p["progress"], p["next_progress"])
-        self.agent_time += time.perf_counter() - t0
+        info = self.policy.observe(p.state, p.action, ppl, p.next_state, independent_count(p.next_state),
+                                   p.progress, p.next_progress)
+        self.loop.agent_time += time.perf_counter() - t0
         self._log_decision(p, ppl, info)
 
-    def _log_decision(self, p: dict[str, Any], ppl: float | None, info: dict[str, Any]) -> None:
+    def _log_decision(self, p: PendingDecision, ppl: float | None, info: dict[str, Any]) -> None:
         self.writer.decision(
-            decision=p["decision"], step=p["step"], epsilon=p["epsilon"], explored=p["explored"],
+            decision=p.decision, step=p.step, epsilon=p.epsilon, explored=p.explored,
             reward=info.get("reward"), q_predicted=info.get("q_predicted"), q_target=info.get("q_target"),
-            td_loss=info.get("td_loss"), greedy_agreement=p["greedy_agreement"], q_spread=p["q_spread"], ppl=ppl,
+            td_loss=info.get("td_loss"), greedy_agreement=p.greedy_agreement, q_spread=p.q_spread, ppl=ppl,
         )
         if ppl is not None:  # at the step the reward was measured (the end of its interval for "interval")
-            self.writer.metric(self.step, "reward", "ppl", ppl)
-            self.writer.metric(self.step, "reward", "reward", info["reward"])
+            self.writer.metric(self.loop.step, "reward", "ppl", ppl)
+            self.writer.metric(self.loop.step, "reward", "reward", info["reward"])
 
     def _log_tie(self, action: list[int], changed: int) -> None:
         self.writer.tie(
-            decision=self.decision, step=self.step, state=list(self.ties.state), action=list(action),
+            decision=self.loop.decision, step=self.loop.step, state=list(self.ties.state), action=list(action),
             independent_layers=independent_count(self.ties.state),
             distinct_block_weights=self.ties.distinct_block_weights(), changed_blocks=changed,
         )
@@ -445,18 +447,18 @@ class Trainer:
         w = self.writer
         loss = sum(losses) / len(losses)
         step_time = statistics.median(step_times)
-        w.metric(self.step, "train", "loss", loss)
-        w.metric(self.step, "train", "ppl", math.exp(min(loss, 50.0)))
-        w.metric(self.step, "train", "step_time_s", step_time)
-        w.metric(self.step, "train", "tokens_per_s", items / step_time if step_time > 0 else 0.0)
-        w.metric(self.step, "train", "lr", self.scheduler.get_last_lr()[0])
-        w.metric(self.step, "train", "agent_time_s", self.agent_time)
-        w.metric(self.step, "train", "wall_time_s", self.wall_time + time.perf_counter() - self.loop_start)
+        w.metric(self.loop.step, "train", "loss", loss)
+        w.metric(self.loop.step, "train", "ppl", perplexity(loss))
+        w.metric(self.loop.step, "train", "step_time_s", step_time)
+        w.metric(self.loop.step, "train", "tokens_per_s", items / step_time if step_time > 0 else 0.0)
+        w.metric(self.loop.step, "train", "lr", self.scheduler.get_last_lr()[0])
+        w.metric(self.loop.step, "train", "agent_time_s", self.loop.agent_time)
+        w.metric(self.loop.step, "train", "wall_time_s", self._wall_time())
         m = self.probe.read(self.model, self.optimizer, grad_bytes=self.grad_bytes)
-        w.memory(step=self.step, device=m.device, peak_bytes=m.peak_bytes, current_bytes=m.current_bytes,
+        w.memory(step=self.loop.step, device=m.device, peak_bytes=m.peak_bytes, current_bytes=m.current_bytes,
                  param_bytes=m.param_bytes, grad_bytes=m.grad_bytes, optimizer_bytes=m.optimizer_bytes,
                  trainable_params=m.trainable_params)
-        self.events({"type": "log", "step": self.step, "loss": loss, "ppl": math.exp(min(loss, 50.0)),
+        self.events({"type": "log", "step": self.loop.step, "loss": loss, "ppl": perplexity(loss),
                      "independent": self.ties.independent_layers, "blocks": self.num_blocks,
                      "peak_bytes": m.peak_bytes, "trainable": m.trainable_params})
 
@@ -474,8 +476,8 @@ class Trainer:
     def _validate(self) -> dict[str, float]:
         out = self._evaluate("validation", self.cfg.train.eval_items)
         for name, value in out.items():
-            self.writer.metric(self.step, "validation", name, value)
-        self.events({"type": "eval", "step": self.step, "metrics": out})
+            self.writer.metric(self.loop.step, "validation", name, value)
+        self.events({"type": "eval", "step": self.loop.step, "metrics": out})
         return out
 
     def _save_checkpoint(self) -> Path:
@@ -483,16 +485,17 @@ class Trainer:
         ranks = self.group.gather({"train_gen": self.train_gen.get_state(), "rng": ckpt.rng_state()})
         if not self.group.is_main:
             return self.checkpoint_dir
+        loop = replace(self.loop, wall_time=self._wall_time())
         trainer = {
-            "step": self.step, "decision": self.decision, "agent_time": self.agent_time,
-            "wall_time": self.wall_time + time.perf_counter() - self.loop_start,
-            "indep_steps": self.indep_steps, "pending": self.pending,
-            "scheduler": self.scheduler.state_dict(),
-            "policy": self.policy.state_dict(), "train_gen": self.train_gen.get_state(),
-            "reward_gen": self.reward_gen.get_state(), "config": self.cfg.to_dict(),
-            "world_size": self.group.world, **({"ranks": ranks} if self.group.active else {}),
+            **loop.to_dict(), **{name: save() for name, (save, _) in self._resumables().items()},
+            "config": self.cfg.to_dict(), "world_size": self.group.world,
+            **({"ranks": ranks} if self.group.active else {}),
         }
         path = ckpt.save_checkpoint(self.checkpoint_dir, model=self.model, ties_map=self.ties.tie_map(),
                                     optimizer=self.optimizer, trainer=trainer)
         self.writer.flush()
         return path
+
+    def _wall_time(self) -> float:
+        """Seconds of the loop so far, the earlier processes of a resumed run included."""
+        return self.loop.wall_time + time.perf_counter() - self.loop_start

@@ -1,4 +1,4 @@
-"""Memory probes and byte accounting (DESIGN.md section 3).
+"""Memory probes and byte accounting (docs/method.md, "Memory").
 
 On CUDA: peak allocated bytes per logging interval (the peak is reset after each reading) and the current
 allocation. On CPU ``torch.cuda.max_memory_allocated`` silently returns 0, so the peak is the process's

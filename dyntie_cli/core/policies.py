@@ -1,4 +1,4 @@
-"""Tying policies: who picks the action at each decision (DESIGN.md sections 2 and 7).
+"""Tying policies: who picks the action at each decision (docs/method.md, docs/ablations.md).
 
 * ``dynamic``  -- the Q-agent (core/agent.py).
 * ``random``   -- same cadence, each row uniform over its allowed choices, no learning.
@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from ..errors import DyntieError
-from .agent import AgentConfig, Decision, QAgent, RewardShaper
+from ..settings import AgentSettings
+from .agent import Decision, QAgent, RewardShaper
 from .ties import all_independent, all_tied, canonicalize, permute_state, validate_state
 
 
@@ -54,7 +55,7 @@ class DynamicPolicy(Policy):
     learns = True
     wants_reward = True
 
-    def __init__(self, num_blocks: int, cfg: AgentConfig, total_decisions: int) -> None:
+    def __init__(self, num_blocks: int, cfg: AgentSettings, total_decisions: int) -> None:
         self.num_blocks = num_blocks
         self.agent = QAgent(num_blocks, cfg, total_decisions=total_decisions)
 
@@ -82,7 +83,7 @@ class RandomPolicy(Policy):
     name = "random"
     wants_reward = True  # the reward is logged, so random and dynamic runs can be compared decision by decision
 
-    def __init__(self, num_blocks: int, seed: int, agent: AgentConfig) -> None:
+    def __init__(self, num_blocks: int, seed: int, agent: AgentSettings) -> None:
         self.num_blocks = num_blocks
         self.generator = torch.Generator().manual_seed(seed + 7919)
         # the reward is shaped exactly as the Q-agent's, so the two runs' rewards can be compared
@@ -173,7 +174,7 @@ def random_permutation(num_blocks: int, seed: int) -> list[int]:
     return list(range(num_blocks))
 
 
-def make_policy(variant: str, num_blocks: int, *, agent: AgentConfig, total_decisions: int, seed: int,
+def make_policy(variant: str, num_blocks: int, *, agent: AgentSettings, total_decisions: int, seed: int,
                 independent: int = 0, source: dict[str, Any] | None = None, perm_seed: int = 0) -> Policy:
     """Build the policy of a variant. ``source`` carries what a variant takes from another run:
     ``final_state`` (final-arch), ``initial``/``schedule`` (replay), ``mean_independent`` (static schemes)."""

@@ -1,6 +1,6 @@
 """Tie state, Eq. 1, and the tie manager that makes a state true in a model's tensors.
 
-State ``s`` (DESIGN.md section 2): ``s[i] == i`` means block i is independent (owns and trains its
+State ``s`` (docs/method.md): ``s[i] == i`` means block i is independent (owns and trains its
 weights); ``s[i] == j < i`` means block i computes with block j's weights. States are canonical: every
 tied block points straight at an independent root, so ``s[s[i]] == s[i]``.
 
@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 from torch import nn
 
 from ..errors import DyntieError
-
-TiedGrad = Literal["follow", "sum"]
-UntieOptim = Literal["fresh", "copy"]
-
+from ..settings import TiedGrad, UntieOptim
 
 # --------------------------------------------------------------------------------------------------
 # The state vector and Eq. 1
@@ -152,10 +148,6 @@ class TieManager:
         untie_optim: UntieOptim = "fresh",
         share_casts: bool = True,
     ) -> None:
-        if tied_grad not in ("follow", "sum"):
-            raise DyntieError(f"tied_grad must be 'follow' or 'sum', not {tied_grad!r}.")
-        if untie_optim not in ("fresh", "copy"):
-            raise DyntieError(f"untie_optim must be 'fresh' or 'copy', not {untie_optim!r}.")
         if not blocks:
             raise DyntieError("The backbone exposed no blocks to tie.")
         self.blocks = list(blocks)

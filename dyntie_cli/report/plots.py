@@ -34,11 +34,10 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from ..errors import DyntieError, UsageError
-from ..registry.db import resolve_run_ids
-from ..registry.lineage import dense_schedule
-from ..registry.queries import HEADLINE_METRICS, open_registry
+from ..results.db import read_registry, resolve_run_ids
+from ..results.lineage import dense_schedule
+from ..results.queries import HEADLINE_METRICS, query_rows
 
-_IN_RUNS = "run_id IN (SELECT unnest($ids::TEXT[]))"
 _DPI = 100
 # Metrics whose early values span orders of magnitude (perplexity starts near the vocabulary size).
 _LOG_SCALE_METRICS = {"ppl"}
@@ -58,7 +57,7 @@ def make_plot(kind: str, db_path: str | os.PathLike[str], run_ids: list[str] | N
     if plot is None:
         raise UsageError(f"No plot '{kind}'; choose one of: {', '.join(PLOTS)}.")
     path = Path(db_path)
-    with open_registry(path) as con:
+    with read_registry(path) as con:
         ids = _chosen_runs(con, run_ids, path)
         labels = _run_labels(con, ids)
         data = plot.load(con, ids)
@@ -83,8 +82,8 @@ def _chosen_runs(con: duckdb.DuckDBPyConnection, run_ids: list[str] | None, path
 
 def _run_labels(con: duckdb.DuckDBPyConnection, ids: list[str]) -> dict[str, str]:
     """Legend text: the run id with its variant, so ablations read as what they are."""
-    rows = con.execute(f"SELECT run_id, variant FROM runs WHERE {_IN_RUNS}", {"ids": ids}).fetchall()
-    variants = dict(rows)
+    rows = query_rows(con, "variants", ids)
+    variants = dict(zip(rows.run_id, rows.variant, strict=True))
     return {run_id: f"{run_id} ({variants.get(run_id) or 'unknown'})" for run_id in ids}
 
 
@@ -135,8 +134,7 @@ def _colours(count: int) -> list[tuple[float, float, float, float]]:
 
 
 def _load_ties(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
-    sql = f"SELECT run_id, decision, step, state FROM ties WHERE {_IN_RUNS} ORDER BY run_id, decision"
-    return con.execute(sql, {"ids": ids}).df()
+    return query_rows(con, "tie-rows", ids)
 
 
 def _state_matrix(rows: pd.DataFrame) -> tuple[np.ndarray, int]:
@@ -213,14 +211,7 @@ def _independent_spells(matrix: np.ndarray) -> list[tuple[int, int, int]]:
 
 
 def _load_layers(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
-    # DuckDB lists are 1-based, layers 0-based; a layer is independent at a decision when state[i] == i.
-    sql = f"""
-        SELECT run_id, idx - 1 AS layer, count(*) FILTER (WHERE target = idx - 1) AS independent_decisions
-        FROM (SELECT run_id, unnest(state) AS target, generate_subscripts(state, 1) AS idx
-              FROM ties WHERE {_IN_RUNS})
-        GROUP BY run_id, idx ORDER BY run_id, layer
-    """
-    return con.execute(sql, {"ids": ids}).df()
+    return query_rows(con, "layer-counts", ids)
 
 
 def _draw_layers(data: pd.DataFrame, labels: dict[str, str]) -> Figure:
@@ -247,12 +238,7 @@ def _draw_layers(data: pd.DataFrame, labels: dict[str, str]) -> Figure:
 
 
 def _load_memory(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
-    sql = f"""
-        SELECT run_id, step, peak_bytes, param_bytes + grad_bytes + optimizer_bytes AS training_state_bytes
-        FROM memory WHERE {_IN_RUNS} AND (peak_bytes IS NOT NULL OR param_bytes IS NOT NULL)
-        ORDER BY run_id, step
-    """
-    return con.execute(sql, {"ids": ids}).df()
+    return query_rows(con, "memory-rows", ids)
 
 
 def _draw_memory(data: pd.DataFrame, labels: dict[str, str]) -> Figure:
@@ -280,14 +266,7 @@ def _byte_lines(ax: Axes, data: pd.DataFrame, column: str, labels: dict[str, str
 
 
 def _load_params(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
-    sql = f"""
-        SELECT m.run_id, m.step, m.trainable_params, c.conventional
-        FROM memory m LEFT JOIN (
-            SELECT run_id, max(value) AS conventional FROM metrics
-            WHERE {_IN_RUNS} AND name = 'conventional_params' GROUP BY run_id) c USING (run_id)
-        WHERE m.{_IN_RUNS} AND m.trainable_params IS NOT NULL ORDER BY m.run_id, m.step
-    """
-    return con.execute(sql, {"ids": ids}).df()
+    return query_rows(con, "param-rows", ids)
 
 
 def _draw_params(data: pd.DataFrame, labels: dict[str, str]) -> Figure:
@@ -313,11 +292,7 @@ def _draw_params(data: pd.DataFrame, labels: dict[str, str]) -> Figure:
 
 
 def _load_metrics(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
-    sql = f"""
-        SELECT run_id, step, split, name, value FROM metrics
-        WHERE {_IN_RUNS} AND split IN ('validation', 'test') ORDER BY run_id, step
-    """
-    frame = con.execute(sql, {"ids": ids}).df()
+    frame = query_rows(con, "evaluation-rows", ids)
     headline = {run_id: _headline(rows) for run_id, rows in frame.groupby("run_id")}
     keep = frame.name == frame.run_id.map(headline)
     # A run with only a final test row has no curve: it counts as having nothing to plot.

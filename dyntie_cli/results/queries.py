@@ -1,16 +1,18 @@
-"""Named report queries over the registry; each returns a pandas DataFrame.
+"""Named queries over the registry; each returns a pandas DataFrame. All of dyntie's SQL that reads results
+lives here (and in ``bench.py``, the bench table): reports, plots and commands call queries by name.
 
 Every query takes the registry path and an optional list of run ids (full ids or unique prefixes; ``None``
 means every run, most recent first). Per-run tables have one row per run in the order asked for, so
-``--run A --run B`` lines up with what the user typed. An unknown id raises ``DyntieError``.
+``--run A --run B`` lines up with what the user typed. An unknown id raises ``DyntieError``. Reading never
+writes: a run whose process is gone is shown as ``killed`` (the next run that writes marks it so).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,8 @@ import duckdb
 import pandas as pd
 
 from dyntie_cli.errors import UsageError
-from dyntie_cli.registry.db import connect, resolve_run_ids
-from dyntie_cli.registry.writer import mark_stale_runs
+from dyntie_cli.results.db import IN_RUNS, RUN_ORDER, read_registry, resolve_run_ids
+from dyntie_cli.results.writer import stale_reason
 
 Builder = Callable[[duckdb.DuckDBPyConnection, list[str]], pd.DataFrame]
 
@@ -28,31 +30,11 @@ Builder = Callable[[duckdb.DuckDBPyConnection, list[str]], pd.DataFrame]
 HEADLINE_METRICS = ("mcc", "accuracy", "ppl", "f1", "loss")
 _LOWER_IS_BETTER = {"ppl", "loss"}
 
-# Filters and orders rows by the resolved ids; the casts keep an empty id list well-typed.
-_IN_RUNS = "run_id IN (SELECT unnest($ids::TEXT[]))"
-_RUN_ORDER = "list_position($ids::TEXT[], run_id)"
-
-
-@contextlib.contextmanager
-def open_registry(db: str | os.PathLike[str]) -> Iterator[duckdb.DuckDBPyConnection]:
-    """Open an existing registry for reading; when the file is writable, upgrade it and mark killed runs.
-
-    Never creates a registry: a missing or empty file raises ``DyntieError``.
-    """
-    path = Path(db)
-    writable = path.is_file() and path.stat().st_size > 0 and os.access(path, os.W_OK)
-    if not writable:
-        with connect(path, read_only=True) as con:
-            yield con
-        return
-    with connect(path) as con:
-        mark_stale_runs(con)
-        yield con
 
 
 def _query(db: str | os.PathLike[str], run_ids: Sequence[str] | None, build: Builder) -> pd.DataFrame:
     path = Path(db)
-    with open_registry(path) as con:
+    with read_registry(path) as con:
         return build(con, resolve_run_ids(con, run_ids, path))
 
 
@@ -62,7 +44,7 @@ def _fetch(con: duckdb.DuckDBPyConnection, sql: str, ids: list[str]) -> pd.DataF
 
 def _per_run(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     """The spine every per-run table joins onto: one row per requested run, in order."""
-    return _fetch(con, f"SELECT run_id, variant FROM runs WHERE {_IN_RUNS} ORDER BY {_RUN_ORDER}", ids)
+    return _fetch(con, f"SELECT run_id, variant FROM runs WHERE {IN_RUNS} ORDER BY {RUN_ORDER}", ids)
 
 
 # --- runs ------------------------------------------------------------------------------------------------
@@ -71,13 +53,22 @@ def _per_run(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
 def _runs(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     sql = f"""
         SELECT run_id, status, command, backbone, dataset, variant, preset, seed, s.last_step AS steps,
-            started_at, ended_at,
+            started_at, coalesce(ended_at, heartbeat_at) AS ended_at, ended_at IS NULL AS open,
             date_diff('millisecond', started_at, coalesce(ended_at, heartbeat_at)) / 1000.0 AS duration_s,
-            parent_run_id, test_split, out_dir, error
+            parent_run_id, test_split, out_dir, error, pid, host
         FROM runs LEFT JOIN (SELECT run_id, max(step) AS last_step FROM metrics GROUP BY run_id) s USING (run_id)
-        WHERE {_IN_RUNS} ORDER BY {_RUN_ORDER}
+        WHERE {IN_RUNS} ORDER BY {RUN_ORDER}
     """
-    return _fetch(con, sql, ids)
+    table = _fetch(con, sql, ids)
+    for i in table.index:
+        reason = stale_reason(table.at[i, "status"], table.at[i, "pid"], table.at[i, "host"])
+        if reason:  # the process is gone: the run reads as killed, ended at its last flush
+            table.at[i, "status"] = "killed"
+            if not isinstance(table.at[i, "error"], str):
+                table.at[i, "error"] = reason
+        elif table.at[i, "open"]:  # still running: no end yet
+            table.at[i, "ended_at"] = pd.NaT
+    return table.drop(columns=["open", "pid", "host"])
 
 
 # --- ppl: the headline metric ----------------------------------------------------------------------------
@@ -87,7 +78,7 @@ def _last_metrics(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFram
     sql = f"""
         SELECT run_id, split, name, arg_max(value, step) AS last, max(step) AS last_step,
             min(value) AS low, max(value) AS high
-        FROM metrics WHERE {_IN_RUNS} AND split IN ('validation', 'test') GROUP BY ALL
+        FROM metrics WHERE {IN_RUNS} AND split IN ('validation', 'test') GROUP BY ALL
     """
     return _fetch(con, sql, ids)
 
@@ -97,7 +88,7 @@ def _headline_name(names: set[str]) -> str | None:
 
 
 def _ppl(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
-    spine = _fetch(con, f"SELECT run_id, variant, test_split FROM runs WHERE {_IN_RUNS} ORDER BY {_RUN_ORDER}", ids)
+    spine = _fetch(con, f"SELECT run_id, variant, test_split FROM runs WHERE {IN_RUNS} ORDER BY {RUN_ORDER}", ids)
     last = _last_metrics(con, ids)
     rows = [_headline_row(run, last[last.run_id == run.run_id]) for run in spine.itertuples()]
     columns = ["run_id", "variant", "metric", "validation", "validation_step", "best_validation", "test",
@@ -137,7 +128,7 @@ def _prefer_logged_mean(
     """
     sql = f"""
         SELECT run_id, arg_max(value, step) AS logged FROM metrics
-        WHERE {_IN_RUNS} AND split = 'train' AND name = $name GROUP BY run_id
+        WHERE {IN_RUNS} AND split = 'train' AND name = $name GROUP BY run_id
     """
     logged = con.execute(sql, {"ids": ids, "name": name}).df()
     by_run = dict(zip(logged.run_id, logged.logged, strict=True))
@@ -153,7 +144,7 @@ def _params(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
         SELECT run_id, avg(trainable_params) AS trainable_params_mean,
             arg_max(trainable_params, step) AS trainable_params_end,
             max(trainable_params) AS trainable_params_max
-        FROM memory WHERE {_IN_RUNS} AND trainable_params IS NOT NULL GROUP BY run_id
+        FROM memory WHERE {IN_RUNS} AND trainable_params IS NOT NULL GROUP BY run_id
     """
     table = _per_run(con, ids).merge(_fetch(con, sql, ids), on="run_id", how="left")
     _prefer_logged_mean(con, ids, table, "trainable_params_mean")
@@ -167,15 +158,15 @@ def _conventional_params(con: duckdb.DuckDBPyConnection, ids: list[str], table: 
     """The run's parameter count without tying: logged as a metric, else derived from its own history."""
     logged = _fetch(
         con,
-        f"SELECT run_id, max(value) AS value FROM metrics WHERE {_IN_RUNS} AND name = 'conventional_params' "
+        f"SELECT run_id, max(value) AS value FROM metrics WHERE {IN_RUNS} AND name = 'conventional_params' "
         "GROUP BY run_id",
         ids,
     )
     result: dict[str, float] = dict(zip(logged.run_id, logged.value, strict=True))
     memory = _fetch(
-        con, f"SELECT run_id, step, trainable_params FROM memory WHERE {_IN_RUNS} AND trainable_params > 0", ids
+        con, f"SELECT run_id, step, trainable_params FROM memory WHERE {IN_RUNS} AND trainable_params > 0", ids
     )
-    ties = _fetch(con, f"SELECT run_id, step, independent_layers, len(state) AS layers FROM ties WHERE {_IN_RUNS}", ids)
+    ties = _fetch(con, f"SELECT run_id, step, independent_layers, len(state) AS layers FROM ties WHERE {IN_RUNS}", ids)
     for run in table.itertuples():
         if run.run_id in result:
             continue
@@ -220,8 +211,8 @@ def _layer_counts(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFram
         SELECT run_id, idx - 1 AS layer, count(*) FILTER (WHERE target = idx - 1) AS independent_decisions,
             count(*) AS decisions
         FROM (SELECT run_id, unnest(state) AS target, generate_subscripts(state, 1) AS idx
-              FROM ties WHERE {_IN_RUNS})
-        GROUP BY run_id, idx ORDER BY {_RUN_ORDER}, layer
+              FROM ties WHERE {IN_RUNS})
+        GROUP BY run_id, idx ORDER BY {RUN_ORDER}, layer
     """
     table = _fetch(con, sql, ids)
     table["independent_fraction"] = table.independent_decisions / table.decisions
@@ -237,7 +228,7 @@ def _layers(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
             -- Distinct weight storages must equal independent blocks; any other count means shared storage.
             count(*) FILTER (WHERE distinct_block_weights <> independent_layers) AS weight_mismatches,
             avg(changed_blocks) AS changed_blocks_mean
-        FROM ties WHERE {_IN_RUNS} GROUP BY run_id
+        FROM ties WHERE {IN_RUNS} GROUP BY run_id
     """
     table = _per_run(con, ids).merge(_fetch(con, sql, ids), on="run_id", how="left")
     _prefer_logged_mean(con, ids, table, "independent_layers_mean")
@@ -255,16 +246,16 @@ def _agent(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     decided = f"""
         SELECT run_id, count(*) AS decisions, avg(greedy_agreement) AS greedy_agreement_mean,
             avg(q_spread) AS q_spread_mean, avg(td_loss) AS td_loss_mean
-        FROM decisions WHERE {_IN_RUNS} AND decision > 0 GROUP BY run_id
+        FROM decisions WHERE {IN_RUNS} AND decision > 0 GROUP BY run_id
     """
     changed = f"""
         SELECT run_id, avg(changed_blocks) AS changed_blocks_mean
-        FROM ties WHERE {_IN_RUNS} AND decision > 0 GROUP BY run_id
+        FROM ties WHERE {IN_RUNS} AND decision > 0 GROUP BY run_id
     """
     table = _per_run(con, ids).merge(_fetch(con, decided, ids), on="run_id", how="left")
     table = table.merge(_fetch(con, changed, ids), on="run_id", how="left")
     states = _fetch(
-        con, f"SELECT run_id, decision, state FROM ties WHERE {_IN_RUNS} ORDER BY run_id, decision", ids
+        con, f"SELECT run_id, decision, state FROM ties WHERE {IN_RUNS} ORDER BY run_id, decision", ids
     )
     lifetimes = {run_id: independent_lifetime([list(s) for s in rows.state]) for run_id, rows in
                  states.groupby("run_id", sort=False)}
@@ -310,7 +301,7 @@ def _memory(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
             avg(optimizer_bytes) AS optimizer_bytes_mean, max(optimizer_bytes) AS optimizer_bytes_peak,
             -- The device-independent account: what parameters, gradients and optimizer state occupy.
             max(param_bytes + grad_bytes + optimizer_bytes) AS training_state_bytes_peak
-        FROM memory WHERE {_IN_RUNS} GROUP BY run_id
+        FROM memory WHERE {IN_RUNS} GROUP BY run_id
     """
     return _per_run(con, ids).merge(_fetch(con, sql, ids), on="run_id", how="left")
 
@@ -321,7 +312,7 @@ def _memory(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
 def _ties(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     sql = f"""
         SELECT run_id, decision, step, state, action, independent_layers, distinct_block_weights, changed_blocks
-        FROM ties WHERE {_IN_RUNS} ORDER BY {_RUN_ORDER}, decision, step
+        FROM ties WHERE {IN_RUNS} ORDER BY {RUN_ORDER}, decision, step
     """
     return _fetch(con, sql, ids)
 
@@ -330,7 +321,7 @@ def _decisions(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     sql = f"""
         SELECT run_id, decision, step, epsilon, explored, reward, q_predicted, q_target, td_loss,
             greedy_agreement, q_spread, ppl
-        FROM decisions WHERE {_IN_RUNS} ORDER BY {_RUN_ORDER}, decision, step
+        FROM decisions WHERE {IN_RUNS} ORDER BY {RUN_ORDER}, decision, step
     """
     return _fetch(con, sql, ids)
 
@@ -344,7 +335,7 @@ def _train_timing(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFram
             avg(value) FILTER (WHERE name = 'tokens_per_s' AND split = 'train') AS tokens_per_s,
             avg(value) FILTER (WHERE name = 'step_time_s' AND split = 'train') AS step_time_s,
             arg_max(value, step) FILTER (WHERE name = 'agent_time_s') AS agent_time_s
-        FROM metrics WHERE {_IN_RUNS} GROUP BY run_id
+        FROM metrics WHERE {IN_RUNS} GROUP BY run_id
     """
     return _fetch(con, sql, ids)
 
@@ -434,83 +425,98 @@ def _compare(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     return table
 
 
-# --- public API ------------------------------------------------------------------------------------------
-
-Query = Callable[[str | os.PathLike[str], Sequence[str] | None], pd.DataFrame]
+# --- rows the plots draw ---------------------------------------------------------------------------------
 
 
-def runs(db: str | os.PathLike[str], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
-    """One row per run: identity, status, steps, timing."""
-    return _query(db, run_ids, _runs)
+def _tie_rows(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    return _fetch(con, f"SELECT run_id, decision, step, state FROM ties WHERE {IN_RUNS} ORDER BY run_id, decision",
+                  ids)
 
 
-def ppl(db: str | os.PathLike[str], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
-    """Per run: the headline metric's final validation and final test values, and the split 'test' means."""
-    return _query(db, run_ids, _ppl)
+def _memory_rows(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    sql = f"""
+        SELECT run_id, step, peak_bytes, param_bytes + grad_bytes + optimizer_bytes AS training_state_bytes
+        FROM memory WHERE {IN_RUNS} AND (peak_bytes IS NOT NULL OR param_bytes IS NOT NULL)
+        ORDER BY run_id, step
+    """
+    return _fetch(con, sql, ids)
 
 
-def params(db: str | os.PathLike[str], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
-    """Per run: trainable parameters mean over training, at the end, the maximum, and without tying."""
-    return _query(db, run_ids, _params)
+def _param_rows(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    sql = f"""
+        SELECT m.run_id, m.step, m.trainable_params, c.conventional
+        FROM memory m LEFT JOIN (
+            SELECT run_id, max(value) AS conventional FROM metrics
+            WHERE {IN_RUNS} AND name = 'conventional_params' GROUP BY run_id) c USING (run_id)
+        WHERE m.{IN_RUNS} AND m.trainable_params IS NOT NULL ORDER BY m.run_id, m.step
+    """
+    return _fetch(con, sql, ids)
 
 
-def layers(db: str | os.PathLike[str], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
-    """Per run: independent layers mean and end, and decisions each layer spent independent."""
-    return _query(db, run_ids, _layers)
+def _evaluation_rows(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    sql = f"""
+        SELECT run_id, step, split, name, value FROM metrics
+        WHERE {IN_RUNS} AND split IN ('validation', 'test') ORDER BY run_id, step
+    """
+    return _fetch(con, sql, ids)
 
 
-def layer_counts(db: str | os.PathLike[str], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
-    """Long form of the per-layer counts (run_id, layer, independent_decisions, decisions, fraction)."""
-    return _query(db, run_ids, _layer_counts)
+# --- the named queries -----------------------------------------------------------------------------------
 
 
-def agent(db: str | os.PathLike[str], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
-    """Per run: decisions, mean blocks re-targeted per decision, greedy agreement, Q spread, TD loss, and the
-    mean number of consecutive decisions a block stays independent."""
-    return _query(db, run_ids, _agent)
+@dataclass(frozen=True)
+class NamedQuery:
+    build: Builder
+    description: str
+    table: bool = True  # a report table (`dyntie report --table NAME`); False: rows for plots and commands
 
 
-def memory(db: str | os.PathLike[str], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
-    """Per run: peak and average memory, and parameter / gradient / optimizer bytes."""
-    return _query(db, run_ids, _memory)
+def _bench(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    from dyntie_cli.results.bench import bench_table
+
+    return bench_table(con, ids)
 
 
-def ties(db: str | os.PathLike[str], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
-    """The tie state after every decision."""
-    return _query(db, run_ids, _ties)
-
-
-def decisions(db: str | os.PathLike[str], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
-    """The agent's view of every decision: exploration, reward, Q values, TD loss, diagnostics."""
-    return _query(db, run_ids, _decisions)
-
-
-def paper(db: str | os.PathLike[str], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
-    """The paper's table: one column per run, one row per quantity."""
-    return _query(db, run_ids, _paper)
-
-
-def compare(db: str | os.PathLike[str], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
-    """Key figures side by side, with each run's ratio to the first run."""
-    return _query(db, run_ids, _compare)
-
-
-def bench(db: str | os.PathLike[str], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
-    from dyntie_cli.registry.bench_queries import bench_table
-
-    return _query(db, run_ids, bench_table)
-
-
-QUERIES: dict[str, Query] = {
-    "bench": bench,
-    "runs": runs, "ppl": ppl, "params": params, "layers": layers, "memory": memory, "ties": ties,
-    "decisions": decisions, "agent": agent, "paper": paper, "compare": compare, "layer-counts": layer_counts,
+QUERIES: dict[str, NamedQuery] = {
+    "runs": NamedQuery(_runs, "One row per run: identity, status, steps, timing."),
+    "ppl": NamedQuery(_ppl, "Per run: the headline metric's final validation and test values, and the split "
+                            "'test' means."),
+    "params": NamedQuery(_params, "Per run: trainable parameters mean over training, at the end, the maximum, "
+                                  "and without tying."),
+    "layers": NamedQuery(_layers, "Per run: independent layers mean and end, and decisions each layer spent "
+                                  "independent."),
+    "layer-counts": NamedQuery(_layer_counts, "Long form of the per-layer counts (run_id, layer, "
+                                              "independent_decisions, decisions, fraction)."),
+    "memory": NamedQuery(_memory, "Per run: peak and average memory, and parameter / gradient / optimizer bytes."),
+    "ties": NamedQuery(_ties, "The tie state after every decision."),
+    "decisions": NamedQuery(_decisions, "The agent's view of every decision: exploration, reward, Q values, TD "
+                                        "loss, diagnostics."),
+    "agent": NamedQuery(_agent, "Per run: decisions, blocks re-targeted per decision, greedy agreement, Q spread, "
+                                "TD loss, and how long a block stays independent."),
+    "paper": NamedQuery(_paper, "The paper's table: one column per run, one row per quantity."),
+    "compare": NamedQuery(_compare, "Key figures side by side, with each run's ratio to the first run."),
+    "bench": NamedQuery(_bench, "Speed and memory of bench runs, with ratios to their no-tying run."),
+    "variants": NamedQuery(_per_run, "Run id and variant of each run.", table=False),
+    "tie-rows": NamedQuery(_tie_rows, "Decision, step and state of every decision (the ties plot).", table=False),
+    "memory-rows": NamedQuery(_memory_rows, "Peak and training-state bytes per logging step (the memory plot).",
+                              table=False),
+    "param-rows": NamedQuery(_param_rows, "Trainable parameters per logging step and the conventional count.",
+                             table=False),
+    "evaluation-rows": NamedQuery(_evaluation_rows, "Every validation and test metric row (the metrics plot).",
+                                  table=False),
 }
+REPORT_TABLES = tuple(name for name, q in QUERIES.items() if q.table and name != "compare")
 
 
 def run_query(name: str, db: str | os.PathLike[str], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
-    """The named report table; an unknown name is a usage error listing the known ones."""
+    """The named query over ``run_ids`` (None: every run); an unknown name is a usage error listing the known
+    ones."""
     query = QUERIES.get(name)
     if query is None:
-        raise UsageError(f"No report table '{name}'; choose one of: {', '.join(QUERIES)}.")
-    return query(db, run_ids)
+        raise UsageError(f"No report table '{name}'; choose one of: {', '.join(REPORT_TABLES)}.")
+    return _query(db, run_ids, query.build)
+
+
+def query_rows(con: duckdb.DuckDBPyConnection, name: str, ids: list[str]) -> pd.DataFrame:
+    """A named query on an open connection, for callers that run several on the same resolved runs."""
+    return QUERIES[name].build(con, ids)

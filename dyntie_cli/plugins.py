@@ -1,7 +1,8 @@
-"""The backbone registry: names -> Backbone classes, filled from the ``dyntie.backbones`` entry points.
+"""The plugins: backbone names -> ``Backbone`` classes, found through the ``dyntie.backbones`` entry points.
 
-The built-ins (gpt2, bert, vit) are declared as entry points in dyntie's own pyproject.toml, so they take the
+The built-ins (gpt2, glue, vit) are declared as entry points in dyntie's own pyproject.toml, so they take the
 same path as a third-party package's backbone. ``register_backbone`` adds one in-process (tests, notebooks).
+The contract a backbone implements is ``dyntie_cli.backbone``.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ import fnmatch
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
-from ..errors import DyntieError, UsageError
-from .base import Backbone
+from .backbone import Backbone
+from .errors import DyntieError, UsageError
 
 GROUP = "dyntie.backbones"
 

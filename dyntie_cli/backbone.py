@@ -1,8 +1,9 @@
-"""What a backbone supplies to dyntie's shared core (DESIGN.md section 4).
+"""The backbone contract: what a backbone (built-in or plugin) supplies to dyntie's shared core.
 
-A backbone builds a model from a preset, exposes its ordered block list, loads data, computes the loss,
-the evaluation metrics and the reward. Everything else -- the tie manager, the Q-agent, the loop, memory
-probes, the registry writer and checkpointing -- lives in ``dyntie_cli.core`` and is shared.
+A backbone declares its settings (``model_settings``, ``data_settings``: ``Section`` subclasses) and presets,
+builds a model, exposes its ordered block list, loads data, and computes the loss, the evaluation metrics and
+the reward. Everything else -- the tie manager, the Q-agent, the loop, memory probes, the results writer and
+checkpointing -- lives in ``dyntie_cli.core`` and is shared. ``docs/plugins.md`` walks through writing one.
 """
 
 from __future__ import annotations
@@ -15,7 +16,17 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
+from .settings import RunSettings, Section
+
 Batch = dict[str, torch.Tensor]
+
+#: perplexity is exp(loss) capped here: a diverged loss reports a huge number, never an overflow
+_MAX_LOG_PPL = 50.0
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)``, capped at ``exp(50)`` so a diverged run still records a number."""
+    return math.exp(min(loss, _MAX_LOG_PPL))
 
 
 class TaskData(Protocol):
@@ -47,17 +58,25 @@ class TaskData(Protocol):
 
 @dataclass
 class Preset:
-    """A named starting point: the model shape, data settings and overrides of the shared defaults."""
+    """A named starting point: the model shape, data settings and overrides of the shared sections (each a
+    partial dict of that section's keys: ``TrainSettings``, ``TieSettings``)."""
 
     name: str
     description: str
-    #: model shape (backbone-specific keys, reachable as --set model.KEY=...)
     model: dict[str, Any]
-    #: data settings (backbone-specific keys: tokenizer, sequence length, batch size ...)
     data: dict[str, Any] = field(default_factory=dict)
-    #: overrides of the shared sections (dyntie_cli.config: TrainSettings, TieSettings)
     train: dict[str, Any] = field(default_factory=dict)
     ties: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalStep:
+    """One evaluation batch: its mean loss, its item count, and (for classifiers) predictions and labels."""
+
+    loss: float
+    items: int
+    predictions: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
 
 
 class Backbone:
@@ -75,17 +94,19 @@ class Backbone:
     #: name of the headline metric ("ppl" or "accuracy"); ``higher_is_better`` for checkpoint selection
     metric: ClassVar[str] = "ppl"
     higher_is_better: ClassVar[bool] = False
+    #: the typed ``model`` and ``data`` sections; None: inferred from the presets' keys and values
+    model_settings: ClassVar[type[Section] | None] = None
+    data_settings: ClassVar[type[Section] | None] = None
 
     # -- hooks -------------------------------------------------------------------------------------
 
-    def load_data(self, cfg: Any) -> TaskData:
-        """``cfg`` is the run's ``dyntie_cli.config.RunConfig`` (dataset, data_dir, seed, data, model)."""
+    def load_data(self, cfg: RunSettings) -> TaskData:
         raise NotImplementedError
 
-    def build_model(self, cfg: Any, data: TaskData) -> nn.Module:
+    def build_model(self, cfg: RunSettings, data: TaskData) -> nn.Module:
         raise NotImplementedError
 
-    def load_model_code(self, cfg: Any, data: TaskData) -> None:
+    def load_model_code(self, cfg: RunSettings, data: TaskData) -> None:
         """Load the libraries ``build_model`` needs without allocating a weight or drawing a random number; the
         loop measures the process's memory baseline (``base_bytes``) right after. The default builds the model
         once on the meta device."""
@@ -100,16 +121,32 @@ class Backbone:
         """Mean training loss of ``batch`` and the number of items (tokens or examples) it averages over."""
         raise NotImplementedError
 
+    def eval_step(self, model: nn.Module, batch: Batch) -> EvalStep:
+        """One evaluation batch; classifiers return their predictions and labels for ``task_metrics``."""
+        loss, n = self.loss(model, batch)
+        return EvalStep(float(loss), n)
+
+    def task_metrics(self, model: nn.Module, predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """Metrics beyond loss and perplexity from all predictions and labels of a split (accuracy, ...)."""
+        return {}
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterator[Batch]) -> dict[str, float]:
-        """Item-weighted mean loss and ``ppl = exp(loss)``; classifiers add accuracy and task metrics."""
+        """Item-weighted mean loss, ``ppl = exp(loss)``, and the task metrics of the predictions."""
         total, count = 0.0, 0
+        predictions, labels = [], []
         for batch in batches:
-            loss, n = self.loss(model, batch)
-            total += float(loss) * n
-            count += n
+            step = self.eval_step(model, batch)
+            total += step.loss * step.items
+            count += step.items
+            if step.predictions is not None:
+                predictions.append(step.predictions.cpu())
+                labels.append(step.labels.cpu())
         mean = total / max(count, 1)
-        return {"loss": mean, "ppl": math.exp(min(mean, 50.0))}
+        out = {"loss": mean, "ppl": perplexity(mean)}
+        if count and predictions:
+            out.update(self.task_metrics(model, torch.cat(predictions), torch.cat(labels)))
+        return out
 
     @torch.no_grad()
     def reward_ppl(self, model: nn.Module, batch: Batch) -> float:
@@ -118,4 +155,4 @@ class Backbone:
         Classifiers use the same quantity (exp of the classification cross-entropy), never accuracy.
         """
         loss, _ = self.loss(model, batch)
-        return math.exp(min(float(loss), 50.0))
+        return perplexity(float(loss))

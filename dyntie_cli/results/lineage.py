@@ -1,14 +1,45 @@
-"""What an ablation takes from its source run: config, tie schedule, final state, mean independent blocks."""
+"""What a command takes from a recorded run: a resume its config and folder; an ablation its config, tie
+schedule, final state and mean independent blocks."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
-from .db import connect, resolve_run_id
+from .db import read_registry, resolve_run_id
+from .writer import stale_reason
+
+
+@dataclass
+class RecordedRun:
+    run_id: str
+    command: str
+    backbone: str
+    variant: str
+    status: str  # a run whose process is gone reads as killed
+    config: dict[str, Any]
+    out_dir: str | None
+    parent_run_id: str | None
+
+
+def _recorded(con: duckdb.DuckDBPyConnection, rid: str) -> RecordedRun:
+    row = con.execute("SELECT command, backbone, variant, status, config, out_dir, parent_run_id, pid, host "
+                      "FROM runs WHERE run_id = ?", [rid]).fetchone()
+    command, backbone, variant, status, config, out_dir, parent, pid, host = row
+    if stale_reason(status, pid, host):
+        status = "killed"
+    return RecordedRun(rid, command, backbone, variant, status,
+                       json.loads(config) if isinstance(config, str) else config, out_dir, parent)
+
+
+def load_run(db: Path, run_id: str) -> RecordedRun:
+    """A recorded run (id or unique prefix) as a resume needs it."""
+    with read_registry(db) as con:
+        return _recorded(con, resolve_run_id(con, run_id, db))
 
 
 def load_source_run(db: Path, run_id: str) -> dict[str, Any]:
@@ -17,10 +48,9 @@ def load_source_run(db: Path, run_id: str) -> dict[str, Any]:
     ``schedule[d]`` is the state after decision d (``schedule[0]`` the initial state), the indexing
     ``ReplayPolicy`` uses, so the replay applies the source's state d at its own decision d.
     """
-    with connect(db, read_only=True) as con:
+    with read_registry(db) as con:
         rid = resolve_run_id(con, run_id, db)
-        config, variant, status = con.execute(
-            "SELECT config, variant, status FROM runs WHERE run_id = ?", [rid]).fetchone()
+        run = _recorded(con, rid)
         rows = con.execute(
             "SELECT decision, state, independent_layers FROM ties WHERE run_id = ? ORDER BY decision", [rid]
         ).fetchall()
@@ -29,9 +59,9 @@ def load_source_run(db: Path, run_id: str) -> dict[str, Any]:
     decision_mean = sum(r[2] for r in rows) / len(rows) if rows else 0.0
     return {
         "run_id": rid,
-        "variant": variant,
-        "status": status,
-        "config": json.loads(config) if isinstance(config, str) else config,
+        "variant": run.variant,
+        "status": run.status,
+        "config": run.config,
         "initial": states.get(0),
         "schedule": dense_schedule(states),
         "final_state": states[max(states)] if states else None,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import duckdb
 import pandas as pd
 
-_IN_RUNS = "run_id IN (SELECT unnest($ids::TEXT[]))"
+from dyntie_cli.results.db import IN_RUNS
 
 # the quantities `dyntie bench` reports, each also as a ratio to no-tying. peak_bytes is the device's peak:
 # the process's peak RSS on CPU, peak allocated bytes on CUDA (avg_peak_bytes: the mean over logging intervals);
@@ -32,7 +32,7 @@ def _bench_rows(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
                 max(param_bytes + grad_bytes + optimizer_bytes) AS state_bytes_peak,
                 avg(param_bytes) AS param_bytes_mean, avg(grad_bytes) AS grad_bytes_mean,
                 avg(optimizer_bytes) AS optimizer_bytes_mean, arg_max(trainable_params, step) AS trainable_params_end
-            FROM memory WHERE {_IN_RUNS} GROUP BY run_id),
+            FROM memory WHERE {IN_RUNS} GROUP BY run_id),
         train AS (
             SELECT run_id,
                 median(value) FILTER (WHERE name = 'tokens_per_s') AS tokens_per_s,
@@ -42,14 +42,14 @@ def _bench_rows(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
                 max(value) FILTER (WHERE name = 'base_bytes') AS base_bytes,
                 arg_max(value, step) FILTER (WHERE name = 'wall_time_s') AS wall_time_s,
                 arg_max(value, step) FILTER (WHERE name = 'trainable_params_mean') AS trainable_params_mean
-            FROM metrics WHERE {_IN_RUNS} AND split = 'train' GROUP BY run_id),
+            FROM metrics WHERE {IN_RUNS} AND split = 'train' GROUP BY run_id),
         val AS (
             SELECT run_id, arg_max(value, step) AS validation_ppl
-            FROM metrics WHERE {_IN_RUNS} AND split = 'validation' AND name = 'ppl' GROUP BY run_id)
+            FROM metrics WHERE {IN_RUNS} AND split = 'validation' AND name = 'ppl' GROUP BY run_id)
         SELECT r.run_id, r.variant, r.preset, r.seed, r.device_steps AS steps, mem.*, train.*, val.validation_ppl
         FROM (SELECT run_id, variant, preset, seed,
                      (SELECT max(step) FROM memory m WHERE m.run_id = runs.run_id) AS device_steps
-              FROM runs WHERE {_IN_RUNS}) r
+              FROM runs WHERE {IN_RUNS}) r
         LEFT JOIN mem USING (run_id) LEFT JOIN train USING (run_id) LEFT JOIN val USING (run_id)
         ORDER BY list_position($ids::TEXT[], r.run_id)
     """
@@ -98,7 +98,7 @@ def _repeated_groups(con: duckdb.DuckDBPyConnection, ids: list[str]) -> dict[str
     rows = con.execute(f"""
         SELECT run_id, variant, json_extract_string(config, '$.bench.group') AS grp,
                CAST(json_extract(config, '$.bench.round') AS INTEGER) AS rnd
-        FROM runs WHERE {_IN_RUNS} AND status = 'finished' AND command = 'bench'
+        FROM runs WHERE {IN_RUNS} AND status = 'finished' AND command = 'bench'
             AND json_extract_string(config, '$.bench.group') IS NOT NULL
         ORDER BY started_at""", {"ids": ids}).fetchall()
     found: dict[str, dict[int, dict[str, str]]] = {}

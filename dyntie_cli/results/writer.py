@@ -8,6 +8,7 @@ can use the same file while this one trains. A run that dies loses at most the r
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import secrets
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 
 from dyntie_cli.errors import DyntieError
-from dyntie_cli.registry.db import (
+from dyntie_cli.results.db import (
     LOCK_TIMEOUT_S,
     RegistryLockedError,
     connect,
@@ -108,22 +109,35 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
+def stale_reason(status: str | None, pid: Any, host: str | None) -> str | None:
+    """Why a ``running`` run of this host is not running any more (its process is gone), else None."""
+    if status != "running" or host != socket.gethostname() or pid is None or _is_nan(pid):
+        return None
+    if pid_alive(int(pid)):
+        return None
+    return f"process {int(pid)} on {host} ended without finishing the run"
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
 def mark_stale_runs(con: duckdb.DuckDBPyConnection) -> list[str]:
-    """Mark ``running`` runs of this host whose process is gone as ``killed``; returns their ids.
+    """Mark ``running`` runs of this host whose process is gone as ``killed``; returns their ids. A writer does
+    this when it starts or resumes a run (reads only show such runs as killed).
 
     Their ``ended_at`` is the last successful flush (the heartbeat), the best estimate of when they stopped.
     """
-    host = socket.gethostname()
-    rows = con.execute("SELECT run_id, pid FROM runs WHERE status = 'running' AND host = ?", [host]).fetchall()
-    stale = [(run_id, pid) for run_id, pid in rows if pid is not None and not pid_alive(int(pid))]
-    for run_id, pid in stale:
+    rows = con.execute("SELECT run_id, status, pid, host FROM runs WHERE status = 'running'").fetchall()
+    stale = [(run_id, reason) for run_id, status, pid, host in rows if (reason := stale_reason(status, pid, host))]
+    for run_id, reason in stale:
         con.execute(
             """
             UPDATE runs SET status = 'killed', ended_at = coalesce(heartbeat_at, ?),
                 error = coalesce(error, ?)
             WHERE run_id = ? AND status = 'running'
             """,
-            [utc_now(), f"process {pid} on {host} ended without finishing the run", run_id],
+            [utc_now(), reason, run_id],
         )
     return [run_id for run_id, _ in stale]
 
@@ -159,6 +173,8 @@ class RunWriter:
         self._busy = False
         self._last_flush = time.monotonic()
         self.dropped_rows = 0
+        #: runs of dead processes this writer marked killed when it started or resumed its run
+        self.marked_stale: list[str] = []
 
     # --- identity and lifecycle ------------------------------------------------------------------------
 
@@ -199,9 +215,13 @@ class RunWriter:
             "preset": preset, "seed": _opt_int(seed), "out_dir": None if out_dir is None else str(out_dir),
             "test_split": test_split, "dyntie_version": _dyntie_version(),
         }
-        self._commit(LOCK_TIMEOUT_S, lambda con: self._insert_run(con, values))
+        self._commit(LOCK_TIMEOUT_S, lambda con: self._mark_stale_then(con, self._insert_run, values))
         self._active = True
         return self.run_id
+
+    def _mark_stale_then(self, con: duckdb.DuckDBPyConnection, change: Callable[..., None], *args: Any) -> None:
+        self.marked_stale = mark_stale_runs(con)
+        change(con, *args)
 
     def _insert_run(self, con: duckdb.DuckDBPyConnection, values: dict[str, Any]) -> None:
         while self._run_exists(con, self.run_id):
@@ -246,7 +266,7 @@ class RunWriter:
             )
             self._run_id = full_id
 
-        self._commit(LOCK_TIMEOUT_S, reopen)
+        self._commit(LOCK_TIMEOUT_S, lambda con: self._mark_stale_then(con, reopen))
         self._given_id = True
         self._active, self._finished, self._final = True, False, None
         return self.run_id

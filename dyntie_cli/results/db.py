@@ -1,4 +1,4 @@
-"""Where the result registry lives, how to open it safely, and its schema (a public interface: DESIGN.md §6).
+"""Where the result registry lives, how to open it safely, and its schema (a public interface: docs/registry.md).
 
 DuckDB lets one process at a time hold the file open for writing, and while it does no other process can open
 it at all, not even read-only (and a read-only holder blocks writers too). So nothing in dyntie keeps a
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
@@ -31,6 +32,10 @@ _MAX_BACKOFF_S = 0.5
 
 Migration = Callable[[duckdb.DuckDBPyConnection], None]
 
+#: SQL that filters and orders rows by a list of resolved run ids (the casts keep an empty list well-typed)
+IN_RUNS = "run_id IN (SELECT unnest($ids::TEXT[]))"
+RUN_ORDER = "list_position($ids::TEXT[], run_id)"
+
 
 def resolve_db_path(db: str | os.PathLike[str] | None) -> Path:
     """The registry path: ``--db`` if given, else ``$DYNTIE_DB``, else ``./dyntie.duckdb``."""
@@ -49,7 +54,7 @@ def utc_now() -> datetime:
 
 
 def _create_core_tables(con: duckdb.DuckDBPyConnection) -> None:
-    """The tables and columns DESIGN.md §6 promises."""
+    """The tables and columns the public schema promises (docs/registry.md)."""
     con.execute(
         """
         CREATE TABLE runs (
@@ -277,6 +282,31 @@ def connect(
         yield con
     finally:
         con.close()
+
+
+@contextlib.contextmanager
+def read_registry(path: str | os.PathLike[str]) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open an existing registry read-only. Reading writes nothing, with one exception that it announces: a
+    registry written by an older dyntie is upgraded to the current schema first (when the file is writable).
+    Never creates a registry: a missing or empty file raises ``DyntieError``."""
+    db_path = Path(path)
+    _upgrade_if_older(db_path)
+    with connect(db_path, read_only=True) as con:
+        yield con
+
+
+def _upgrade_if_older(path: Path) -> None:
+    if not (path.is_file() and path.stat().st_size > 0 and os.access(path, os.W_OK)):
+        return
+    con = open_with_retry(path, read_only=True)
+    try:
+        version = _check_is_registry(con, path)
+    finally:
+        con.close()
+    if 0 < version < SCHEMA_VERSION:
+        with connect(path):
+            pass
+        print(f"dyntie: upgraded the registry {path} from schema {version} to {SCHEMA_VERSION}.", file=sys.stderr)
 
 
 def _require_current_schema(con: duckdb.DuckDBPyConnection, path: Path) -> None:

@@ -1,0 +1,83 @@
+"""What every backbone's data loading shares: the cache folder, atomic writes, the hub check, split carving.
+
+Backbones import these instead of each other's private helpers; nothing here knows a dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+
+from dyntie_cli.errors import DyntieError
+
+
+def default_cache_dir() -> Path:
+    """Where tokenizers, token arrays and decoded images are cached: ``$DYNTIE_CACHE``, else ``~/.cache/dyntie``."""
+    return Path(os.environ.get("DYNTIE_CACHE") or Path.home() / ".cache" / "dyntie").expanduser()
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename: a concurrent run or a killed one never
+    leaves a half-written cache entry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def sha256(*parts: bytes) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face hub can be reached: False at once when an offline variable is set."""
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(variable, "").strip().lower() not in ("", "0", "false", "no", "off"):
+            return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        with socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def carve(n: int, sizes: Sequence[tuple[str, int]], *, seed: int | None = None,
+          too_few: str = "") -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Split ``n`` units into the roles of ``sizes`` (role, count) and the rest; returns (rest, role -> indices).
+
+    ``seed=None``: contiguous slices, the roles one after another at the end (text: evaluation text is a
+    continuous stretch); with a seed: the roles take the first slices of a seeded permutation, in order, and the
+    rest what remains. The roles never overlap each other or the rest. ``too_few`` is the error raised (with
+    the counts appended) when nothing would be left for the rest.
+    """
+    total = sum(size for _, size in sizes)
+    if total >= n:
+        raise DyntieError(too_few or f"Only {n} units, too few to carve {total} from.")
+    if seed is None:
+        order, start = np.arange(n), n - total
+        rest = order[:start]
+    else:
+        order, start = np.random.default_rng(seed).permutation(n), 0
+        rest = order[total:]
+    roles = {}
+    for role, size in sizes:
+        roles[role] = order[start: start + size]
+        start += size
+    return rest, roles

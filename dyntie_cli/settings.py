@@ -1,0 +1,488 @@
+"""Every setting of a run, in one typed schema, validated once when it is built.
+
+A run's settings have sections: ``train`` (optimisation and bookkeeping), ``ties`` (the tie manager and the
+fixed policies), ``agent`` (the Q-agent) -- shared by every backbone -- and ``model`` and ``data``, whose keys a
+backbone declares (its own ``Section`` subclasses). ``RunSettings`` adds the run's identity (backbone, preset,
+dataset, variant, seed, device, data folder).
+
+They resolve in one order: the schema's defaults < the backbone's preset < a recipe file < command-line flags
+< ``--set key=value``. Each source is a list of ``(dotted key, value)`` pairs applied to a plain tree, which is
+validated once at the end (:func:`resolve`): an unknown key, a value of the wrong type or outside its choices or
+range is refused with one sentence naming the key and what it accepts, before any data is read.
+
+A field is declared with :func:`setting`: its default, its help text (shown by ``dyntie config show --help``
+and in the settings reference), its range, and -- for a field added after runs were first recorded -- the
+value that reproduces how such an older run behaved (``legacy``), so a resume or an ablation of it keeps its
+policy.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any, ClassVar, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic.fields import FieldInfo
+
+from .errors import DyntieError, UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+_NO_LEGACY = object()
+
+
+def setting(default: Any, help: str, *, legacy: Any = _NO_LEGACY, **constraints: Any) -> Any:
+    """A schema field: ``default``, ``help`` (one line for people), range constraints (``ge``, ``gt``, ``le``,
+    ``lt``), and ``legacy``: the value for a run recorded before the field existed."""
+    extra = {} if legacy is _NO_LEGACY else {"legacy": legacy}
+    return Field(default, description=help, json_schema_extra=extra or None, **constraints)
+
+
+class Section(BaseModel):
+    """A group of settings. Strict: a number is never a bool, a whole number never a fraction; unknown keys are
+    refused. Mapping-style reads (``cfg.data["batch_size"]``) work too, for backbones written against dicts."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, protected_namespaces=())
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in type(self).model_fields:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in type(self).model_fields else default
+
+    def keys(self) -> list[str]:
+        return list(type(self).model_fields)
+
+
+# --------------------------------------------------------------------------------------------------
+# The shared sections
+# --------------------------------------------------------------------------------------------------
+
+Precision = Literal["fp32", "bf16", "fp16"]
+TiedGrad = Literal["follow", "sum"]
+UntieOptim = Literal["fresh", "copy"]
+Variant = Literal["dynamic", "no-tying", "random", "final-arch", "replay", "static-all", "static-sequence",
+                  "static-cycle", "static-cycle-rev"]
+VARIANTS: tuple[str, ...] = get_args(Variant)
+#: variants that take their tie states from another run (``--from-run``)
+NEEDS_SOURCE = ("final-arch", "replay")
+STATIC_SCHEMES = tuple(v for v in VARIANTS if v.startswith("static-"))
+
+
+class TrainSettings(Section):
+    """Optimisation and bookkeeping. Defaults suit the CPU presets; presets and recipes override them."""
+
+    max_steps: int = setting(1000, "Training steps.", ge=1)
+    lr: float = setting(1e-3, "Peak learning rate (AdamW).", gt=0)
+    min_lr_ratio: float = setting(0.1, "Cosine decay ends at lr x this.", ge=0, le=1)
+    warmup_steps: int = setting(100, "Linear warm-up steps.", ge=0)
+    weight_decay: float = setting(0.1, "AdamW weight decay of matrices (biases, norms: none).", ge=0)
+    beta1: float = setting(0.9, "AdamW beta1.", ge=0, lt=1)
+    beta2: float = setting(0.95, "AdamW beta2.", ge=0, lt=1)
+    grad_clip: float = setting(1.0, "Gradient-norm clipping (0: off).", ge=0)
+    log_every: int = setting(10, "Train metrics and a memory row every N steps.", ge=1)
+    eval_every: int = setting(250, "Validation every N steps, and at the end (0: at the end only).", ge=0)
+    eval_items: int = setting(0, "Validation budget in tokens or examples (0: the whole split).", ge=0)
+    test_items: int = setting(0, "Test budget in tokens or examples (0: the whole split).", ge=0)
+    checkpoint_every: int = setting(0, "A checkpoint every N steps (0: at every validation).", ge=0)
+    precision: Precision = setting("fp32", "Autocast precision: fp32, bf16 or fp16 (bf16/fp16 for GPUs).")
+    flush_every_s: float = setting(10.0, "Registry writes are buffered this many seconds at most.", ge=0)
+
+
+class TieSettings(Section):
+    """The tie manager and the fixed policies."""
+
+    decide_every: int = setting(10, "k: a tie decision every k training steps.", ge=1)
+    tied_grad: TiedGrad = setting("follow", "follow: tied blocks get no weight gradient (the paper); sum: "
+                                            "every position's gradient is added to its root (ALBERT).")
+    untie_optim: UntieOptim = setting("fresh", "Optimizer state of an untied block: fresh, or a copy of its "
+                                               "source's.")
+    independent: int = setting(0, "Static schemes: independent blocks (0: the source run's mean, else L/4).",
+                               ge=0)
+    perm_seed: int = setting(0, "Replay: seed of the permutation of block indices.", ge=0)
+
+
+Encoding = Literal["normalized", "onehot"]
+Explore = Literal["row", "vector"]
+EpsilonSchedule = Literal["per-decision", "run"]
+KeepScope = Literal["all", "independent"]
+KeepTarget = Literal["root", "previous"]
+ExploreMoves = Literal["any", "local"]
+TdTarget = Literal["max", "greedy"]
+Reward = Literal["relative", "neg-log-ppl", "neg-ppl"]
+RewardBatch = Literal["interval", "next", "fresh"]
+AgentPreset = Literal["default", "paper", "lean"]
+
+
+class AgentSettings(Section):
+    """The Q-agent. ``preset`` names a starting point (``default``, ``paper``, ``lean``); explicit fields
+    override it. The method page of the docs explains each choice."""
+
+    preset: AgentPreset = setting("default", "The named agent these settings started from.")
+    hidden: int = setting(128, "Width of the Q-network's two hidden layers.", ge=1)
+    lr: float = setting(1e-3, "Adam learning rate of the Q-network.", gt=0)
+    gamma: float = setting(0.9, "Discount of the TD target.", ge=0, le=1)
+    encoding: Encoding = setting("normalized", "State input: normalized (s[i] / (L-1)) or onehot (lower "
+                                               "triangle).")
+    progress_input: bool = setting(True, "Feed training progress (0..1) as an extra input.")
+    epsilon: float = setting(1.0, "Initial exploration rate.", ge=0, le=1)
+    epsilon_min: float = setting(0.02, "Exploration floor.", ge=0, le=1)
+    epsilon_decay: float = setting(0.95, "Per-decision decay factor (epsilon_schedule=per-decision).", gt=0,
+                                   le=1)
+    epsilon_schedule: EpsilonSchedule = setting("run", "per-decision (the paper: x epsilon_decay each "
+                                                       "decision) or run (epsilon_min at explore_fraction).")
+    explore_fraction: float = setting(0.3, "Share of the run over which epsilon decays (schedule run).", gt=0,
+                                      le=1)
+    explore: Explore = setting("row", "row: each row explores on its own; vector: the whole action at once.")
+    keep_bias: float = setting(0.95, "When a row explores, the chance it keeps its current tie.", ge=0, le=1)
+    keep_bonus: float = setting(2.0, "Added to a row's keep entry when acting greedily: it moves only for a "
+                                     "clear gain in Q.", ge=0, legacy=0.0)
+    keep_trained: bool = setting(True, "The greedy choice never ties an independent block (only exploration "
+                                       "or the budget can).", legacy=False)
+    keep_scope: KeepScope = setting("all", "Rows keep_bias and keep_bonus protect: all, or only independent "
+                                           "blocks.", legacy="all")
+    keep_target: KeepTarget = setting("previous", "What keeping means for a tied row: root (point at its "
+                                                  "root) or previous (follow the block before: groups stay "
+                                                  "consecutive).", legacy="root")
+    explore_moves: ExploreMoves = setting("local", "An exploring row that moves: any (uniform over its "
+                                                   "choices, the paper) or local (untie, or join the group "
+                                                   "before).", legacy="any")
+    rows_per_decision: int = setting(0, "0: every row is re-decided; n: only n random rows.", ge=0)
+    replay_size: int = setting(512, "Replay buffer size (1: the newest transition only).", ge=1)
+    batch_size: int = setting(32, "Transitions per Q update.", ge=1)
+    updates_per_decision: int = setting(8, "Q updates per decision.", ge=1)
+    target_sync: int = setting(5, "Decisions between target-network syncs (0: no target network).", ge=0)
+    td_target: TdTarget = setting("greedy", "Value of the next state: max (each row's best entry, the paper) "
+                                            "or greedy (the entry the agent would choose).", legacy="max")
+    td_budget: bool = setting(True, "The greedy TD target applies the max_independent budget as acting "
+                                    "does.", legacy=False)
+    reward: Reward = setting("relative", "relative (log-PPL against a running reference), neg-log-ppl, or "
+                                         "neg-ppl (the paper's -PPL).")
+    reward_batch: RewardBatch = setting("interval", "Batches that score a decision: interval (the k training "
+                                                    "batches that follow), next (the first), fresh (one extra "
+                                                    "batch, the paper).", legacy="fresh")
+    reward_ema: float = setting(0.9, "Smoothing of the relative reward's running reference.", ge=0, le=1)
+    max_independent: int = setting(8, "At most N independent blocks, by masking actions (0: no cap).", ge=0)
+    param_penalty: float = setting(0.0, "Subtracted from the reward times the fraction of independent "
+                                        "blocks.", ge=0)
+    seed: int = setting(0, "The agent's seed (the run's --seed).", ge=0)
+
+    #: the named starting points; ``default`` is the schema's own defaults
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "paper": dict(
+            hidden=128, lr=1e-3, gamma=0.9, encoding="normalized", progress_input=False, epsilon=1.0,
+            epsilon_min=0.1, epsilon_decay=0.95, epsilon_schedule="per-decision", explore="row", keep_bias=0.0,
+            keep_bonus=0.0, keep_target="root", explore_moves="any", rows_per_decision=0, replay_size=1,
+            batch_size=1, updates_per_decision=1, target_sync=0, reward="neg-ppl", reward_batch="fresh",
+            max_independent=0, keep_trained=False, td_target="max",
+        ),
+        "default": {},
+        # the first default: about 3 independent blocks of 48 instead of about 6.6: the most memory and speed
+        # saved, at a worse perplexity on the 48-block study (docs/studies.md)
+        "lean": dict(keep_bias=0.9, keep_target="root", explore_moves="any", max_independent=0,
+                     keep_trained=False, td_target="max"),
+    }
+
+    @classmethod
+    def from_preset(cls, preset: str = "default", **overrides: Any) -> AgentSettings:
+        """The named agent with ``overrides``; an unknown name or key is refused."""
+        if preset not in cls.PRESETS:
+            raise UsageError(f"Unknown agent setting {preset!r}; choose one of {', '.join(cls.PRESETS)}.")
+        return _validated(cls, {**cls.PRESETS[preset], **overrides, "preset": preset}, "agent")
+
+    @classmethod
+    def legacy_values(cls) -> dict[str, Any]:
+        """Fields added after runs were first recorded, with the value that reproduces such a run."""
+        return {name: f.json_schema_extra["legacy"] for name, f in cls.model_fields.items()
+                if isinstance(f.json_schema_extra, dict) and "legacy" in f.json_schema_extra}
+
+
+SHARED_SECTIONS: dict[str, type[Section]] = {"train": TrainSettings, "ties": TieSettings, "agent": AgentSettings}
+BACKBONE_SECTIONS = ("model", "data")
+SECTION_NAMES = (*SHARED_SECTIONS, *BACKBONE_SECTIONS)
+
+
+class RunSettings(Section):
+    """A run's identity and its sections. ``model`` and ``data`` are the backbone's own section types
+    (``settings_type(backbone)`` makes the typed class of one backbone)."""
+
+    backbone: str = setting("gpt2", "The backbone (dyntie backbones lists them).")
+    preset: str = setting("", "The backbone preset the settings started from.")
+    dataset: str = setting("", "Dataset name, GLUE task, or kind:PATH.")
+    variant: Variant = setting("dynamic", "dynamic, or a baseline: " + ", ".join(VARIANTS[1:]) + ".")
+    seed: int = setting(0, "Random seed (data order, initialisation, agent).", ge=0)
+    device: str = setting("auto", "cpu, cuda, cuda:N or auto.", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    data_dir: str | None = setting(None, "Local copy of the dataset (offline use).")
+    model: Section = Field(default_factory=Section)
+    data: Section = Field(default_factory=Section)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    ties: TieSettings = Field(default_factory=TieSettings)
+    agent: AgentSettings = Field(default_factory=AgentSettings)
+
+    TOP_LEVEL: ClassVar[tuple[str, ...]] = ("backbone", "preset", "dataset", "variant", "seed", "device",
+                                            "data_dir")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, JSON-ready tree (what the registry stores in ``runs.config``)."""
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------------------------------
+# Typed settings of one backbone
+# --------------------------------------------------------------------------------------------------
+
+
+def _section_from_values(name: str, values: Iterable[dict[str, Any]]) -> type[Section]:
+    """A section class for a backbone that declares none: one field per key its presets use, typed by the
+    first value given (``None``: any type)."""
+    fields: dict[str, Any] = {}
+    for preset_values in values:
+        for key, value in preset_values.items():
+            if key not in fields:
+                kind = Any if value is None else float if isinstance(value, float) else type(value)
+                fields[key] = (kind, value)
+    return create_model(name, __base__=Section, **fields)
+
+
+@cache
+def settings_type(backbone_cls: type) -> type[RunSettings]:
+    """``RunSettings`` with ``model`` and ``data`` typed by ``backbone_cls`` (its ``model_settings`` and
+    ``data_settings``, or sections inferred from its presets)."""
+    presets = getattr(backbone_cls, "presets", {}).values()
+    model = getattr(backbone_cls, "model_settings", None) or _section_from_values(
+        f"{backbone_cls.__name__}Model", (dict(p.model) for p in presets))
+    data = getattr(backbone_cls, "data_settings", None) or _section_from_values(
+        f"{backbone_cls.__name__}Data", (dict(p.data) for p in presets))
+    return create_model(f"{backbone_cls.__name__}Settings", __base__=RunSettings,
+                        model=(model, Field(default_factory=model)), data=(data, Field(default_factory=data)))
+
+
+def section_fields(cls: type[RunSettings]) -> dict[str, dict[str, FieldInfo]]:
+    """Section name -> its fields, for the sections of a typed settings class."""
+    return {name: cls.model_fields[name].annotation.model_fields for name in SECTION_NAMES}
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolution: pairs of (dotted key, value) onto a tree, validated once
+# --------------------------------------------------------------------------------------------------
+
+Pairs = Sequence[tuple[str, Any]]
+
+
+def parse_value(raw: str) -> Any:
+    """``--set`` values: JSON scalars and lists (3, 1e-3, true, null, [1,2]); anything else is a string."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def parse_sets(items: Iterable[str] | None) -> list[tuple[str, Any]]:
+    out = []
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set expects key=value (for example --set train.lr=3e-4), got {item!r}.")
+        out.append((key.strip(), parse_value(raw.strip())))
+    return out
+
+
+def _known(fields: Iterable[str]) -> str:
+    return ", ".join(sorted(fields))
+
+
+def _locate(cls: type[RunSettings], key: str) -> tuple[str | None, str]:
+    """(section or None for a top-level key, field name) of a dotted or bare key; unknown keys refused."""
+    sections = section_fields(cls)
+    head, dot, name = key.partition(".")
+    if not dot:
+        if key in RunSettings.TOP_LEVEL:
+            return None, key
+        owners = [s for s, fields in sections.items() if key in fields]
+        if len(owners) != 1:
+            hint = f"it is in {' and '.join(owners)}" if owners else "no section has it"
+            raise UsageError(f"Cannot set {key!r}: {hint}; use section.key (sections: {', '.join(SECTION_NAMES)}; "
+                             f"top-level keys: {', '.join(RunSettings.TOP_LEVEL)}).")
+        return owners[0], key
+    if head not in sections:
+        raise UsageError(f"Unknown settings section {head!r} in {key!r}; sections: {', '.join(SECTION_NAMES)}.")
+    if name not in sections[head]:
+        raise UsageError(f"Unknown setting {key}; {head} keys: {_known(sections[head])}.")
+    return head, name
+
+
+def assign(cls: type[RunSettings], tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set one dotted key on a plain settings tree. ``agent.preset`` starts the agent section afresh from that
+    preset (keeping its seed); every other key sets one field. Values are checked when the tree is validated."""
+    section, name = _locate(cls, key)
+    if section is None:
+        tree[name] = value
+        return
+    if section == "agent" and name == "preset":
+        if value not in AgentSettings.PRESETS:
+            raise UsageError(f"Unknown agent setting {value!r}; choose one of {', '.join(AgentSettings.PRESETS)}.")
+        seed = tree.get("agent", {}).get("seed", 0)
+        tree["agent"] = {**AgentSettings.PRESETS[value], "preset": value, "seed": seed}
+        return
+    tree.setdefault(section, {})[name] = value
+
+
+#: the command-line flag of a setting, where it has one (filled by the commands' option table), so an error
+#: names what the user typed
+FLAG_OF: dict[str, str] = {}
+
+_TYPE_WORDS = {"int_type": "a whole number", "float_type": "a number", "bool_type": "true or false",
+               "string_type": "text", "int_from_float": "a whole number", "int_parsing": "a whole number",
+               "float_parsing": "a number", "list_type": "a list"}
+_BOUNDS = {"greater_than_equal": ("ge", "at least"), "greater_than": ("gt", "greater than"),
+           "less_than_equal": ("le", "at most"), "less_than": ("lt", "less than")}
+
+
+def _sentence(error: dict[str, Any], cls: type[BaseModel], where: str) -> str:
+    """One sentence for one pydantic error, naming the key and what it accepts."""
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join([where, *loc] if where else loc)
+    value = error.get("input")
+    if key in FLAG_OF:
+        key = f"{key} ({FLAG_OF[key]})"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        owner = cls
+        for part in loc[:-1]:
+            owner = owner.model_fields[part].annotation
+        return f"Unknown setting {key}; known keys here: {_known(owner.model_fields)}."
+    if kind == "literal_error":
+        choices = error["ctx"]["expected"].replace("'", "")
+        return f"{key} must be one of {choices.replace(' or ', ', ')}, not {value!r}."
+    if kind in _BOUNDS:
+        ctx_key, words = _BOUNDS[kind]
+        return f"{key} must be {words} {error['ctx'][ctx_key]}, not {value!r}."
+    if kind in _TYPE_WORDS:
+        return f"{key} takes {_TYPE_WORDS[kind]}, not {value!r}."
+    if kind == "string_pattern_mismatch":
+        return f"{key} does not accept {value!r}; see `dyntie config show --help` for its form."
+    return f"{key}: {error['msg']} (got {value!r})."
+
+
+def _validated(cls: type[BaseModel], tree: dict[str, Any], where: str = "") -> Any:
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as e:
+        raise UsageError(_sentence(e.errors()[0], cls, where)) from None
+
+
+def validate_tree(cls: type[RunSettings], tree: dict[str, Any]) -> RunSettings:
+    """The typed settings of a tree, or one sentence about its first fault."""
+    settings = _validated(cls, tree)
+    settings.agent.seed = settings.seed  # the agent draws from the run's seed
+    return settings
+
+
+def resolve(backbone_cls: type, preset: Any, *, dataset: str | None = None,
+            sources: Sequence[Pairs] = ()) -> RunSettings:
+    """The settings of a new run: the schema's defaults < ``preset`` (a backbone ``Preset``) < each of
+    ``sources`` in order (recipe pairs, flag pairs, ``--set`` pairs), validated once."""
+    cls = settings_type(backbone_cls)
+    tree: dict[str, Any] = {
+        "backbone": backbone_cls.name, "preset": preset.name, "dataset": dataset or backbone_cls.default_dataset,
+        "model": dict(preset.model), "data": dict(preset.data), "train": dict(preset.train),
+        "ties": dict(preset.ties), "agent": {},
+    }
+    for pairs in sources:
+        for key, value in pairs:
+            assign(cls, tree, key, value)
+    return validate_tree(cls, tree)
+
+
+def upgrade_saved(saved: dict[str, Any]) -> dict[str, Any]:
+    """A config as the registry stored it, brought to today's schema: launch labels dropped, agent fields
+    added since it was recorded set to the values that reproduce that run."""
+    tree = {k: v for k, v in saved.items() if k not in RUN_LABELS}
+    agent = tree.get("agent")
+    if agent:  # the preset's values, then the legacy values, then what the run saved
+        preset = agent.get("preset", "default")
+        tree["agent"] = {**AgentSettings.PRESETS.get(preset, {}), **AgentSettings.legacy_values(), **agent}
+    else:
+        tree["agent"] = {"preset": "default"}
+    return tree
+
+
+def from_saved(backbone_cls: type, saved: dict[str, Any], sources: Sequence[Pairs] = ()) -> RunSettings:
+    """A recorded run's settings (``runs.config``), with ``sources`` applied on top (an ablation's or a
+    resume's overrides), validated once."""
+    cls = settings_type(backbone_cls)
+    tree = upgrade_saved(saved)
+    for pairs in sources:
+        for key, value in pairs:
+            assign(cls, tree, key, value)
+    return validate_tree(cls, tree)
+
+
+#: what a run's stored config says besides its settings: the round of a repeated bench, the number of processes,
+#: the study it belongs to
+RUN_LABELS = ("bench", "world_size", "study")
+
+
+# --------------------------------------------------------------------------------------------------
+# Recipes
+# --------------------------------------------------------------------------------------------------
+
+_RECIPE_TOP = (*RunSettings.TOP_LEVEL, "meta", *SECTION_NAMES)
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """A recipe is a TOML file: top-level backbone/preset/dataset/variant/seed and [train]/[ties]/[agent]/
+    [model]/[data] tables of overrides, and a [meta] table (its launch command and expected figure). Packaged
+    recipes can be named without a path (``gpt2-cpu``)."""
+    p = Path(path)
+    if p.exists():
+        text = p.read_text()
+    else:
+        from importlib import resources
+
+        packaged = resources.files("dyntie_cli.recipes") / f"{path}.toml"
+        if not packaged.is_file():
+            raise DyntieError(f"Recipe {str(path)!r} not found: pass a TOML file path or a packaged recipe name "
+                              f"({', '.join(list_recipes())}).")
+        text = packaged.read_text()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise DyntieError(f"Recipe {str(path)!r} is not valid TOML ({e}); fix the file.") from None
+    unknown = [k for k in data if k not in _RECIPE_TOP]
+    if unknown:
+        raise UsageError(f"Recipe {str(path)!r} has an unknown key {unknown[0]!r}; recipes hold "
+                         f"{', '.join(RunSettings.TOP_LEVEL)}, [meta] and the tables {', '.join(SECTION_NAMES)}.")
+    return data
+
+
+def recipe_pairs(recipe: dict[str, Any]) -> list[tuple[str, Any]]:
+    """A recipe's overrides as (dotted key, value) pairs; ``preset`` and ``backbone`` choose, not override."""
+    pairs: list[tuple[str, Any]] = []
+    for key, value in recipe.items():
+        if key in ("meta", "preset", "backbone"):
+            continue
+        if isinstance(value, dict):
+            if key not in SECTION_NAMES:
+                raise UsageError(f"A recipe table [{key}] is not a settings section; use {', '.join(SECTION_NAMES)}.")
+            if key == "agent" and "preset" in value:  # the named agent first, then its overrides
+                pairs.append(("agent.preset", value["preset"]))
+            pairs += [(f"{key}.{k}", v) for k, v in value.items() if not (key == "agent" and k == "preset")]
+        else:
+            pairs.append((key, value))
+    return pairs
+
+
+def list_recipes() -> list[str]:
+    from importlib import resources
+
+    return sorted(p.name[:-5] for p in resources.files("dyntie_cli.recipes").iterdir() if p.name.endswith(".toml"))
