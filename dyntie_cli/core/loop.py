@@ -28,6 +28,7 @@ from ..settings import RunSettings
 from . import checkpoint as ckpt
 from .checkpoint import LoopState, PendingDecision
 from .distributed import Group
+from .lazy import BuildReport, build_lazily
 from .memory import MemoryProbe, base_bytes, gradient_bytes, release_freed_memory, trainable_parameters
 from .policies import Policy, make_policy
 from .ties import TieManager, independent_count, transition
@@ -150,12 +151,8 @@ class Trainer:
         self.device = self.group.device or resolve_device(cfg.device)
         with self.group.main_first():  # rank 0 fills the token cache, the other ranks read it
             self.data = self.backbone.load_data(cfg)
-        self._build_model()
-        self._make_policy()
         self.checkpoint_dir = self.out_dir / self.writer.run_id / "checkpoint"
-        initial = ckpt.load_tie_map(self.checkpoint_dir)["state"] if self.resume else self.policy.initial_state()
-        self.ties = TieManager(self.backbone.blocks(self.model), initial, tied_grad=cfg.ties.tied_grad,
-                               untie_optim=cfg.ties.untie_optim)
+        self._build_model()
         if self.group.active:
             self.group.broadcast_parameters(self.model)  # the same start on every rank (the seed gives it too)
             if not self.group.is_main:
@@ -179,16 +176,44 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
 
     def _build_model(self) -> None:
+        """The policy first (it says which blocks start tied), then the model with those blocks never
+        materialised, then the tie manager, then the move to the device (after the tied blocks are released, so
+        the device never holds them either)."""
         cfg = self.cfg
         # what the process holds before any model exists (libraries, data): no tie state can save it. The
         # backbone first loads the code its model needs (transformers' modelling code alone is ~0.2 GiB). Only a
         # measurement: a model whose code cannot load that way is measured without it, and any real fault
         # surfaces in the build just below
+        probe = None
         with suppress(Exception):
-            self.backbone.load_model_code(cfg, self.data)
+            probe = self.backbone.blocks(self.backbone.load_model_code(cfg, self.data))
         self.base_bytes = base_bytes(self.device)
-        self.model = self.backbone.build_model(cfg, self.data).to(self.device)
-        self.num_blocks = len(self.backbone.blocks(self.model))
+
+        def build() -> nn.Module:
+            return self.backbone.build_model(cfg, self.data)
+
+        if probe:
+            self.num_blocks = len(probe)
+            self._make_policy()
+            initial = self._initial_state()
+            if getattr(cfg, "init", None) or cfg.model.get("init"):  # pretrained weights: loaded in full
+                model, self.build_report = build(), BuildReport(False, 0, "weights loaded from --init")
+            else:
+                model, self.build_report = build_lazily(build, self.backbone.blocks, initial, probe)
+        else:
+            model = build()
+            self.build_report = BuildReport(False, 0, "the backbone's model does not build on the meta device")
+            self.num_blocks = len(self.backbone.blocks(model))
+            self._make_policy()
+            initial = self._initial_state()
+        self.model = model
+        self.ties = TieManager(self.backbone.blocks(model), initial, tied_grad=cfg.ties.tied_grad,
+                               untie_optim=cfg.ties.untie_optim)
+        self.model.to(self.device)
+        self.ties.reinject()  # .to() moved the roots' storage; the tied blocks' views must follow
+
+    def _initial_state(self) -> list[int]:
+        return ckpt.load_tie_map(self.checkpoint_dir)["state"] if self.resume else self.policy.initial_state()
 
     def _make_policy(self) -> None:
         cfg = self.cfg
@@ -253,7 +278,7 @@ class Trainer:
             # a decision still waiting for its reward at the checkpoint is logged again once it is scored
             w.truncate_after(self.loop.step, decisions_from=self.loop.pending.decision if self.loop.pending else None)
         else:
-            config = cfg.to_dict() | self.labels
+            config = cfg.to_dict() | self.labels | {"setup": self.build_report.label()}
             if self.group.active:
                 config["world_size"] = self.group.world
             w.start(self.command, cfg.backbone, cfg.dataset, cfg.variant, config,
@@ -275,6 +300,8 @@ class Trainer:
         except BaseException as e:
             w.finish("failed", error=f"{type(e).__name__}: {e}")
             raise
+        finally:
+            self.probe.close()
         if result is None:  # stopped by a signal at a step boundary, checkpointed
             w.finish("killed")
             self.group.wait_for_all()  # no rank exits (torchrun would then end the rest) before rank 0 has recorded it
@@ -331,6 +358,8 @@ class Trainer:
         w.metric(self.loop.step, "train", "trainable_params_mean", self._mean_trainable(n))
         w.metric(self.loop.step, "train", "conventional_params", self.conventional_params)
         path = self._save_checkpoint()
+        # the whole process's peak, the test scoring and the checkpoint included (the memory rows end earlier)
+        w.metric(self.loop.step, "train", "process_peak_bytes", self.probe.process_peak_now())
         self.events({"type": "end", "final": final, "split": self.data.test_split})
         return RunResult(
             run_id=w.run_id, status="finished", step=self.loop.step, final=final, validation=validation,
@@ -457,7 +486,7 @@ class Trainer:
         m = self.probe.read(self.model, self.optimizer, grad_bytes=self.grad_bytes)
         w.memory(step=self.loop.step, device=m.device, peak_bytes=m.peak_bytes, current_bytes=m.current_bytes,
                  param_bytes=m.param_bytes, grad_bytes=m.grad_bytes, optimizer_bytes=m.optimizer_bytes,
-                 trainable_params=m.trainable_params)
+                 trainable_params=m.trainable_params, process_peak_bytes=m.process_peak_bytes)
         self.events({"type": "log", "step": self.loop.step, "loss": loss, "ppl": perplexity(loss),
                      "independent": self.ties.independent_layers, "blocks": self.num_blocks,
                      "peak_bytes": m.peak_bytes, "trainable": m.trainable_params})
