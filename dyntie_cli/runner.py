@@ -92,10 +92,11 @@ class Launch:
     db: Path
     out: Path
     quiet: bool = False
+    force: bool = False  # train even when the memory plan predicts the run does not fit
 
     @classmethod
     def from_options(cls, opts: Any) -> Launch:
-        return cls(resolve_db_path(opts.db), default_out_dir(opts.out), bool(opts.quiet))
+        return cls(resolve_db_path(opts.db), default_out_dir(opts.out), bool(opts.quiet), bool(opts.force))
 
 
 @dataclass
@@ -131,7 +132,7 @@ def run_job(backbone, job: Job, launch: Launch, *, print_summary: bool = True) -
         backbone, settings, launch.quiet,
         lambda: RunWriter(launch.db, flush_every_s=settings.train.flush_every_s, backbone=settings.backbone),
         print_summary=print_summary, command=job.command, out_dir=launch.out, source=job.source,
-        parent_run_id=job.parent_run_id, labels=job.labels,
+        parent_run_id=job.parent_run_id, labels=job.labels, check_memory=not launch.force,
     )
 
 
@@ -143,7 +144,8 @@ def resume_run(run_id: str, opts: Any) -> RunResult:
     backbone, settings = recorded_settings(run.config, [extend])
     return _run_trainer(backbone, settings, bool(opts.quiet),
                         lambda: RunWriter(db, run_id=run.run_id, flush_every_s=settings.train.flush_every_s),
-                        command=run.command, out_dir=Path(run.out_dir).parent, resume=True)
+                        command=run.command, out_dir=Path(run.out_dir).parent, resume=True,
+                        check_memory=not opts.force)
 
 
 def _run_trainer(backbone, settings: RunSettings, quiet: bool, new_writer: Callable[[], RunWriter], *,

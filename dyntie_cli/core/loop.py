@@ -30,6 +30,7 @@ from .checkpoint import LoopState, PendingDecision
 from .distributed import Group
 from .lazy import BuildReport, build_lazily
 from .memory import MemoryProbe, base_bytes, gradient_bytes, release_freed_memory, trainable_parameters
+from .plan import DoesNotFit, MemoryPlan, model_counts, plan_memory
 from .policies import Policy, make_policy
 from .ties import TieManager, independent_count, transition
 
@@ -128,11 +129,14 @@ class Trainer:
     def __init__(self, backbone, cfg: RunSettings, writer, *, command: str = "train", out_dir: Path,
                  source: dict[str, Any] | None = None, parent_run_id: str | None = None,
                  resume: bool = False, events: Callable[[Event], None] | None = None,
-                 labels: dict[str, Any] | None = None, group: Group | None = None) -> None:
+                 labels: dict[str, Any] | None = None, group: Group | None = None,
+                 check_memory: bool = True) -> None:
         self.backbone = backbone
         self.group = group or Group()  # the ranks of a torchrun launch; one process by default
         # what the registry keeps beside the settings in runs.config (a bench round, a study): labels only
         self.labels = labels or {}
+        self.check_memory = check_memory  # refuse a run the memory plan predicts will not fit (--force: try)
+        self.plan: MemoryPlan | None = None
         self.cfg = cfg
         self.writer = writer
         self.command = command
@@ -184,9 +188,10 @@ class Trainer:
         # backbone first loads the code its model needs (transformers' modelling code alone is ~0.2 GiB). Only a
         # measurement: a model whose code cannot load that way is measured without it, and any real fault
         # surfaces in the build just below
-        probe = None
+        probe, meta = None, None
         with suppress(Exception):
-            probe = self.backbone.blocks(self.backbone.load_model_code(cfg, self.data))
+            meta = self.backbone.load_model_code(cfg, self.data)
+            probe = self.backbone.blocks(meta)
         self.base_bytes = base_bytes(self.device)
 
         def build() -> nn.Module:
@@ -196,6 +201,7 @@ class Trainer:
             self.num_blocks = len(probe)
             self._make_policy()
             initial = self._initial_state()
+            self._check_memory(meta, probe)
             if getattr(cfg, "init", None) or cfg.model.get("init"):  # pretrained weights: loaded in full
                 model, self.build_report = build(), BuildReport(False, 0, "weights loaded from --init")
             else:
@@ -211,6 +217,17 @@ class Trainer:
                                untie_optim=cfg.ties.untie_optim)
         self.model.to(self.device)
         self.ties.reinject()  # .to() moved the roots' storage; the tied blocks' views must follow
+
+    def _check_memory(self, meta: nn.Module, probe: list[nn.Module]) -> None:
+        """Predict the run's peak before building it (docs/memory.md); refuse one that will not fit unless told
+        to try anyway. Only rank 0 of a torchrun launch plans (the ranks are alike)."""
+        if not self.group.is_main:
+            return
+        counts = model_counts(meta, probe)
+        self.plan = plan_memory(self.backbone, self.cfg, self.data, self.device, [self.cfg.variant],
+                                baseline=self.base_bytes, probe=probe, counts=counts)[0]
+        if self.check_memory and self.plan.fits is False:
+            raise DoesNotFit(self.plan, self.cfg)
 
     def _initial_state(self) -> list[int]:
         return ckpt.load_tie_map(self.checkpoint_dir)["state"] if self.resume else self.policy.initial_state()
@@ -287,6 +304,8 @@ class Trainer:
             self._log_tie(action=self.ties.state, changed=0)  # decision 0: the initial state
             w.metric(0, "train", "setup_peak_bytes", self.probe.setup_peak)
             w.metric(0, "train", "base_bytes", self.base_bytes)
+            if self.plan is not None:  # the prediction, beside what the run then measures
+                w.metric(0, "train", "planned_peak_bytes", self.plan.peak_bytes)
             w.flush()
         self.events({"type": "start", "run_id": w.run_id, "total": cfg.train.max_steps, "step": self.loop.step,
                      "blocks": self.num_blocks, "source": getattr(self.data, "source", "")})

@@ -12,11 +12,13 @@ from dyntie_cli.results.db import IN_RUNS
 # the quantities `dyntie bench` reports, each also as a ratio to no-tying. process_peak_bytes is the headline:
 # the whole process from its first byte (on CPU the RSS high-water mark, what /usr/bin/time reports; on CUDA peak
 # allocated bytes since the process started), setup and the final evaluation included; training_peak_bytes is the
-# largest per-logging-interval peak while training (avg_training_peak_bytes: their mean); base_bytes what the
+# largest per-logging-interval peak while training, planned_peak_bytes what the run's memory plan predicted before it
+# started (for dynamic tying at its budget, which a short run may not reach) (avg_training_peak_bytes: their mean); base_bytes what the
 # process held before the model was built (on CPU the libraries and data, ~0.7 GiB with torch and transformers),
 # and process_peak_above_base_bytes the process peak less that: the part the tie state acts on
 BENCH_COLUMNS = [
-    "process_peak_bytes", "process_peak_above_base_bytes", "training_peak_bytes", "avg_training_peak_bytes",
+    "process_peak_bytes", "process_peak_above_base_bytes", "planned_peak_bytes", "training_peak_bytes",
+    "avg_training_peak_bytes",
     "base_bytes", "setup_peak_bytes", "state_bytes_mean", "state_bytes_peak", "param_bytes_mean",
     "grad_bytes_mean", "optimizer_bytes_mean", "trainable_params_mean", "trainable_params_end", "tokens_per_s",
     "step_time_s", "validation_ppl", "agent_share",
@@ -43,6 +45,7 @@ def _bench_rows(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
                 arg_max(value, step) FILTER (WHERE name = 'agent_time_s') AS agent_time_s,
                 max(value) FILTER (WHERE name = 'setup_peak_bytes') AS setup_peak_bytes,
                 max(value) FILTER (WHERE name = 'process_peak_bytes') AS process_peak_end,
+                max(value) FILTER (WHERE name = 'planned_peak_bytes') AS planned_peak_bytes,
                 max(value) FILTER (WHERE name = 'base_bytes') AS base_bytes,
                 arg_max(value, step) FILTER (WHERE name = 'wall_time_s') AS wall_time_s,
                 arg_max(value, step) FILTER (WHERE name = 'trainable_params_mean') AS trainable_params_mean
