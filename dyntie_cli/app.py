@@ -57,9 +57,9 @@ def main_callback(
 
 
 def _register() -> None:
-    from .commands import ablate, backbones, bench, config, finetune, report, train
+    from .commands import ablate, backbones, bench, config, export, finetune, generate, report, train
 
-    for module in (train, finetune, ablate, report, bench, backbones, config):
+    for module in (train, finetune, ablate, report, bench, export, generate, backbones, config):
         module.register(app)
 
 

@@ -196,6 +196,7 @@ class Trainer:
         self.policy: Policy = make_policy(
             cfg.variant, self.num_blocks, agent=cfg.agent, total_decisions=self.total_decisions, seed=cfg.seed,
             independent=cfg.ties.independent, source=self.source, perm_seed=cfg.ties.perm_seed,
+            initial_state=cfg.ties.initial_state, pretrained=bool(cfg.init),
         )
         if cfg.variant.startswith("static-") and not cfg.ties.independent:
             cfg.ties.independent = independent_count(self.policy.initial_state())  # what the scheme resolved to
@@ -293,6 +294,8 @@ class Trainer:
         step_times: list[float] = []
         items = self.data.items_per_batch() * self.group.world  # tokens (examples) per step over all ranks
         self.loop_start = time.perf_counter()
+        if t.eval_at_start and self.loop.step == 0:
+            self._validate()  # the starting model's score, at step 0
         self.model.train()
         while self.loop.step < t.max_steps:
             loss, dt = self._train_step()
