@@ -10,7 +10,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_LAZY = {"load_tied": "export", "DynamicTying": "tying", "DynamicTyingCallback": "tying"}
+_LAZY = {"load_tied": "export", "DynamicTying": "tying", "DynamicTyingCallback": "trainer_callback"}
 __all__ = ["DynamicTying", "DynamicTyingCallback", "__version__", "load_tied"]
 
 
