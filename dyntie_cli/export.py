@@ -137,6 +137,7 @@ def export_run(db: Path, run_id: str, out: Path, *, fmt: str = "full", overwrite
         raise UsageError(f"Unknown export format {fmt!r}; use {' or '.join(FORMATS)}.")
     out = Path(out).expanduser()
     check_destination(out, overwrite)
+    check_exportable(load_run(db, run_id).backbone)
     rm = load_run_model(db, run_id)
     backbone, ties = rm.backbone, rm.ties
     batch = fixed_batch(rm.data)
@@ -186,6 +187,21 @@ def export_run(db: Path, run_id: str, out: Path, *, fmt: str = "full", overwrite
         shutil.rmtree(staging, ignore_errors=True)
     return ExportResult(out, fmt, rm.run.run_id, difference, size, full_bytes, independent_count(state),
                         len(state), fraction)
+
+
+#: the contract's hooks an export needs (docs/plugins.md)
+EXPORT_HOOKS = ("outputs", "export_model", "load_exported")
+
+
+def check_exportable(name: str) -> None:
+    """One sentence for a backbone whose plugin does not implement the export hooks."""
+    from .plugins import get_backbone
+
+    cls = type(get_backbone(name))
+    missing = [hook for hook in EXPORT_HOOKS if getattr(cls, hook) is getattr(Backbone, hook)]
+    if missing:
+        raise DyntieError(f"Backbone {name} cannot export: its plugin does not implement {', '.join(missing)} "
+                          "(docs/plugins.md).")
 
 
 def block_names(model: nn.Module, blocks: list[nn.Module]) -> list[str]:

@@ -208,3 +208,32 @@ def test_generate_samples_continuations_from_a_gpt2_run_and_refuses_other_runs(r
     vit_db, vit_run = tiny_runs["vit"]
     refused = invoke(runner, "generate", vit_run, "--prompt", "x", "--db", vit_db)
     assert refused.exit_code == 2 and "GPT-2 runs only" in refused.stderr
+
+
+def test_an_export_that_fails_its_round_trip_writes_nothing_and_keeps_the_old_folder(runner, tiny_runs, tmp_path,
+                                                                                    monkeypatch):
+    from dyntie_cli.backbones.gpt2 import GPT2Backbone
+
+    db, run_id = tiny_runs["gpt2"]
+    out = tmp_path / "out"
+    assert _export(runner, db, run_id, out).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = GPT2Backbone.export_model
+
+    def drifting(self, model, data, cfg, folder):  # a real export of slightly different weights
+        with torch.no_grad():
+            model.transformer.h[1].mlp.c_fc.weight.mul_(1.5)  # an independent block
+        real(self, model, data, cfg, folder)
+
+    monkeypatch.setattr(GPT2Backbone, "export_model", drifting)
+    for fmt in ("full", "compact"):
+        failed = _export(runner, db, run_id, out, "--overwrite", "--format", fmt)
+        assert failed.exit_code == 1 and "nothing was written" in failed.stderr, failed.stderr
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left behind
+
+
+def test_importing_dyntie_cli_stays_cheap():
+    code = "import sys, dyntie_cli; print(sorted(m for m in ('torch', 'transformers', 'timm') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert proc.stdout.strip() == "[]"
