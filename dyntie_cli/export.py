@@ -85,7 +85,7 @@ def load_run_model(db: Path, run_id: str) -> RunModel:
             model = backbone.build_model(settings, data)
             ties = TieManager(backbone.blocks(model), state["state"], tied_grad=state.get("tied_grad", "follow"))
             ckpt.load_model_weights(folder, model)
-        except (OSError, FileNotFoundError):
+        except OSError:
             continue  # the folder was being swapped for a newer checkpoint
         if os.stat(folder).st_ino == before:
             return RunModel(run, backbone, settings, data, model.eval(), ties)

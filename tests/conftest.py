@@ -90,3 +90,26 @@ def tiny_runs(tmp_path_factory) -> dict[str, tuple[Path, str]]:
         out[name] = tiny_run(CliRunner(), folder, name, "--max-steps", 8, "--decide-every", 100,
                              "--initial-state", ",".join(map(str, TINY_STATE)))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_exports(tiny_runs, tmp_path_factory) -> dict[str, dict]:
+    """Each tiny run exported full and compact (the folders and what the command printed), and the run's own
+    outputs on the export's fixed batch (computed through dyntie, tied)."""
+    from dyntie_cli.export import fixed_batch, load_run_model
+
+    out = {}
+    for name, (db, run_id) in tiny_runs.items():
+        folder = tmp_path_factory.mktemp(f"export-{name}")
+        entry: dict = {}
+        for fmt in ("full", "compact"):
+            result = invoke(CliRunner(), "export", run_id, "--out", folder / fmt, "--format", fmt, "--db", db)
+            assert result.exit_code == 0, result.stderr or result.output
+            entry[fmt], entry[f"{fmt}_stdout"] = folder / fmt, result.stdout
+        rm = load_run_model(db, run_id)
+        entry["batch"] = fixed_batch(rm.data)
+        with torch.no_grad():
+            entry["outputs"] = rm.backbone.outputs(rm.model, entry["batch"])
+        entry["run_model"] = rm
+        out[name] = entry
+    return out

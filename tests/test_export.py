@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dyntie_cli import load_tied
-from dyntie_cli.export import COMPACT_WEIGHTS, fixed_batch, load_run_model, weights_bytes
+from dyntie_cli.export import COMPACT_WEIGHTS, weights_bytes
 from dyntie_cli.results.writer import RunWriter
 from tests.conftest import TINY_RUNS, TINY_STATE, invoke
 
@@ -60,14 +60,11 @@ print(json.dumps(out))
 """
 
 
-def _reference(db, run_id, tmp_path) -> tuple[Path, dict]:
-    """The run's own outputs (tied, through dyntie) on the export's fixed batch, and its tokenizer's ids."""
-    rm = load_run_model(db, run_id)
-    batch = fixed_batch(rm.data)
-    with torch.no_grad():
-        outputs = rm.backbone.outputs(rm.model, batch)
+def _case(exported: dict, tmp_path) -> tuple[Path, dict]:
+    """What the fresh process compares with: the run's own outputs on the fixed batch, its tokenizer's ids."""
+    rm = exported["run_model"]
     text = "The quick brown fox, said she, jumped over 12 lazy dogs."
-    case = {"batch": batch, "outputs": outputs, "backbone": rm.backbone.name, "text": text}
+    case = {"batch": exported["batch"], "outputs": exported["outputs"], "backbone": rm.backbone.name, "text": text}
     if rm.backbone.name == "gpt2":
         case["ids"] = rm.data.tokenizer.encode(text).tolist()
     elif rm.backbone.name == "glue":
@@ -78,16 +75,14 @@ def _reference(db, run_id, tmp_path) -> tuple[Path, dict]:
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
-def test_full_export_loads_with_the_plain_library_in_a_fresh_process(runner, tiny_runs, tmp_path, backbone):
-    db, run_id = tiny_runs[backbone]
-    out = tmp_path / "full"
-    result = _export(runner, db, run_id, out)
-    assert result.exit_code == 0, result.stderr or result.output
-    assert "round trip: max abs difference" in result.stdout
-    assert (out / "model.safetensors").is_file() and not list(out.glob(".*"))
+def test_full_export_loads_with_the_plain_library_in_a_fresh_process(tiny_exports, tmp_path, backbone):
+    exported = tiny_exports[backbone]
+    out = exported["full"]
+    assert "round trip: max abs difference 0 (limit 1e-05)" in exported["full_stdout"]
+    assert (out / "model.safetensors").is_file() and not list(out.parent.glob(".*"))
     config = json.loads((out / "config.json").read_text())
     assert config["dyntie_format"] == "full" and config["dyntie_tie_map"] == STATE
-    case_file, case = _reference(db, run_id, tmp_path)
+    case_file, case = _case(exported, tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", PLAIN_LOADER, str(out), str(case_file)], capture_output=True,
                           text=True, env=env, cwd=tmp_path, timeout=300, check=False)
@@ -101,12 +96,9 @@ def test_full_export_loads_with_the_plain_library_in_a_fresh_process(runner, tin
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
-def test_compact_export_reloads_with_shared_storage_at_the_trainable_fraction(runner, tiny_runs, tmp_path, backbone):
-    db, run_id = tiny_runs[backbone]
-    full, compact = tmp_path / "full", tmp_path / "compact"
-    assert _export(runner, db, run_id, full).exit_code == 0
-    result = _export(runner, db, run_id, compact, "--format", "compact")
-    assert result.exit_code == 0, result.stderr or result.output
+def test_compact_export_reloads_with_shared_storage_at_the_trainable_fraction(tiny_exports, backbone):
+    exported = tiny_exports[backbone]
+    full, compact = exported["full"], exported["compact"]
     assert not (compact / "model.safetensors").exists() and (compact / COMPACT_WEIGHTS).is_file()
     assert json.loads((compact / "config.json").read_text())["dyntie_tie_map"] == STATE
 
@@ -124,23 +116,19 @@ def test_compact_export_reloads_with_shared_storage_at_the_trainable_fraction(ru
     conventional = counted + ties.block_numel() * (ties.num_blocks - ties.independent_layers)
     fraction = counted / conventional
     assert weights_bytes(compact) / weights_bytes(full) == pytest.approx(fraction, abs=0.01)
-    assert f"({weights_bytes(compact) / weights_bytes(full):.3f} of full)" in result.stdout
+    assert f"({weights_bytes(compact) / weights_bytes(full):.3f} of full)" in exported["compact_stdout"]
 
-    rm = load_run_model(db, run_id)
-    batch = fixed_batch(rm.data)
+    backbone_ = exported["run_model"].backbone
     with torch.no_grad():
-        want = rm.backbone.outputs(rm.model, batch)
-        assert (rm.backbone.outputs(model, batch) - want).abs().max() <= 1e-5
-        assert (rm.backbone.outputs(plain, batch) - want).abs().max() <= 1e-5
+        for loaded in (model, plain):
+            assert (backbone_.outputs(loaded, exported["batch"]) - exported["outputs"]).abs().max() <= 1e-5
 
 
-def test_a_compact_folder_does_not_half_load_with_the_plain_library(runner, tiny_runs, tmp_path):
+def test_a_compact_folder_does_not_half_load_with_the_plain_library(tiny_exports):
     from transformers import AutoModelForCausalLM
 
-    db, run_id = tiny_runs["gpt2"]
-    assert _export(runner, db, run_id, tmp_path / "c", "--format", "compact").exit_code == 0
     with pytest.raises(OSError):  # no model.safetensors: loud, never random tied blocks
-        AutoModelForCausalLM.from_pretrained(tmp_path / "c")
+        AutoModelForCausalLM.from_pretrained(tiny_exports["gpt2"]["compact"])
 
 
 def test_export_refuses_bad_input_in_one_sentence_and_overwrites_nothing(runner, tiny_runs, tmp_path):

@@ -15,17 +15,9 @@ BACKBONES = tuple(TINY_RUNS)
 
 
 @pytest.fixture(scope="module")
-def exports(tiny_runs, tmp_path_factory) -> dict:
-    """A full export of each tiny run."""
-    from typer.testing import CliRunner
-
-    out = {}
-    for name, (db, run_id) in tiny_runs.items():
-        folder = tmp_path_factory.mktemp(f"export-{name}") / "full"
-        result = invoke(CliRunner(), "export", run_id, "--out", folder, "--db", db)
-        assert result.exit_code == 0, result.stderr or result.output
-        out[name] = folder
-    return out
+def exports(tiny_exports) -> dict:
+    """The full export of each tiny run."""
+    return {name: exported["full"] for name, exported in tiny_exports.items()}
 
 
 def _validation(db, run_id, step: int | None = None) -> dict[str, float]:
@@ -139,3 +131,32 @@ def test_older_bert_records_with_model_init_keep_their_all_tied_start():
     assert settings.init == "/models/bert" and settings.ties.initial_state == "all-tied"
     scratch = from_saved(GlueBackbone, {**saved, "model": {**saved["model"], "init": ""}})
     assert scratch.init == "" and scratch.ties.initial_state == "auto"
+
+
+def test_gpt2_starts_from_a_plain_transformers_folder(runner, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "hf-gpt2"  # a folder as save_pretrained writes it: no tokenizer, GPT-2's own GELU
+    GPT2LMHeadModel(GPT2Config(vocab_size=600, n_layer=3, n_embd=32, n_head=2, n_positions=64)).save_pretrained(folder)
+    db, run_id = tiny_run(runner, tmp_path, "gpt2", "--init", folder, "--max-steps", 2)
+    config = json.loads(rows(db, "SELECT config FROM runs")[0][0])
+    assert (config["model"]["n_layer"], config["model"]["n_embd"], config["data"]["tokenizer"]) == (3, 32, "bpe:512")
+    assert _ties(db, run_id)[0][1:] == ([0, 1, 2], 3)
+    too_long = _refused(runner, tmp_path, "gpt2", "--init", folder, "--set", "data.seq_len=128")
+    assert "exceeds the 64 positions" in too_long
+
+
+def test_vit_weights_of_another_task_are_adapted_by_timm(runner, tmp_path):
+    import timm
+
+    folder = tmp_path / "timm-vit"  # 3 channels, 16 px, 5 classes; digits are 1 channel, 8 px, 10 classes
+    args = dict(img_size=16, patch_size=4, in_chans=3, num_classes=5, embed_dim=32, depth=3, num_heads=2,
+                mlp_ratio=2.0)
+    timm.models.save_for_hf(timm.create_model("vit_base_patch16_224", **args), str(folder), model_args=args,
+                            safe_serialization=True)
+    db, run_id = tiny_run(runner, tmp_path, "vit", "--init", folder, "--max-steps", 2)
+    config = json.loads(rows(db, "SELECT config FROM runs")[0][0])
+    assert (config["model"]["depth"], config["model"]["embed_dim"], config["model"]["patch_size"]) == (3, 32, 4)
+    assert _ties(db, run_id)[0][1] == [0, 1, 2]
+    assert rows(db, "SELECT count(*) FROM metrics WHERE run_id = ? AND split = 'test' AND name = 'accuracy'",
+                run_id)[0][0] == 1
