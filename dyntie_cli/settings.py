@@ -248,8 +248,8 @@ class RunSettings(Section):
     device: str = setting("auto", "cpu, cuda, cuda:N or auto.", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     data_dir: str | None = setting(None, "Local copy of the dataset (offline use).")
     init: str = setting("", "Start from these weights: a local transformers folder (GPT-2, BERT; a dyntie full "
-                            "export too), a timm folder or checkpoint file (ViT), or a hub id when the hub is "
-                            "reachable (empty: from scratch).")
+                            "export too), a timm folder or checkpoint file (ViT), or a GPT-2 or timm hub id when "
+                            "the hub is reachable (empty: from scratch).")
     model: Section = Field(default_factory=Section)
     data: Section = Field(default_factory=Section)
     train: TrainSettings = Field(default_factory=TrainSettings)

@@ -225,3 +225,14 @@ def test_importing_dyntie_cli_stays_cheap():
     code = "import sys, dyntie_cli; print(sorted(m for m in ('torch', 'transformers', 'timm') if m in sys.modules))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert proc.stdout.strip() == "[]"
+
+
+def test_a_load_tied_model_keeps_its_ties_through_a_dtype_move(tiny_exports):
+    exported = tiny_exports["gpt2"]
+    model = load_tied(exported["compact"]).double()  # .double() skips the tied blocks' plain tensors
+    with torch.no_grad():
+        logits = model(input_ids=exported["batch"]["input_ids"], use_cache=False).logits
+    ties = model.dyntie_ties
+    assert logits.dtype == torch.float64 and ties.distinct_block_weights() == ties.independent_layers
+    assert all(t.dtype == torch.float64 for i in range(ties.num_blocks) for t in ties.block_tensors(i))
+    assert (logits - exported["outputs"].double()).abs().max() < 1e-4
