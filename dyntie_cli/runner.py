@@ -144,8 +144,8 @@ def with_initial_state(db: Path, settings: RunSettings, source: dict[str, Any] |
         return source
     run = load_source_run(db, spec.split(":", 1)[1])
     if run["final_state"] is None:
-        raise UsageError(f"Run {run['run_id']} has no tie history; pass --initial-state final-arch-of: a run that "
-                         "made tie decisions.")
+        raise UsageError(f"Run {run['run_id']} has no tie history, so --initial-state final-arch-of has no state "
+                         "to take: name a run that made tie decisions.")
     settings.ties.initial_state = f"final-arch-of:{run['run_id']}"
     return {**(source or {}), "initial_state": run["final_state"]}
 
