@@ -1,9 +1,9 @@
 """BERT for GLUE (transformers ``BertForSequenceClassification``), from scratch by default as in the paper.
 
-Blocks are ``bert.encoder.layer``. Embeddings, the pooler and the classifier always train. ``model.init``
-(set by ``dyntie finetune --init PATH``) starts from a local pretrained folder instead; the initial tie
-state still makes every block block 0, so a pretrained model keeps only its first block's weights when
-tying starts (docs/method.md: tied blocks are genuinely block 0).
+Blocks are ``bert.encoder.layer``. Embeddings, the pooler and the classifier always train. ``init`` (set by
+``dyntie finetune --init PATH``) starts from a local pretrained folder instead (a ``save_pretrained`` folder or a
+``dyntie export --format full``): its config sets the model's shape, and its blocks start independent unless
+``--initial-state`` says otherwise (docs/export.md).
 
 Metrics: ``loss`` is the mean cross-entropy and ``ppl = exp(loss)``; ``accuracy`` for every classification
 task, plus ``mcc`` (CoLA) and ``f1`` (MRPC, QQP). STS-B is a regression: ``loss`` is the mean squared
@@ -14,8 +14,6 @@ The reward is the base class's ``exp(loss)`` on a fresh training batch -- never 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from dyntie_cli.backbone import Backbone, Batch, EvalStep, Preset, TaskData
 from dyntie_cli.errors import DyntieError
 from dyntie_cli.settings import RunSettings, Section, setting
 
+from .common import described_model, no_progress_bars, read_json_config, save_hf_tokenizer
 from .glue_data import TASKS, GlueTask, get_task
 from .metrics import accuracy, f1_binary, matthews_corrcoef, pearson, spearman
 
@@ -39,7 +38,6 @@ class BertModel(Section):
     num_attention_heads: int = setting(4, "Attention heads (hidden_size must be a multiple).", ge=1)
     intermediate_size: int = setting(512, "Feed-forward width.", ge=1)
     dropout: float = setting(0.1, "Hidden and attention dropout.", ge=0, lt=1)
-    init: str = setting("", "A local pretrained model folder to start from (empty: from scratch).")
 
 
 class GlueDataSettings(Section):
@@ -63,14 +61,14 @@ PRESETS = {
     for p in [
         Preset("bert-tiny", "4 x 64, 2 heads, 64-token inputs: seconds, for tests",
                model=dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=2, intermediate_size=256,
-                          dropout=0.0, init=""),
+                          dropout=0.0),
                data=dict(_DATA, max_seq_len=64, batch_size=16, eval_batch_size=64),
                train=dict(max_steps=20, warmup_steps=4, lr=1e-3, eval_every=10, eval_items=256,
                           test_items=256, log_every=5),
                ties=dict(decide_every=5)),
         Preset("bert-cpu", "12 x 128, 4 heads, 128-token inputs, batch 16: a few minutes on RTE on a CPU",
                model=dict(num_hidden_layers=12, hidden_size=128, num_attention_heads=4, intermediate_size=512,
-                          dropout=0.1, init=""),
+                          dropout=0.1),
                data=dict(_DATA, batch_size=16),
                train=dict(max_steps=200, warmup_steps=20, lr=5e-4, eval_every=50, eval_items=0, test_items=0,
                           log_every=10),
@@ -80,7 +78,7 @@ PRESETS = {
         # model.num_attention_heads=12 model.intermediate_size=3072.
         Preset("bert-paper", "24 x 1024, 16 heads (BERT-large, about 335M parameters), 128-token inputs: GPU",
                model=dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16,
-                          intermediate_size=4096, dropout=0.1, init=""),
+                          intermediate_size=4096, dropout=0.1),
                data=dict(_DATA),
                train=dict(max_steps=10000, warmup_steps=1000, lr=1e-4, eval_every=500, eval_items=0,
                           test_items=0, precision="bf16", log_every=20),
@@ -116,12 +114,12 @@ class GlueBackbone(Backbone):
             eval_batch_size=d.eval_batch_size,
             max_train_samples=d.max_train_samples,
             val_fraction=d.val_fraction,
-            init=cfg.model.init,
+            init=cfg.init,
         )
 
     def build_model(self, cfg: RunSettings, data: TaskData) -> nn.Module:
         task = get_task(cfg.dataset)
-        init = cfg.model.init.strip()
+        init = cfg.init.strip()
         if init:
             return _pretrained(Path(init).expanduser(), task, cfg, data)
         return _from_scratch(task, cfg, data)
@@ -145,6 +143,33 @@ class GlueBackbone(Backbone):
 
     def task_metrics(self, model: nn.Module, predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         return task_metrics(get_task(model.config.finetuning_task), predictions, labels)
+
+    # -- models in and out -------------------------------------------------------------------------
+
+    def init_settings(self, init: str) -> dict[str, Any]:
+        config = _bert_config(Path(init).expanduser())
+        return {"model.num_hidden_layers": config.num_hidden_layers, "model.hidden_size": config.hidden_size,
+                "model.num_attention_heads": config.num_attention_heads,
+                "model.intermediate_size": config.intermediate_size}
+
+    def outputs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return _logits(model, batch)
+
+    def export_model(self, model: nn.Module, data: TaskData, cfg: RunSettings, folder: Path) -> None:
+        with no_progress_bars():
+            model.save_pretrained(str(folder))
+        save_hf_tokenizer(data.tokenizer.tokenizer, folder, unk_token="[UNK]", sep_token="[SEP]",
+                          pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]",
+                          model_max_length=cfg.data.max_seq_len)
+
+    def load_exported(self, folder: Path, *, weights: bool = True) -> nn.Module:
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        with no_progress_bars():
+            if weights:
+                return AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
+            config = AutoConfig.from_pretrained(str(folder))
+            return AutoModelForSequenceClassification.from_config(config).eval()
 
 
 # -- model construction ----------------------------------------------------------------------------
@@ -180,21 +205,36 @@ def _from_scratch(task: GlueTask, cfg: RunSettings, data: Any) -> nn.Module:
     return BertForSequenceClassification(config)
 
 
-def _pretrained(path: Path, task: GlueTask, cfg: RunSettings, data: Any) -> nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
+_BERT_FOLDER = "a BERT folder (written by save_pretrained or dyntie export --format full)"
 
-    if not (path / "config.json").is_file():
-        raise DyntieError(
-            f"--init {path} is not a saved model folder (no config.json): "
-            "pass a folder written by save_pretrained."
-        )
+
+def _bert_config(path: Path):
+    """The BERT config of an ``--init`` folder, or one sentence naming what is wrong with it."""
+    from transformers import BertConfig
+
+    raw = read_json_config(path, _BERT_FOLDER)
+    if raw.get("model_type") != "bert":
+        raise DyntieError(f"--init {path} holds {described_model(raw)}, not BERT: pass {_BERT_FOLDER}.")
+    return BertConfig.from_pretrained(str(path))
+
+
+def _pretrained(path: Path, task: GlueTask, cfg: RunSettings, data: Any) -> nn.Module:
+    from transformers import BertForSequenceClassification
+
+    config = _bert_config(path)
+    m = cfg.model
+    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size"):
+        have = getattr(config, key)
+        if getattr(m, key) != have:
+            what = "blocks" if key == "num_hidden_layers" else key
+            raise DyntieError(f"The BERT model in {path} has {have} {what} but model.{key} is "
+                              f"{getattr(m, key)}: drop that override (an --init folder sets the model's shape).")
     try:
         # The task settings go on the config (not as from_pretrained kwargs, which transformers 5 hands to
         # the model's __init__); a checkpoint with another label count gets a fresh classifier head.
-        config = BertConfig.from_pretrained(str(path))
         for key, value in _task_settings(task, cfg.model.dropout).items():
             setattr(config, key, value)
-        with _no_progress_bars():
+        with no_progress_bars():
             model = BertForSequenceClassification.from_pretrained(
                 str(path), config=config, ignore_mismatched_sizes=True
             )
@@ -215,20 +255,6 @@ def _pretrained(path: Path, task: GlueTask, cfg: RunSettings, data: Any) -> nn.M
             "positions: set --set data.max_seq_len to at most that."
         )
     return model
-
-
-@contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """transformers draws a weight-loading bar on stderr; dyntie's own progress view owns the terminal."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 # -- forward, loss, metrics ------------------------------------------------------------------------

@@ -6,11 +6,14 @@ Backbones import these instead of each other's private helpers; nothing here kno
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -81,3 +84,68 @@ def carve(n: int, sizes: Sequence[tuple[str, int]], *, seed: int | None = None,
         roles[role] = order[start: start + size]
         start += size
     return rest, roles
+
+
+# -- pretrained folders and exports (docs/export.md) ------------------------------------------------
+
+
+@contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers draws a weight-loading bar on stderr; dyntie's own progress view owns the terminal."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def init_location(init: str, library: str) -> Path | str:
+    """``--init`` as a local path (must exist), or a hub id when the hub is reachable; else one sentence."""
+    path = Path(init).expanduser()
+    if path.exists():
+        return path
+    looks_like_id = all(part and not part.startswith(".") for part in init.split("/")) and init.count("/") <= 1
+    if looks_like_id and hub_reachable():
+        return init
+    raise DyntieError(f"--init {init} is no local file or folder (and the hub is not reachable for a {library} "
+                      "id): pass a folder that exists.")
+
+
+def read_json_config(folder: Path, what: str) -> dict[str, Any]:
+    """A folder's ``config.json``, or one sentence saying the folder is not a saved model."""
+    file = folder / "config.json"
+    if not file.is_file():
+        raise DyntieError(f"--init {folder} is not a saved model folder (no config.json): pass {what}.")
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError):
+        raise DyntieError(f"--init {folder} has an unreadable config.json: pass {what}.") from None
+    if not isinstance(config, dict):
+        raise DyntieError(f"--init {folder} has a config.json that is no JSON object: pass {what}.")
+    if config.get("dyntie_format") == "compact":
+        raise DyntieError(f"--init {folder} is a compact export (independent blocks only): export the run with "
+                          "--format full and start from that folder.")
+    return config
+
+
+def described_model(config: dict[str, Any]) -> str:
+    """What kind of model a config.json describes, for an error that names it."""
+    if "model_type" in config:
+        return f"a transformers {config['model_type']} model"
+    if "architecture" in config:
+        return f"a timm {config['architecture']} model"
+    return "no model dyntie knows"
+
+
+def save_hf_tokenizer(tokenizer: Any, folder: Path, **special_tokens: str) -> None:
+    """Save a ``tokenizers.Tokenizer`` as a transformers tokenizer folder (``AutoTokenizer.from_pretrained``
+    loads it offline). The tokenizer.json is the run's own, byte for byte, so a run started from the folder
+    finds the token cache of the run that wrote it."""
+    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special_tokens).save_pretrained(str(folder))
+    (folder / "tokenizer.json").write_text(tokenizer.to_str())

@@ -1,17 +1,26 @@
 """GPT-2 (transformers ``GPT2LMHeadModel``, built from a config: no hub needed) for language modelling.
 
 Blocks are ``transformer.h``. Embeddings, the final norm and the (embedding-tied) head always train.
+``--init`` starts from a saved GPT-2 folder (``save_pretrained``, or ``dyntie export --format full``): its
+config sets the model's shape and its tokenizer replaces the preset's; ``dyntie export`` writes the same kind of
+folder (docs/export.md).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dyntie_cli.backbone import Backbone, Batch, Preset, TaskData
+from dyntie_cli.errors import DyntieError
 from dyntie_cli.settings import RunSettings, Section, setting
 
+from .common import described_model, init_location, no_progress_bars, read_json_config, save_hf_tokenizer
+from .text_corpora import EOS_TOKEN
 from .text_tokenizers import DEFAULT_BPE_TRAIN_CHARS
 
 
@@ -102,6 +111,8 @@ class GPT2Backbone(Backbone):
         )
 
     def build_model(self, cfg: RunSettings, data: TaskData) -> nn.Module:
+        if cfg.init:
+            return _pretrained(cfg, data)
         from transformers import GPT2Config, GPT2LMHeadModel
 
         m = cfg.model
@@ -126,3 +137,109 @@ class GPT2Backbone(Backbone):
         labels = batch["labels"]
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1))
         return loss, labels.numel()
+
+    def load_model_code(self, cfg: RunSettings, data: TaskData) -> None:
+        if not cfg.init:
+            return super().load_model_code(cfg, data)
+        import transformers.models.gpt2.modeling_gpt2  # noqa: F401 -- the code an --init folder needs, no weights
+
+    # -- models in and out -------------------------------------------------------------------------
+
+    def init_settings(self, init: str) -> dict[str, Any]:
+        config = _gpt2_config(init)
+        out: dict[str, Any] = {"model.n_layer": config.n_layer, "model.n_embd": config.n_embd,
+                               "model.n_head": config.n_head}
+        folder = Path(init).expanduser()
+        if (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file():
+            out["data.tokenizer"] = str(folder)  # a pretrained model keeps its vocabulary
+        return out
+
+    def outputs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], use_cache=False).logits.float()
+
+    def export_model(self, model: nn.Module, data: TaskData, cfg: RunSettings, folder: Path) -> None:
+        # every block is its own module with its own weights again, so generation may use the KV cache
+        model.config.use_cache = True
+        with no_progress_bars():
+            model.save_pretrained(str(folder))
+        tokenizer = getattr(data, "tokenizer", None)
+        if tokenizer is not None:
+            save_hf_tokenizer(tokenizer.tokenizer, folder, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
+                              unk_token=EOS_TOKEN, model_max_length=model.config.n_positions)
+
+    def load_exported(self, folder: Path, *, weights: bool = True) -> nn.Module:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with no_progress_bars():
+            if weights:
+                return AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder))).eval()
+
+    @torch.no_grad()
+    def continuations(self, model: nn.Module, data: TaskData, prompt: str, *, max_new_tokens: int,
+                      samples: int, temperature: float, top_k: int, generator: torch.Generator) -> list[str]:
+        """``samples`` sampled continuations of ``prompt`` (nanoGPT's loop: the context is cropped to the
+        model's positions, so a continuation may run longer than the windows it was trained on)."""
+        tokenizer = data.tokenizer
+        ids = tokenizer.encode(prompt).tolist() or [tokenizer.eos_id or 0]
+        x = torch.tensor([ids] * samples, dtype=torch.long)
+        window = model.config.n_positions
+        for _ in range(max_new_tokens):
+            logits = model(input_ids=x[:, -window:], use_cache=False).logits[:, -1, :].float()
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+            x = torch.cat([x, nxt], dim=1)
+        return [tokenizer.decode(row[len(ids):]) for row in x]
+
+
+_GPT2_FOLDER = "a GPT-2 folder (written by save_pretrained or dyntie export --format full)"
+
+
+def _gpt2_config(init: str):
+    """The GPT-2 config of an ``--init`` folder (or hub id), or one sentence naming what is wrong with it."""
+    from transformers import GPT2Config
+
+    where = init_location(init, "transformers")
+    if isinstance(where, Path):
+        raw = read_json_config(where, _GPT2_FOLDER)
+        if raw.get("model_type") != "gpt2":
+            raise DyntieError(f"--init {init} holds {described_model(raw)}, not GPT-2: pass {_GPT2_FOLDER}.")
+    try:
+        return GPT2Config.from_pretrained(str(where))
+    except (OSError, ValueError) as exc:
+        raise DyntieError(f"Could not read a GPT-2 config from {init} ({type(exc).__name__}): pass "
+                          f"{_GPT2_FOLDER}.") from exc
+
+
+def _pretrained(cfg: RunSettings, data: TaskData) -> nn.Module:
+    """GPT-2 from ``cfg.init``: its own shape (which the settings must not contradict), the run's dropout."""
+    from transformers import GPT2LMHeadModel
+
+    config = _gpt2_config(cfg.init)
+    m = cfg.model
+    for key, have in (("n_layer", config.n_layer), ("n_embd", config.n_embd), ("n_head", config.n_head)):
+        if getattr(m, key) != have:
+            what = "blocks" if key == "n_layer" else key
+            raise DyntieError(f"The GPT-2 model in {cfg.init} has {have} {what} but model.{key} is "
+                              f"{getattr(m, key)}: drop that override (an --init folder sets the model's shape).")
+    if data.vocab_size > config.vocab_size:
+        raise DyntieError(f"The tokenizer has {data.vocab_size:,} tokens but the model in {cfg.init} only "
+                          f"{config.vocab_size:,}: use the model's own tokenizer (--set data.tokenizer={cfg.init}).")
+    if cfg.data.seq_len > config.n_positions:
+        raise DyntieError(f"data.seq_len {cfg.data.seq_len} exceeds the {config.n_positions} positions of the "
+                          f"model in {cfg.init}: set --set data.seq_len={config.n_positions} or less.")
+    p = m.dropout
+    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = p
+    config.use_cache = False
+    try:
+        with no_progress_bars():
+            return GPT2LMHeadModel.from_pretrained(str(init_location(cfg.init, "transformers")), config=config)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise DyntieError(f"Could not load GPT-2 weights from {cfg.init} ({type(exc).__name__}): pass "
+                          f"{_GPT2_FOLDER}.") from exc

@@ -1,6 +1,10 @@
 """ViT (timm ``VisionTransformer``, built from preset kwargs, no pretrained weights) for image classification.
 
 Blocks are ``blocks``. The patch embedding, class token, position embedding, final norm and head always train.
+``--init`` starts from timm weights: a folder with timm's ``config.json`` (``timm.models.save_for_hf``, or
+``dyntie export --format full``), a checkpoint file (``.safetensors``, ``.pth``, ``.bin``: the shape is read from
+its tensors, the heads from ``model.num_heads``), or a timm model name with pretrained weights when the hub is
+reachable. timm's own loader adapts the head, the input channels and the position embedding to the data.
 Metrics: ``loss`` (mean cross-entropy), ``ppl = exp(loss)`` and ``accuracy``. The reward is the base class's
 ``exp(cross-entropy)`` on a fresh training batch -- never accuracy (the reference code rewarded ViT with
 negative accuracy, a signal that is flat for long stretches and blind to confidence).
@@ -8,7 +12,9 @@ negative accuracy, a signal that is flat for long stretches and blind to confide
 
 from __future__ import annotations
 
-from typing import cast
+import json
+from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +24,7 @@ from dyntie_cli.backbone import Backbone, Batch, EvalStep, Preset, TaskData
 from dyntie_cli.errors import DyntieError
 from dyntie_cli.settings import RunSettings, Section, setting
 
+from .common import described_model, hub_reachable, read_json_config
 from .image_data import DATASETS, ImageData
 from .metrics import accuracy
 
@@ -119,29 +126,17 @@ class ViTBackbone(Backbone):
         from timm.models.vision_transformer import VisionTransformer
 
         m = cfg.model
-        images = cast(ImageData, data)
-        size = images.image_size
-        patch = m.patch_size or auto_patch_size(size)
-        if size % patch:
-            raise DyntieError(
-                f"The {size}-px images do not split into {patch}-px patches: set --set model.patch_size=N "
-                f"with N dividing {size} (or --set data.image_size=M)."
-            )
+        args = model_args(cfg, data)
         p = m.dropout
-        return VisionTransformer(
-            img_size=size,
-            patch_size=patch,
-            in_chans=images.channels,
-            num_classes=images.num_classes,
-            embed_dim=m.embed_dim,
-            depth=m.depth,
-            num_heads=m.num_heads,
-            mlp_ratio=m.mlp_ratio,
-            drop_rate=p,
-            proj_drop_rate=p,
-            attn_drop_rate=p,
-            drop_path_rate=m.drop_path,
-        )
+        drops = dict(drop_rate=p, proj_drop_rate=p, attn_drop_rate=p, drop_path_rate=m.drop_path)
+        if cfg.init:
+            return _pretrained(cfg, args, drops)
+        return VisionTransformer(**args, **drops)
+
+    def load_model_code(self, cfg: RunSettings, data: TaskData) -> None:
+        if not cfg.init:
+            return super().load_model_code(cfg, data)
+        import timm.models.vision_transformer  # noqa: F401 -- the code --init weights need, not the weights
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         return list(model.blocks)
@@ -157,3 +152,133 @@ class ViTBackbone(Backbone):
 
     def task_metrics(self, model: nn.Module, predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         return {"accuracy": accuracy(predictions, labels)}
+
+    # -- models in and out -------------------------------------------------------------------------
+
+    def init_settings(self, init: str) -> dict[str, Any]:
+        source = _source(init)
+        return {f"model.{k}": v for k, v in source.shape.items()}
+
+    def outputs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return model(batch["pixel_values"]).float()
+
+    def export_model(self, model: nn.Module, data: TaskData, cfg: RunSettings, folder: Path) -> None:
+        import timm
+
+        images = cast(ImageData, data)
+        args = model_args(cfg, data)
+        # built by timm's factory (not the class), so the folder records what create_model rebuilds
+        lib = timm.create_model(EXPORT_ARCH, pretrained=False, **args)
+        lib.load_state_dict(model.state_dict(), strict=True)
+        preprocessing = {"mean": images.mean.flatten().tolist(), "std": images.std.flatten().tolist(),
+                         "interpolation": "bilinear", "crop_pct": 1.0}
+        timm.models.save_for_hf(lib, str(folder), model_args=args, safe_serialization=True,
+                                model_config={"label_names": list(images.classes), "pretrained_cfg": preprocessing})
+        file = folder / "config.json"
+        config = json.loads(file.read_text())
+        # the architecture's own pretrained tag and licence describe timm's weights, not these
+        config["pretrained_cfg"].pop("license", None)
+        config["pretrained_cfg"]["tag"] = "dyntie"
+        file.write_text(json.dumps(config, indent=2))
+
+    def load_exported(self, folder: Path, *, weights: bool = True) -> nn.Module:
+        import timm
+
+        return timm.create_model(f"local-dir:{folder}", pretrained=weights).eval()
+
+
+#: the registered timm name an export is rebuilt from; its model_args replace every shape argument, so any
+#: plain ViT name would do, and this is the canonical one
+EXPORT_ARCH = "vit_base_patch16_224"
+
+
+def model_args(cfg: RunSettings, data: TaskData) -> dict[str, Any]:
+    """The ``VisionTransformer`` arguments of a run's shape and data (drop rates apart)."""
+    m = cfg.model
+    images = cast(ImageData, data)
+    size = images.image_size
+    patch = m.patch_size or auto_patch_size(size)
+    if size % patch:
+        raise DyntieError(
+            f"The {size}-px images do not split into {patch}-px patches: set --set model.patch_size=N "
+            f"with N dividing {size} (or --set data.image_size=M)."
+        )
+    return dict(img_size=size, patch_size=patch, in_chans=images.channels, num_classes=images.num_classes,
+                embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio)
+
+
+_TIMM_SOURCE = ("a timm ViT folder (timm.models.save_for_hf, or dyntie export --format full) or checkpoint file "
+                "(.safetensors, .pth, .bin)")
+_SHAPE_KEYS = ("depth", "embed_dim", "num_heads", "mlp_ratio", "patch_size")
+
+
+class _Source:
+    """Where --init weights come from: ``name`` for timm's factory, the shape they fix, the overlay that points
+    timm's loader at them (num_classes, input_size: what the weights were trained for, so timm adapts them)."""
+
+    def __init__(self, name: str, shape: dict[str, Any], overlay: dict[str, Any] | None = None) -> None:
+        self.name, self.shape, self.overlay = name, shape, overlay
+
+
+def _source(init: str) -> _Source:
+    path = Path(init).expanduser()
+    if path.is_dir():
+        raw = read_json_config(path, _TIMM_SOURCE)
+        arch = str(raw.get("architecture", ""))
+        if not arch.startswith("vit_"):
+            raise DyntieError(f"--init {init} holds {described_model(raw)}, not a timm ViT: pass {_TIMM_SOURCE}.")
+        args = raw.get("model_args", {})
+        shape = {k: args[k] for k in _SHAPE_KEYS if k in args}
+        return _Source(f"local-dir:{path}", shape)
+    if path.is_file():
+        return _file_source(path)
+    import timm
+
+    if timm.is_model(init) and hub_reachable():
+        return _Source(init, {})
+    raise DyntieError(f"--init {init} is no file or folder (nor a timm model name with the hub reachable): pass "
+                      f"{_TIMM_SOURCE}.")
+
+
+def _file_source(path: Path) -> _Source:
+    """A bare checkpoint: its shape read from the tensors (heads cannot be: they stay model.num_heads)."""
+    from timm.models import load_state_dict
+
+    try:
+        sd = load_state_dict(str(path))
+    except Exception as exc:  # noqa: BLE001 -- torch and safetensors raise many kinds for a foreign file
+        raise DyntieError(f"--init {path} is no readable checkpoint ({type(exc).__name__}): pass "
+                          f"{_TIMM_SOURCE}.") from None
+    needed = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight", "head.weight")
+    if not all(k in sd for k in needed):
+        raise DyntieError(f"--init {path} holds no timm ViT weights (no {next(k for k in needed if k not in sd)}): "
+                          f"pass {_TIMM_SOURCE}.")
+    patch = sd["patch_embed.proj.weight"]
+    embed = int(patch.shape[0])
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    grid = round((sd["pos_embed"].shape[1] - 1) ** 0.5)
+    shape = dict(depth=depth, embed_dim=embed, patch_size=int(patch.shape[-1]),
+                 mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / embed)
+    overlay = dict(file=str(path), num_classes=int(sd["head.weight"].shape[0]),
+                   input_size=(int(patch.shape[1]), grid * int(patch.shape[-1]), grid * int(patch.shape[-1])))
+    return _Source(EXPORT_ARCH, shape, overlay)
+
+
+def _pretrained(cfg: RunSettings, args: dict[str, Any], drops: dict[str, float]) -> nn.Module:
+    """A ViT of the run's shape with --init weights, through timm's loader (which adapts the head to the
+    data's classes, the patch embedding to its channels and the position embedding to its size)."""
+    import timm
+
+    source = _source(cfg.init)
+    for key, have in source.shape.items():
+        if getattr(cfg.model, key) != have:
+            what = "blocks" if key == "depth" else key
+            raise DyntieError(f"The ViT weights in {cfg.init} have {have} {what} but model.{key} is "
+                              f"{getattr(cfg.model, key)}: drop that override (--init weights set the model's "
+                              "shape).")
+    extra = {"pretrained_cfg_overlay": source.overlay} if source.overlay else {}
+    try:
+        return timm.create_model(source.name, pretrained=True, **args, **drops, **extra)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise DyntieError(f"Could not load ViT weights from {cfg.init} ({type(exc).__name__}: {exc}); pass "
+                          f"{_TIMM_SOURCE}.") from exc

@@ -57,9 +57,9 @@ def main_callback(
 
 
 def _register() -> None:
-    from .commands import ablate, backbones, bench, config, finetune, plan, report, train
+    from .commands import ablate, backbones, bench, config, export, finetune, generate, plan, report, train
 
-    for module in (train, finetune, ablate, report, bench, backbones, config, plan):
+    for module in (train, finetune, ablate, report, bench, export, generate, backbones, config, plan):
         module.register(app)
 
 

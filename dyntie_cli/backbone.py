@@ -11,11 +11,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
+from .errors import DyntieError
 from .settings import RunSettings, Section
 
 Batch = dict[str, torch.Tensor]
@@ -157,3 +159,31 @@ class Backbone:
         """
         loss, _ = self.loss(model, batch)
         return perplexity(float(loss))
+
+    # -- models in and out (docs/export.md) ---------------------------------------------------------
+
+    def init_settings(self, init: str) -> dict[str, Any]:
+        """What a start from ``init`` (``--init``) fixes, as dotted settings keys -- the model's shape, its
+        tokenizer -- applied over the preset (a recipe, flags and ``--set`` still override, and ``build_model``
+        then refuses a shape the weights do not have). One sentence (``DyntieError``) for weights this backbone
+        cannot start from. ``build_model`` reads ``cfg.init`` and loads the weights. The default refuses."""
+        raise DyntieError(f"Backbone {self.name} cannot start from --init weights; train it from scratch.")
+
+    def outputs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The model's raw outputs (logits) on ``batch``, in fp32: what an export's round trip compares."""
+        raise DyntieError(f"Backbone {self.name} cannot export: it does not implement outputs() "
+                          "(docs/plugins.md).")
+
+    def export_model(self, model: nn.Module, data: TaskData, cfg: RunSettings, folder: Path) -> None:
+        """Write ``model`` -- a plain model: every block owns its weights, no tie hooks -- to ``folder`` in its
+        library's own format: a ``config.json`` (a JSON object, which dyntie adds its keys to), the weights
+        as ``*.safetensors``, and what a user needs to feed it (the tokenizer, the preprocessing), so that
+        the library alone loads it offline. The default refuses."""
+        raise DyntieError(f"Backbone {self.name} cannot export: it does not implement export_model "
+                          "(docs/plugins.md).")
+
+    def load_exported(self, folder: Path, *, weights: bool = True) -> nn.Module:
+        """The model of an ``export_model`` folder, loaded by the library alone, in eval mode; with
+        ``weights=False`` only its architecture (freshly initialised), which ``load_tied`` fills."""
+        raise DyntieError(f"Backbone {self.name} cannot load exports: it does not implement load_exported "
+                          "(docs/plugins.md).")

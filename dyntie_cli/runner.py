@@ -22,7 +22,7 @@ from .core.loop import RunResult, Trainer, resolve_device
 from .errors import UsageError
 from .plugins import get_backbone
 from .results.db import resolve_db_path
-from .results.lineage import load_run
+from .results.lineage import load_run, load_source_run
 from .results.writer import RankWriter, RunWriter
 from .settings import RunSettings, from_saved, load_recipe, recipe_pairs, resolve
 
@@ -128,12 +128,27 @@ def default_out_dir(out: str | None) -> Path:
 def run_job(backbone, job: Job, launch: Launch, *, print_summary: bool = True) -> RunResult:
     """Train ``job``, recorded in ``launch.db``; prints the summary on stdout unless told not to."""
     settings = job.settings
+    source = with_initial_state(launch.db, settings, job.source)
     return _run_trainer(
         backbone, settings, launch.quiet,
         lambda: RunWriter(launch.db, flush_every_s=settings.train.flush_every_s, backbone=settings.backbone),
-        print_summary=print_summary, command=job.command, out_dir=launch.out, source=job.source,
+        print_summary=print_summary, command=job.command, out_dir=launch.out, source=source,
         parent_run_id=job.parent_run_id, labels=job.labels, check_memory=not launch.force,
     )
+
+
+def with_initial_state(db: Path, settings: RunSettings, source: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``--initial-state final-arch-of:RUN``: that run's final tie state, read from the registry into the job's
+    source (the run id is recorded in full)."""
+    spec = settings.ties.initial_state
+    if not spec.startswith("final-arch-of:"):
+        return source
+    run = load_source_run(db, spec.split(":", 1)[1])
+    if run["final_state"] is None:
+        raise UsageError(f"Run {run['run_id']} has no tie history, so --initial-state final-arch-of has no state "
+                         "to take: name a run that made tie decisions.")
+    settings.ties.initial_state = f"final-arch-of:{run['run_id']}"
+    return {**(source or {}), "initial_state": run["final_state"]}
 
 
 def resume_run(run_id: str, opts: Any) -> RunResult:

@@ -19,13 +19,14 @@ policy.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 from pydantic.fields import FieldInfo
 
 from .errors import DyntieError, UsageError
@@ -94,8 +95,20 @@ class TrainSettings(Section):
     eval_items: int = setting(0, "Validation budget in tokens or examples (0: the whole split).", ge=0)
     test_items: int = setting(0, "Test budget in tokens or examples (0: the whole split).", ge=0)
     checkpoint_every: int = setting(0, "A checkpoint every N steps (0: at every validation).", ge=0)
+    eval_at_start: bool = setting(False, "Validate once before the first step (logged at step 0): the score of "
+                                         "the starting model, such as --init weights.")
     precision: Precision = setting("fp32", "Autocast precision: fp32, bf16 or fp16 (bf16/fp16 for GPUs).")
     flush_every_s: float = setting(10.0, "Registry writes are buffered this many seconds at most.", ge=0)
+
+
+#: what ``ties.initial_state`` accepts (its meaning: core/policies.py ``initial_tie_state``)
+INITIAL_STATE_FORM = re.compile(
+    r"auto|all-tied|independent|static-all|final-arch-of:\S+|static-(sequence|cycle|cycle-rev):[1-9]\d*"
+    r"|\d+(\s*,\s*\d+)*")
+INITIAL_STATE_HELP = ("auto, all-tied, independent, final-arch-of:RUN, static-all, static-sequence:N, "
+                      "static-cycle:N, static-cycle-rev:N or a state such as 0,0,2,2")
+#: variants whose policy starts from ``ties.initial_state`` (the others hold their own state from step 0)
+STARTS_FROM_INITIAL_STATE = ("dynamic", "random")
 
 
 class TieSettings(Section):
@@ -109,6 +122,18 @@ class TieSettings(Section):
     independent: int = setting(0, "Static schemes: independent blocks (0: the source run's mean, else L/4).",
                                ge=0)
     perm_seed: int = setting(0, "Replay: seed of the permutation of block indices.", ge=0)
+    initial_state: str = setting(
+        "auto", "Tie state at step 0 of a dynamic or random run: auto (all tied from scratch, independent from "
+                "--init weights), all-tied, independent, final-arch-of:RUN, static-all, static-sequence:N, "
+                "static-cycle:N, static-cycle-rev:N, or a state such as 0,0,2,2.")
+
+    @field_validator("initial_state")
+    @classmethod
+    def _initial_state_form(cls, value: str) -> str:
+        value = value.strip()
+        if not INITIAL_STATE_FORM.fullmatch(value):
+            raise ValueError(f"ties.initial_state (--initial-state) must be {INITIAL_STATE_HELP}, not {value!r}")
+        return value
 
 
 Encoding = Literal["normalized", "onehot"]
@@ -222,6 +247,9 @@ class RunSettings(Section):
     seed: int = setting(0, "Random seed (data order, initialisation, agent).", ge=0)
     device: str = setting("auto", "cpu, cuda, cuda:N or auto.", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     data_dir: str | None = setting(None, "Local copy of the dataset (offline use).")
+    init: str = setting("", "Start from these weights: a local transformers folder (GPT-2, BERT; a dyntie full "
+                            "export too), a timm folder or checkpoint file (ViT), or a GPT-2 or timm hub id when "
+                            "the hub is reachable (empty: from scratch).")
     model: Section = Field(default_factory=Section)
     data: Section = Field(default_factory=Section)
     train: TrainSettings = Field(default_factory=TrainSettings)
@@ -229,7 +257,7 @@ class RunSettings(Section):
     agent: AgentSettings = Field(default_factory=AgentSettings)
 
     TOP_LEVEL: ClassVar[tuple[str, ...]] = ("backbone", "preset", "dataset", "variant", "seed", "device",
-                                            "data_dir")
+                                            "data_dir", "init")
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, JSON-ready tree (what the registry stores in ``runs.config``)."""
@@ -368,6 +396,8 @@ def _sentence(error: dict[str, Any], cls: type[BaseModel], where: str) -> str:
         return f"{key} must be {words} {error['ctx'][ctx_key]}, not {value!r}."
     if kind in _TYPE_WORDS:
         return f"{key} takes {_TYPE_WORDS[kind]}, not {value!r}."
+    if kind == "value_error":  # a field's own check, which words its sentence itself
+        return f"{error['ctx']['error']}."
     if kind == "string_pattern_mismatch":
         return f"{key} does not accept {value!r}; see `dyntie config show --help` for its form."
     return f"{key}: {error['msg']} (got {value!r})."
@@ -384,22 +414,32 @@ def validate_tree(cls: type[RunSettings], tree: dict[str, Any]) -> RunSettings:
     """The typed settings of a tree, or one sentence about its first fault."""
     settings = _validated(cls, tree)
     settings.agent.seed = settings.seed  # the agent draws from the run's seed
+    if settings.ties.initial_state != "auto" and settings.variant not in STARTS_FROM_INITIAL_STATE:
+        raise UsageError(f"--initial-state applies to the {' and '.join(STARTS_FROM_INITIAL_STATE)} variants; "
+                         f"{settings.variant} holds its own tie state from the first step, so drop it.")
     return settings
 
 
 def resolve(backbone_cls: type, preset: Any, *, dataset: str | None = None,
             sources: Sequence[Pairs] = ()) -> RunSettings:
-    """The settings of a new run: the schema's defaults < ``preset`` (a backbone ``Preset``) < each of
-    ``sources`` in order (recipe pairs, flag pairs, ``--set`` pairs), validated once."""
+    """The settings of a new run: the schema's defaults < ``preset`` (a backbone ``Preset``) < what the
+    ``--init`` weights fix (their shape and tokenizer: the backbone's ``init_settings``) < each of ``sources``
+    in order (recipe pairs, flag pairs, ``--set`` pairs), validated once."""
     cls = settings_type(backbone_cls)
     tree: dict[str, Any] = {
         "backbone": backbone_cls.name, "preset": preset.name, "dataset": dataset or backbone_cls.default_dataset,
         "model": dict(preset.model), "data": dict(preset.data), "train": dict(preset.train),
         "ties": dict(preset.ties), "agent": {},
     }
+    init = next((value for pairs in reversed(sources) for key, value in reversed(pairs) if key == "init"), None)
+    if isinstance(init, str) and init.strip():
+        for key, value in backbone_cls().init_settings(init.strip()).items():
+            assign(cls, tree, key, value)
     for pairs in sources:
         for key, value in pairs:
             assign(cls, tree, key, value)
+    if isinstance(tree.get("init"), str) and tree["init"].strip() and Path(tree["init"]).expanduser().exists():
+        tree["init"] = str(Path(tree["init"]).expanduser().resolve())  # the record works from any folder
     return validate_tree(cls, tree)
 
 
@@ -407,6 +447,15 @@ def upgrade_saved(saved: dict[str, Any]) -> dict[str, Any]:
     """A config as the registry stored it, brought to today's schema: launch labels dropped, agent fields
     added since it was recorded set to the values that reproduce that run."""
     tree = {k: v for k, v in saved.items() if k not in RUN_LABELS}
+    model = tree.get("model")
+    if isinstance(model, dict) and "init" in model:  # BERT's start weights were model.init before init
+        model = dict(model)
+        init = model.pop("init")
+        tree["model"] = model
+        tree.setdefault("init", init)
+        if init and tree.get("variant", "dynamic") in STARTS_FROM_INITIAL_STATE:
+            # such runs started all tied, as every dynamic run did before ties.initial_state
+            tree["ties"] = {"initial_state": "all-tied", **tree.get("ties", {})}
     agent = tree.get("agent")
     if agent:  # the preset's values, then the legacy values, then what the run saved
         preset = agent.get("preset", "default")

@@ -55,3 +55,61 @@ def invoke(runner: CliRunner, *args: str):
     from dyntie_cli.app import app
 
     return runner.invoke(app, [str(a) for a in args])
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+#: the command line of a tiny run of each built-in backbone (4 blocks each), for tests that need a trained run
+TINY_RUNS = {
+    "gpt2": ["train", "gpt2", "--preset", "gpt2-tiny"],
+    "glue": ["finetune", "glue", "--task", "rte", "--preset", "bert-tiny", "--data-dir", FIXTURES / "glue"],
+    "vit": ["train", "vit", "--preset", "vit-tiny", "--dataset", "digits"],
+}
+
+
+def tiny_run(runner: CliRunner, folder: Path, backbone: str, *extra) -> tuple[Path, str]:
+    """Train a tiny run of ``backbone`` into ``folder`` (registry ``r.duckdb``, checkpoints ``runs``); returns
+    the registry and the run id."""
+    db = folder / "r.duckdb"
+    result = invoke(runner, *TINY_RUNS[backbone], "--db", db, "--out", folder / "runs", "--quiet", *extra)
+    assert result.exit_code == 0, result.stderr or result.output
+    run_id = next(line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.startswith("run_id: "))
+    return db, run_id
+
+
+#: the tie state of ``tiny_runs``: a fixed mix of independent and tied blocks (no decision in 8 steps at k = 100)
+TINY_STATE = [0, 1, 0, 1]
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """One finished tiny run of each built-in backbone, 8 steps, tie state ``TINY_STATE``: (registry, run id)."""
+    out = {}
+    for name in TINY_RUNS:
+        folder = tmp_path_factory.mktemp(f"tiny-{name}")
+        out[name] = tiny_run(CliRunner(), folder, name, "--max-steps", 8, "--decide-every", 100,
+                             "--initial-state", ",".join(map(str, TINY_STATE)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_exports(tiny_runs, tmp_path_factory) -> dict[str, dict]:
+    """Each tiny run exported full and compact (the folders and what the command printed), and the run's own
+    outputs on the export's fixed batch (computed through dyntie, tied)."""
+    from dyntie_cli.export import fixed_batch, load_run_model
+
+    out = {}
+    for name, (db, run_id) in tiny_runs.items():
+        folder = tmp_path_factory.mktemp(f"export-{name}")
+        entry: dict = {}
+        for fmt in ("full", "compact"):
+            result = invoke(CliRunner(), "export", run_id, "--out", folder / fmt, "--format", fmt, "--db", db)
+            assert result.exit_code == 0, result.stderr or result.output
+            entry[fmt], entry[f"{fmt}_stdout"] = folder / fmt, result.stdout
+        rm = load_run_model(db, run_id)
+        entry["batch"] = fixed_batch(rm.data)
+        with torch.no_grad():
+            entry["outputs"] = rm.backbone.outputs(rm.model, entry["batch"])
+        entry["run_model"] = rm
+        out[name] = entry
+    return out

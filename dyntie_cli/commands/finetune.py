@@ -15,8 +15,6 @@ def finetune(
     benchmark: Annotated[str, typer.Argument(help="Backbone / benchmark (glue).")] = "glue",
     task: Annotated[str | None, typer.Option("--task", "-t", help="GLUE task: rte, mrpc, cola, sst2, qnli, "
                                                 "wnli, stsb, mnli, qqp.")] = None,
-    init: Annotated[str | None, typer.Option("--init", help="A local pretrained model folder to start "
-                                                "from (default: from scratch, as in the paper).")] = None,
 ) -> None:
     """Train a GLUE classifier with dynamic layer tying; the final score is on the test split when it has
     labels, else on the dev split (the report names the split)."""
@@ -24,8 +22,6 @@ def finetune(
 
     if task is not None:
         opts.extra.append(("dataset", task))
-    if init:
-        opts.extra.append(("model.init", init))
     bb, settings = new_settings(benchmark, opts, expect="finetune")
     run_job(bb, Job(settings, "finetune"), Launch.from_options(opts))
 

@@ -48,6 +48,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("max_independent", ("--max-independent",), int, "agent.max_independent"),
     Flag("param_penalty", ("--param-penalty",), float, "agent.param_penalty"),
     Flag("tied_grad", ("--tied-grad",), str, "ties.tied_grad"),
+    Flag("init", ("--init",), str, "init"),
+    Flag("initial_state", ("--initial-state",), str, "ties.initial_state"),
     Flag("data_dir", ("--data-dir",), str, "data_dir"),
     Flag("quiet", ("--quiet", "-q"), bool, None, "No progress bar or messages."),
     Flag("force", ("--force",), bool, None, "Train even when the memory plan predicts the run does not fit the "

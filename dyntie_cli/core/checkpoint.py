@@ -71,7 +71,8 @@ class LoopState:
         return cls(**values)
 
 
-def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Each stored tensor once (contiguous, on the CPU), and alias name -> the name it is stored under."""
     unique: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     by_storage: dict[tuple[int, int, tuple], str] = {}
@@ -97,7 +98,7 @@ def save_checkpoint(path: Path, *, model: nn.Module, ties_map: dict, optimizer: 
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    tensors, aliases = _dedupe(model.state_dict())
+    tensors, aliases = dedupe(model.state_dict())
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"aliases": json.dumps(aliases)})
     (tmp / "ties.json").write_text(json.dumps(ties_map))
     torch.save({

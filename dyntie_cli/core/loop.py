@@ -26,13 +26,14 @@ from ..backbone import perplexity
 from ..errors import DyntieError
 from ..settings import RunSettings
 from . import checkpoint as ckpt
-from .checkpoint import LoopState, PendingDecision
+from .checkpoint import LoopState
+from .decisions import TieDecisions
 from .distributed import Group
 from .lazy import BuildReport, build_lazily
-from .memory import MemoryProbe, base_bytes, gradient_bytes, release_freed_memory, trainable_parameters
+from .memory import MemoryProbe, base_bytes, gradient_bytes, trainable_parameters
 from .plan import DoesNotFit, MemoryPlan, model_counts, plan_memory
 from .policies import Policy, make_policy
-from .ties import TieManager, independent_count, transition
+from .ties import TieManager, independent_count
 
 
 @dataclass
@@ -174,6 +175,10 @@ class Trainer:
         if self.resume:
             self._restore()
         self.ties.attach_optimizer(self.optimizer)
+        self.decisions = TieDecisions(
+            self.ties, self.policy, self.writer, self.loop, decide_every=cfg.ties.decide_every,
+            max_steps=cfg.train.max_steps, reward_batch=cfg.agent.reward_batch, fresh_ppl=self._fresh_ppl,
+            group=self.group, release_memory=self.device.type == "cpu")
         self.probe = MemoryProbe(self.device)  # training peaks from here on; the setup peak is kept apart
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
         use_scaler = cfg.train.precision == "fp16" and self.device.type == "cuda"
@@ -202,7 +207,7 @@ class Trainer:
             self._make_policy()
             initial = self._initial_state()
             self._check_memory(meta, probe)
-            if getattr(cfg, "init", None) or cfg.model.get("init"):  # pretrained weights: loaded in full
+            if cfg.init:  # pretrained weights: loaded in full
                 model, self.build_report = build(), BuildReport(False, 0, "weights loaded from --init")
             else:
                 model, self.build_report = build_lazily(build, self.backbone.blocks, initial, probe)
@@ -238,6 +243,7 @@ class Trainer:
         self.policy: Policy = make_policy(
             cfg.variant, self.num_blocks, agent=cfg.agent, total_decisions=self.total_decisions, seed=cfg.seed,
             independent=cfg.ties.independent, source=self.source, perm_seed=cfg.ties.perm_seed,
+            initial_state=cfg.ties.initial_state, pretrained=bool(cfg.init),
         )
         if cfg.variant.startswith("static-") and not cfg.ties.independent:
             cfg.ties.independent = independent_count(self.policy.initial_state())  # what the scheme resolved to
@@ -301,7 +307,7 @@ class Trainer:
             w.start(self.command, cfg.backbone, cfg.dataset, cfg.variant, config,
                     parent_run_id=self.parent_run_id, preset=cfg.preset, seed=cfg.seed,
                     out_dir=str(self.out_dir / w.run_id), test_split=self.data.test_split)
-            self._log_tie(action=self.ties.state, changed=0)  # decision 0: the initial state
+            self.decisions.log_state(action=self.ties.state, changed=0)  # decision 0: the initial state
             w.metric(0, "train", "setup_peak_bytes", self.probe.setup_peak)
             w.metric(0, "train", "base_bytes", self.base_bytes)
             if self.plan is not None:  # the prediction, beside what the run then measures
@@ -339,6 +345,8 @@ class Trainer:
         step_times: list[float] = []
         items = self.data.items_per_batch() * self.group.world  # tokens (examples) per step over all ranks
         self.loop_start = time.perf_counter()
+        if t.eval_at_start and self.loop.step == 0:
+            self._validate()  # the starting model's score, at step 0
         self.model.train()
         while self.loop.step < t.max_steps:
             loss, dt = self._train_step()
@@ -347,12 +355,12 @@ class Trainer:
             losses.append(loss)
             step_times.append(dt)
             self.loop.indep_steps += self.ties.independent_layers
-            self._collect_reward(loss)
+            self.decisions.collect_reward(loss)
             if self.loop.step % t.log_every == 0 or self.loop.step == t.max_steps:
                 self._log_train(losses, step_times, items)
                 losses, step_times = [], []
             if self.loop.step % k == 0 and self.loop.step < t.max_steps:
-                self._decide()
+                self.decisions.decide()
             eval_now = t.eval_every and self.loop.step % t.eval_every == 0 and self.loop.step < t.max_steps
             if eval_now:
                 self._validate()
@@ -366,7 +374,7 @@ class Trainer:
             if self.group.any(self.stop_signal is not None):
                 self._save_checkpoint()
                 return None
-        self._score_pending()  # a last interval cut short by the end of the run
+        self.decisions.score_pending()  # a last interval cut short by the end of the run
         self.group.check_identical(self.model)
         validation = self._validate()
         final = self._evaluate("test", t.test_items)
@@ -411,85 +419,14 @@ class Trainer:
         value = float(loss.detach())  # the one device sync per step, needed for logging anyway
         return value, time.perf_counter() - t0
 
-    def _decide(self) -> None:
-        t0 = time.perf_counter()
-        self.loop.decision += 1
-        state = list(self.ties.state)
-        t = self.cfg.train
-        progress = self.loop.step / t.max_steps
-        next_progress = min(1.0, (self.loop.step + self.cfg.ties.decide_every) / t.max_steps)
-        # rank 0 decides; every rank applies the same change
-        dec = self.group.broadcast(self.policy.decide(state, self.loop.decision, progress) if self.group.is_main else None)
-        new_state = transition(state, dec.action)
-        changes = self.ties.apply(new_state)
-        if changes["tied"] and self.device.type == "cpu":
-            release_freed_memory()  # the released blocks' pages go back to the OS, not only to malloc
-        changed = sum(a != b for a, b in zip(state, new_state))
-        self._log_tie(action=dec.action, changed=changed)
-        pending = PendingDecision(
-            decision=self.loop.decision, step=self.loop.step, state=state, action=list(dec.action),
-            next_state=list(new_state), progress=progress, next_progress=next_progress, epsilon=dec.epsilon,
-            explored=dec.explored, greedy_agreement=dec.greedy_agreement,
-            q_spread=dec.q_spread if self.policy.learns else None,
-        )
-        self.loop.agent_time += time.perf_counter() - t0
-        if not self.group.is_main:
-            return  # only rank 0's policy learns
-        if not self.policy.wants_reward:
-            self._log_decision(pending, None, {})
-        elif self.cfg.agent.reward_batch == "fresh":
-            # the paper: perplexity on one extra fresh training batch, after the change (never the test split)
-            t1 = time.perf_counter()
-            batch = _to(self.data.train_batch(self.reward_gen), self.device)
-            self.model.eval()
-            with self._autocast():
-                ppl = self.backbone.reward_ppl(self.model, batch)
-            self.model.train()
-            self.loop.agent_time += time.perf_counter() - t1
-            self._reward(pending, ppl)
-        else:
-            self.loop.pending = pending  # scored by the next training batch(es), before the model trains on them
-
-    def _collect_reward(self, loss: float) -> None:
-        """Feed a training batch's loss (computed before the optimizer used that batch) to the pending reward."""
-        p = self.loop.pending
-        if p is None:
-            return
-        p.losses.append(loss)
-        if len(p.losses) >= (1 if self.cfg.agent.reward_batch == "next" else self.cfg.ties.decide_every):
-            self._score_pending()
-
-    def _score_pending(self) -> None:
-        """Reward the pending decision on the batches collected so far (at the end: an interval cut short)."""
-        p, self.loop.pending = self.loop.pending, None
-        if p is None or not p.losses:
-            return
-        mean = sum(p.losses) / len(p.losses)  # equal-size batches: the token-weighted mean
-        self._reward(p, perplexity(mean))
-
-    def _reward(self, p: PendingDecision, ppl: float) -> None:
-        t0 = time.perf_counter()
-        info = self.policy.observe(p.state, p.action, ppl, p.next_state, independent_count(p.next_state),
-                                   p.progress, p.next_progress)
-        self.loop.agent_time += time.perf_counter() - t0
-        self._log_decision(p, ppl, info)
-
-    def _log_decision(self, p: PendingDecision, ppl: float | None, info: dict[str, Any]) -> None:
-        self.writer.decision(
-            decision=p.decision, step=p.step, epsilon=p.epsilon, explored=p.explored,
-            reward=info.get("reward"), q_predicted=info.get("q_predicted"), q_target=info.get("q_target"),
-            td_loss=info.get("td_loss"), greedy_agreement=p.greedy_agreement, q_spread=p.q_spread, ppl=ppl,
-        )
-        if ppl is not None:  # at the step the reward was measured (the end of its interval for "interval")
-            self.writer.metric(self.loop.step, "reward", "ppl", ppl)
-            self.writer.metric(self.loop.step, "reward", "reward", info["reward"])
-
-    def _log_tie(self, action: list[int], changed: int) -> None:
-        self.writer.tie(
-            decision=self.loop.decision, step=self.loop.step, state=list(self.ties.state), action=list(action),
-            independent_layers=independent_count(self.ties.state),
-            distinct_block_weights=self.ties.distinct_block_weights(), changed_blocks=changed,
-        )
+    def _fresh_ppl(self) -> float:
+        """The paper's reward: perplexity on one extra fresh training batch, after the change (never test)."""
+        batch = _to(self.data.train_batch(self.reward_gen), self.device)
+        self.model.eval()
+        with self._autocast():
+            ppl = self.backbone.reward_ppl(self.model, batch)
+        self.model.train()
+        return ppl
 
     def _log_train(self, losses: list[float], step_times: list[float], items: int) -> None:
         w = self.writer

@@ -13,6 +13,7 @@ which is how fixed and replayed schedules are expressed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -55,12 +56,14 @@ class DynamicPolicy(Policy):
     learns = True
     wants_reward = True
 
-    def __init__(self, num_blocks: int, cfg: AgentSettings, total_decisions: int) -> None:
+    def __init__(self, num_blocks: int, cfg: AgentSettings, total_decisions: int,
+                 start: Callable[[], list[int]] | None = None) -> None:
         self.num_blocks = num_blocks
         self.agent = QAgent(num_blocks, cfg, total_decisions=total_decisions)
+        self.start = start or (lambda: all_tied(num_blocks))  # the paper: every block starts as block 0
 
     def initial_state(self) -> list[int]:
-        return all_tied(self.num_blocks)  # the paper: every block starts as block 0
+        return self.start()
 
     def decide(self, state, decision, progress):
         return self.agent.act(state, progress)
@@ -83,14 +86,16 @@ class RandomPolicy(Policy):
     name = "random"
     wants_reward = True  # the reward is logged, so random and dynamic runs can be compared decision by decision
 
-    def __init__(self, num_blocks: int, seed: int, agent: AgentSettings) -> None:
+    def __init__(self, num_blocks: int, seed: int, agent: AgentSettings,
+                 start: Callable[[], list[int]] | None = None) -> None:
         self.num_blocks = num_blocks
         self.generator = torch.Generator().manual_seed(seed + 7919)
         # the reward is shaped exactly as the Q-agent's, so the two runs' rewards can be compared
         self.shaper = RewardShaper(agent, num_blocks)
+        self.start = start or (lambda: all_tied(num_blocks))
 
     def initial_state(self):
-        return all_tied(self.num_blocks)
+        return self.start()
 
     def decide(self, state, decision, progress):
         action = [0] + [int(torch.randint(0, i + 1, (1,), generator=self.generator))
@@ -174,16 +179,63 @@ def random_permutation(num_blocks: int, seed: int) -> list[int]:
     return list(range(num_blocks))
 
 
+def initial_tie_state(spec: str, num_blocks: int, *, pretrained: bool = False,
+                      source: dict[str, Any] | None = None) -> list[int]:
+    """The state a dynamic or random run starts from (``ties.initial_state``).
+
+    ``auto``: all tied (the paper) when training from scratch; independent when starting from ``--init``
+    weights, whose blocks differ -- tying them all to block 0 would keep one pretrained block of L.
+    ``final-arch-of:RUN`` takes that run's final state (``source["initial_state"]``, read from the registry
+    by the command); ``static-*:N`` a static scheme with N independent blocks; ``0,0,2,2`` that state.
+    """
+    L = num_blocks
+    source = source or {}
+    if spec == "auto":
+        return all_independent(L) if pretrained else all_tied(L)
+    if spec == "all-tied":
+        return all_tied(L)
+    if spec == "independent":
+        return all_independent(L)
+    if spec.startswith("final-arch-of:"):
+        if source.get("initial_state") is None:
+            raise DyntieError(f"--initial-state {spec} needs that run's final tie state: start the run from the "
+                              "dyntie command line, which reads it from the registry.")
+        state = [int(x) for x in source["initial_state"]]
+        what = f"run {spec.split(':', 1)[1]}'s final state"
+    elif spec.startswith("static-"):
+        scheme, _, n = spec.partition(":")
+        independent = 1 if scheme == "static-all" else int(n)
+        if independent > L:
+            raise DyntieError(f"--initial-state {spec} asks for {independent} independent blocks of {L}: use at "
+                              f"most {L}.")
+        return static_state(scheme, L, independent)
+    else:
+        state = [int(x) for x in spec.split(",")]
+        what = f"the state {spec}"
+    if len(state) != L:
+        raise DyntieError(f"--initial-state: {what} has {len(state)} blocks but this model has {L}: pass a state "
+                          f"of {L} entries.")
+    return validate_state(state)
+
+
 def make_policy(variant: str, num_blocks: int, *, agent: AgentSettings, total_decisions: int, seed: int,
-                independent: int = 0, source: dict[str, Any] | None = None, perm_seed: int = 0) -> Policy:
+                independent: int = 0, source: dict[str, Any] | None = None, perm_seed: int = 0,
+                initial_state: str = "auto", pretrained: bool = False) -> Policy:
     """Build the policy of a variant. ``source`` carries what a variant takes from another run:
-    ``final_state`` (final-arch), ``initial``/``schedule`` (replay), ``mean_independent`` (static schemes)."""
+    ``final_state`` (final-arch), ``initial``/``schedule`` (replay), ``mean_independent`` (static schemes),
+    ``initial_state`` (the state of ``final-arch-of:RUN``). Dynamic and random runs start from
+    ``initial_state`` (``initial_tie_state``; resolved when the loop asks, so a resume, which starts from its
+    checkpoint's state, never needs it); ``pretrained``: the model starts from ``--init`` weights."""
     source = source or {}
     L = num_blocks
+
+    def start() -> list[int]:
+        return initial_tie_state(initial_state, L, pretrained=pretrained, source=source)
+
     if variant == "dynamic":
-        return DynamicPolicy(L, agent, total_decisions)
+        return DynamicPolicy(L, agent, total_decisions, start)
     if variant == "random":
-        return RandomPolicy(L, seed, agent)
+        return RandomPolicy(L, seed, agent, start)
     if variant == "no-tying":
         return FixedPolicy(all_independent(L), "no-tying")
     if variant == "final-arch":

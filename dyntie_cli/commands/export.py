@@ -1,0 +1,46 @@
+"""`dyntie export RUN --out DIR`: a run's last checkpoint as a plain transformers/timm folder, or compact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .options import Db
+
+
+def export(
+    run: Annotated[str, typer.Argument(help="The run (its id, or a unique prefix).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The folder to write (new, empty, or with "
+                                                          "--overwrite).")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="full: a plain library folder, tied blocks as copies "
+                                                            "of their root; compact: each independent block once "
+                                                            "and the tie map (dyntie_cli.load_tied reads it).")]
+    = "full",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out folder (only once the "
+                                                                "new export has passed its round trip).")] = False,
+    db: Db = None,
+) -> None:
+    """Export RUN's last checkpoint (finished, killed or still running) and check the round trip: the folder,
+    loaded back by the library (full) or by dyntie_cli.load_tied (compact), must give the run's outputs on a
+    fixed validation batch to 1e-5, else nothing is written.
+    """
+    from ..export import export_run
+    from ..results.db import resolve_db_path
+
+    r = export_run(resolve_db_path(db), run, out, fmt=fmt, overwrite=overwrite)
+    mib = 2**20
+    typer.echo(f"exported: {r.run_id} -> {r.folder} ({r.format})")
+    typer.echo(f"round trip: max abs difference {r.difference:.3g} (limit 1e-05)")
+    typer.echo(f"independent blocks: {r.independent} of {r.blocks}; trainable fraction {r.trainable_fraction:.3f}")
+    if r.format == "compact":
+        typer.echo(f"weights: {r.weights_bytes / mib:.2f} MiB compact, {r.full_bytes / mib:.2f} MiB full "
+                   f"({r.weights_bytes / r.full_bytes:.3f} of full)")
+    else:
+        typer.echo(f"weights: {r.weights_bytes / mib:.2f} MiB")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export", epilog="Examples: dyntie export RUN --out gpt2-out | dyntie export RUN --out tied "
+                "--format compact")(export)

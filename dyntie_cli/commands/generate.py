@@ -1,0 +1,50 @@
+"""`dyntie generate RUN --prompt TEXT`: sampled continuations from a GPT-2 run's last checkpoint."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .options import Db
+
+
+def generate(
+    run: Annotated[str, typer.Argument(help="A GPT-2 run (its id, or a unique prefix).")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Tokens per "
+                                                                                      "continuation.")] = 40,
+    samples: Annotated[int, typer.Option("--samples", "-k", min=1, help="How many continuations.")] = 3,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="Sampling temperature "
+                                                                                    "(0: greedy).")] = 0.8,
+    top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample among the k likeliest tokens (0: "
+                                                              "all).")] = 50,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the sampling.")] = 0,
+    db: Db = None,
+) -> None:
+    """Print SAMPLES continuations of PROMPT sampled from RUN's last checkpoint (finished, killed or still
+    running), decoded with the run's own tokenizer: the quickest look at what a language model learned.
+    """
+    import torch
+
+    from ..errors import UsageError
+    from ..export import load_run_model
+    from ..results.db import resolve_db_path
+    from ..results.lineage import load_run
+
+    db_path = resolve_db_path(db)
+    recorded = load_run(db_path, run)
+    if recorded.backbone != "gpt2":
+        raise UsageError(f"Run {recorded.run_id} is a {recorded.backbone} run; dyntie generate samples text from "
+                         "GPT-2 runs only.")
+    rm = load_run_model(db_path, recorded.run_id)
+    texts = rm.backbone.continuations(rm.model, rm.data, prompt, max_new_tokens=max_new_tokens, samples=samples,
+                                      temperature=temperature, top_k=top_k,
+                                      generator=torch.Generator().manual_seed(seed))
+    for i, text in enumerate(texts, 1):
+        typer.echo(f"--- sample {i}")
+        typer.echo(prompt + text)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate", epilog='Example: dyntie generate RUN --prompt "The history of" --samples 3')(generate)
