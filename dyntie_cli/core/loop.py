@@ -31,7 +31,7 @@ from .decisions import TieDecisions
 from .distributed import Group
 from .lazy import BuildReport, build_lazily
 from .memory import MemoryProbe, base_bytes, gradient_bytes, trainable_parameters
-from .plan import DoesNotFit, MemoryPlan, model_counts, plan_memory
+from .plan import DoesNotFit, MemoryPlan, measure_on, model_counts, plan_memory
 from .policies import Policy, make_policy
 from .ties import TieManager, independent_count
 
@@ -222,15 +222,29 @@ class Trainer:
                                untie_optim=cfg.ties.untie_optim)
         self.model.to(self.device)
         self.ties.reinject()  # .to() moved the roots' storage; the tied blocks' views must follow
+        self._check_activations()
 
     def _check_memory(self, meta: nn.Module, probe: list[nn.Module]) -> None:
-        """Predict the run's peak before building it (docs/memory.md); refuse one that will not fit unless told
-        to try anyway. Only rank 0 of a torchrun launch plans (the ranks are alike)."""
+        """Before the model is built: refuse a run whose stored state alone (parameters, gradients, optimizer
+        state at the most independent blocks it may have) cannot fit, unless told to try anyway (docs/memory.md).
+        Only rank 0 of a torchrun launch plans (the ranks are alike)."""
+        self.counts = model_counts(meta, probe)
         if not self.group.is_main:
             return
-        counts = model_counts(meta, probe)
+        state_only = plan_memory(self.backbone, self.cfg, self.data, self.device, [self.cfg.variant],
+                                 baseline=self.base_bytes, probe=probe, counts=self.counts,
+                                 measured=(lambda n: 0, 0))[0]
+        if self.check_memory and state_only.fits is False:
+            raise DoesNotFit(state_only, self.cfg)
+
+    def _check_activations(self) -> None:
+        """After the (lazy) build: the full prediction, activations measured on the run's own model; refuse a run
+        that will not fit unless told to try anyway."""
+        if not self.group.is_main or getattr(self, "counts", None) is None:
+            return
+        measured = measure_on(self.backbone, self.cfg, self.data, self.device, self.model, self.ties)
         self.plan = plan_memory(self.backbone, self.cfg, self.data, self.device, [self.cfg.variant],
-                                baseline=self.base_bytes, probe=probe, counts=counts)[0]
+                                baseline=self.base_bytes, probe=[], counts=self.counts, measured=measured)[0]
         if self.check_memory and self.plan.fits is False:
             raise DoesNotFit(self.plan, self.cfg)
 

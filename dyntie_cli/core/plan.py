@@ -7,11 +7,12 @@ The peak of a training step is the sum of what lives through it:
 * **parameters**, **gradients** and **optimizer state** of the blocks that are independent (a tied block has none)
   and of the always-trained parts: exact byte counts from the model built on the meta device (AdamW keeps two
   moments per parameter);
-* **activations**: what autograd saves for the backward pass, measured, not modelled: the model is built lazily
-  with one and with two independent blocks (the blocks that start tied cost nothing), a real training batch goes
-  forward once on the run's device and precision, and every saved tensor's storage is counted once. Saved bytes
-  grow linearly with the number of independent blocks (a tied block under ``tied_grad=follow`` saves less than an
-  independent one), so the two measurements give the activations at any count;
+* **activations**: what autograd saves for the backward pass, measured, not modelled: a real training batch goes
+  forward on the run's device and precision at the model's tie state and with one more block independent, and
+  every saved tensor's storage is counted once. Saved bytes grow linearly with the number of independent blocks
+  (a tied block under ``tied_grad=follow`` saves less than an independent one), so the two measurements give the
+  activations at any count. A run measures on its own model, built lazily (the blocks that start tied cost
+  nothing); ``dyntie plan`` on a copy built lazily for the purpose;
 * a **transient**: the gradient of the largest saved tensor, alive at the start of the backward pass (for a
   language model, the logits).
 
@@ -35,7 +36,7 @@ from ..errors import DyntieError
 from ..settings import RunSettings
 from .lazy import build_lazily
 from .memory import current_rss_bytes, release_freed_memory
-from .ties import TieManager
+from .ties import TieManager, independent_count
 
 #: AdamW keeps exp_avg and exp_avg_sq, each the size of its parameter
 _OPTIMIZER_COPIES = 2
@@ -94,41 +95,60 @@ def saved_bytes(forward: Callable[[], Any], params: set[int]) -> tuple[int, int]
     return sum(seen.values()), max(seen.values(), default=0)
 
 
-def measure_activations(backbone, cfg: RunSettings, data, device: torch.device, probe: list[nn.Module]
-                        ) -> tuple[Callable[[int], int], int]:
-    """A function from the number of independent blocks to saved activation bytes, and the transient, both
-    measured on a lazily built model (see the module docstring). Draws no number from the run's generators."""
-    blocks = len(probe)
+Activations = Callable[[int], int]
+
+
+def measure_on(backbone, cfg: RunSettings, data, device: torch.device, model: nn.Module, ties: TieManager
+               ) -> tuple[Activations, int]:
+    """Saved activation bytes as a function of the number of independent blocks, and the transient, measured
+    with ``model`` on one training batch: at its tie state, and with one more block independent (then the state
+    is restored exactly). Draws no number from the run's generators, changes no weight."""
+    state = list(ties.state)
+    blocks = len(state)
+    have = independent_count(state)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    was_training = model.training
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model.train()
+        batch = {k: v.to(device) for k, v in data.train_batch(torch.Generator().manual_seed(cfg.seed)).items()}
+
+        def measure() -> tuple[int, int]:
+            params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+            with autocast:
+                return saved_bytes(lambda: backbone.loss(model, batch), params)
+
+        at_state, largest = measure()
+        per_block = 0
+        if have < blocks:  # untie the first tied block, measure, tie it back
+            first = next(i for i, r in enumerate(state) if r != i)
+            more = [i if i == first else r for i, r in enumerate(state)]
+            ties.apply(more)
+            with_one_more, largest2 = measure()
+            ties.apply(state)
+            per_block, largest = with_one_more - at_state, max(largest, largest2)
+    model.train(was_training)
+    return (lambda n: at_state + (n - have) * per_block), largest
+
+
+def measure_activations(backbone, cfg: RunSettings, data, device: torch.device, probe: list[nn.Module]
+                        ) -> tuple[Activations, int]:
+    """``measure_on`` a model built lazily for the purpose, all blocks tied (nothing of the run's size is built)."""
+    blocks = len(probe)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         model, _ = build_lazily(lambda: backbone.build_model(cfg, data), backbone.blocks, [0] * blocks, probe)
         ties = TieManager(backbone.blocks(model), [0] * blocks, tied_grad=cfg.ties.tied_grad)
         model.to(device)
         ties.reinject()
-        model.train()
-        batch = {k: v.to(device) for k, v in data.train_batch(torch.Generator().manual_seed(cfg.seed)).items()}
-        autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-
-        def measure(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
-            params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-            with autocast:
-                return saved_bytes(lambda: backbone.loss(model, batch), params)
-
-        one, largest = measure(model, batch)
-        two = one
-        if blocks > 1:
-            ties.apply([0, 1] + [1] * (blocks - 2))
-            two, largest2 = measure(model, batch)
-            largest = max(largest, largest2)
+        measured = measure_on(backbone, cfg, data, device, model, ties)
         ties.remove_hooks()
-        del model, ties, batch
+        del model, ties
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     else:
         release_freed_memory()
-    per_block = two - one
-    return (lambda n: one + (max(n, 1) - 1) * per_block), largest
+    return measured
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -174,9 +194,12 @@ def planned_independent(cfg: RunSettings, blocks: int, variant: str) -> tuple[in
 
 def plan_memory(backbone, cfg: RunSettings, data, device: torch.device, variants: list[str], *,
                 baseline: int | None = None, probe: list[nn.Module] | None = None,
-                counts: ModelCounts | None = None) -> list[MemoryPlan]:
+                counts: ModelCounts | None = None, measured: tuple[Activations, int] | None = None
+                ) -> list[MemoryPlan]:
     """The predicted peak of ``cfg`` trained as each of ``variants`` on ``device``. ``baseline``: the process's
-    memory before the model exists (default: what this process holds now)."""
+    memory before the model exists (default: what this process holds now); ``measured``: activations already
+    measured (``measure_on``; default: measured on a lazily built copy); ``(lambda n: 0, 0)`` plans the stored
+    state alone."""
     if probe is None:
         meta = backbone.load_model_code(cfg, data)
         probe = backbone.blocks(meta)
@@ -185,7 +208,7 @@ def plan_memory(backbone, cfg: RunSettings, data, device: torch.device, variants
     if baseline is None:
         release_freed_memory()
         baseline = int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else current_rss_bytes()
-    activations, largest = measure_activations(backbone, cfg, data, device, probe)
+    activations, largest = measured or measure_activations(backbone, cfg, data, device, probe)
     available = available_bytes(device)
     plans = []
     for variant in variants:
