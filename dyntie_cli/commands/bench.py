@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from .options import Format, TrainingOptions, training_options
+from .options import Format, TrainingOptions, examples, training_options
 
 DEFAULT_VARIANTS = "no-tying,dynamic"
 
@@ -48,11 +48,11 @@ def bench(
                                         "for speed on a machine whose load drifts.")] = 1,
     fmt: Format = "table",
 ) -> None:
-    """Train each variant on the same data, seed and steps, one process each (clean peak memory), record
-    them as runs (command 'bench'), and print ratios against no-tying: peak memory, parameter / gradient /
-    optimizer bytes, trainable parameters, tokens/s, median step time, validation perplexity, agent share.
+    """Train variants side by side and print their speed and memory as ratios to no-tying.
 
-    Example: dyntie bench gpt2 --preset gpt2-deep-cpu --max-steps 300 --repeat 2
+    Each variant trains on the same data, seed and steps, in a process of its own (a clean peak memory), and is
+    recorded as a run (command 'bench'). The ratios: peak memory, parameter / gradient / optimizer bytes,
+    trainable parameters, tokens/s, median step time, validation perplexity, agent share.
     """
     from ..ablation import ablation_job
     from ..core.distributed import Group
@@ -61,6 +61,7 @@ def bench(
     from ..results.bench import bench_title
     from ..results.queries import run_query
     from ..runner import Job, Launch, new_settings
+    from .report import terminal_width
 
     if repeat < 1:
         raise UsageError("--repeat must be at least 1 (the number of times the set of variants runs).")
@@ -81,7 +82,7 @@ def bench(
     trained = [v for v in names if v != "final-arch"]
     group = uuid.uuid4().hex[:8]  # recorded in each run's config, so `report --table bench` pools the rounds too
     rounds: list[dict[str, str]] = []
-    child_launch = {"db": str(launch.db), "out": str(launch.out)}
+    child_launch = {"db": str(launch.db), "out": str(launch.out), "threads": launch.threads}
     for r in range(repeat):
         # every other round in reverse: a slow patch of the machine falls on both sides of a comparison
         order = (trained if r % 2 == 0 else trained[::-1]) + [v for v in names if v == "final-arch"]
@@ -98,7 +99,8 @@ def bench(
             run_ids[v] = result["run_id"]
         rounds.append({v: run_ids[v] for v in names})
     table = run_query("bench", launch.db, [rid for r in rounds for rid in r.values()])
-    typer.echo(render(table, fmt, title=bench_title(repeat)))
+    width = terminal_width() if fmt == "table" else None
+    typer.echo(render(table, fmt, title=bench_title(repeat), width=width))
 
 
 def job(
@@ -112,10 +114,11 @@ def job(
 
     data = json.loads(job_file.read_text())
     backbone, one = Job.from_dict(data["job"])
-    run = run_job(backbone, one, Launch(Path(data["db"]), Path(data["out"]), quiet=True), print_summary=False)
+    launch = Launch(Path(data["db"]), Path(data["out"]), quiet=True, threads=data.get("threads"))
+    run = run_job(backbone, one, launch, print_summary=False)
     result.write_text(json.dumps(asdict(run)))
 
 
 def register(app: typer.Typer) -> None:
-    app.command("bench")(bench)
+    app.command("bench", epilog=examples("dyntie bench gpt2 --preset gpt2-deep-cpu --max-steps 300 --repeat 2"))(bench)
     app.command("job", hidden=True)(job)

@@ -49,7 +49,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("param_penalty", ("--param-penalty",), float, "agent.param_penalty"),
     Flag("tied_grad", ("--tied-grad",), str, "ties.tied_grad"),
     Flag("data_dir", ("--data-dir",), str, "data_dir"),
-    Flag("quiet", ("--quiet", "-q"), bool, None, "No progress bar or messages."),
+    Flag("threads", ("--threads",), int, None, "CPU threads of the run (OMP_NUM_THREADS also sets them) "
+                                              "\\[default: the cores other processes leave free, at most "
+                                              "one per core]."),
+    Flag("quiet", ("--quiet", "-q"), bool, None, "No progress bar or messages (warnings still show)."),
 )
 BY_NAME = {f.name: f for f in FLAGS}
 FLAG_OF.update({f.key: f.decls[0] for f in FLAGS if f.key})
@@ -123,6 +126,11 @@ def training_options(*, exclude: tuple[str, ...] = ()) -> Callable[[Callable[...
         return command
 
     return wrap
+
+
+def examples(*commands: str) -> str:
+    """A command's epilog: one example command a line, so none is broken across lines at any width."""
+    return "Examples:\n" + "\n".join(f"  {command}" for command in commands)
 
 
 Db = Annotated[str | None, typer.Option("--db", envvar="DYNTIE_DB", help=_help(BY_NAME["db"]))]
