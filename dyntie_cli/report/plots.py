@@ -278,15 +278,18 @@ def _byte_lines(ax: Axes, data: pd.DataFrame, column: str, labels: dict[str, str
                 label=labels[run_id])
         if mark_validation:
             spikes = rows[rows.after_validation.astype(bool)]
-            if not spikes.empty:
-                ax.scatter(spikes.step, spikes[column].astype(float) / divisor, marker="^", s=60,
-                           facecolors="none", edgecolors=colour, zorder=3,
-                           label=None if marked else "interval with a validation (and its checkpoint)")
-                marked = True
+            ax.scatter(spikes.step, spikes[column].astype(float) / divisor, marker="^", s=60,
+                       facecolors="none", edgecolors=colour, zorder=3)
+            marked = marked or not spikes.empty
     # from zero: a flat line must not look like growth because the axis starts just below it
     ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1], 1e-9))
     ax.set_ylabel(unit)
-    ax.legend(fontsize="small", loc="lower right")
+    handles, texts = ax.get_legend_handles_labels()
+    if marked:
+        handles.append(Line2D([], [], marker="^", linestyle="none", markerfacecolor="none",
+                              markeredgecolor="black", markersize=8))
+        texts.append("interval with a validation (and its checkpoint)")
+    ax.legend(handles, texts, fontsize="small", loc="lower right")
 
 
 def _load_params(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
