@@ -1,9 +1,10 @@
 """GLUE data: the task table, the TSV reader, the WordPiece tokenizer, and the batches BERT trains on.
 
 ``load_glue_data`` is the one entry point the GLUE backbone calls. It reads a task's train and dev splits
-from local TSVs (the layout ``download_glue_data.py`` writes: ``DIR/RTE/{train,dev}.tsv``) or, when the hub
-is reachable and no ``--data-dir`` is given, from ``nyu-mll/glue``; builds the tokenizer; tokenizes once;
-and wraps it all in ``GlueData``.
+from local TSVs (``--data-dir``, the layout ``download_glue_data.py`` writes: ``DIR/RTE/{train,dev}.tsv``);
+without ``--data-dir``, from the copy dyntie ships (RTE, xz-compressed in ``data/glue``, so the default task
+runs offline) or, for the other tasks when the hub is reachable, from ``nyu-mll/glue``; builds the tokenizer;
+tokenizes once; and wraps it all in ``GlueData``.
 
 Splits. GLUE's test labels are hidden, so the final score is computed on the **dev** split
 (``test_split = "validation"``: the registry records that the reported score is GLUE's validation split).
@@ -16,9 +17,11 @@ hold-out) and "test" (GLUE dev).
 from __future__ import annotations
 
 import csv
+import io
 import json
+import lzma
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -174,25 +177,32 @@ class Examples:
 def read_glue_tsv(path: Path, task: GlueTask) -> tuple[Examples, int]:
     """A GLUE TSV as examples, and the number of unreadable rows skipped.
 
-    Quoting is off: GLUE sentences contain unbalanced double quotes that a CSV reader would join across lines.
     ``utf-8-sig`` drops the byte-order mark MRPC's files start with (it would otherwise be part of the first
     header name).
     """
     try:
         with path.open(encoding="utf-8-sig", newline="") as f:
-            rows = [row for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if row]
+            return parse_glue_tsv(f, task, str(path))
     except UnicodeDecodeError as exc:
         raise DyntieError(f"{path} is not UTF-8 text: use the GLUE files as downloaded.") from exc
     except OSError as exc:
         raise DyntieError(
             f"Cannot read {path} ({exc.strerror}): check the path and its permissions."
         ) from exc
+
+
+def parse_glue_tsv(lines: Iterable[str], task: GlueTask, where: str) -> tuple[Examples, int]:
+    """GLUE TSV text (``where`` names it in errors) as examples, and the number of unreadable rows skipped.
+
+    Quoting is off: GLUE sentences contain unbalanced double quotes that a CSV reader would join across lines.
+    """
+    rows = [row for row in csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE) if row]
     if task.header:
         if not rows:
-            raise DyntieError(f"{path} is empty: replace it with the GLUE {task.folder} file.")
+            raise DyntieError(f"{where} is empty: replace it with the GLUE {task.folder} file.")
         header, rows = rows[0], rows[1:]
-        text_idx = [_column(header, c, path, task) for c in task.text_columns]
-        label_idx = _column(header, task.label_column, path, task)
+        text_idx = [_column(header, c, where, task) for c in task.text_columns]
+        label_idx = _column(header, task.label_column, where, task)
     else:
         text_idx = [int(c) for c in task.text_columns]
         label_idx = int(task.label_column)
@@ -207,19 +217,19 @@ def read_glue_tsv(path: Path, task: GlueTask) -> tuple[Examples, int]:
         examples.labels.append(label)
     if bad > MAX_BAD_ROW_SHARE * max(len(rows), 1):
         raise DyntieError(
-            f"{path}: {bad} of {len(rows)} rows have too few columns or an unknown label; "
+            f"{where}: {bad} of {len(rows)} rows have too few columns or an unknown label; "
             f"use the GLUE {task.folder} file as written by download_glue_data.py "
             "(tab-separated, no quoting)."
         )
     return examples, bad
 
 
-def _column(header: list[str], name: str | int, path: Path, task: GlueTask) -> int:
+def _column(header: list[str], name: str | int, where: str, task: GlueTask) -> int:
     if isinstance(name, int):
         return name
     if name not in header:
         raise DyntieError(
-            f"{path} has no {name!r} column (header: {', '.join(header[:8])}): "
+            f"{where} has no {name!r} column (header: {', '.join(header[:8])}): "
             f"pass the GLUE {task.folder} folder."
         )
     return header.index(name)
@@ -289,14 +299,38 @@ def _hub_splits(task: GlueTask) -> tuple[dict[str, Examples], str]:
     return splits, f"Hugging Face hub {HUB_REPO} {task.name}"
 
 
+def _embedded_folder(task: GlueTask):
+    """The copy of ``task``'s train and dev splits dyntie ships (RTE), or None."""
+    folder = resources.files(__package__ or "dyntie_cli.backbones") / "data" / "glue" / task.folder
+    files = [folder / f"{name}.xz" for name in ("train.tsv", task.dev_file)]
+    return folder if all(f.is_file() for f in files) else None
+
+
+def _embedded_splits(task: GlueTask, folder) -> tuple[dict[str, Examples], str]:
+    splits, notes = {}, []
+    for role, name in (("train", "train.tsv"), ("dev", task.dev_file)):
+        # read through importlib.resources: works from a wheel or a zipped install, not only a source tree
+        text = lzma.decompress((folder / f"{name}.xz").read_bytes()).decode("utf-8-sig")
+        examples, _ = parse_glue_tsv(io.StringIO(text, newline=""), task, f"the embedded {task.folder}/{name}")
+        splits[role] = examples
+        notes.append(f"{name} {len(examples):,} rows")
+    return splits, f"embedded copy of GLUE {task.folder}: {', '.join(notes)}"
+
+
 def load_glue_splits(task: GlueTask, data_dir: str | Path | None) -> tuple[dict[str, Examples], str]:
-    """GLUE train and dev examples of ``task`` and where they came from: local files, else the hub."""
+    """GLUE train and dev examples of ``task`` and where they came from: local files (``--data-dir``), else
+    the copy dyntie ships (RTE), else the hub."""
     if data_dir:
         return _local_splits(Path(data_dir).expanduser(), task)
+    embedded = _embedded_folder(task)
+    if embedded is not None:
+        return _embedded_splits(task, embedded)
     if not hub_reachable():
+        shipped = ", ".join(t.name for t in TASKS.values() if _embedded_folder(t) is not None)
         raise DyntieError(
             f"GLUE {task.name} is not available offline: pass --data-dir DIR holding {task.folder}/train.tsv "
-            f"and {task.folder}/{task.dev_file}, or connect to the internet."
+            f"and {task.folder}/{task.dev_file}, connect to the internet, or use a task dyntie ships "
+            f"(--task {shipped})."
         )
     return _hub_splits(task)
 

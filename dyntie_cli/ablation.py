@@ -13,7 +13,7 @@ from typing import Any
 from .core.policies import random_permutation
 from .core.ties import permute_state
 from .errors import DyntieError, UsageError
-from .results.lineage import load_source_run
+from .results.lineage import load_source_run, newest_finished_run
 from .runner import Job, recorded_settings
 from .settings import NEEDS_SOURCE, STATIC_SCHEMES, RunSettings
 
@@ -88,16 +88,33 @@ def choose_moving_permutation(settings: RunSettings, source: dict[str, Any]) -> 
             "all-independent), so the replay repeats it on the same layers.")
 
 
-def check_ablation_arguments(variant: str, from_run: str | None, backbone: str | None,
-                             independent: int | None) -> None:
+def check_ablation_arguments(variant: str, independent: int | None) -> None:
     """Combinations that cannot make sense, refused before anything is loaded."""
     if variant not in ABLATIONS:
         raise UsageError(f"Unknown ablation variant {variant!r}; choose one of {', '.join(ABLATIONS)}.")
-    if variant in NEEDS_SOURCE and not from_run:
-        raise UsageError(f"--variant {variant} needs --from-run RUN (the dynamic run whose ties it uses).")
-    if not from_run and not backbone:
-        raise UsageError("Pass --from-run RUN, or --backbone NAME for a variant without a source run.")
     if independent is not None and variant not in STATIC_SCHEMES:
         raise UsageError(f"--independent applies to the static-* variants only; drop it for {variant}.")
     if independent is not None and independent < 1:
         raise UsageError("--independent must be at least 1 (block 0 always owns its weights).")
+
+
+def choose_source(db: Path, variant: str, from_run: str | None, backbone: str | None) -> str | None:
+    """The run an ablation starts from: ``--from-run``; else the newest finished dynamic run in the registry
+    (of ``--backbone``, when given) for a variant that needs a source or when no ``--backbone`` is given;
+    None for a variant trained fresh from ``--backbone``'s preset."""
+    if from_run:
+        return from_run
+    if backbone and variant not in NEEDS_SOURCE:
+        return None
+    found = newest_finished_run(db, "dynamic", backbone)
+    if found is None:
+        from .plugins import get_backbone
+
+        name = backbone or "gpt2"
+        train = f"dyntie {get_backbone(name).command} {name}"
+        of = f" {backbone}" if backbone else ""
+        fresh = "" if variant in NEEDS_SOURCE else ", or --backbone NAME to train it from a preset instead"
+        raise DyntieError(f"--variant {variant} starts from a finished dynamic{of} run and {db} has none: train "
+                          f"one first (`{train}`), or pass --from-run RUN (`dyntie report --table runs` lists "
+                          f"the runs){fresh}.")
+    return found

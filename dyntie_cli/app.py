@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from typing import Annotated
@@ -10,6 +11,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import __version__
+from .commands.options import examples
 from .errors import DyntieError
 
 
@@ -29,7 +31,8 @@ class DyntieGroup(TyperGroup):
 app = typer.Typer(
     cls=DyntieGroup,
     help="Train transformers with dynamic layer tying (David-Hay & Wolf, ICLR 2024).",
-    epilog="Examples:  dyntie train gpt2   |   dyntie report --table paper   |   dyntie backbones",
+    epilog=examples("dyntie train gpt2", "dyntie finetune glue --task rte", "dyntie report --table memory",
+                    "dyntie ablate --variant final-arch", "dyntie backbones"),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -56,11 +59,32 @@ def main_callback(
     """
 
 
+def reflow(text: str | None) -> str | None:
+    """Help text as paragraphs: the lines of a docstring paragraph joined into one (Typer's rich mode keeps a
+    docstring's line breaks after its first paragraph, which breaks sentences in the middle on any terminal
+    narrower or wider than the source)."""
+    if not text:
+        return text
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines() if line.strip()) for p in paragraphs)
+
+
+def _reflow_help(typer_app: typer.Typer) -> None:
+    """Reflow the help of every command and command group of ``typer_app`` (and of the groups in it)."""
+    typer_app.info.help = reflow(typer_app.info.help)
+    for command in typer_app.registered_commands:
+        command.help = reflow(command.help or (command.callback.__doc__ if command.callback else None))
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _reflow_help(group.typer_instance)
+
+
 def _register() -> None:
     from .commands import ablate, backbones, bench, config, export, finetune, generate, plan, report, train
 
     for module in (train, finetune, ablate, report, bench, export, generate, backbones, config, plan):
         module.register(app)
+    _reflow_help(app)
 
 
 _register()

@@ -254,9 +254,10 @@ def test_source_schedule_is_indexed_by_decision(tmp_path):
 
 
 @pytest.mark.parametrize(("args", "code", "words"), [
-    (["--variant", "final-arch", "--backbone", "gpt2"], 2, ["--from-run RUN"]),
+    # no --from-run and no dynamic run in the registry to start from
+    (["--variant", "final-arch", "--backbone", "gpt2"], 1, ["--from-run RUN", "`dyntie train gpt2`", "--table runs"]),
     (["--variant", "shuffle", "--backbone", "gpt2"], 2, ["shuffle", "static-cycle-rev"]),
-    (["--variant", "no-tying"], 2, ["--backbone NAME"]),
+    (["--variant", "no-tying"], 1, ["--from-run RUN", "`dyntie train gpt2`", "--table runs", "--backbone NAME"]),
     (["--variant", "random", "--backbone", "gpt2", "--independent", "2"], 2, ["static-* variants only"]),
     (["--variant", "static-cycle", "--backbone", "gpt2", "--independent", "0"], 2, ["at least 1"]),
     (["--variant", "replay", "--from-run", "nosuchrun"], 1, ["No run 'nosuchrun'", "--table runs"]),
@@ -277,7 +278,7 @@ def test_errors_that_need_the_source(ablation_runs, runner, tmp_path):
     source = ablation_runs.source
     r = invoke(runner, "ablate", "--variant", "no-tying", "--from-run", source, "--preset", "gpt2-cpu",
                *common)
-    assert r.exit_code == 2 and "--preset cannot be combined with --from-run" in r.stderr
+    assert r.exit_code == 2 and "--preset cannot be combined with a source run" in r.stderr
     r = invoke(runner, "ablate", "--variant", "no-tying", "--from-run", source, "--backbone", "vit", *common)
     assert r.exit_code == 2 and "drop --backbone" in r.stderr
     # A run without tie history cannot give final-arch its state.

@@ -174,19 +174,22 @@ def test_qnli_without_train_is_a_clear_error():
 
 
 def test_offline_without_data_dir_names_the_fix(runner, tmp_path):
+    """A task dyntie does not ship needs --data-dir offline (RTE ships: tests/test_first_hour.py)."""
     result = invoke(
         runner,
         "finetune",
         "glue",
         "--task",
-        "rte",
+        "mrpc",
         "--preset",
         "bert-tiny",
         "--db",
         tmp_path / "r.duckdb",
         "--quiet",
     )
-    assert result.exit_code == 1 and "--data-dir" in result.stderr and "Traceback" not in result.output
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "--data-dir" in result.stderr and "--task rte" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
     result = invoke(runner, "finetune", "glue", "--task", "squad", "--db", tmp_path / "r.duckdb", "--quiet")
     assert result.exit_code == 2 and "rte" in result.stderr
 

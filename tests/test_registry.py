@@ -616,7 +616,7 @@ def test_compare_gives_ratios_to_the_first_run(registry):
     assert ratio["result"] == pytest.approx(43 / 42)
     assert ratio["trainable_params_mean"] == pytest.approx(90 / 70)
     assert ratio["training_peak_bytes"] == 2.0
-    assert ratio["tokens_per_s"] == 2.0  # 400 vs the mean of 100, 200, 300
+    assert ratio["tokens_per_s"] == 2.0  # 400 vs the median of 100, 200, 300 (no step times logged)
     assert table.loc["agent_time_s", "dyn"] == 3.0  # cumulative: the last value
     assert ratio["variant"] is None
 
@@ -665,3 +665,23 @@ def test_render_rejects_unknown_formats_and_humanises_bytes():
     with pytest.raises(ValueError, match="format must be one of"):
         render(pd.DataFrame({"x": [1]}), "xml")
     assert [human_bytes(n) for n in (512, 1536, 3 * 1024**3)] == ["512 B", "1.5 KiB", "3.0 GiB"]
+
+
+def test_compare_speed_ratios_are_reciprocal_when_step_times_vary(tmp_path):
+    """A run slowed down for half its intervals (another job on the machine) beside a steady one: means of the
+    logged per-interval values would give tokens/s 0.55x and step time 0.60x, both "slower" and "faster" at
+    once; the compare table's figures come from one median step time, so the ratios are exact reciprocals."""
+    db = tmp_path / "speed.duckdb"
+    tokens = 1024
+    for run_id, times in (("busy", [0.1, 0.1, 0.1, 1.0, 1.0, 1.0]), ("steady", [0.33] * 6)):
+        w = RunWriter(db, run_id=run_id, flush_every_s=3600)
+        w.start("train", "gpt2", "wikitext-2", "dynamic", {})
+        for i, t in enumerate(times, start=1):
+            w.metric(10 * i, "train", "step_time_s", t)
+            w.metric(10 * i, "train", "tokens_per_s", tokens / t)
+        w.finish()
+    table = run_query("compare", db, ["busy", "steady"]).set_index("quantity")
+    ratio = table["steady / busy"]
+    assert table.loc["step_time_s", "busy"] == pytest.approx(0.55)  # the median of the intervals
+    assert table.loc["tokens_per_s", "busy"] == pytest.approx(tokens / 0.55)
+    assert ratio["tokens_per_s"] * ratio["step_time_s"] == pytest.approx(1.0)

@@ -262,3 +262,41 @@ def test_plot_errors_name_the_fix(ablation_runs, runner, tmp_path, hand_registry
         assert r.exit_code == 1, r.stderr
         assert f"Run hand has {missing}" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.png").exists()
+
+
+# --- what each table counts, and plots read correctly ------------------------------------------------------
+
+
+def test_agent_and_layers_tables_count_the_same_decisions(ablation_runs, runner):
+    db = ablation_runs.db
+    ids = [ablation_runs.source, ablation_runs.by_variant["no-tying"], ablation_runs.by_variant["final-arch"]]
+    runs = [a for i in ids for a in ("--run", i)]
+    agent = json.loads(report(runner, db, "--table", "agent", *runs, "--format", "json"))
+    layers = json.loads(report(runner, db, "--table", "layers", *runs, "--format", "json"))
+    for run_id, a, lay in zip(ids, agent, layers, strict=True):
+        made = sql(db, "SELECT count(*) FROM ties WHERE run_id = ? AND decision > 0", run_id)[0][0]
+        assert a["decisions"] == lay["decisions"] == made == 9  # the initial state (decision 0) is no decision
+        assert max(lay["independent_decisions_per_layer"]) <= made
+    no_tying = layers[1]
+    assert no_tying["independent_decisions_per_layer"] == [9] * len(no_tying["independent_decisions_per_layer"])
+
+
+def test_memory_plot_starts_at_zero_and_marks_the_intervals_with_a_validation(ablation_runs):
+    from dyntie_cli.report import plots
+    from dyntie_cli.results.db import read_registry
+
+    ids = [ablation_runs.source, ablation_runs.by_variant["no-tying"]]
+    with read_registry(ablation_runs.db) as con:
+        data = plots._load_memory(con, ids)
+        labels = plots._run_labels(con, ids)
+    source = data[data.run_id == ids[0]]
+    validated = [s for (s,) in sql(ablation_runs.db, "SELECT DISTINCT step FROM metrics WHERE run_id = ? AND "
+                                                     "split = 'validation' ORDER BY step", ids[0])]
+    logged = sorted(source.step)
+    # a validation at step v runs after the reading at v: its memory shows in the next reading
+    want = sorted({next(s for s in logged if s > v) for v in validated if v < max(logged)})
+    assert sorted(source[source.after_validation].step) == want and want
+    figure = plots._draw_memory(data, labels)
+    peak, state = figure.axes[:2]
+    assert peak.get_ylim()[0] == 0 and state.get_ylim()[0] == 0
+    assert "interval with a validation (and its checkpoint)" in [t.get_text() for t in peak.get_legend().texts]

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from .options import TrainingOptions, training_options
+from .options import TrainingOptions, examples, training_options
 
 
 @training_options(exclude=("variant",))
@@ -15,34 +15,44 @@ def ablate(
     variant: Annotated[str, typer.Option("--variant", help="final-arch, replay, no-tying, random, static-all, "
                                          "static-sequence, static-cycle, static-cycle-rev.")],
     from_run: Annotated[str | None, typer.Option("--from-run", help="The dynamic run to ablate: its "
-                                                    "data, seed, steps and hyperparameters are reused.")] = None,
-    backbone: Annotated[str | None, typer.Option("--backbone", help="Backbone, when there is no "
-                                                    "--from-run.")] = None,
+                                                    "data, seed, steps and hyperparameters are reused "
+                                                    "\\[default: the newest finished dynamic run].")] = None,
+    backbone: Annotated[str | None, typer.Option("--backbone", help="Without --from-run: train a variant "
+                                                    "that needs no source (no-tying, random, static-*) from "
+                                                    "this backbone's preset; final-arch and replay start from "
+                                                    "its newest finished dynamic run.")] = None,
 ) -> None:
-    """Run variant V as a new run linked to its source run (parent_run_id), with the same data, seed, steps
-    and hyperparameters unless overridden, so `dyntie report --table paper` can set them side by side.
+    """Train ablation variant V of a dynamic run, as a new run linked to it.
+
+    The variant keeps its source run's data, seed, steps and hyperparameters unless overridden and records the
+    source as its parent_run_id, so `dyntie report --table paper` can set them side by side. Without --from-run the source is the newest finished dynamic run in the registry (the command says which).
 
     What a variant resolves from the source is written into the new run's settings: the number of independent
     blocks of a static scheme (ties.independent; --independent N sets it, default the source run's mean,
     rounded half up, else L/4) and the replay permutation's seed (ties.perm_seed).
     """
-    from ..ablation import ablation_job, check_ablation_arguments
+    from ..ablation import ablation_job, check_ablation_arguments, choose_source
     from ..errors import UsageError
     from ..runner import Job, Launch, new_settings, run_job
 
-    check_ablation_arguments(variant, from_run, backbone, opts.independent)
+    check_ablation_arguments(variant, opts.independent)
     launch = Launch.from_options(opts)
-    if not from_run:
+    source = choose_source(launch.db, variant, from_run, backbone)
+    if source is None:
         opts.extra.append(("variant", variant))
         bb, settings = new_settings(backbone, opts)
         run_job(bb, Job(settings, "ablate"), launch)
         return
+    if source != from_run and not opts.quiet:
+        typer.echo(f"ablate: from {source}, the newest finished dynamic run in {launch.db} (--from-run RUN "
+                   "picks another)", err=True)
     if opts.preset or opts.recipe:
         flag = "--preset" if opts.preset else "--recipe"
-        raise UsageError(f"{flag} cannot be combined with --from-run: an ablation keeps its source run's model "
-                         "and settings (change single settings with --set).")
+        raise UsageError(f"{flag} cannot be combined with a source run: an ablation keeps its source run's model "
+                         "and settings (change single settings with --set; --backbone NAME without --from-run "
+                         "trains a variant from a preset).")
     notes: list[str] = []
-    bb, job = ablation_job(launch.db, from_run, variant, [opts.flag_pairs(), opts.set_pairs()], notes=notes)
+    bb, job = ablation_job(launch.db, source, variant, [opts.flag_pairs(), opts.set_pairs()], notes=notes)
     if backbone and backbone != job.settings.backbone:
         raise UsageError(f"--backbone {backbone} differs from the source run's {job.settings.backbone}; "
                          "drop --backbone.")
@@ -53,6 +63,6 @@ def ablate(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("ablate", epilog="Examples: dyntie ablate --variant final-arch --from-run RUN | dyntie ablate "
-                "--variant no-tying --from-run RUN | dyntie ablate --variant static-cycle --backbone gpt2 "
-                "--independent 4")(ablate)
+    app.command("ablate", epilog=examples(
+        "dyntie ablate --variant final-arch", "dyntie ablate --variant no-tying --from-run RUN",
+        "dyntie ablate --variant static-cycle --backbone gpt2 --independent 4"))(ablate)

@@ -31,7 +31,9 @@ def backbones(
         table.add_row(r.name, r.source, f"dyntie {b.command} {r.name}",
                       ", ".join(f"{p}*" if p == b.default_preset else p for p in b.presets),
                       ", ".join(b.datasets))
-    Console(width=200).print(table)
+    console = Console()
+    # a terminal's width wraps the cells; a pipe or a file keeps every row on one line
+    (console if console.is_terminal else Console(width=200)).print(table)
 
 
 def register(app: typer.Typer) -> None:

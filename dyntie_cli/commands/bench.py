@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from .options import Format, TrainingOptions, training_options
+from .options import Format, TrainingOptions, examples, training_options
 
 DEFAULT_VARIANTS = "no-tying,dynamic"
 
@@ -48,11 +48,11 @@ def bench(
                                         "for speed on a machine whose load drifts.")] = 1,
     fmt: Format = "table",
 ) -> None:
-    """Train each variant on the same data, seed and steps, one process each (clean peak memory), record
-    them as runs (command 'bench'), and print ratios against no-tying: peak memory, parameter / gradient /
-    optimizer bytes, trainable parameters, tokens/s, median step time, validation perplexity, agent share.
+    """Train variants side by side and print their speed and memory as ratios to no-tying.
 
-    Example: dyntie bench gpt2 --preset gpt2-deep-cpu --max-steps 300 --repeat 2
+    Each variant trains on the same data, seed and steps, in a process of its own (a clean peak memory), and is
+    recorded as a run (command 'bench'). The ratios: peak memory, parameter / gradient / optimizer bytes,
+    trainable parameters, tokens/s, median step time, validation perplexity, agent share.
     """
     from ..ablation import ablation_job
     from ..core.distributed import Group
@@ -61,6 +61,7 @@ def bench(
     from ..results.bench import bench_title
     from ..results.queries import run_query
     from ..runner import Job, Launch, new_settings
+    from .report import terminal_width
 
     if repeat < 1:
         raise UsageError("--repeat must be at least 1 (the number of times the set of variants runs).")
@@ -81,7 +82,7 @@ def bench(
     trained = [v for v in names if v != "final-arch"]
     group = uuid.uuid4().hex[:8]  # recorded in each run's config, so `report --table bench` pools the rounds too
     rounds: list[dict[str, str]] = []
-    child_launch = {"db": str(launch.db), "out": str(launch.out), "force": launch.force}
+    child_launch = {"db": str(launch.db), "out": str(launch.out), "force": launch.force, "threads": launch.threads}
     refused: dict[str, dict] = {}
     for r in range(repeat):
         # every other round in reverse: a slow patch of the machine falls on both sides of a comparison
@@ -111,7 +112,8 @@ def bench(
     ran = [rid for r in rounds for rid in r.values()]
     if ran:
         table = run_query("bench", launch.db, ran)
-        typer.echo(render(table, fmt, title=bench_title(repeat)))
+        width = terminal_width() if fmt == "table" else None
+        typer.echo(render(table, fmt, title=bench_title(repeat), width=width))
 
 
 def job(
@@ -126,7 +128,8 @@ def job(
 
     data = json.loads(job_file.read_text())
     backbone, one = Job.from_dict(data["job"])
-    launch = Launch(Path(data["db"]), Path(data["out"]), quiet=True, force=bool(data.get("force")))
+    launch = Launch(Path(data["db"]), Path(data["out"]), quiet=True, force=bool(data.get("force")),
+                    threads=data.get("threads"))
     try:
         run = run_job(backbone, one, launch, print_summary=False)
     except DoesNotFit as refused:  # not an error of the bench: a finding, reported as such
@@ -136,5 +139,5 @@ def job(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("bench")(bench)
+    app.command("bench", epilog=examples("dyntie bench gpt2 --preset gpt2-deep-cpu --max-steps 300 --repeat 2"))(bench)
     app.command("job", hidden=True)(job)

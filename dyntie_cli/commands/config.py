@@ -7,12 +7,12 @@ from typing import Annotated, Any
 
 import typer
 
-from .options import TrainingOptions, training_options
+from .options import TrainingOptions, examples, training_options
 
 config_app = typer.Typer(help="The settings a command line resolves to.", no_args_is_help=True)
 
 
-@config_app.command("show")
+@config_app.command("show", epilog=examples("dyntie config show gpt2 --preset gpt2-deep-cpu --set agent.keep_bias=0.9"))
 @training_options()
 def show(
     opts: TrainingOptions,
@@ -20,10 +20,7 @@ def show(
     fmt: Annotated[str, typer.Option("--format", "-f", help="toml or json.")] = "toml",
 ) -> None:
     """Print every setting of a run as these options would resolve them (schema defaults < preset < recipe <
-    flags < --set), validated as training would validate them, without loading data or building a model.
-
-    Example: dyntie config show gpt2 --preset gpt2-deep-cpu --set agent.keep_bias=0.9
-    """
+    flags < --set), validated as training would validate them, without loading data or building a model."""
     from ..errors import UsageError
     from ..runner import new_settings
 

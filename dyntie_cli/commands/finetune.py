@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from .options import TrainingOptions, training_options
+from .options import TrainingOptions, examples, training_options
 
 
 @training_options(exclude=("dataset",))
@@ -16,8 +16,12 @@ def finetune(
     task: Annotated[str | None, typer.Option("--task", "-t", help="GLUE task: rte, mrpc, cola, sst2, qnli, "
                                                 "wnli, stsb, mnli, qqp.")] = None,
 ) -> None:
-    """Train a GLUE classifier with dynamic layer tying; the final score is on the test split when it has
-    labels, else on the dev split (the report names the split)."""
+    """Train a GLUE classifier with dynamic layer tying; the final score is on the dev split (GLUE's test
+    labels are hidden; the report names the split).
+
+    RTE, the default task, ships with dyntie and runs offline. Other tasks read --data-dir DIR (the folders
+    download_glue_data.py writes: DIR/MRPC/train.tsv, DIR/MRPC/dev.tsv) or, online, the Hugging Face hub.
+    """
     from ..runner import Job, Launch, new_settings, run_job
 
     if task is not None:
@@ -27,5 +31,6 @@ def finetune(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("finetune", epilog="Example: dyntie finetune glue --task rte --preset bert-tiny "
-                "--data-dir ../shared/data/glue")(finetune)
+    app.command("finetune", epilog=examples(
+        "dyntie finetune glue --task rte",
+        "dyntie finetune glue --task mrpc --preset bert-tiny --data-dir tests/fixtures/glue   (in a clone)"))(finetune)

@@ -51,7 +51,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("init", ("--init",), str, "init"),
     Flag("initial_state", ("--initial-state",), str, "ties.initial_state"),
     Flag("data_dir", ("--data-dir",), str, "data_dir"),
-    Flag("quiet", ("--quiet", "-q"), bool, None, "No progress bar or messages."),
+    Flag("threads", ("--threads",), int, None, "CPU threads of the run (OMP_NUM_THREADS also sets them) "
+                                              "\\[default: the cores other processes leave free, at most "
+                                              "one per core]."),
+    Flag("quiet", ("--quiet", "-q"), bool, None, "No progress bar or messages (warnings still show)."),
     Flag("force", ("--force",), bool, None, "Train even when the memory plan predicts the run does not fit the "
                                             "device (`dyntie plan` shows the prediction)."),
 )
@@ -127,6 +130,11 @@ def training_options(*, exclude: tuple[str, ...] = ()) -> Callable[[Callable[...
         return command
 
     return wrap
+
+
+def examples(*commands: str) -> str:
+    """A command's epilog: one example command a line, so none is broken across lines at any width."""
+    return "Examples:\n" + "\n".join(f"  {command}" for command in commands)
 
 
 Db = Annotated[str | None, typer.Option("--db", envvar="DYNTIE_DB", help=_help(BY_NAME["db"]))]

@@ -7,8 +7,21 @@ from typing import Annotated
 import typer
 
 from ..report.tables import FORMATS
-from ..results.queries import REPORT_TABLES
-from .options import Db, Format
+from ..results.queries import QUERIES, REPORT_TABLES
+from .options import Db, Format, examples
+
+#: how the speed rows of --compare are measured, under the table people read
+COMPARE_NOTE = ("step_time_s: the median training step. tokens_per_s: tokens (examples) per step / step_time_s, "
+                "so its ratio is the reciprocal of step_time_s's. Both leave out setup, evaluations and "
+                "checkpoints; wall_s is the whole run.")
+
+
+def terminal_width() -> int | None:
+    """The width of the terminal stdout is, or None when it is a pipe or a file."""
+    from rich.console import Console
+
+    console = Console()
+    return console.width if console.is_terminal else None
 
 
 def report(
@@ -22,12 +35,14 @@ def report(
     plot: Annotated[str | None, typer.Option("--plot", help="ties, layers, memory, params or metrics.")] = None,
     out: Annotated[str | None, typer.Option("--out", help="PNG file for --plot.")] = None,
     fmt: Format = "table",
+    wide: Annotated[bool, typer.Option("--wide", help="Every column, however wide the terminal (a pipe or a "
+                                       "file always gets every column).")] = False,
     db: Db = None,
 ) -> None:
     """Show a named table from the registry. Data goes to stdout, so `--format csv > runs.csv` works.
 
-    Examples: dyntie report --table runs | dyntie report --table paper --run R1 --run R2 --format markdown |
-    dyntie report --compare R1 R2 | dyntie report --plot ties --run R --out ties.png
+    On a terminal a table fits its width: long column names wrap, and the columns that do not fit are named
+    below it (--wide shows them all).
     """
     from ..errors import UsageError
     from ..report.tables import render
@@ -38,6 +53,7 @@ def report(
     if fmt not in FORMATS:
         raise UsageError(f"Unknown format {fmt!r}; use {', '.join(FORMATS)}.")
     path = resolve_db_path(db)
+    width = terminal_width() if fmt == "table" and not wide else None
     if plot:
         from ..report.plots import make_plot
 
@@ -48,7 +64,11 @@ def report(
         ids = list(run or []) + list(compare or [])
         if len(ids) < 2:
             raise UsageError("--compare needs at least two runs: dyntie report --compare R1 R2.")
-        typer.echo(render(run_query("compare", path, ids), fmt, title="compare"))
+        typer.echo(render(run_query("compare", path, ids), fmt, title="compare", width=width))
+        if fmt in ("table", "markdown"):
+            import textwrap
+
+            typer.echo(textwrap.fill(COMPARE_NOTE, width=(width or 110) - 1))
         return
     if compare:
         raise UsageError("Run ids as arguments go with --compare; otherwise use --run R.")
@@ -56,8 +76,12 @@ def report(
     if name not in REPORT_TABLES:
         raise UsageError(f"No report table '{name}'; choose one of: {', '.join(REPORT_TABLES)}.")
     title = bench_title() if name == "bench" else name
-    typer.echo(render(run_query(name, path, run or None), fmt, title=title))
+    typer.echo(render(run_query(name, path, run or None), fmt, title=title, width=width,
+                      prefer=QUERIES[name].narrow))
 
 
 def register(app: typer.Typer) -> None:
-    app.command("report")(report)
+    app.command("report", epilog=examples(
+        "dyntie report --table runs", "dyntie report --table memory",
+        "dyntie report --table paper --run R1 --run R2 --format markdown", "dyntie report --compare R1 R2",
+        "dyntie report --plot ties --run R --out ties.png"))(report)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from .options import TrainingOptions, training_options
+from .options import TrainingOptions, examples, training_options
 
 
 @training_options()
@@ -33,6 +33,7 @@ def train(
 def register(app: typer.Typer) -> None:
     app.command(
         "train",
-        epilog="Examples: dyntie train gpt2 | dyntie train gpt2 --dataset wikitext-103 --data-dir DIR | "
-        "dyntie train gpt2 --preset gpt2-deep-cpu --variant no-tying | dyntie train vit --dataset digits",
+        epilog=examples("dyntie train gpt2", "dyntie train gpt2 --dataset wikitext-103 --data-dir DIR",
+                        "dyntie train gpt2 --preset gpt2-deep-cpu --variant no-tying",
+                        "dyntie train vit --dataset digits"),
     )(train)

@@ -48,7 +48,12 @@ class RunResult:
     end_independent: int = 0
     mean_trainable: float = 0.0
     end_trainable: int = 0
+    conventional_params: int = 0  # trainable parameters of the same model with every block independent
     checkpoint: str | None = None
+    command: str = "train"
+    variant: str = "dynamic"
+    parent_run_id: str | None = None
+    wall_time_s: float = 0.0  # the training loop, evaluations and checkpoints (a resumed run's earlier parts too)
 
 
 Event = dict[str, Any]
@@ -328,7 +333,8 @@ class Trainer:
                 w.metric(0, "train", "planned_peak_bytes", self.plan.peak_bytes)
             w.flush()
         self.events({"type": "start", "run_id": w.run_id, "total": cfg.train.max_steps, "step": self.loop.step,
-                     "blocks": self.num_blocks, "source": getattr(self.data, "source", "")})
+                     "blocks": self.num_blocks, "source": getattr(self.data, "source", ""),
+                     "command": self.command, "variant": cfg.variant, "parent_run_id": self.parent_run_id})
         try:
             with _stop_on_signals(self):
                 result = self._loop()
@@ -379,8 +385,10 @@ class Trainer:
             if eval_now:
                 self._validate()
                 if not t.checkpoint_every:
+                    self._phase("checkpoint")
                     self._save_checkpoint()
             if t.checkpoint_every and self.loop.step % t.checkpoint_every == 0:
+                self._phase("checkpoint")
                 self._save_checkpoint()
             w.maybe_flush()
             # a stop asked of any rank stops every rank at this step (a signal landing after this point is
@@ -390,7 +398,9 @@ class Trainer:
                 return None
         self.decisions.score_pending()  # a last interval cut short by the end of the run
         self.group.check_identical(self.model)
-        validation = self._validate()
+        # the end of a run can take minutes (a whole test split, a checkpoint): each part is announced
+        validation = self._validate(final=True)
+        self._phase("test", final=True)
         final = self._evaluate("test", t.test_items)
         for name, value in final.items():
             w.metric(self.loop.step, "test", name, value)
@@ -398,6 +408,7 @@ class Trainer:
         w.metric(self.loop.step, "train", "independent_layers_mean", self.loop.indep_steps / n)
         w.metric(self.loop.step, "train", "trainable_params_mean", self._mean_trainable(n))
         w.metric(self.loop.step, "train", "conventional_params", self.conventional_params)
+        self._phase("checkpoint", final=True)
         path = self._save_checkpoint()
         # the whole process's peak, the test scoring and the checkpoint included (the memory rows end earlier)
         w.metric(self.loop.step, "train", "process_peak_bytes", self.probe.process_peak_now())
@@ -406,8 +417,15 @@ class Trainer:
             run_id=w.run_id, status="finished", step=self.loop.step, final=final, validation=validation,
             test_split=self.data.test_split, mean_independent=self.loop.indep_steps / n,
             end_independent=self.ties.independent_layers, mean_trainable=self._mean_trainable(n),
-            end_trainable=trainable_parameters(self.model), checkpoint=str(path),
+            end_trainable=trainable_parameters(self.model), conventional_params=self.conventional_params,
+            checkpoint=str(path), command=self.command, variant=cfg.variant, parent_run_id=self.parent_run_id,
+            wall_time_s=self._wall_time(),
         )
+
+    def _phase(self, name: str, *, final: bool = False) -> None:
+        """Tell the listener what the run does between steps: validation, test (the final score), checkpoint."""
+        self.events({"type": "phase", "phase": name, "final": final, "step": self.loop.step,
+                     "split": self.data.test_split})
 
     def _train_step(self) -> tuple[float, float]:
         t0 = time.perf_counter()
@@ -472,7 +490,8 @@ class Trainer:
         self.model.train()
         return out
 
-    def _validate(self) -> dict[str, float]:
+    def _validate(self, *, final: bool = False) -> dict[str, float]:
+        self._phase("validation", final=final)
         out = self._evaluate("validation", self.cfg.train.eval_items)
         for name, value in out.items():
             self.writer.metric(self.loop.step, "validation", name, value)

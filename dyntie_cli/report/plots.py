@@ -5,7 +5,8 @@ Each kind is a loader (one query over the registry) and a drawer (a matplotlib f
 * ``ties``    -- the tie state over time: layer by decision, coloured by the root each layer uses, with the
   independent layers (``state[i] == i``) drawn as white bars over their spells; one panel per run.
 * ``layers``  -- the paper's bar chart: decisions each layer spent independent; grouped bars for several runs.
-* ``memory``  -- peak memory, and parameter + gradient + optimizer bytes, over steps.
+* ``memory``  -- peak memory, and parameter + gradient + optimizer bytes, over steps; both axes from zero, and
+  the intervals whose peak includes a validation (and its checkpoint) marked.
 * ``params``  -- trainable parameters over steps, with the all-independent count for reference.
 * ``metrics`` -- validation curves of the runs' headline metric (ppl, else accuracy, ...), final test marked.
 
@@ -238,31 +239,57 @@ def _draw_layers(data: pd.DataFrame, labels: dict[str, str]) -> Figure:
 
 
 def _load_memory(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
-    return query_rows(con, "memory-rows", ids)
+    """Memory rows, each marked when its logging interval held a validation (and the checkpoint written with
+    it): the peak of such an interval includes the evaluation's batches, not only training steps."""
+    rows = query_rows(con, "memory-rows", ids)
+    validated = query_rows(con, "validation-steps", ids)
+    rows["after_validation"] = False
+    for run_id, run_rows in rows.groupby("run_id"):
+        steps = run_rows.step.to_numpy()
+        starts = np.concatenate(([-1], steps[:-1]))
+        evals = validated[validated.run_id == run_id].step.to_numpy()
+        # an evaluation at step v runs after the reading at v, so it shows in the reading that follows
+        hit = [bool(((evals >= lo) & (evals < hi)).any()) for lo, hi in zip(starts, steps, strict=True)]
+        rows.loc[run_rows.index, "after_validation"] = hit
+    return rows
 
 
 def _draw_memory(data: pd.DataFrame, labels: dict[str, str]) -> Figure:
     fig = Figure(figsize=(8.0, 6.0), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True)
-    panels = ((top, "peak_bytes", "peak memory"), (bottom, "training_state_bytes",
-                                                    "parameters + gradients + optimizer state"))
+    panels = ((top, "peak_bytes", "peak memory per logging interval"),
+              (bottom, "training_state_bytes", "parameters + gradients + optimizer state"))
     for ax, column, title in panels:
-        _byte_lines(ax, data, column, labels)
+        _byte_lines(ax, data, column, labels, mark_validation=column == "peak_bytes")
         ax.set_title(title)
     bottom.set_xlabel("step")
     return fig
 
 
-def _byte_lines(ax: Axes, data: pd.DataFrame, column: str, labels: dict[str, str]) -> None:
+def _byte_lines(ax: Axes, data: pd.DataFrame, column: str, labels: dict[str, str], *,
+                mark_validation: bool = False) -> None:
     values = data[column].astype(float)
     largest = values.max()
     divisor, unit = _byte_scale(0.0 if math.isnan(largest) else largest)
+    marked = False
     for run_id, colour in zip(labels, _colours(len(labels)), strict=True):
         rows = data[(data.run_id == run_id) & data[column].notna()]
         ax.plot(rows.step, rows[column].astype(float) / divisor, marker=".", color=colour,
                 label=labels[run_id])
+        if mark_validation:
+            spikes = rows[rows.after_validation.astype(bool)]
+            ax.scatter(spikes.step, spikes[column].astype(float) / divisor, marker="^", s=60,
+                       facecolors="none", edgecolors=colour, zorder=3)
+            marked = marked or not spikes.empty
+    # from zero: a flat line must not look like growth because the axis starts just below it
+    ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1], 1e-9))
     ax.set_ylabel(unit)
-    ax.legend(fontsize="small")
+    handles, texts = ax.get_legend_handles_labels()
+    if marked:
+        handles.append(Line2D([], [], marker="^", linestyle="none", markerfacecolor="none",
+                              markeredgecolor="black", markersize=8))
+        texts.append("interval with a validation (and its checkpoint)")
+    ax.legend(handles, texts, fontsize="small", loc="lower right")
 
 
 def _load_params(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:

@@ -14,7 +14,9 @@ import csv
 import io
 import json
 import math
-from collections.abc import Callable
+import re
+import textwrap
+from collections.abc import Callable, Sequence
 from datetime import date, datetime
 from typing import Any
 
@@ -30,13 +32,21 @@ _BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 LABEL_COLUMN = "quantity"
 
 
-def render(df: pd.DataFrame, fmt: str, title: str | None = None) -> str:
-    """The DataFrame as text in ``fmt`` (table, csv, json or markdown); ``title`` heads table and markdown."""
-    renderers: dict[str, Callable[[pd.DataFrame, str | None], str]] = {
-        "table": _rich_table, "csv": _csv, "json": _json, "markdown": _markdown,
-    }
-    if fmt not in renderers:
+def render(df: pd.DataFrame, fmt: str, title: str | None = None, *, width: int | None = None,
+           prefer: Sequence[str] = ()) -> str:
+    """The DataFrame as text in ``fmt`` (table, csv, json or markdown); ``title`` heads table and markdown.
+
+    ``width`` (table only; a terminal's): fit the table to that many characters -- long column names wrap at
+    ``_`` and ``-``, and the columns that still do not fit are left out and named below the table, the first
+    column and then the ``prefer`` columns kept first. None: every column, however wide (a pipe or a file).
+    """
+    if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if fmt == "table":
+        return _rich_table(df, title, width, prefer)
+    renderers: dict[str, Callable[[pd.DataFrame, str | None], str]] = {
+        "csv": _csv, "json": _json, "markdown": _markdown,
+    }
     return renderers[fmt](df, title)
 
 
@@ -183,17 +193,86 @@ def _numeric_columns(df: pd.DataFrame) -> list[bool]:
     return flags
 
 
-def _rich_table(df: pd.DataFrame, title: str | None) -> str:
+def _rich_table(df: pd.DataFrame, title: str | None, width: int | None = None, prefer: Sequence[str] = ()) -> str:
     rows = _human_rows(df)
     columns = [str(column) for column in df.columns]
+    numeric = _numeric_columns(df)
+    if width is None:
+        # Wide enough that no cell is cut or wrapped: a report read in a pipe or a file must keep every digit.
+        return _table_text(columns, numeric, rows, title, range(len(columns)), headers=columns)
+    cells = [max((len(row[i]) for row in rows), default=0) for i in range(len(columns))]
+    order = _column_order(columns, prefer)
+    best: tuple[tuple[bool, ...], list[int], list[str]] | None = None
+    # names on one line if every column fits so, else wrapped ever narrower. The layout that keeps the columns
+    # earliest in the order wins (compared column by column); of equal ones, the one whose names wrap least.
+    for name_width in (None, 16, 12, 8):
+        headers = [name if name_width is None else wrap_name(name, max(cell, name_width))
+                   for name, cell in zip(columns, cells, strict=True)]
+        shown = [order[0]]
+        for index in order[1:]:
+            trial = sorted([*shown, index])
+            if _table_width(columns, numeric, rows, trial, headers) <= width:
+                shown = trial
+        kept = tuple(index in shown for index in order)
+        if best is None or kept > best[0]:
+            best = (kept, shown, headers)
+        if all(kept):
+            break
+    assert best is not None
+    _, shown, headers = best
+    text = _table_text(columns, numeric, rows, title, shown, headers, limit=width)
+    left_out = [columns[i] for i in range(len(columns)) if i not in shown]
+    if left_out:
+        note = (f"{len(left_out)} more column{'s' if len(left_out) > 1 else ''} (--wide shows all, --format csv "
+                f"every digit): {', '.join(left_out)}")
+        text += "\n".join(textwrap.wrap(note, width=max(20, width - 1))) + "\n"
+    return text
+
+
+def _column_order(columns: list[str], prefer: Sequence[str]) -> list[int]:
+    """The first column (run_id, quantity), then the preferred columns, then the rest in table order."""
+    first = [0] if columns else []
+    preferred = [columns.index(name) for name in prefer if name in columns[1:]]
+    return first + preferred + [i for i in range(1, len(columns)) if i not in preferred]
+
+
+def wrap_name(name: str, width: int) -> str:
+    """A column name on lines of at most ``width`` characters, broken only after ``_``, ``-`` or ``/``."""
+    pieces = re.findall(r"[^_\-/ ]+[_\-/ ]*|[_\-/ ]+", name)
+    lines: list[str] = []
+    for piece in pieces:
+        if lines and len(lines[-1] + piece.rstrip()) <= width:
+            lines[-1] += piece
+        else:
+            lines.append(piece)
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _table_width(columns: list[str], numeric: list[bool], rows: list[list[str]], shown: Sequence[int],
+                 headers: list[str]) -> int:
+    """Characters the table needs, its padding included."""
+    console = Console(file=io.StringIO(), width=100_000, color_system=None, force_terminal=False)
+    return console.measure(_build_table(columns, numeric, rows, None, shown, headers)).maximum
+
+
+def _build_table(columns: list[str], numeric: list[bool], rows: list[list[str]], title: str | None,
+                 shown: Sequence[int], headers: list[str]) -> Table:
     table = Table(title=title, box=box.SIMPLE_HEAD, header_style="bold")
-    for column, numeric in zip(columns, _numeric_columns(df), strict=True):
-        table.add_column(column, justify="right" if numeric else "left", no_wrap=True)
+    for i in shown:
+        table.add_column(headers[i], justify="right" if numeric[i] else "left", no_wrap=True)
     for row in rows:
-        table.add_row(*row)
-    # Wide enough that no cell is cut or wrapped: a report read in a pipe or a file must keep every digit.
-    widths = [max([len(column), *(len(row[i]) for row in rows)]) for i, column in enumerate(columns)]
+        table.add_row(*(row[i] for i in shown))
+    return table
+
+
+def _table_text(columns: list[str], numeric: list[bool], rows: list[list[str]], title: str | None,
+                shown: Sequence[int], headers: list[str], limit: int | None = None) -> str:
+    table = _build_table(columns, numeric, rows, title, shown, headers)
+    widths = [max([*(len(line) for line in headers[i].splitlines()), *(len(row[i]) for row in rows)])
+              for i in shown]
     width = max(80, sum(widths) + 3 * len(widths) + 4, len(title or ""))
+    if limit is not None:
+        width = min(width, limit)  # a title longer than the terminal wraps instead of widening the table
     buffer = io.StringIO()
     console = Console(file=buffer, width=width, color_system=None, force_terminal=False, highlight=False)
     console.print(table)

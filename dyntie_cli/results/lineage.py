@@ -1,5 +1,5 @@
 """What a command takes from a recorded run: a resume its config and folder; an ablation its config, tie
-schedule, final state and mean independent blocks."""
+schedule, final state and mean independent blocks, and the run it starts from when none is named."""
 
 from __future__ import annotations
 
@@ -40,6 +40,22 @@ def load_run(db: Path, run_id: str) -> RecordedRun:
     """A recorded run (id or unique prefix) as a resume needs it."""
     with read_registry(db) as con:
         return _recorded(con, resolve_run_id(con, run_id, db))
+
+
+def newest_finished_run(db: Path, variant: str = "dynamic", backbone: str | None = None) -> str | None:
+    """The id of the newest finished run of ``variant`` (of ``backbone``, when given) that logged tie states:
+    what ``dyntie ablate`` uses when no ``--from-run`` is given. None when there is none, or no registry."""
+    if not db.is_file() or db.stat().st_size == 0:
+        return None
+    with read_registry(db) as con:
+        row = con.execute(
+            "SELECT run_id FROM runs WHERE status = 'finished' AND variant = $variant "
+            "AND ($backbone IS NULL OR backbone = $backbone) "
+            "AND EXISTS (SELECT 1 FROM ties WHERE ties.run_id = runs.run_id) "
+            "ORDER BY started_at DESC NULLS LAST, run_id DESC LIMIT 1",
+            {"variant": variant, "backbone": backbone},
+        ).fetchone()
+    return row[0] if row else None
 
 
 def load_source_run(db: Path, run_id: str) -> dict[str, Any]:

@@ -205,13 +205,18 @@ def _derive_conventional(memory: pd.DataFrame, ties: pd.DataFrame) -> float | No
 # --- layers ----------------------------------------------------------------------------------------------
 
 
+# A "decision" is a choice of the policy: decision 0 in the ties table is the initial state, logged so the
+# schedule is complete, and is counted by no table (agent, layers and layer-counts agree on the number).
+_DECIDED = "decision > 0"
+
+
 def _layer_counts(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     # state[i] == i means block i owns its weights; DuckDB lists are 1-based, blocks 0-based.
     sql = f"""
         SELECT run_id, idx - 1 AS layer, count(*) FILTER (WHERE target = idx - 1) AS independent_decisions,
             count(*) AS decisions
         FROM (SELECT run_id, unnest(state) AS target, generate_subscripts(state, 1) AS idx
-              FROM ties WHERE {IN_RUNS})
+              FROM ties WHERE {IN_RUNS} AND {_DECIDED})
         GROUP BY run_id, idx ORDER BY {RUN_ORDER}, layer
     """
     table = _fetch(con, sql, ids)
@@ -221,13 +226,13 @@ def _layer_counts(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFram
 
 def _layers(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     sql = f"""
-        SELECT run_id, count(*) AS decisions, max(len(state)) AS layers,
+        SELECT run_id, count(*) FILTER (WHERE {_DECIDED}) AS decisions, max(len(state)) AS layers,
             avg(independent_layers) AS independent_layers_mean,
             arg_max(independent_layers, decision) AS independent_layers_end,
             arg_max(distinct_block_weights, decision) AS distinct_block_weights_end,
             -- Distinct weight storages must equal independent blocks; any other count means shared storage.
             count(*) FILTER (WHERE distinct_block_weights <> independent_layers) AS weight_mismatches,
-            avg(changed_blocks) AS changed_blocks_mean
+            avg(changed_blocks) FILTER (WHERE {_DECIDED}) AS changed_blocks_mean
         FROM ties WHERE {IN_RUNS} GROUP BY run_id
     """
     table = _per_run(con, ids).merge(_fetch(con, sql, ids), on="run_id", how="left")
@@ -246,11 +251,11 @@ def _agent(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     decided = f"""
         SELECT run_id, count(*) AS decisions, avg(greedy_agreement) AS greedy_agreement_mean,
             avg(q_spread) AS q_spread_mean, avg(td_loss) AS td_loss_mean
-        FROM decisions WHERE {IN_RUNS} AND decision > 0 GROUP BY run_id
+        FROM decisions WHERE {IN_RUNS} AND {_DECIDED} GROUP BY run_id
     """
     changed = f"""
         SELECT run_id, avg(changed_blocks) AS changed_blocks_mean
-        FROM ties WHERE {IN_RUNS} AND decision > 0 GROUP BY run_id
+        FROM ties WHERE {IN_RUNS} AND {_DECIDED} GROUP BY run_id
     """
     table = _per_run(con, ids).merge(_fetch(con, decided, ids), on="run_id", how="left")
     table = table.merge(_fetch(con, changed, ids), on="run_id", how="left")
@@ -335,14 +340,31 @@ def _decisions(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
 
 
 def _train_timing(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    """Training speed from one figure: the median step time (evaluation, checkpoints and setup excluded; wall_s
+    has them) and the tokens (examples) per step divided by it, so the two ratios of a comparison are exact
+    reciprocals. Averaging the logged per-interval values instead weights them differently (a mean of
+    tokens/s is dominated by the fast intervals, a mean of step times by the slow ones), and on a machine
+    whose load changes during a run the two ratios can then point in opposite directions."""
     sql = f"""
-        SELECT run_id,
-            avg(value) FILTER (WHERE name = 'tokens_per_s' AND split = 'train') AS tokens_per_s,
-            avg(value) FILTER (WHERE name = 'step_time_s' AND split = 'train') AS step_time_s,
-            arg_max(value, step) FILTER (WHERE name = 'agent_time_s') AS agent_time_s
-        FROM metrics WHERE {IN_RUNS} GROUP BY run_id
+        WITH per_log AS (
+            SELECT run_id, step,
+                max(value) FILTER (WHERE name = 'step_time_s') AS step_time,
+                max(value) FILTER (WHERE name = 'tokens_per_s') AS tokens_per_s
+            FROM metrics WHERE {IN_RUNS} AND split = 'train' AND name IN ('step_time_s', 'tokens_per_s')
+            GROUP BY run_id, step
+        )
+        SELECT run_id, median(step_time) AS step_time_s,
+            -- tokens_per_s * step_time is the run's (constant) tokens per step; a run that logged no step
+            -- time keeps the median of its tokens/s
+            coalesce(median(tokens_per_s * step_time) / nullif(median(step_time), 0), median(tokens_per_s))
+                AS tokens_per_s
+        FROM per_log GROUP BY run_id
     """
-    return _fetch(con, sql, ids)
+    agent = f"""
+        SELECT run_id, arg_max(value, step) AS agent_time_s FROM metrics
+        WHERE {IN_RUNS} AND name = 'agent_time_s' GROUP BY run_id
+    """
+    return _fetch(con, sql, ids).merge(_fetch(con, agent, ids), on="run_id", how="outer")
 
 
 def _summary(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
@@ -385,10 +407,10 @@ COMPARE_ROWS = [
     *PAPER_ROWS,
     ("validation", "validation"),
     ("training_state_bytes_peak", "training_state_bytes_peak"),
-    ("tokens_per_s", "tokens_per_s"),
-    ("step_time_s", "step_time_s"),
+    ("tokens_per_s", "tokens_per_s"),  # tokens per step / the median step time: training steps only
+    ("step_time_s", "step_time_s"),  # the median over the run
     ("agent_time_s", "agent_time_s"),
-    ("wall_s", "duration_s"),
+    ("wall_s", "duration_s"),  # the whole run: setup, training, evaluations, checkpoints
 ]
 
 
@@ -449,6 +471,13 @@ def _memory_rows(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame
     return _fetch(con, sql, ids)
 
 
+def _validation_steps(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    sql = f"""
+        SELECT DISTINCT run_id, step FROM metrics WHERE {IN_RUNS} AND split = 'validation' ORDER BY run_id, step
+    """
+    return _fetch(con, sql, ids)
+
+
 def _param_rows(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     sql = f"""
         SELECT m.run_id, m.step, m.trainable_params, c.conventional
@@ -476,6 +505,8 @@ class NamedQuery:
     build: Builder
     description: str
     table: bool = True  # a report table (`dyntie report --table NAME`); False: rows for plots and commands
+    #: the columns a terminal too narrow for all of them shows first (after the first column)
+    narrow: tuple[str, ...] = ()
 
 
 def _bench(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
@@ -485,28 +516,38 @@ def _bench(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
 
 
 QUERIES: dict[str, NamedQuery] = {
-    "runs": NamedQuery(_runs, "One row per run: identity, status, steps, timing."),
+    "runs": NamedQuery(_runs, "One row per run: identity, status, steps, timing.",
+                       narrow=("status", "command", "backbone", "variant", "steps", "duration_s", "parent_run_id")),
     "ppl": NamedQuery(_ppl, "Per run: the headline metric's final validation and test values, and the split "
                             "'test' means."),
     "params": NamedQuery(_params, "Per run: trainable parameters mean over training, at the end, the maximum, "
                                   "and without tying."),
-    "layers": NamedQuery(_layers, "Per run: independent layers mean and end, and decisions each layer spent "
-                                  "independent."),
+    "layers": NamedQuery(_layers, "Per run: tie decisions (the initial state not counted, as in the agent "
+                                  "table), independent layers mean and end, and the decisions after which each "
+                                  "layer was independent."),
     "layer-counts": NamedQuery(_layer_counts, "Long form of the per-layer counts (run_id, layer, "
                                               "independent_decisions, decisions, fraction)."),
-    "memory": NamedQuery(_memory, "Per run: peak and average memory, and parameter / gradient / optimizer bytes."),
+    "memory": NamedQuery(_memory, "Per run: peak and average memory, and parameter / gradient / optimizer bytes.",
+                         narrow=("variant", "peak_bytes", "avg_current_bytes", "training_state_bytes_peak",
+                                 "param_bytes_peak", "optimizer_bytes_peak")),
     "ties": NamedQuery(_ties, "The tie state after every decision."),
     "decisions": NamedQuery(_decisions, "The agent's view of every decision: exploration, reward, Q values, TD "
                                         "loss, diagnostics."),
-    "agent": NamedQuery(_agent, "Per run: decisions, blocks re-targeted per decision, greedy agreement, Q spread, "
-                                "TD loss, and how long a block stays independent."),
+    "agent": NamedQuery(_agent, "Per run: tie decisions (the initial state not counted, as in the layers "
+                                "table), blocks re-targeted per decision, greedy agreement, Q spread, TD loss, "
+                                "and how long a block stays independent."),
     "paper": NamedQuery(_paper, "The paper's table: one column per run, one row per quantity."),
-    "compare": NamedQuery(_compare, "Key figures side by side, with each run's ratio to the first run."),
+    "compare": NamedQuery(_compare, "Key figures side by side, with each run's ratio to the first run. "
+                                    "step_time_s is the median step; tokens_per_s the tokens per step over it "
+                                    "(so their ratios are reciprocals); wall_s the whole run, evaluations and "
+                                    "checkpoints included."),
     "bench": NamedQuery(_bench, "Speed and memory of bench runs, with ratios to their no-tying run."),
     "variants": NamedQuery(_per_run, "Run id and variant of each run.", table=False),
     "tie-rows": NamedQuery(_tie_rows, "Decision, step and state of every decision (the ties plot).", table=False),
     "memory-rows": NamedQuery(_memory_rows, "Peak and training-state bytes per logging step (the memory plot).",
                               table=False),
+    "validation-steps": NamedQuery(_validation_steps, "The steps each run validated at (marked on the memory plot).",
+                                   table=False),
     "param-rows": NamedQuery(_param_rows, "Trainable parameters per logging step and the conventional count.",
                              table=False),
     "evaluation-rows": NamedQuery(_evaluation_rows, "Every validation and test metric row (the metrics plot).",

@@ -1,0 +1,261 @@
+"""A new user's first hour: the four headline commands as written, offline, and what they print.
+
+``dyntie train gpt2 --dataset wikitext-103``, ``dyntie finetune glue --task rte``, ``dyntie report --table
+memory`` and ``dyntie ablate --variant final-arch`` run through the real CLI with the registry given by
+``DYNTIE_DB`` (as a user who set it once would) and, where a default run would take minutes, a tiny preset.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import lzma
+import re
+from importlib import resources
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from dyntie_cli.app import app, reflow
+from dyntie_cli.backbones.glue_data import get_task, load_glue_splits, read_glue_tsv
+from dyntie_cli.report.tables import render
+from dyntie_cli.results.queries import QUERIES, run_query
+from dyntie_cli.runner import ProgressView
+from tests.conftest import SHARED, invoke
+from tests.conftest import rows as _rows
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_GPT2 = ("--preset", "gpt2-tiny", "--max-steps", "12", "--decide-every", "4")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _run_id(stdout: str) -> str:
+    return next(line.split(": ", 1)[1] for line in stdout.splitlines() if line.startswith("run_id: "))
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """A registry a user made in their first hour: one `dyntie train gpt2` and the ablation after it."""
+    from typer.testing import CliRunner
+
+    tmp = tmp_path_factory.mktemp("first-hour")
+    env = {"DYNTIE_DB": str(tmp / "dyntie.duckdb"), "DYNTIE_OUT": str(tmp / "runs")}
+    runner = CliRunner(env=env)
+    train = invoke(runner, "train", "gpt2", *TINY_GPT2)
+    assert train.exit_code == 0, train.stderr
+    ablate = invoke(runner, "ablate", "--variant", "final-arch")
+    assert ablate.exit_code == 0, ablate.stderr
+    return tmp / "dyntie.duckdb", train, ablate
+
+
+# --- the four headline commands -----------------------------------------------------------------------------
+
+
+def test_train_on_wikitext103_offline_names_the_fix_in_one_sentence(runner, tmp_path):
+    r = invoke(runner, "train", "gpt2", "--dataset", "wikitext-103", "--db", tmp_path / "r.duckdb",
+               "--out", tmp_path / "runs")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("Error: WikiText-103 is not available offline: pass --data-dir DIR")
+    assert [line for line in lines if line.startswith("Error")] == [lines[-1]]
+    assert lines[-1].count(". ") == 0 and lines[-1].endswith(".")  # one sentence
+
+
+def test_finetune_glue_rte_runs_offline_from_the_shipped_copy(runner, tmp_path, monkeypatch):
+    monkeypatch.setenv("DYNTIE_DB", str(tmp_path / "dyntie.duckdb"))
+    monkeypatch.chdir(tmp_path)  # checkpoints under ./runs, as a user's would be
+    r = invoke(runner, "finetune", "glue", "--task", "rte", "--preset", "bert-tiny", "--max-steps", "4")
+    assert r.exit_code == 0, r.stderr
+    assert "embedded copy of GLUE RTE: train.tsv 2,490 rows, dev.tsv 277 rows" in r.stderr
+    assert "final validation (no labelled test split): loss=" in r.stdout
+    run_id = _run_id(r.stdout)
+    assert _rows(tmp_path / "dyntie.duckdb", "SELECT dataset, status FROM runs WHERE run_id = ?", run_id) == [
+        ("rte", "finished")]
+    assert (tmp_path / "runs" / run_id / "checkpoint").is_dir()
+
+
+def test_report_table_memory_fits_an_80_column_terminal(registry, runner, monkeypatch):
+    db, _, _ = registry
+    monkeypatch.setenv("DYNTIE_DB", str(db))
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # stdout is a terminal of 80 columns
+    monkeypatch.setenv("COLUMNS", "80")
+    r = invoke(runner, "report", "--table", "memory")
+    assert r.exit_code == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    note = r.stdout.split("every digit): ", 1)[1]
+    left_out = {name.strip() for name in note.replace("\n", " ").split(",")}
+    columns = set(run_query("memory", db).columns)
+    assert left_out < columns and "device" in left_out
+    # the columns a person looks for first are the ones kept
+    assert not left_out & {"run_id", "variant", "peak_bytes", "avg_current_bytes", "training_state_bytes_peak"}
+    wide = invoke(runner, "report", "--table", "memory", "--wide")
+    assert wide.exit_code == 0 and max(len(line) for line in wide.stdout.splitlines()) > 80
+    assert all(column in wide.stdout for column in run_query("memory", db).columns)
+
+
+def test_ablate_final_arch_without_a_run_uses_the_newest_dynamic_run(registry):
+    db, train, ablate = registry
+    source = _run_id(train.stdout)
+    notes = [line for line in ablate.stderr.splitlines() if line.startswith("ablate: ")]
+    assert notes == [(f"ablate: from {source}, the newest finished dynamic run in {db} (--from-run RUN picks "
+                      "another)")]
+    run_id = _run_id(ablate.stdout)
+    assert _rows(db, "SELECT variant, parent_run_id, command FROM runs WHERE run_id = ?", run_id) == [
+        ("final-arch", source, "ablate")]
+    # what it is, in its header and in its summary
+    assert f"run {run_id} - ablation final-arch of {source} - 4 blocks - data:" in ablate.stderr.replace("\n", " ")
+    assert f"run: ablation final-arch of {source}" in ablate.stdout
+    assert f"dyntie report --compare {source} {run_id}" in ablate.stdout
+
+
+def test_ablate_without_any_run_names_train_and_the_runs_table(runner, tmp_path):
+    db = tmp_path / "empty.duckdb"
+    r = invoke(runner, "ablate", "--variant", "final-arch", "--db", db)
+    assert r.exit_code == 1
+    (line,) = r.stderr.strip().splitlines()
+    assert "`dyntie train gpt2`" in line and "`dyntie report --table runs`" in line and "--from-run" in line
+    assert not db.exists()  # reading never creates a registry
+    r = invoke(runner, "ablate", "--variant", "replay", "--backbone", "glue", "--db", db)
+    assert r.exit_code == 1 and "`dyntie finetune glue`" in r.stderr
+
+
+def test_ablate_picks_the_newest_finished_dynamic_run_of_the_backbone(registry, runner, tmp_path):
+    from dyntie_cli.results.lineage import newest_finished_run
+
+    db, train, ablate = registry
+    assert newest_finished_run(db) == _run_id(train.stdout)  # not the newer final-arch run
+    assert newest_finished_run(db, backbone="vit") is None
+    assert newest_finished_run(tmp_path / "missing.duckdb") is None
+
+
+# --- the end of a run -----------------------------------------------------------------------------------------
+
+
+def test_the_summary_names_the_registry_the_time_the_full_model_and_what_to_run_next(registry):
+    db, train, _ = registry
+    out = train.stdout
+    run_id = _run_id(out)
+    lines = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line and not line.startswith(" "))
+    assert lines["registry"] == str(db)
+    assert re.fullmatch(r"(\d+m )?\d+s \(setup, training, evaluation and the checkpoint\)", lines["wall time"])
+    full = int(_rows(db, "SELECT value FROM metrics WHERE run_id = ? AND name = 'conventional_params'",
+                     run_id)[0][0])
+    assert re.fullmatch(rf"mean [\d,]+, end [\d,]+ of {full:,} in the full model \(every block its own weights\)",
+                        lines["trainable params"])
+    commands = [line.strip() for line in out.splitlines() if line.startswith("  dyntie ")]
+    assert f"dyntie report --run {run_id} --table paper" in commands  # DYNTIE_DB: no --db needed
+    assert f"dyntie export {run_id} --out DIR" in commands
+    for key in ("run_id", "final test", "checkpoint"):  # the lines scripts grep stay
+        assert key in lines
+
+
+def test_the_end_of_a_run_is_announced(registry):
+    _, train, _ = registry
+    phases = [line for line in train.stderr.splitlines() if line.startswith("step 12: ")]
+    assert phases[0] == "step 12: final validation..."
+    assert "step 12: computing the final score (on the test split)..." in phases
+    assert phases[-1] == "step 12: writing the checkpoint..."
+
+
+def _progress_lines(width: int, total: int, peak_bytes: int) -> list[str]:
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=width, force_terminal=True, color_system=None)
+    view = ProgressView(False, console=console)
+    view({"type": "start", "run_id": "gpt2-20260101-000000-abcd", "total": total, "step": 0, "blocks": 48,
+          "source": "wikitext-2", "command": "train", "variant": "dynamic", "parent_run_id": None})
+    view({"type": "log", "step": total // 3, "loss": 9.4, "ppl": 12345.6, "independent": 47, "blocks": 48,
+          "peak_bytes": peak_bytes, "trainable": 1})
+    view.close()
+    text = ANSI.sub("", buffer.getvalue()).replace("\r", "\n")
+    return [line for line in text.splitlines() if line.startswith("step ")]
+
+
+@pytest.mark.parametrize("width", [80, 100, 60])
+def test_the_progress_line_keeps_elapsed_and_eta_visible(width):
+    last = _progress_lines(width, 10000, 3 * 2**30)[-1]
+    assert len(last) <= width
+    assert re.search(r"\d+:\d\d:\d\d ETA (\d+:\d\d:\d\d|-:--:--)$", last), last
+    assert "…" not in last and last.startswith("step 3333/10000")
+    if width >= 80:
+        assert "ppl 12345.6 indep 47/48" in last
+
+
+# --- help text ------------------------------------------------------------------------------------------------
+
+
+def _commands():
+    import typer.main
+
+    group = typer.main.get_command(app)
+    yield (), group
+    for name, command in group.commands.items():
+        yield (name,), command
+        for sub, inner in getattr(command, "commands", {}).items():
+            yield (name, sub), inner
+
+
+@pytest.mark.parametrize("path", [p for p, _ in _commands()], ids=lambda p: " ".join(p) or "dyntie")
+def test_help_fits_80_columns_without_broken_sentences(path, runner, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    command = dict(_commands())[path]
+    assert command.help == reflow(command.help)  # no line break inside a paragraph
+    r = invoke(runner, *path, "--help")
+    assert r.exit_code == 0
+    assert max(len(line) for line in r.stdout.splitlines()) <= 80
+    words = (command.epilog or "").split()
+    for flag, value in itertools.pairwise(words):
+        if flag == "--data-dir" and value != "DIR":
+            assert (ROOT / value).is_dir(), value  # an example path exists in a clone
+
+
+# --- the shipped RTE --------------------------------------------------------------------------------------------
+
+
+def test_shipped_rte_is_glues_train_and_dev(tmp_path):
+    task = get_task("rte")
+    splits, origin = load_glue_splits(task, None)
+    assert (len(splits["train"]), len(splits["dev"])) == (2490, 277)
+    assert origin.startswith("embedded copy of GLUE RTE")
+    folder = resources.files("dyntie_cli.backbones") / "data" / "glue" / "RTE"
+    assert "Licence" in (folder / "ATTRIBUTION.txt").read_text()
+    if not (SHARED / "glue" / "RTE").is_dir():
+        pytest.skip("the offline data bundle is not present")
+    for name, role in (("train.tsv", "train"), ("dev.tsv", "dev")):
+        data = lzma.decompress((folder / f"{name}.xz").read_bytes())
+        assert data == (SHARED / "glue" / "RTE" / name).read_bytes()
+        local, _ = read_glue_tsv(SHARED / "glue" / "RTE" / name, task)
+        assert local.texts == splits[role].texts and local.labels == splits[role].labels
+
+
+def test_tables_fit_the_width_they_are_given_and_pipes_keep_every_column(registry):
+    db, _, _ = registry
+    for name in ("runs", "memory", "params", "layers", "agent", "ppl", "paper"):
+        table = run_query(name, db)
+        piped = render(table, "table", title=name)
+        for column in table.columns:
+            assert str(column) in piped  # every column, names unbroken
+        fitted = render(table, "table", title=name, width=80, prefer=QUERIES[name].narrow)
+        assert max(len(line) for line in fitted.splitlines()) <= 80, name
+
+
+def test_every_shipped_data_file_is_package_data():
+    """A wheel (a non-editable install) holds what `pyproject.toml` declares as package data: every file under
+    backbones/data must match one of its patterns, or an installed dyntie would lack it."""
+    import fnmatch
+    import sys
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "dyntie_cli.backbones.data"]
+    data = ROOT / "backbones" / "data"
+    files = [p.relative_to(data).as_posix() for p in data.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    assert "glue/RTE/train.tsv.xz" in files and "glue/RTE/ATTRIBUTION.txt" in files
+    # setuptools' globs do not cross "/": a pattern's depth must be the file's
+    missing = [f for f in files if not any(fnmatch.fnmatch(f, p) and f.count("/") == p.count("/") for p in patterns)]
+    assert missing == []
