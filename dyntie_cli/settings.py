@@ -71,7 +71,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 TiedGrad = Literal["follow", "sum"]
 UntieOptim = Literal["fresh", "copy"]
 Variant = Literal["dynamic", "no-tying", "random", "final-arch", "replay", "static-all", "static-sequence",
-                  "static-cycle", "static-cycle-rev"]
+                  "static-cycle", "static-cycle-rev", "grow", "q-off"]
 VARIANTS: tuple[str, ...] = get_args(Variant)
 #: variants that take their tie states from another run (``--from-run``)
 NEEDS_SOURCE = ("final-arch", "replay")
@@ -106,9 +106,13 @@ class TieSettings(Section):
                                             "every position's gradient is added to its root (ALBERT).")
     untie_optim: UntieOptim = setting("fresh", "Optimizer state of an untied block: fresh, or a copy of its "
                                                "source's.")
-    independent: int = setting(0, "Static schemes: independent blocks (0: the source run's mean, else L/4).",
-                               ge=0)
+    independent: int = setting(0, "Independent blocks of a static scheme (0: the source run's mean, else L/4), "
+                                  "or grow's target (0: the source run's final count, else agent.max_independent, "
+                                  "else L/4).", ge=0)
     perm_seed: int = setting(0, "Replay: seed of the permutation of block indices.", ge=0)
+    grow_until: float = setting(0.2, "grow: the share of training by which it has untied its target number of "
+                                     "blocks (ties.independent), one block at a steady pace (0: all at the "
+                                     "first decision).", ge=0, le=1)
 
 
 Encoding = Literal["normalized", "onehot"]
@@ -174,6 +178,9 @@ class AgentSettings(Section):
     max_independent: int = setting(8, "At most N independent blocks, by masking actions (0: no cap).", ge=0)
     param_penalty: float = setting(0.0, "Subtracted from the reward times the fraction of independent "
                                         "blocks.", ge=0)
+    use_q: bool = setting(True, "Act on the Q-network. false: the greedy choice of every row keeps its tie and "
+                                "only exploration and the budget move rows (the network still trains, so every "
+                                "random draw is the default's); the variant q-off sets it.", legacy=True)
     seed: int = setting(0, "The agent's seed (the run's --seed).", ge=0)
 
     #: the named starting points; ``default`` is the schema's own defaults
@@ -384,6 +391,8 @@ def validate_tree(cls: type[RunSettings], tree: dict[str, Any]) -> RunSettings:
     """The typed settings of a tree, or one sentence about its first fault."""
     settings = _validated(cls, tree)
     settings.agent.seed = settings.seed  # the agent draws from the run's seed
+    if settings.variant == "q-off":  # the agent that never acts on its Q-network, recorded as such
+        settings.agent.use_q = False
     return settings
 
 

@@ -22,6 +22,12 @@ Two named settings:
   progress as an extra input. In runs of a few hundred steps, churn -- tying a block that has trained,
   re-targeting tied blocks -- and scattered layouts cost more than any choice the agent could learn.
 
+``use_q=false`` (the variant ``q-off``) ablates the Q-network and keeps the rest: the greedy choice of every row
+is its keep entry, so the agent moves only by exploration (keep bias, local moves, the same schedule and the same
+random draws) and the budget; the network is still trained on every transition, so the random draws of its
+minibatches are the default's too. Given the same states, it takes the default's action wherever the default's
+greedy choice keeps (and the budget has no choice to rank by value).
+
 Encodings (``encoding``): ``normalized`` feeds ``s[i] / (L - 1)`` (L numbers); ``onehot`` feeds the
 lower-triangular one-hot of each row's target (L(L+1)/2 numbers).
 """
@@ -182,7 +188,13 @@ class QAgent:
         st = torch.tensor([s])
         keep = self._keep_entries(st)[0].tolist()
         protected = self._protected(st)[0].tolist()
-        greedy = self._greedy(q.unsqueeze(0), st)[0].tolist()
+        if self.cfg.use_q:
+            greedy = self._greedy(q.unsqueeze(0), st)[0].tolist()
+        else:
+            # the Q-network ablated: greedily every row keeps its tie, and the budget below ranks its refusals with
+            # no values (all gains equal: the lowest rows first); q itself is only reported (q_spread)
+            greedy = list(keep)
+        acting_q = q if self.cfg.use_q else torch.zeros_like(q).masked_fill(~torch.isfinite(q), float("-inf"))
         eps = 0.0 if greedy_only else self.epsilon
         action = list(greedy)
         explored_rows: list[int] = []
@@ -200,7 +212,7 @@ class QAgent:
                 explored_rows.append(i)
                 action[i] = keep[i] if protected[i] and self._coin(self.cfg.keep_bias) else self._move(i, keep[i])
         if self.cfg.max_independent:
-            action = self._cap_independent(torch.tensor([action]), q.unsqueeze(0), st)[0].tolist()
+            action = self._cap_independent(torch.tensor([action]), acting_q.unsqueeze(0), st)[0].tolist()
         finite = torch.where(torch.isfinite(q), q, torch.nan)
         spread = (finite.nan_to_num(float("-inf")).amax(1) - finite.nan_to_num(float("inf")).amin(1))[1:]
         agreement = None

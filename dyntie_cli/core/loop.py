@@ -100,15 +100,9 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 
 @contextmanager
-def _stop_on_signals(trainer: Trainer):
-    """SIGTERM and the first Ctrl-C ask the loop to stop at the next step boundary, where it checkpoints and
-    marks the run 'killed' (so a resume continues exactly); a second Ctrl-C interrupts at once."""
-
-    def handler(signum, frame):
-        if trainer.stop_signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        trainer.stop_signal = signum
-
+def stop_signals_to(handler: Callable[[int, Any], None]):
+    """``handler`` receives SIGTERM and SIGINT while the block runs; the previous handlers come back after it (not
+    in the main thread, where no handler can be set, nothing changes)."""
     try:
         previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     except ValueError:  # not the main thread: no handlers
@@ -119,6 +113,20 @@ def _stop_on_signals(trainer: Trainer):
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+@contextmanager
+def _stop_on_signals(trainer: Trainer):
+    """SIGTERM and the first Ctrl-C ask the loop to stop at the next step boundary, where it checkpoints and
+    marks the run 'killed' (so a resume continues exactly); a second Ctrl-C interrupts at once."""
+
+    def handler(signum, frame):
+        if trainer.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer.stop_signal = signum
+
+    with stop_signals_to(handler):
+        yield
 
 
 class Trainer:
@@ -196,9 +204,12 @@ class Trainer:
         self.policy: Policy = make_policy(
             cfg.variant, self.num_blocks, agent=cfg.agent, total_decisions=self.total_decisions, seed=cfg.seed,
             independent=cfg.ties.independent, source=self.source, perm_seed=cfg.ties.perm_seed,
+            grow_until=cfg.ties.grow_until,
         )
         if cfg.variant.startswith("static-") and not cfg.ties.independent:
             cfg.ties.independent = independent_count(self.policy.initial_state())  # what the scheme resolved to
+        if cfg.variant == "grow" and not cfg.ties.independent:
+            cfg.ties.independent = self.policy.target
 
     def _resumables(self) -> dict[str, tuple[Callable[[], Any], Callable[[Any], Any]]]:
         """Every part of the run a checkpoint saves and a resume restores by name (besides the loop state,
