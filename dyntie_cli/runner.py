@@ -6,9 +6,14 @@ Shared by ``train``, ``finetune``, ``ablate``, ``bench`` (whose variants run as 
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +23,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .core.distributed import Group
-from .core.loop import RunResult, Trainer, resolve_device
-from .errors import UsageError
+from .core.loop import Event, RunResult, Trainer, resolve_device
+from .errors import DyntieError, UsageError
 from .plugins import get_backbone
 from .results.db import resolve_db_path
 from .results.lineage import load_run
@@ -124,30 +129,40 @@ def default_out_dir(out: str | None) -> Path:
     return Path(out or os.environ.get("DYNTIE_OUT", "runs"))
 
 
-def run_job(backbone, job: Job, launch: Launch, *, print_summary: bool = True) -> RunResult:
-    """Train ``job``, recorded in ``launch.db``; prints the summary on stdout unless told not to."""
+def run_job(backbone, job: Job, launch: Launch, *, print_summary: bool = True,
+            listen: Callable[[Event], None] | None = None) -> RunResult:
+    """Train ``job``, recorded in ``launch.db``; prints the summary on stdout unless told not to. ``listen``
+    hears the trainer's events (start, log, eval, end) besides the progress view."""
     settings = job.settings
     return _run_trainer(
         backbone, settings, launch.quiet,
         lambda: RunWriter(launch.db, flush_every_s=settings.train.flush_every_s, backbone=settings.backbone),
-        print_summary=print_summary, command=job.command, out_dir=launch.out, source=job.source,
+        print_summary=print_summary, listen=listen, command=job.command, out_dir=launch.out, source=job.source,
         parent_run_id=job.parent_run_id, labels=job.labels,
     )
 
 
 def resume_run(run_id: str, opts: Any) -> RunResult:
     """Continue a killed run from its last checkpoint (``--max-steps`` may extend it)."""
-    db = resolve_db_path(opts.db)
+    return resume_recorded(resolve_db_path(opts.db), run_id, max_steps=opts.max_steps, quiet=bool(opts.quiet))
+
+
+def resume_recorded(db: Path, run_id: str, *, max_steps: int | None = None, quiet: bool = False,
+                    print_summary: bool = True, listen: Callable[[Event], None] | None = None) -> RunResult:
+    """Continue the killed run ``run_id`` of registry ``db`` from its last checkpoint, with its recorded settings
+    (``max_steps`` may extend it)."""
     run = load_run(db, run_id)
-    extend = [("train.max_steps", opts.max_steps)] if opts.max_steps is not None else []
+    extend = [("train.max_steps", max_steps)] if max_steps is not None else []
     backbone, settings = recorded_settings(run.config, [extend])
-    return _run_trainer(backbone, settings, bool(opts.quiet),
+    return _run_trainer(backbone, settings, quiet,
                         lambda: RunWriter(db, run_id=run.run_id, flush_every_s=settings.train.flush_every_s),
-                        command=run.command, out_dir=Path(run.out_dir).parent, resume=True)
+                        print_summary=print_summary, listen=listen, command=run.command,
+                        out_dir=Path(run.out_dir).parent, resume=True)
 
 
 def _run_trainer(backbone, settings: RunSettings, quiet: bool, new_writer: Callable[[], RunWriter], *,
-                 print_summary: bool = True, **trainer_kwargs: Any) -> RunResult:
+                 print_summary: bool = True, listen: Callable[[Event], None] | None = None,
+                 **trainer_kwargs: Any) -> RunResult:
     """Run a Trainer in every process of a torchrun launch (one process without torchrun) and print the result.
     Rank 0 records the run with ``new_writer()``; the other ranks only learn its id."""
     group = Group.from_env()
@@ -156,8 +171,14 @@ def _run_trainer(backbone, settings: RunSettings, quiet: bool, new_writer: Calla
         writer = new_writer() if group.is_main else None
         rid = group.broadcast(writer.run_id if writer else None)
         view = ProgressView(quiet or not group.is_main)
+
+        def events(e: Event) -> None:
+            view(e)
+            if listen is not None:
+                listen(e)
+
         try:
-            trainer = Trainer(backbone, settings, writer or RankWriter(rid), events=view, group=group,
+            trainer = Trainer(backbone, settings, writer or RankWriter(rid), events=events, group=group,
                               **trainer_kwargs)
             result = trainer.run()
         finally:
@@ -167,6 +188,64 @@ def _run_trainer(backbone, settings: RunSettings, quiet: bool, new_writer: Calla
     if group.is_main and print_summary:
         print_result(result)
     return result
+
+
+# --------------------------------------------------------------------------------------------------
+# A job in a process of its own
+# --------------------------------------------------------------------------------------------------
+
+#: exit statuses of a child whose run was stopped by a signal at a step boundary (checkpointed, marked killed)
+STOPPED_EXIT = (128 + signal.SIGINT, 128 + signal.SIGTERM)
+
+
+class ChildRun:
+    """One job trained by ``dyntie job`` in a fresh interpreter (its peak memory is its own): the child reads the
+    job from a file and writes what it did to another, nothing is parsed from its output. ``payload`` is
+    ``{"job": Job.to_dict(), "db", "out"}`` for a new run or ``{"resume": run id, "db"}`` to continue a killed one.
+    ``own_session``: the child does not get the terminal's Ctrl-C; the parent stops it with ``stop()``."""
+
+    def __init__(self, payload: dict[str, Any], label: str, *, own_session: bool = False) -> None:
+        self.label = label
+        self._tmp = Path(tempfile.mkdtemp(prefix="dyntie-job-"))
+        job_file, self._result_file, self._log = (self._tmp / n for n in ("job.json", "result.json", "log.txt"))
+        job_file.write_text(json.dumps(payload))
+        cmd = [sys.executable, "-m", "dyntie_cli", "job", str(job_file), "--result", str(self._result_file)]
+        with open(self._log, "w") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+                                         start_new_session=own_session)
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def wait(self) -> int:
+        return self.proc.wait()
+
+    def stop(self) -> None:
+        """Ask the child to stop at its next step boundary (it checkpoints and marks its run killed)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    @property
+    def stopped(self) -> bool:
+        return self.proc.returncode in STOPPED_EXIT
+
+    def result(self) -> dict[str, Any]:
+        """The finished run's result (``RunResult`` as a dict); a ``DyntieError`` naming the child's last line if
+        it did not finish. Removes the child's files."""
+        try:
+            if self.proc.returncode == 0 and self._result_file.exists():
+                return json.loads(self._result_file.read_text())
+            last = (self._log.read_text().strip().splitlines() or ["(no output)"])[-1]
+            raise DyntieError(f"{self.label} failed: {last}")
+        finally:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def run_in_child(payload: dict[str, Any], label: str) -> dict[str, Any]:
+    """Train one job in a child process and wait for its result."""
+    child = ChildRun(payload, label)
+    child.wait()
+    return child.result()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Named queries over the registry; each returns a pandas DataFrame. All of dyntie's SQL that reads results
-lives here (and in ``bench.py``, the bench table): reports, plots and commands call queries by name.
+lives here (and in ``bench.py`` and ``study.py``, the bench and study tables): reports, plots and commands call
+queries by name.
 
 Every query takes the registry path and an optional list of run ids (full ids or unique prefixes; ``None``
 means every run, most recent first). Per-run tables have one row per run in the order asked for, so
@@ -477,6 +478,18 @@ def _bench(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     return bench_table(con, ids)
 
 
+def _study(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    from dyntie_cli.results.study import study_table
+
+    return study_table(con, ids)
+
+
+def _study_curves(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    from dyntie_cli.results.study import study_curves
+
+    return study_curves(con, ids)
+
+
 QUERIES: dict[str, NamedQuery] = {
     "runs": NamedQuery(_runs, "One row per run: identity, status, steps, timing."),
     "ppl": NamedQuery(_ppl, "Per run: the headline metric's final validation and test values, and the split "
@@ -496,6 +509,8 @@ QUERIES: dict[str, NamedQuery] = {
     "paper": NamedQuery(_paper, "The paper's table: one column per run, one row per quantity."),
     "compare": NamedQuery(_compare, "Key figures side by side, with each run's ratio to the first run."),
     "bench": NamedQuery(_bench, "Speed and memory of bench runs, with ratios to their no-tying run."),
+    "study": NamedQuery(_study, "Per study and variant: the validation metric over seeds (mean, std, range), its "
+                                "ratio to no-tying, independent blocks, and the paired difference to dynamic."),
     "variants": NamedQuery(_per_run, "Run id and variant of each run.", table=False),
     "tie-rows": NamedQuery(_tie_rows, "Decision, step and state of every decision (the ties plot).", table=False),
     "memory-rows": NamedQuery(_memory_rows, "Peak and training-state bytes per logging step (the memory plot).",
@@ -504,6 +519,8 @@ QUERIES: dict[str, NamedQuery] = {
                              table=False),
     "evaluation-rows": NamedQuery(_evaluation_rows, "Every validation and test metric row (the metrics plot).",
                                   table=False),
+    "study-curves": NamedQuery(_study_curves, "Validation rows of a study's runs with variant and seed (the study "
+                                              "plot).", table=False),
 }
 REPORT_TABLES = tuple(name for name, q in QUERIES.items() if q.table and name != "compare")
 
