@@ -227,7 +227,9 @@ class ChildRun:
 
     @property
     def stopped(self) -> bool:
-        return self.proc.returncode in STOPPED_EXIT
+        """Stopped by a signal: at a step boundary (its exit status says so), or before training began."""
+        code = self.proc.returncode
+        return code in STOPPED_EXIT or code in (-signal.SIGTERM, -signal.SIGINT)
 
     def result(self) -> dict[str, Any]:
         """The finished run's result (``RunResult`` as a dict); a ``DyntieError`` naming the child's last line if

@@ -114,16 +114,16 @@ def settings_difference(expected: RunSettings, recorded: dict[str, Any]) -> tupl
 class _Done:
     """The outcome of a run trained in this process (the same face as a ``ChildRun`` that has ended)."""
 
-    def __init__(self, result: dict[str, Any] | None = None, error: str | None = None, stopped: bool = False,
-                 exit_code: int = 1) -> None:
-        self._result, self.error, self.stopped, self.exit_code = result, error, stopped, exit_code
+    def __init__(self, label: str, result: dict[str, Any] | None = None, error: str | None = None,
+                 stopped: bool = False, exit_code: int = 1) -> None:
+        self.label, self._result, self.error, self.stopped, self.exit_code = label, result, error, stopped, exit_code
 
     def poll(self) -> int:
         return 0 if self._result is not None else self.exit_code
 
     def result(self) -> dict[str, Any]:
         if self._result is None:
-            raise DyntieError(self.error or "the run did not finish")
+            raise DyntieError(f"{self.label} failed: {self.error or 'the run did not finish'}")
         return self._result
 
 
@@ -260,7 +260,7 @@ class Study:
         if self.jobs > 1:
             payload = ({"resume": task.resume_id, "db": str(self.launch.db)} if task.resume_id else
                        {"job": self._job(task, tasks).to_dict(), "db": str(self.launch.db), "out": str(self.launch.out)})
-            return ChildRun(payload, f"study {self.name}: {task.label}", own_session=True)
+            return ChildRun(payload, task.label, own_session=True)
         return self._train_here(task, tasks)
 
     def _train_here(self, task: Task, tasks: list[Task]) -> _Done:
@@ -279,15 +279,15 @@ class Study:
                 job = self._job(task, tasks)
                 result = run_job(get_backbone(job.settings.backbone), job, self.launch, print_summary=False,
                                  listen=listen)
-            return _Done(result=asdict(result))
+            return _Done(task.label, result=asdict(result))
         except KeyboardInterrupt:  # stopped before the run began (or a second Ctrl-C)
-            return _Done(error="interrupted", stopped=True, exit_code=128 + signal.SIGINT)
+            return _Done(task.label, error="interrupted", stopped=True, exit_code=128 + signal.SIGINT)
         except DyntieError as e:
-            return _Done(error=str(e), stopped=e.exit_code in STOPPED_EXIT, exit_code=e.exit_code)
+            return _Done(task.label, error=str(e), stopped=e.exit_code in STOPPED_EXIT, exit_code=e.exit_code)
         except Exception as e:  # a fault in one run: recorded as failed by its writer; the other runs go on
             if os.environ.get("DYNTIE_DEBUG"):
                 raise
-            return _Done(error=f"{type(e).__name__}: {e}")
+            return _Done(task.label, error=f"{type(e).__name__}: {e}")
         finally:
             self._in_setup = False
 
@@ -295,7 +295,8 @@ class Study:
         if handle.stopped:  # by a signal to the study, or to the run itself: the study stops too
             task.outcome = "stopped"
             if self.stop is None:
-                self.stop = (handle.exit_code if isinstance(handle, _Done) else handle.poll()) - 128
+                code = handle.exit_code if isinstance(handle, _Done) else handle.poll()
+                self.stop = abs(code) if code < 0 else code - 128
             if isinstance(handle, ChildRun):
                 _discard(handle)
             return
@@ -303,7 +304,7 @@ class Study:
             result = handle.result()
         except DyntieError as e:
             task.outcome, task.error = "failed", str(e)
-            self.say(f"study {self.name}: {task.label} failed: {e}")
+            self.say(f"study {self.name}: {e}")
             return
         task.outcome, task.run_id, task.resume_id = "finished", result["run_id"], None
         finished = sum(t.outcome == "finished" for t in tasks)
@@ -350,7 +351,7 @@ def summary(study: Study, tasks: list[Task]) -> str | None:
     if study.stop is not None:
         return (f"Study {study.name} stopped with {finished} of {len(tasks)} runs finished; run the same command "
                 "again to continue it.")
-    shown = "; ".join(f"{t.label}: {t.error}" for t in failed[:3])
+    shown = "; ".join(str(t.error) for t in failed[:3])
     waiting = len(left) - len(failed)
     more = f" ({waiting} more wait on a failed dynamic run)" if waiting else ""
     return (f"Study {study.name}: {finished} of {len(tasks)} runs finished; failed: {shown}{more}. Run the same "

@@ -168,6 +168,8 @@ def test_a_stopped_study_continues_and_finishes_each_run_once(runner, tmp_path):
     assert "run the same command again to continue" in stderr
     killed = rows(db, "SELECT run_id, variant, status FROM runs ORDER BY variant")
     assert [(v, s) for _, v, s in killed] == [("dynamic", "killed"), ("no-tying", "killed")]
+    merged = tmp_path / "merged.duckdb"
+    assert invoke(runner, "merge", db, "--db", merged).exit_code == 0  # what the registry holds so far
 
     # the same command again (in this process, one run at a time) resumes both and trains final-arch
     r = invoke(runner, "study", *args)
@@ -180,3 +182,10 @@ def test_a_stopped_study_continues_and_finishes_each_run_once(runner, tmp_path):
     assert rows(db, "SELECT count(*) FROM (SELECT run_id, step FROM metrics WHERE split = 'validation' "
                     "GROUP BY run_id, step, name HAVING count(*) > 1)") == [(0,)]
     assert {row["variant"] for row in json.loads(r.stdout)} == {"dynamic", "no-tying", "final-arch"}
+    # merged again, the continued runs replace their killed copies and the new one is added
+    m = invoke(runner, "merge", db, "--db", merged)
+    assert m.exit_code == 0 and "3 runs copied" in m.stdout and "0 already there" in m.stdout, m.stdout
+    for table in ("runs", "metrics", "memory", "ties", "decisions"):
+        assert rows(merged, f"SELECT count(*) FROM {table}") == rows(db, f"SELECT count(*) FROM {table}")
+    assert rows(merged, "SELECT run_id, status FROM runs ORDER BY run_id") == rows(
+        db, "SELECT run_id, status FROM runs ORDER BY run_id")

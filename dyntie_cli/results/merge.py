@@ -2,9 +2,9 @@
 
 Runs trained in parallel processes, each writing its own registry file (no process waits for another's lock), are
 put together afterwards: every run of each source, with all its rows, is copied into the target. A run the target
-already holds with the same start time and config is skipped (merging twice changes nothing); a run id the target
-holds for another run is refused before anything is written, as is a source with a run still training on this
-machine.
+already holds (the same id, start time and config) is skipped when nothing changed (merging twice changes nothing)
+and copied again when it did (a killed run continued and finished since the last merge); a run id the target holds
+for another run is refused, as is a source with a run still training on this machine: nothing is written then.
 """
 
 from __future__ import annotations
@@ -24,13 +24,15 @@ ROW_TABLES = tuple(ROW_COLUMNS)  # metrics, memory, ties, decisions
 
 @dataclass
 class MergeReport:
-    copied: list[str] = field(default_factory=list)  # run ids copied into the target
-    skipped: list[str] = field(default_factory=list)  # already there (the same run)
+    copied: list[str] = field(default_factory=list)  # run ids copied into the target (new or updated)
+    skipped: list[str] = field(default_factory=list)  # already there, unchanged
     rows: int = 0  # metric, memory, tie and decision rows copied
 
 
 def _runs(con: duckdb.DuckDBPyConnection, schema: str) -> dict[str, tuple]:
-    rows = con.execute(f"SELECT run_id, started_at, CAST(config AS TEXT), status, pid, host FROM {schema}.runs")
+    """run id -> (start, config, status, pid, host, end, last flush): who the run is, then how far it got."""
+    rows = con.execute(f"SELECT run_id, started_at, CAST(config AS TEXT), status, pid, host, ended_at, heartbeat_at "
+                       f"FROM {schema}.runs")
     return {row[0]: row[1:] for row in rows.fetchall()}
 
 
@@ -61,18 +63,22 @@ def merge_registries(sources: list[Path], target: Path) -> MergeReport:
 def _merge_one(con: duckdb.DuckDBPyConnection, schema: str, source: Path, report: MergeReport) -> None:
     have = _runs(con, "main")
     new: list[str] = []
-    for run_id, (started, config, status, pid, host) in _runs(con, schema).items():
+    for run_id, run in _runs(con, schema).items():
+        started, config, status, pid, host = run[:5]
         if status == "running" and host == socket.gethostname() and pid is not None and pid_alive(int(pid)):
             raise DyntieError(f"Run {run_id} in {source} is still training; merge once it has ended.")
         if run_id in have:
             if have[run_id][:2] != (started, config):
                 raise DyntieError(f"Run id {run_id} is in both {source} and the target for different runs; "
                                   "merge into another registry.")
-            report.skipped.append(run_id)
-            continue
+            if have[run_id] == run:
+                report.skipped.append(run_id)
+                continue
         new.append(run_id)
     if not new:
         return
+    for table in ("runs", *ROW_TABLES):  # an updated run is replaced as a whole
+        con.execute(f"DELETE FROM {table} WHERE run_id IN (SELECT unnest($ids::TEXT[]))", {"ids": new})
     for table in ("runs", *ROW_TABLES):
         columns = ", ".join(c for c in _columns(con, table) if c in set(_columns(con, f"{schema}.{table}")))
         result = con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {schema}.{table} "
