@@ -137,7 +137,8 @@ class Study:
         self.opts, self.backbone, self.variants, self.seeds, self.jobs = opts, backbone, variants, seeds, jobs
         self.launch = Launch.from_options(opts)
         self.say = say
-        independent_given = opts.given("independent") or any(k.endswith("independent") for k, _ in opts.set_pairs())
+        independent_given = opts.given("independent") or any(k in ("ties.independent", "independent")
+                                                              for k, _ in opts.set_pairs())
         self.dependent = {v for v in variants if v in NEEDS_SOURCE or (v in COUNTED and not independent_given)}
         if self.dependent and "dynamic" not in variants:
             raise UsageError(f"--variants {', '.join(sorted(self.dependent))} needs dynamic in the list: each is "
