@@ -126,10 +126,10 @@ class GlueBackbone(Backbone):
             return _pretrained(Path(init).expanduser(), task, cfg, data)
         return _from_scratch(task, cfg, data)
 
-    def load_model_code(self, cfg: RunSettings, data: TaskData) -> None:
+    def load_model_code(self, cfg: RunSettings, data: TaskData) -> nn.Module | None:
         # the same modules as a pretrained --init folder, without reading its weights
         with torch.device("meta"):
-            _from_scratch(get_task(cfg.dataset), cfg, data)
+            return _from_scratch(get_task(cfg.dataset), cfg, data)
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         return list(model.bert.encoder.layer)

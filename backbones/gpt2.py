@@ -61,6 +61,13 @@ PRESETS = {
                model=dict(n_layer=48, n_embd=512, n_head=8, dropout=0.0),
                data=dict(_CPU_DATA, seq_len=64, batch_size=2, eval_batch_size=8),
                train=dict(_CPU_TRAIN, max_steps=300, lr=5e-4, eval_items=8192), ties=dict(decide_every=10)),
+        Preset("gpt2-huge-cpu", "48 x 2048, 16 heads (about 2.4B parameters), 64-token windows, batch 2: too large "
+               "to train conventionally in 24 GiB (AdamW needs about 39 GB), trains tied under a budget of 8 blocks",
+               model=dict(n_layer=48, n_embd=2048, n_head=16, dropout=0.0),
+               data=dict(_CPU_DATA, seq_len=64, batch_size=2, eval_batch_size=4),
+               train=dict(_CPU_TRAIN, max_steps=30, lr=3e-4, warmup_steps=5, eval_every=0, eval_items=1024,
+                          test_items=1024, log_every=2),
+               ties=dict(decide_every=3)),
         Preset("gpt2-paper", "48 x 1600, 25 heads, GPT-2 BPE (about 1.6B parameters): the paper's shape, GPU",
                model=dict(n_layer=48, n_embd=1600, n_head=25, dropout=0.1),
                data=dict(tokenizer="gpt2", seq_len=1024, batch_size=8, eval_batch_size=8, max_train_tokens=0),

@@ -57,9 +57,9 @@ def main_callback(
 
 
 def _register() -> None:
-    from .commands import ablate, backbones, bench, config, finetune, merge, report, study, train
+    from .commands import ablate, backbones, bench, config, finetune, merge, plan, report, study, train
 
-    for module in (train, finetune, ablate, study, report, merge, bench, backbones, config):
+    for module in (train, finetune, ablate, study, report, merge, bench, backbones, config, plan):
         module.register(app)
 
 

@@ -106,12 +106,13 @@ class Backbone:
     def build_model(self, cfg: RunSettings, data: TaskData) -> nn.Module:
         raise NotImplementedError
 
-    def load_model_code(self, cfg: RunSettings, data: TaskData) -> None:
-        """Load the libraries ``build_model`` needs without allocating a weight or drawing a random number; the
-        loop measures the process's memory baseline (``base_bytes``) right after. The default builds the model
-        once on the meta device."""
+    def load_model_code(self, cfg: RunSettings, data: TaskData) -> nn.Module | None:
+        """Load the libraries ``build_model`` needs without allocating a weight or drawing a random number, and
+        return the model built on the meta device (or None). The loop measures the process's memory baseline
+        (``base_bytes``) right after, and reads the depth from this model's blocks, so that the real build can
+        leave the blocks that start tied unmaterialised. The default builds the model on the meta device."""
         with torch.device("meta"):
-            self.build_model(cfg, data)
+            return self.build_model(cfg, data)
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         """The ordered list of transformer blocks that may be tied."""

@@ -97,10 +97,11 @@ class Launch:
     db: Path
     out: Path
     quiet: bool = False
+    force: bool = False  # train even when the memory plan predicts the run does not fit
 
     @classmethod
     def from_options(cls, opts: Any) -> Launch:
-        return cls(resolve_db_path(opts.db), default_out_dir(opts.out), bool(opts.quiet))
+        return cls(resolve_db_path(opts.db), default_out_dir(opts.out), bool(opts.quiet), bool(opts.force))
 
 
 @dataclass
@@ -138,17 +139,19 @@ def run_job(backbone, job: Job, launch: Launch, *, print_summary: bool = True,
         backbone, settings, launch.quiet,
         lambda: RunWriter(launch.db, flush_every_s=settings.train.flush_every_s, backbone=settings.backbone),
         print_summary=print_summary, listen=listen, command=job.command, out_dir=launch.out, source=job.source,
-        parent_run_id=job.parent_run_id, labels=job.labels,
+        parent_run_id=job.parent_run_id, labels=job.labels, check_memory=not launch.force,
     )
 
 
 def resume_run(run_id: str, opts: Any) -> RunResult:
     """Continue a killed run from its last checkpoint (``--max-steps`` may extend it)."""
-    return resume_recorded(resolve_db_path(opts.db), run_id, max_steps=opts.max_steps, quiet=bool(opts.quiet))
+    return resume_recorded(resolve_db_path(opts.db), run_id, max_steps=opts.max_steps, quiet=bool(opts.quiet),
+                           force=bool(opts.force))
 
 
 def resume_recorded(db: Path, run_id: str, *, max_steps: int | None = None, quiet: bool = False,
-                    print_summary: bool = True, listen: Callable[[Event], None] | None = None) -> RunResult:
+                    print_summary: bool = True, listen: Callable[[Event], None] | None = None,
+                    force: bool = False) -> RunResult:
     """Continue the killed run ``run_id`` of registry ``db`` from its last checkpoint, with its recorded settings
     (``max_steps`` may extend it)."""
     run = load_run(db, run_id)
@@ -157,7 +160,7 @@ def resume_recorded(db: Path, run_id: str, *, max_steps: int | None = None, quie
     return _run_trainer(backbone, settings, quiet,
                         lambda: RunWriter(db, run_id=run.run_id, flush_every_s=settings.train.flush_every_s),
                         print_summary=print_summary, listen=listen, command=run.command,
-                        out_dir=Path(run.out_dir).parent, resume=True)
+                        out_dir=Path(run.out_dir).parent, resume=True, check_memory=not force)
 
 
 def _run_trainer(backbone, settings: RunSettings, quiet: bool, new_writer: Callable[[], RunWriter], *,

@@ -437,8 +437,8 @@ def from_saved(backbone_cls: type, saved: dict[str, Any], sources: Sequence[Pair
 
 
 #: what a run's stored config says besides its settings: the round of a repeated bench, the number of processes,
-#: the study it belongs to
-RUN_LABELS = ("bench", "world_size", "study")
+#: the study it belongs to, how its model was built
+RUN_LABELS = ("bench", "world_size", "study", "setup")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ EXPECTED_COLUMNS = {
     "metrics": {"run_id", "step", "split", "name", "value"},
     "memory": {
         "run_id", "step", "device", "peak_bytes", "current_bytes", "param_bytes", "grad_bytes", "optimizer_bytes",
-        "trainable_params",
+        "trainable_params", "process_peak_bytes",
     },
     "ties": {
         "run_id", "decision", "step", "state", "action", "independent_layers", "distinct_block_weights",
@@ -208,7 +208,7 @@ def test_every_writer_method_round_trips(tmp_path):
     w.metric(3, "train", "loss", 2.5)
     w.metric(4, "train", "loss", float("nan"))  # a diverged loss stays NaN, not NULL
     w.memory(step=3, device="cuda:0", peak_bytes=2**40, current_bytes=5, param_bytes=6, grad_bytes=7,
-             optimizer_bytes=8, trainable_params=9)
+             optimizer_bytes=8, trainable_params=9, process_peak_bytes=2**41)
     w.tie(decision=1, step=10, state=[0, 0, 2], action=(0, 0, 2), independent_layers=2,
           distinct_block_weights=2, changed_blocks=1)
     w.decision(decision=1, step=10, epsilon=0.95, explored=True, reward=-3.5, q_predicted=0.25, q_target=0.5,
@@ -233,7 +233,7 @@ def test_every_writer_method_round_trips(tmp_path):
     assert (run.pid, run.host, run.test_split) == (os.getpid(), socket.gethostname(), "validation")
     assert pd.notna(run.started_at) and run.ended_at >= run.started_at and pd.isna(run.error)
     assert metrics[0] == (3, "train", "loss", 2.5) and math.isnan(metrics[1][3])
-    assert mem == [(3, "cuda:0", 2**40, 5, 6, 7, 8, 9)]
+    assert mem == [(3, "cuda:0", 2**40, 5, 6, 7, 8, 9, 2**41)]
     assert tie == [(1, 10, [0, 0, 2], [0, 0, 2], 2, 2, 1)]
     assert dec == [
         (1, 10, 0.95, True, -3.5, 0.25, 0.5, 0.0625, 0.75, 0.125, 33.0),
@@ -578,7 +578,7 @@ def test_layers_means_ends_and_per_layer_counts(registry):
 
 def test_memory_peak_and_average(registry):
     dyn = run_query("memory", registry, ["dyn"]).iloc[0]
-    assert (dyn.device, dyn.samples, dyn.peak_bytes, dyn.avg_peak_bytes) == ("cpu", 4, 4000, 2500.0)
+    assert (dyn.device, dyn.samples, dyn.training_peak_bytes, dyn.avg_training_peak_bytes) == ("cpu", 4, 4000, 2500.0)
     assert (dyn.param_bytes_mean, dyn.param_bytes_peak) == (280.0, 320)
     assert (dyn.optimizer_bytes_mean, dyn.optimizer_bytes_peak) == (560.0, 640)
     assert dyn.training_state_bytes_peak == 1280
@@ -604,7 +604,7 @@ def test_paper_table_has_one_column_per_run(registry):
     assert table.loc["trainable_params_end"].tolist() == [70, 90]
     assert table.loc["independent_layers_mean", "dyn"] == pytest.approx(7 / 3)
     assert table.loc["independent_layers_end"].tolist() == [2, None]
-    assert table.loc["peak_memory_bytes"].tolist() == [4000, 8000]
+    assert table.loc["training_peak_bytes"].tolist() == [4000, 8000]
     assert table.loc["avg_memory_bytes"].tolist() == [1250.0, 4000.0]  # mean of current_bytes
     glue = run_query("paper", registry, ["glue-rte"]).set_index("quantity")["glue-rte"]
     assert (glue["metric"], glue["result"]) == ("accuracy (validation)", 0.65)
@@ -615,7 +615,7 @@ def test_compare_gives_ratios_to_the_first_run(registry):
     ratio = table["base / dyn"]
     assert ratio["result"] == pytest.approx(43 / 42)
     assert ratio["trainable_params_mean"] == pytest.approx(90 / 70)
-    assert ratio["peak_memory_bytes"] == 2.0
+    assert ratio["training_peak_bytes"] == 2.0
     assert ratio["tokens_per_s"] == 2.0  # 400 vs the mean of 100, 200, 300
     assert table.loc["agent_time_s", "dyn"] == 3.0  # cumulative: the last value
     assert ratio["variant"] is None
@@ -628,13 +628,13 @@ def test_render_json_and_csv_keep_raw_values(registry):
     table = run_query("memory", registry, ["dyn", "base"])
     records = json.loads(render(table, "json"))
     assert [r["run_id"] for r in records] == ["dyn", "base"]
-    assert records[0]["peak_bytes"] == 4000 and records[0]["avg_peak_bytes"] == 2500.0
+    assert records[0]["training_peak_bytes"] == 4000 and records[0]["avg_training_peak_bytes"] == 2500.0
     assert records[1]["param_bytes_mean"] == 360.0
     parsed = list(csv.DictReader(io.StringIO(render(table, "csv"))))
     assert list(parsed[0]) == table.columns.tolist()
     for row, (_, expected) in zip(parsed, table.iterrows(), strict=True):
         assert row["run_id"] == expected.run_id
-        for column in ("peak_bytes", "avg_peak_bytes", "param_bytes_mean", "training_state_bytes_peak"):
+        for column in ("training_peak_bytes", "avg_training_peak_bytes", "param_bytes_mean", "training_state_bytes_peak"):
             assert float(row[column]) == expected[column]
     ties = run_query("ties", registry, ["dyn"])
     assert json.loads(render(ties, "json"))[0]["state"] == [0, 0, 2, 2]
@@ -648,16 +648,16 @@ def test_render_table_and_markdown_are_for_people(registry):
     markdown = render(table, "markdown", title="Memory").splitlines()
     assert markdown[0] == "### Memory"
     assert markdown[2].startswith("| run_id | variant |")
-    assert markdown[3].startswith("|---|---|---|---:|---:|")
+    assert markdown[3].startswith("|---|---|---|---:|---|---:|")  # no process peak in these rows: text column
     assert len(markdown) == 4 + 2
     cells = [cell.strip() for cell in markdown[4].strip("|").split("|")]
-    assert cells[:5] == ["dyn", "dynamic", "cpu", "4", "3.9 KiB"]
+    assert cells[:6] == ["dyn", "dynamic", "cpu", "4", "-", "3.9 KiB"]
     rich_text = render(table, "table", title="Memory")
     assert "Memory" in rich_text and "7.8 KiB" in rich_text and "dynamic" in rich_text
     assert "…" not in rich_text and "4000" not in rich_text
     paper_text = render(run_query("compare", registry, ["dyn", "base"]), "markdown")
-    peak = next(line for line in paper_text.splitlines() if line.startswith("| peak_memory_bytes"))
-    assert [cell.strip() for cell in peak.strip("|").split("|")] == ["peak_memory_bytes", "3.9 KiB", "7.8 KiB", "2x"]
+    peak = next(line for line in paper_text.splitlines() if line.startswith("| training_peak_bytes"))
+    assert [cell.strip() for cell in peak.strip("|").split("|")] == ["training_peak_bytes", "3.9 KiB", "7.8 KiB", "2x"]
     assert "| a \\| b |" in render(pd.DataFrame({"x": ["a | b"]}), "markdown")
 
 

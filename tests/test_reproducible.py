@@ -28,7 +28,7 @@ WRITE = os.environ.get("DYNTIE_WRITE_RECORDS") == "1"
 
 #: metrics that measure time or the process, not the run's numbers
 _MACHINE_METRICS = ("step_time_s", "tokens_per_s", "agent_time_s", "wall_time_s", "setup_peak_bytes",
-                    "base_bytes", "process_peak_bytes")
+                    "base_bytes", "process_peak_bytes", "planned_peak_bytes")
 
 CASES = {
     "gpt2-default": ["train", "gpt2", "--preset", "gpt2-tiny", "--max-steps", "40", "--decide-every", "4"],

@@ -59,7 +59,8 @@ def bench(
     trained = [v for v in names if v != "final-arch"]
     group = uuid.uuid4().hex[:8]  # recorded in each run's config, so `report --table bench` pools the rounds too
     rounds: list[dict[str, str]] = []
-    child_launch = {"db": str(launch.db), "out": str(launch.out)}
+    child_launch = {"db": str(launch.db), "out": str(launch.out), "force": launch.force}
+    refused: dict[str, dict] = {}
     for r in range(repeat):
         # every other round in reverse: a slow patch of the machine falls on both sides of a comparison
         order = (trained if r % 2 == 0 else trained[::-1]) + [v for v in names if v == "final-arch"]
@@ -67,6 +68,8 @@ def bench(
         run_ids: dict[str, str] = {}
         for v in order:
             if v == "final-arch":  # its source is this round's dynamic run
+                if "dynamic" not in run_ids:
+                    continue
                 _, job = ablation_job(launch.db, run_ids["dynamic"], "final-arch", [], command="bench",
                                       labels=labels)
             else:
@@ -75,10 +78,20 @@ def bench(
             if not opts.quiet:
                 typer.echo(f"bench: {label}", err=True)
             result = run_in_child({"job": job.to_dict(), **child_launch}, f"bench: {label}")
+            if "refused" in result:
+                refused[v] = result
+                continue
             run_ids[v] = result["run_id"]
-        rounds.append({v: run_ids[v] for v in names})
-    table = run_query("bench", launch.db, [rid for r in rounds for rid in r.values()])
-    typer.echo(render(table, fmt, title=bench_title(repeat)))
+        rounds.append(run_ids)
+    for v, result in refused.items():
+        plan = result["plan"]
+        typer.echo(f"{v}: does not fit: predicted {plan['peak_bytes'] / 2**30:.1f} GiB > "
+                   f"{(plan['available_bytes'] or 0) / 2**30:.1f} GiB available (not trained; `dyntie plan` shows the "
+                   "parts)")
+    ran = [rid for r in rounds for rid in r.values()]
+    if ran:
+        table = run_query("bench", launch.db, ran)
+        typer.echo(render(table, fmt, title=bench_title(repeat)))
 
 
 def job(
@@ -89,14 +102,21 @@ def job(
     continue the killed run it names."""
     from dataclasses import asdict
 
+    from ..core.plan import DoesNotFit
     from ..runner import Job, Launch, resume_recorded, run_job
 
     data = json.loads(job_file.read_text())
-    if "resume" in data:
-        run = resume_recorded(Path(data["db"]), data["resume"], quiet=True, print_summary=False)
-    else:
-        backbone, one = Job.from_dict(data["job"])
-        run = run_job(backbone, one, Launch(Path(data["db"]), Path(data["out"]), quiet=True), print_summary=False)
+    force = bool(data.get("force"))
+    try:
+        if "resume" in data:
+            run = resume_recorded(Path(data["db"]), data["resume"], quiet=True, print_summary=False, force=force)
+        else:
+            backbone, one = Job.from_dict(data["job"])
+            launch = Launch(Path(data["db"]), Path(data["out"]), quiet=True, force=force)
+            run = run_job(backbone, one, launch, print_summary=False)
+    except DoesNotFit as refused:  # not an error of the bench: a finding, reported as such
+        result.write_text(json.dumps({"refused": str(refused), "plan": refused.plan.to_dict()}))
+        return
     result.write_text(json.dumps(asdict(run)))
 
 

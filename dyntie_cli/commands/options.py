@@ -50,6 +50,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("tied_grad", ("--tied-grad",), str, "ties.tied_grad"),
     Flag("data_dir", ("--data-dir",), str, "data_dir"),
     Flag("quiet", ("--quiet", "-q"), bool, None, "No progress bar or messages."),
+    Flag("force", ("--force",), bool, None, "Train even when the memory plan predicts the run does not fit the "
+                                            "device (`dyntie plan` shows the prediction)."),
 )
 BY_NAME = {f.name: f for f in FLAGS}
 FLAG_OF.update({f.key: f.decls[0] for f in FLAGS if f.key})

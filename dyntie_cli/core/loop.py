@@ -28,7 +28,9 @@ from ..settings import RunSettings
 from . import checkpoint as ckpt
 from .checkpoint import LoopState, PendingDecision
 from .distributed import Group
+from .lazy import BuildReport, build_lazily
 from .memory import MemoryProbe, base_bytes, gradient_bytes, release_freed_memory, trainable_parameters
+from .plan import DoesNotFit, MemoryPlan, model_counts, plan_memory
 from .policies import Policy, make_policy
 from .ties import TieManager, independent_count, transition
 
@@ -135,11 +137,14 @@ class Trainer:
     def __init__(self, backbone, cfg: RunSettings, writer, *, command: str = "train", out_dir: Path,
                  source: dict[str, Any] | None = None, parent_run_id: str | None = None,
                  resume: bool = False, events: Callable[[Event], None] | None = None,
-                 labels: dict[str, Any] | None = None, group: Group | None = None) -> None:
+                 labels: dict[str, Any] | None = None, group: Group | None = None,
+                 check_memory: bool = True) -> None:
         self.backbone = backbone
         self.group = group or Group()  # the ranks of a torchrun launch; one process by default
         # what the registry keeps beside the settings in runs.config (a bench round, a study): labels only
         self.labels = labels or {}
+        self.check_memory = check_memory  # refuse a run the memory plan predicts will not fit (--force: try)
+        self.plan: MemoryPlan | None = None
         self.cfg = cfg
         self.writer = writer
         self.command = command
@@ -158,12 +163,8 @@ class Trainer:
         self.device = self.group.device or resolve_device(cfg.device)
         with self.group.main_first():  # rank 0 fills the token cache, the other ranks read it
             self.data = self.backbone.load_data(cfg)
-        self._build_model()
-        self._make_policy()
         self.checkpoint_dir = self.out_dir / self.writer.run_id / "checkpoint"
-        initial = ckpt.load_tie_map(self.checkpoint_dir)["state"] if self.resume else self.policy.initial_state()
-        self.ties = TieManager(self.backbone.blocks(self.model), initial, tied_grad=cfg.ties.tied_grad,
-                               untie_optim=cfg.ties.untie_optim)
+        self._build_model()
         if self.group.active:
             self.group.broadcast_parameters(self.model)  # the same start on every rank (the seed gives it too)
             if not self.group.is_main:
@@ -187,16 +188,57 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
 
     def _build_model(self) -> None:
+        """The policy first (it says which blocks start tied), then the model with those blocks never
+        materialised, then the tie manager, then the move to the device (after the tied blocks are released, so
+        the device never holds them either)."""
         cfg = self.cfg
         # what the process holds before any model exists (libraries, data): no tie state can save it. The
         # backbone first loads the code its model needs (transformers' modelling code alone is ~0.2 GiB). Only a
         # measurement: a model whose code cannot load that way is measured without it, and any real fault
         # surfaces in the build just below
+        probe, meta = None, None
         with suppress(Exception):
-            self.backbone.load_model_code(cfg, self.data)
+            meta = self.backbone.load_model_code(cfg, self.data)
+            probe = self.backbone.blocks(meta)
         self.base_bytes = base_bytes(self.device)
-        self.model = self.backbone.build_model(cfg, self.data).to(self.device)
-        self.num_blocks = len(self.backbone.blocks(self.model))
+
+        def build() -> nn.Module:
+            return self.backbone.build_model(cfg, self.data)
+
+        if probe:
+            self.num_blocks = len(probe)
+            self._make_policy()
+            initial = self._initial_state()
+            self._check_memory(meta, probe)
+            if getattr(cfg, "init", None) or cfg.model.get("init"):  # pretrained weights: loaded in full
+                model, self.build_report = build(), BuildReport(False, 0, "weights loaded from --init")
+            else:
+                model, self.build_report = build_lazily(build, self.backbone.blocks, initial, probe)
+        else:
+            model = build()
+            self.build_report = BuildReport(False, 0, "the backbone's model does not build on the meta device")
+            self.num_blocks = len(self.backbone.blocks(model))
+            self._make_policy()
+            initial = self._initial_state()
+        self.model = model
+        self.ties = TieManager(self.backbone.blocks(model), initial, tied_grad=cfg.ties.tied_grad,
+                               untie_optim=cfg.ties.untie_optim)
+        self.model.to(self.device)
+        self.ties.reinject()  # .to() moved the roots' storage; the tied blocks' views must follow
+
+    def _check_memory(self, meta: nn.Module, probe: list[nn.Module]) -> None:
+        """Predict the run's peak before building it (docs/memory.md); refuse one that will not fit unless told
+        to try anyway. Only rank 0 of a torchrun launch plans (the ranks are alike)."""
+        if not self.group.is_main:
+            return
+        counts = model_counts(meta, probe)
+        self.plan = plan_memory(self.backbone, self.cfg, self.data, self.device, [self.cfg.variant],
+                                baseline=self.base_bytes, probe=probe, counts=counts)[0]
+        if self.check_memory and self.plan.fits is False:
+            raise DoesNotFit(self.plan, self.cfg)
+
+    def _initial_state(self) -> list[int]:
+        return ckpt.load_tie_map(self.checkpoint_dir)["state"] if self.resume else self.policy.initial_state()
 
     def _make_policy(self) -> None:
         cfg = self.cfg
@@ -264,7 +306,7 @@ class Trainer:
             # a decision still waiting for its reward at the checkpoint is logged again once it is scored
             w.truncate_after(self.loop.step, decisions_from=self.loop.pending.decision if self.loop.pending else None)
         else:
-            config = cfg.to_dict() | self.labels
+            config = cfg.to_dict() | self.labels | {"setup": self.build_report.label()}
             if self.group.active:
                 config["world_size"] = self.group.world
             w.start(self.command, cfg.backbone, cfg.dataset, cfg.variant, config,
@@ -273,6 +315,8 @@ class Trainer:
             self._log_tie(action=self.ties.state, changed=0)  # decision 0: the initial state
             w.metric(0, "train", "setup_peak_bytes", self.probe.setup_peak)
             w.metric(0, "train", "base_bytes", self.base_bytes)
+            if self.plan is not None:  # the prediction, beside what the run then measures
+                w.metric(0, "train", "planned_peak_bytes", self.plan.peak_bytes)
             w.flush()
         self.events({"type": "start", "run_id": w.run_id, "total": cfg.train.max_steps, "step": self.loop.step,
                      "blocks": self.num_blocks, "source": getattr(self.data, "source", "")})
@@ -286,6 +330,8 @@ class Trainer:
         except BaseException as e:
             w.finish("failed", error=f"{type(e).__name__}: {e}")
             raise
+        finally:
+            self.probe.close()
         if result is None:  # stopped by a signal at a step boundary, checkpointed
             w.finish("killed")
             self.group.wait_for_all()  # no rank exits (torchrun would then end the rest) before rank 0 has recorded it
@@ -342,6 +388,8 @@ class Trainer:
         w.metric(self.loop.step, "train", "trainable_params_mean", self._mean_trainable(n))
         w.metric(self.loop.step, "train", "conventional_params", self.conventional_params)
         path = self._save_checkpoint()
+        # the whole process's peak, the test scoring and the checkpoint included (the memory rows end earlier)
+        w.metric(self.loop.step, "train", "process_peak_bytes", self.probe.process_peak_now())
         self.events({"type": "end", "final": final, "split": self.data.test_split})
         return RunResult(
             run_id=w.run_id, status="finished", step=self.loop.step, final=final, validation=validation,
@@ -468,7 +516,7 @@ class Trainer:
         m = self.probe.read(self.model, self.optimizer, grad_bytes=self.grad_bytes)
         w.memory(step=self.loop.step, device=m.device, peak_bytes=m.peak_bytes, current_bytes=m.current_bytes,
                  param_bytes=m.param_bytes, grad_bytes=m.grad_bytes, optimizer_bytes=m.optimizer_bytes,
-                 trainable_params=m.trainable_params)
+                 trainable_params=m.trainable_params, process_peak_bytes=m.process_peak_bytes)
         self.events({"type": "log", "step": self.loop.step, "loss": loss, "ppl": perplexity(loss),
                      "independent": self.ties.independent_layers, "blocks": self.num_blocks,
                      "peak_bytes": m.peak_bytes, "trainable": m.trainable_params})

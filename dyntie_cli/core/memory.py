@@ -1,12 +1,16 @@
 """Memory probes and byte accounting (docs/method.md, "Memory").
 
-On CUDA: peak allocated bytes per logging interval (the peak is reset after each reading) and the current
-allocation. On CPU ``torch.cuda.max_memory_allocated`` silently returns 0, so the peak is the process's
-peak RSS. On Linux the RSS high-water mark is reset the same way as the CUDA peak -- once after setup (model
-construction allocates every block before the tie state releases the tied ones, as a GPU run does on the host
-before moving the model) and after each reading -- by writing 5 to ``/proc/self/clear_refs``; the setup peak
-is reported separately. Where that is not possible the peak is the whole-process ``ru_maxrss``. Besides the device view, an exact account of parameter, gradient and
-optimizer-state bytes, each stored tensor counted once (a tied block's tensors are its root's storage).
+Two peaks are kept apart, so nobody mistakes one for the other:
+
+* the **process peak** (``process_peak_bytes``): the whole process from its first byte -- on CPU the kernel's RSS
+  high-water mark (``ru_maxrss``, what ``/usr/bin/time`` and a parent's ``getrusage`` report; dyntie never resets
+  it), on CUDA the peak allocated bytes since the process started;
+* the **interval peaks** (``peak_bytes``, one per logging interval): on CUDA ``max_memory_allocated`` reset after
+  each reading; on CPU the largest RSS a sampling thread saw in the interval (every few milliseconds), or the
+  high-water mark itself when it rose during the interval (then it is exact).
+
+Besides the device view, an exact account of parameter, gradient and optimizer-state bytes, each stored tensor
+counted once (a tied block's tensors are its root's storage).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import gc
 import os
 import resource
 import sys
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -59,16 +64,6 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
 
 
-def reset_peak_rss() -> bool:
-    """Reset the RSS high-water mark to the current RSS (Linux >= 4.0); False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def current_rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
@@ -107,6 +102,41 @@ def base_bytes(device: torch.device) -> int:
     return current_rss_bytes()
 
 
+class RSSSampler:
+    """The largest RSS seen between two ``take()`` calls, sampled every ``interval_s`` by a daemon thread. It
+    leaves the kernel's high-water mark alone; a rise of that mark during an interval gives the exact peak."""
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._max = current_rss_bytes()
+        self._hwm = peak_rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dyntie-rss-sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            rss = current_rss_bytes()
+            with self._lock:
+                self._max = max(self._max, rss)
+
+    def take(self) -> int:
+        """The interval's peak; starts the next interval."""
+        now, hwm = current_rss_bytes(), peak_rss_bytes()
+        with self._lock:
+            peak = max(self._max, now)
+            self._max = now
+        if hwm > self._hwm:  # the process reached a new peak in this interval: the kernel knows it exactly
+            peak = max(peak, hwm)
+        self._hwm = hwm
+        return peak
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1.0)
+
+
 @dataclass
 class MemoryReading:
     device: str
@@ -116,22 +146,34 @@ class MemoryReading:
     grad_bytes: int
     optimizer_bytes: int
     trainable_params: int
+    process_peak_bytes: int  # the whole process so far (see the module docstring)
 
 
 class MemoryProbe:
-    """Reads memory once per logging interval; on CUDA the peak counter is reset after each reading."""
+    """Reads memory once per logging interval: the interval's peak and the process's peak so far."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.is_cuda = device.type == "cuda"
+        self.sampler: RSSSampler | None = None
         if self.is_cuda:
             self.setup_peak = torch.cuda.max_memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
-            self.resets = True
         else:
             self.setup_peak = peak_rss_bytes()
             release_freed_memory()  # what the initial tie state released leaves the process before training
-            self.resets = reset_peak_rss()
+            self.sampler = RSSSampler()
+        self.process_peak = self.setup_peak
+
+    def process_peak_now(self) -> int:
+        """The whole process's peak up to now."""
+        now = torch.cuda.max_memory_allocated(self.device) if self.is_cuda else peak_rss_bytes()
+        self.process_peak = max(self.process_peak, now)
+        return int(self.process_peak)
+
+    def close(self) -> None:
+        if self.sampler is not None:
+            self.sampler.close()
 
     def read(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_bytes: int | None = None) -> MemoryReading:
         """``grad_bytes``: the gradient bytes measured during the last step (they are freed after it)."""
@@ -140,13 +182,15 @@ class MemoryProbe:
             current = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             name = torch.cuda.get_device_name(self.device)
+            self.process_peak = max(self.process_peak, peak)
         else:
-            peak, current, name = peak_rss_bytes(), current_rss_bytes(), "cpu"
-            if self.resets:
-                reset_peak_rss()
+            assert self.sampler is not None
+            peak, current, name = self.sampler.take(), current_rss_bytes(), "cpu"
+            self.process_peak = max(self.process_peak, peak_rss_bytes())
         return MemoryReading(
             device=name, peak_bytes=int(peak), current_bytes=int(current),
             param_bytes=parameter_bytes(model),
             grad_bytes=gradient_bytes(model) if grad_bytes is None else grad_bytes,
             optimizer_bytes=optimizer_bytes(optimizer), trainable_params=trainable_parameters(model),
+            process_peak_bytes=int(self.process_peak),
         )

@@ -283,6 +283,13 @@ class TieManager:
                 self._inject(i)
         return {"untied": untie, "tied": release}
 
+    def reinject(self) -> None:
+        """Point every tied block at its root's tensors again (after a device or dtype move of the model)."""
+        self._casts.clear()
+        for i, root in enumerate(self.state):
+            if root != i:
+                self._inject(i)
+
     def _optimizer_add(self, params: list[nn.Parameter], source: list[nn.Parameter]) -> None:
         opt = self.optimizer
         if opt is None:

@@ -9,14 +9,19 @@ import pandas as pd
 
 from dyntie_cli.results.db import IN_RUNS
 
-# the quantities `dyntie bench` reports, each also as a ratio to no-tying. peak_bytes is the device's peak:
-# the process's peak RSS on CPU, peak allocated bytes on CUDA (avg_peak_bytes: the mean over logging intervals);
-# base_bytes: what the process held before the model was built (on CPU the libraries and data, ~0.7 GiB with
-# torch and transformers), and peak_above_base_bytes the peak less that: the part the tie state acts on
+# the quantities `dyntie bench` reports, each also as a ratio to no-tying. process_peak_bytes is the headline:
+# the whole process from its first byte (on CPU the RSS high-water mark, what /usr/bin/time reports; on CUDA peak
+# allocated bytes since the process started), setup and the final evaluation included; training_peak_bytes is the
+# largest per-logging-interval peak while training, planned_peak_bytes what the run's memory plan predicted before it
+# started (for dynamic tying at its budget, which a short run may not reach) (avg_training_peak_bytes: their mean); base_bytes what the
+# process held before the model was built (on CPU the libraries and data, ~0.7 GiB with torch and transformers),
+# and process_peak_above_base_bytes the process peak less that: the part the tie state acts on
 BENCH_COLUMNS = [
-    "peak_bytes", "avg_peak_bytes", "base_bytes", "peak_above_base_bytes", "setup_peak_bytes", "state_bytes_mean", "state_bytes_peak", "param_bytes_mean", "grad_bytes_mean",
-    "optimizer_bytes_mean", "trainable_params_mean", "trainable_params_end", "tokens_per_s", "step_time_s",
-    "validation_ppl", "agent_share",
+    "process_peak_bytes", "process_peak_above_base_bytes", "planned_peak_bytes", "training_peak_bytes",
+    "avg_training_peak_bytes",
+    "base_bytes", "setup_peak_bytes", "state_bytes_mean", "state_bytes_peak", "param_bytes_mean",
+    "grad_bytes_mean", "optimizer_bytes_mean", "trainable_params_mean", "trainable_params_end", "tokens_per_s",
+    "step_time_s", "validation_ppl", "agent_share",
 ]
 # a repeated bench's lowest and highest per-round step-time ratio: how far one round could have been off
 _ROUND_RANGE = ("step_time_s ratio, lowest round", "step_time_s ratio, highest round")
@@ -26,8 +31,8 @@ def _bench_rows(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     """One row per run: the bench quantities (not yet ratios), in the order of ``ids``."""
     sql = f"""
         WITH mem AS (
-            SELECT run_id, any_value(device) AS device, max(peak_bytes) AS peak_bytes,
-                avg(peak_bytes) AS avg_peak_bytes,
+            SELECT run_id, any_value(device) AS device, max(peak_bytes) AS training_peak_bytes,
+                avg(peak_bytes) AS avg_training_peak_bytes, max(process_peak_bytes) AS process_peak_rows,
                 avg(param_bytes + grad_bytes + optimizer_bytes) AS state_bytes_mean,
                 max(param_bytes + grad_bytes + optimizer_bytes) AS state_bytes_peak,
                 avg(param_bytes) AS param_bytes_mean, avg(grad_bytes) AS grad_bytes_mean,
@@ -39,6 +44,8 @@ def _bench_rows(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
                 median(value) FILTER (WHERE name = 'step_time_s') AS step_time_s,
                 arg_max(value, step) FILTER (WHERE name = 'agent_time_s') AS agent_time_s,
                 max(value) FILTER (WHERE name = 'setup_peak_bytes') AS setup_peak_bytes,
+                max(value) FILTER (WHERE name = 'process_peak_bytes') AS process_peak_end,
+                max(value) FILTER (WHERE name = 'planned_peak_bytes') AS planned_peak_bytes,
                 max(value) FILTER (WHERE name = 'base_bytes') AS base_bytes,
                 arg_max(value, step) FILTER (WHERE name = 'wall_time_s') AS wall_time_s,
                 arg_max(value, step) FILTER (WHERE name = 'trainable_params_mean') AS trainable_params_mean
@@ -56,7 +63,8 @@ def _bench_rows(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     df = con.execute(sql, {"ids": ids}).df()
     df = df.loc[:, ~df.columns.duplicated()]
     df["agent_share"] = df["agent_time_s"] / df["wall_time_s"]
-    df["peak_above_base_bytes"] = df["peak_bytes"] - df["base_bytes"]  # what training added to the process
+    df["process_peak_bytes"] = df[["process_peak_rows", "process_peak_end"]].max(axis=1)
+    df["process_peak_above_base_bytes"] = df["process_peak_bytes"] - df["base_bytes"]  # what the run added
     return df
 
 

@@ -116,11 +116,18 @@ def _add_decision_diagnostics(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(f"ALTER TABLE decisions ADD COLUMN {column}")
 
 
+def _add_process_peak(con: duckdb.DuckDBPyConnection) -> None:
+    """The whole process's peak so far at each memory row (on CPU the RSS high-water mark, which dyntie never
+    resets; on CUDA peak allocated since the process started), beside the per-interval ``peak_bytes``."""
+    con.execute("ALTER TABLE memory ADD COLUMN process_peak_bytes BIGINT")
+
+
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("create_core_tables", _create_core_tables),
     ("add_run_provenance", _add_run_provenance),
     ("add_tie_changes", _add_tie_changes),
     ("add_decision_diagnostics", _add_decision_diagnostics),
+    ("add_process_peak", _add_process_peak),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -42,7 +42,7 @@ ROW_COLUMNS: dict[str, tuple[str, ...]] = {
     "metrics": ("step", "split", "name", "value"),
     "memory": (
         "step", "device", "peak_bytes", "current_bytes", "param_bytes", "grad_bytes", "optimizer_bytes",
-        "trainable_params",
+        "trainable_params", "process_peak_bytes",
     ),
     "ties": (
         "decision", "step", "state", "action", "independent_layers", "distinct_block_weights", "changed_blocks",
@@ -350,8 +350,10 @@ class RunWriter:
         grad_bytes: int | None,
         optimizer_bytes: int | None,
         trainable_params: int | None,
+        process_peak_bytes: int | None = None,
     ) -> None:
-        sizes = (peak_bytes, current_bytes, param_bytes, grad_bytes, optimizer_bytes, trainable_params)
+        sizes = (peak_bytes, current_bytes, param_bytes, grad_bytes, optimizer_bytes, trainable_params,
+                 process_peak_bytes)
         self._append("memory", (int(step), str(device), *(_opt_int(size) for size in sizes)))
 
     def tie(

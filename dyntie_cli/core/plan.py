@@ -1,0 +1,234 @@
+"""Predicting a run's peak memory before it starts, and whether it fits the device.
+
+The peak of a training step is the sum of what lives through it:
+
+* the process **baseline**: what the process holds before the model exists (libraries, data; on CUDA the bytes
+  allocated before the build, the CUDA context aside);
+* **parameters**, **gradients** and **optimizer state** of the blocks that are independent (a tied block has none)
+  and of the always-trained parts: exact byte counts from the model built on the meta device (AdamW keeps two
+  moments per parameter);
+* **activations**: what autograd saves for the backward pass, measured, not modelled: the model is built lazily
+  with one and with two independent blocks (the blocks that start tied cost nothing), a real training batch goes
+  forward once on the run's device and precision, and every saved tensor's storage is counted once. Saved bytes
+  grow linearly with the number of independent blocks (a tied block under ``tied_grad=follow`` saves less than an
+  independent one), so the two measurements give the activations at any count;
+* a **transient**: the gradient of the largest saved tensor, alive at the start of the backward pass (for a
+  language model, the logits).
+
+On CPU the peak is resident memory, which also holds what the allocator keeps around; on CUDA it is allocated
+bytes. ``docs/memory.md`` compares predictions with measured peaks.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import DyntieError
+from ..settings import RunSettings
+from .lazy import build_lazily
+from .memory import current_rss_bytes, release_freed_memory
+from .ties import TieManager
+
+#: AdamW keeps exp_avg and exp_avg_sq, each the size of its parameter
+_OPTIMIZER_COPIES = 2
+
+
+@dataclass
+class MemoryPlan:
+    variant: str
+    blocks: int
+    independent: int  # the most blocks independent at once the plan allows for
+    device: str
+    baseline_bytes: int
+    parameter_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+    transient_bytes: int
+    peak_bytes: int
+    available_bytes: int | None  # what the device can give this run; None: unknown
+    fits: bool | None
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ModelCounts:
+    blocks: int
+    block_bytes: int  # one block's parameters
+    other_bytes: int  # embeddings, norms, head: always trained
+    element_bytes: int
+
+
+def model_counts(meta_model: nn.Module, blocks: list[nn.Module]) -> ModelCounts:
+    """Parameter bytes of a model built on the meta device (a shared tensor counted once)."""
+    total = sum(p.numel() * p.element_size() for p in meta_model.parameters())
+    block = sum(p.numel() * p.element_size() for p in blocks[0].parameters())
+    element = next(iter(meta_model.parameters())).element_size()
+    return ModelCounts(len(blocks), block, total - block * len(blocks), element)
+
+
+def saved_bytes(forward: Callable[[], Any], params: set[int]) -> tuple[int, int]:
+    """Bytes of the storages autograd saves during ``forward()`` (each once, parameters excluded), and the
+    largest of them."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(seen.values()), max(seen.values(), default=0)
+
+
+def measure_activations(backbone, cfg: RunSettings, data, device: torch.device, probe: list[nn.Module]
+                        ) -> tuple[Callable[[int], int], int]:
+    """A function from the number of independent blocks to saved activation bytes, and the transient, both
+    measured on a lazily built model (see the module docstring). Draws no number from the run's generators."""
+    blocks = len(probe)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model, _ = build_lazily(lambda: backbone.build_model(cfg, data), backbone.blocks, [0] * blocks, probe)
+        ties = TieManager(backbone.blocks(model), [0] * blocks, tied_grad=cfg.ties.tied_grad)
+        model.to(device)
+        ties.reinject()
+        model.train()
+        batch = {k: v.to(device) for k, v in data.train_batch(torch.Generator().manual_seed(cfg.seed)).items()}
+        autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+
+        def measure(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+            params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+            with autocast:
+                return saved_bytes(lambda: backbone.loss(model, batch), params)
+
+        one, largest = measure(model, batch)
+        two = one
+        if blocks > 1:
+            ties.apply([0, 1] + [1] * (blocks - 2))
+            two, largest2 = measure(model, batch)
+            largest = max(largest, largest2)
+        ties.remove_hooks()
+        del model, ties, batch
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    else:
+        release_freed_memory()
+    per_block = two - one
+    return (lambda n: one + (max(n, 1) - 1) * per_block), largest
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """What the device can give a run of this process: on CUDA its free memory plus what this process already
+    holds; on CPU the kernel's available memory (within a cgroup limit, if any) plus this process's RSS."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_allocated(device))
+    rss = current_rss_bytes()
+    candidates = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                candidates.append(int(line.split()[1]) * 1024 + rss)
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit != "max":
+            candidates.append(int(limit) - used + rss)
+    except (OSError, ValueError):
+        pass
+    return min(candidates) if candidates else None
+
+
+def planned_independent(cfg: RunSettings, blocks: int, variant: str) -> tuple[int, str]:
+    """The most blocks ``variant`` can have independent at once, and how that was decided."""
+    if variant == "no-tying":
+        return blocks, "every block independent"
+    if variant in ("dynamic", "random", "grow", "q-off"):
+        cap = cfg.agent.max_independent if variant != "random" else 0
+        if variant == "grow" and cfg.ties.independent:
+            return min(blocks, cfg.ties.independent), "the grow target (ties.independent)"
+        if cap:
+            return min(blocks, cap), f"the budget (--max-independent {cap})"
+        return blocks, "no budget (--max-independent 0): it may untie every block"
+    if variant.startswith("static-"):
+        n = cfg.ties.independent or max(1, blocks // 4)
+        return (1 if variant == "static-all" else min(blocks, n)), "the scheme's independent blocks"
+    return blocks, "a schedule from another run: planned at every block independent"
+
+
+def plan_memory(backbone, cfg: RunSettings, data, device: torch.device, variants: list[str], *,
+                baseline: int | None = None, probe: list[nn.Module] | None = None,
+                counts: ModelCounts | None = None) -> list[MemoryPlan]:
+    """The predicted peak of ``cfg`` trained as each of ``variants`` on ``device``. ``baseline``: the process's
+    memory before the model exists (default: what this process holds now)."""
+    if probe is None:
+        meta = backbone.load_model_code(cfg, data)
+        probe = backbone.blocks(meta)
+        counts = model_counts(meta, probe)
+    assert counts is not None
+    if baseline is None:
+        release_freed_memory()
+        baseline = int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else current_rss_bytes()
+    activations, largest = measure_activations(backbone, cfg, data, device, probe)
+    available = available_bytes(device)
+    plans = []
+    for variant in variants:
+        n, why = planned_independent(cfg, counts.blocks, variant)
+        params = counts.other_bytes + n * counts.block_bytes
+        grads = params
+        optimizer = _OPTIMIZER_COPIES * params
+        acts = activations(n)
+        peak = baseline + params + grads + optimizer + acts + largest
+        plans.append(MemoryPlan(
+            variant=variant, blocks=counts.blocks, independent=n, device=str(device), baseline_bytes=baseline,
+            parameter_bytes=params, gradient_bytes=grads, optimizer_bytes=optimizer, activation_bytes=acts,
+            transient_bytes=largest, peak_bytes=peak, available_bytes=available,
+            fits=None if available is None else peak <= available, note=why,
+        ))
+    return plans
+
+
+class DoesNotFit(DyntieError):
+    """A run the memory plan predicts will not fit its device (``--force`` trains it anyway)."""
+
+    def __init__(self, plan: MemoryPlan, cfg: RunSettings) -> None:
+        super().__init__(refusal(plan, cfg))
+        self.plan = plan
+
+
+def gib(n: int | None) -> str:
+    return "?" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def refusal(plan: MemoryPlan, cfg: RunSettings) -> str:
+    """One sentence for a run predicted not to fit, naming the fixes."""
+    fixes = []
+    if plan.variant != "no-tying" and plan.independent > 1:
+        fixes.append(f"a smaller budget (--max-independent {max(1, plan.independent // 2)})")
+    elif plan.variant == "no-tying":
+        fixes.append("dynamic tying with a budget (--variant dynamic --max-independent 8)")
+    batch = cfg.data.get("batch_size")
+    if batch and batch > 1:
+        fixes.append(f"a smaller batch (--set data.batch_size={max(1, batch // 2)})")
+    fixes.append("--force to try anyway")
+    return (f"This run is predicted to need {gib(plan.peak_bytes)} but {plan.device} has {gib(plan.available_bytes)} "
+            f"available (parameters, gradients and optimizer state {gib(plan.parameter_bytes + plan.gradient_bytes + plan.optimizer_bytes)}, "
+            f"activations {gib(plan.activation_bytes)}, baseline {gib(plan.baseline_bytes)}; `dyntie plan` shows the "
+            f"parts): try {', or '.join(fixes)}.")
+

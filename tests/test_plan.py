@@ -1,0 +1,94 @@
+"""`dyntie plan` and the memory check before a run: the parts are the run's own, a run that cannot fit is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dyntie_cli.commands.options import TrainingOptions
+from dyntie_cli.core import plan as planner
+from dyntie_cli.core.lazy import build_lazily
+from dyntie_cli.core.ties import TieManager
+from dyntie_cli.runner import new_settings
+from tests.conftest import invoke
+from tests.conftest import rows as _rows
+
+
+def _plans(runner, *args) -> dict[str, dict]:
+    r = invoke(runner, "plan", "train", "gpt2", "--preset", "gpt2-tiny", *args, "--format", "json")
+    assert r.exit_code == 0, r.stderr
+    return {p["variant"]: p for p in json.loads(r.stdout)}
+
+
+def test_the_plan_counts_what_the_run_then_holds(runner, tmp_path):
+    plans = _plans(runner, "--variants", "no-tying,dynamic", "--max-independent", "2")
+    assert plans["no-tying"]["independent"] == 4 and plans["dynamic"]["independent"] == 2
+    for p in plans.values():
+        assert p["peak_bytes"] == sum(p[k] for k in ("baseline_bytes", "parameter_bytes", "gradient_bytes",
+                                                      "optimizer_bytes", "activation_bytes", "transient_bytes"))
+        assert p["optimizer_bytes"] == 2 * p["parameter_bytes"] and p["fits"] is True
+    db = tmp_path / "r.duckdb"
+    r = invoke(runner, "train", "gpt2", "--preset", "gpt2-tiny", "--variant", "no-tying", "--max-steps", "5",
+               "--db", db, "--out", tmp_path / "runs", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    param, optimizer = _rows(db, "SELECT param_bytes, optimizer_bytes FROM memory ORDER BY step DESC LIMIT 1")[0]
+    assert param == plans["no-tying"]["parameter_bytes"]
+    # AdamW's two moments, and one 4-byte step counter per parameter tensor
+    assert 0 <= optimizer - plans["no-tying"]["optimizer_bytes"] < 4 * 100
+    planned = _rows(db, "SELECT value FROM metrics WHERE name = 'planned_peak_bytes'")[0][0]
+    assert planned > plans["no-tying"]["parameter_bytes"] * 4  # the run recorded its own plan
+
+
+@pytest.mark.parametrize("independent", [1, 2, 4])
+def test_planned_activations_are_what_a_training_step_saves(independent):
+    """The plan measures activations at one and two independent blocks and extrapolates; a real forward at any
+    count saves exactly that."""
+    backbone, cfg = new_settings("gpt2", TrainingOptions({"preset": "gpt2-tiny"}))
+    data = backbone.load_data(cfg)
+    meta = backbone.load_model_code(cfg, data)
+    probe = backbone.blocks(meta)
+    activations, _ = planner.measure_activations(backbone, cfg, data, torch.device("cpu"), probe)
+    state = list(range(independent)) + [independent - 1] * (4 - independent)
+    model, _ = build_lazily(lambda: backbone.build_model(cfg, data), backbone.blocks, [0] * 4, probe)
+    ties = TieManager(backbone.blocks(model), [0] * 4)
+    ties.apply(state)
+    model.train()
+    batch = data.train_batch(torch.Generator().manual_seed(cfg.seed))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved, _ = planner.saved_bytes(lambda: backbone.loss(model, batch), params)
+    assert activations(independent) == saved
+
+
+def test_measuring_draws_no_number_from_the_run(monkeypatch):
+    backbone, cfg = new_settings("gpt2", TrainingOptions({"preset": "gpt2-tiny"}))
+    data = backbone.load_data(cfg)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    planner.plan_memory(backbone, cfg, data, torch.device("cpu"), ["dynamic"])
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_run_that_will_not_fit_is_refused_before_anything_is_written(runner, tmp_path, monkeypatch):
+    monkeypatch.setattr(planner, "available_bytes", lambda device: 64 * 2**20)
+    db = tmp_path / "r.duckdb"
+    args = ("train", "gpt2", "--preset", "gpt2-tiny", "--max-steps", "3", "--db", db, "--out", tmp_path / "runs")
+    r = invoke(runner, *args, "--quiet")
+    assert r.exit_code == 1 and "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "predicted to need" in lines[0] and "--max-independent" in lines[0]
+    assert "data.batch_size=2" in lines[0] and "--force" in lines[0]
+    assert not db.exists() and not (tmp_path / "runs").exists()
+    plans = _plans(runner)
+    assert plans["no-tying"]["fits"] is False and plans["no-tying"]["available_bytes"] == 64 * 2**20
+    r = invoke(runner, *args, "--quiet", "--force")
+    assert r.exit_code == 0, r.stderr
+    assert _rows(db, "SELECT status FROM runs") == [("finished",)]
+
+
+def test_plan_refuses_bad_settings_like_training_does(runner):
+    r = invoke(runner, "plan", "train", "gpt2", "--set", "train.precision=fp8")
+    assert r.exit_code == 2 and "train.precision" in r.stderr
+    r = invoke(runner, "plan", "finetune", "gpt2")
+    assert r.exit_code == 2 and "dyntie train gpt2" in r.stderr
