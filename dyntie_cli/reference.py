@@ -74,6 +74,9 @@ COLUMNS: dict[str, dict[str, str]] = {
         "td_loss": "(q_predicted - q_target)^2", "greedy_agreement": "share of rows whose greedy choice is unchanged "
                                                                       "since the previous decision",
         "q_spread": "mean over rows of max - min Q", "ppl": "the perplexity the reward was computed from",
+        "greedy_moves": "rows whose greedy Q choice (keep bonus and keep_trained applied, before exploration and "
+                        "the budget), taken alone, would change their tie: 0 when the learned part would keep "
+                        "everything (always 0 with agent.use_q=false); NULL when no Q-network decided",
     },
     "schema_migrations": {"version": "", "name": "", "applied_at": ""},
 }

@@ -135,12 +135,35 @@ def run_job(backbone, job: Job, launch: Launch, *, print_summary: bool = True,
     """Train ``job``, recorded in ``launch.db``; prints the summary on stdout unless told not to. ``listen``
     hears the trainer's events (start, log, eval, end) besides the progress view."""
     settings = job.settings
+    job = with_agent_knowledge(job, launch.db)
     return _run_trainer(
         backbone, settings, launch.quiet,
         lambda: RunWriter(launch.db, flush_every_s=settings.train.flush_every_s, backbone=settings.backbone),
         print_summary=print_summary, listen=listen, command=job.command, out_dir=launch.out, source=job.source,
         parent_run_id=job.parent_run_id, labels=job.labels, check_memory=not launch.force,
     )
+
+
+#: the variants whose policy is the Q-agent (and so can start from earlier runs' knowledge)
+AGENT_VARIANTS = ("dynamic", "q-off")
+
+
+def with_agent_knowledge(job: Job, db: Path) -> Job:
+    """``job`` with what its agent starts from (``agent.warm_from``, ``agent.warm_weights``) read from the registry
+    into its source, and recorded in its labels (``runs.config`` ``agent_sources``: the run ids whose transitions
+    it learned from, how many, and the run whose network it started from). Unchanged for a policy without an
+    agent or an agent that starts cold."""
+    a = job.settings.agent
+    if job.settings.variant not in AGENT_VARIANTS or not (a.warm_from or a.warm_weights):
+        return job
+    from .results.lineage import agent_knowledge
+
+    study = (job.labels.get("study") or {}).get("name")
+    knowledge = agent_knowledge(db, a.warm_from, a.warm_weights, job.settings.backbone, study=study)
+    sources = {"runs": knowledge["runs"], "transitions": len(knowledge["transitions"]),
+               "updates": a.warm_updates if knowledge["transitions"] else 0, "weights_run": knowledge["weights_run"]}
+    return Job(job.settings, job.command, job.parent_run_id, {**(job.source or {}), "agent": knowledge},
+               {**job.labels, "agent_sources": sources})
 
 
 def resume_run(run_id: str, opts: Any) -> RunResult:

@@ -124,7 +124,8 @@ ExploreMoves = Literal["any", "local"]
 TdTarget = Literal["max", "greedy"]
 Reward = Literal["relative", "neg-log-ppl", "neg-ppl"]
 RewardBatch = Literal["interval", "next", "fresh"]
-AgentPreset = Literal["default", "paper", "lean"]
+AgentPreset = Literal["default", "paper", "lean", "shared"]
+QNet = Literal["matrix", "shared"]
 
 
 class AgentSettings(Section):
@@ -181,6 +182,18 @@ class AgentSettings(Section):
     use_q: bool = setting(True, "Act on the Q-network. false: the greedy choice of every row keeps its tie and "
                                 "only exploration and the budget move rows (the network still trains, so every "
                                 "random draw is the default's); the variant q-off sets it.", legacy=True)
+    qnet: QNet = setting("matrix", "The Q-network: matrix (the whole state to all L(L+1)/2 entries, one "
+                                   "training row per decision) or shared (one small network scores each entry "
+                                   "from depth-free features, the same weights for every row and any depth: L "
+                                   "training rows per decision).", legacy="matrix")
+    warm_from: str = setting("", "Warm-start the agent from earlier runs' recorded transitions: run ids (or "
+                                 "unique prefixes), comma-separated, or all (every finished dynamic run of this "
+                                 "backbone in the registry, except runs of the same study); the ids used are "
+                                 "recorded in runs.config agent_sources.", legacy="")
+    warm_weights: str = setting("", "Start the Q-network from the agent in this run's checkpoint (a run id or "
+                                    "unique prefix); a shared network applies at any depth.", legacy="")
+    warm_updates: int = setting(200, "Minibatch updates on the warm_from transitions before the first "
+                                     "decision.", ge=0, legacy=200)
     seed: int = setting(0, "The agent's seed (the run's --seed).", ge=0)
 
     #: the named starting points; ``default`` is the schema's own defaults
@@ -197,6 +210,9 @@ class AgentSettings(Section):
         # saved, at a worse perplexity on the 48-block study (docs/studies.md)
         "lean": dict(keep_bias=0.9, keep_target="root", explore_moves="any", max_independent=0,
                      keep_trained=False, td_target="max"),
+        # the default with the shared per-block Q-network, and a keep bonus on its scale: its entries of a row differ
+        # by tenths of a reward unit, so the default's bonus of 2.0 would never let it move (docs/agent.md)
+        "shared": dict(qnet="shared", keep_bonus=0.5),
     }
 
     @classmethod
@@ -438,7 +454,7 @@ def from_saved(backbone_cls: type, saved: dict[str, Any], sources: Sequence[Pair
 
 #: what a run's stored config says besides its settings: the round of a repeated bench, the number of processes,
 #: the study it belongs to, how its model was built
-RUN_LABELS = ("bench", "world_size", "study", "setup")
+RUN_LABELS = ("bench", "world_size", "study", "setup", "agent_sources")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from .distributed import Group
 from .lazy import BuildReport, build_lazily
 from .memory import MemoryProbe, base_bytes, gradient_bytes, release_freed_memory, trainable_parameters
 from .plan import DoesNotFit, MemoryPlan, model_counts, plan_memory
-from .policies import Policy, make_policy
+from .policies import DynamicPolicy, Policy, make_policy
 from .ties import TieManager, independent_count, transition
 
 
@@ -248,6 +248,15 @@ class Trainer:
             independent=cfg.ties.independent, source=self.source, perm_seed=cfg.ties.perm_seed,
             grow_until=cfg.ties.grow_until,
         )
+        knowledge = self.source.get("agent")
+        if knowledge and not self.resume and isinstance(self.policy, DynamicPolicy):
+            # what the agent starts from (a resume restores the agent it had instead)
+            weights = None
+            if knowledge.get("weights_dir"):
+                weights = ckpt.load_trainer_state(Path(knowledge["weights_dir"]))["policy"].get("agent")
+                if weights is None:
+                    raise DyntieError(f"Run {knowledge['weights_run']} has no agent in its checkpoint to start from.")
+            self.policy.agent.warm_start(knowledge.get("transitions", []), weights)
         if cfg.variant.startswith("static-") and not cfg.ties.independent:
             cfg.ties.independent = independent_count(self.policy.initial_state())  # what the scheme resolved to
         if cfg.variant == "grow" and not cfg.ties.independent:
@@ -441,7 +450,7 @@ class Trainer:
             decision=self.loop.decision, step=self.loop.step, state=state, action=list(dec.action),
             next_state=list(new_state), progress=progress, next_progress=next_progress, epsilon=dec.epsilon,
             explored=dec.explored, greedy_agreement=dec.greedy_agreement,
-            q_spread=dec.q_spread if self.policy.learns else None,
+            q_spread=dec.q_spread if self.policy.learns else None, greedy_moves=dec.greedy_moves,
         )
         self.loop.agent_time += time.perf_counter() - t0
         if not self.group.is_main:
@@ -490,6 +499,7 @@ class Trainer:
             decision=p.decision, step=p.step, epsilon=p.epsilon, explored=p.explored,
             reward=info.get("reward"), q_predicted=info.get("q_predicted"), q_target=info.get("q_target"),
             td_loss=info.get("td_loss"), greedy_agreement=p.greedy_agreement, q_spread=p.q_spread, ppl=ppl,
+            greedy_moves=p.greedy_moves,
         )
         if ppl is not None:  # at the step the reward was measured (the end of its interval for "interval")
             self.writer.metric(self.loop.step, "reward", "ppl", ppl)

@@ -246,7 +246,10 @@ def _agent(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     # Decision 0 is the initial state, not a choice: it is left out of every per-decision mean.
     decided = f"""
         SELECT run_id, count(*) AS decisions, avg(greedy_agreement) AS greedy_agreement_mean,
-            avg(q_spread) AS q_spread_mean, avg(td_loss) AS td_loss_mean
+            avg(q_spread) AS q_spread_mean, avg(td_loss) AS td_loss_mean,
+            avg(CASE WHEN greedy_moves IS NULL THEN NULL WHEN greedy_moves > 0 THEN 1.0 ELSE 0.0 END)
+                AS greedy_moved_share,
+            avg(greedy_moves) AS greedy_moves_mean
         FROM decisions WHERE {IN_RUNS} AND decision > 0 GROUP BY run_id
     """
     changed = f"""
@@ -262,8 +265,8 @@ def _agent(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
                  states.groupby("run_id", sort=False)}
     table["independent_lifetime_mean"] = table.run_id.map(lifetimes).astype(float)
     table["decisions"] = table.decisions.fillna(0).astype(int)
-    columns = ["run_id", "variant", "decisions", "changed_blocks_mean", "greedy_agreement_mean",
-               "q_spread_mean", "td_loss_mean", "independent_lifetime_mean"]
+    columns = ["run_id", "variant", "decisions", "changed_blocks_mean", "greedy_moved_share", "greedy_moves_mean",
+               "greedy_agreement_mean", "q_spread_mean", "td_loss_mean", "independent_lifetime_mean"]
     return table[columns]
 
 
