@@ -25,7 +25,9 @@ COLUMNS: dict[str, dict[str, str]] = {
         "variant": "dynamic, no-tying, final-arch, replay, random, static-*, ...",
         "status": "running, finished, failed or killed (a run whose process is gone reads as killed)",
         "config": "the run's resolved settings (docs/settings.md) plus labels: `setup` (how the model was built), "
-                  "`bench` (round of a repeated bench), `study`, `world_size`",
+                  "`bench` (round of a repeated bench), `study`, `world_size`, `agent_sources` (what a warm-started agent "
+                  "learned from: the run ids of its transitions, their count, the updates, the run whose network it "
+                  "started from)",
         "parent_run_id": "the run an ablation was made from",
         "started_at": "UTC",
         "ended_at": "UTC; NULL while running",

@@ -129,8 +129,8 @@ QNet = Literal["matrix", "shared"]
 
 
 class AgentSettings(Section):
-    """The Q-agent. ``preset`` names a starting point (``default``, ``paper``, ``lean``); explicit fields
-    override it. The method page of the docs explains each choice."""
+    """The Q-agent. ``preset`` names a starting point (``default``, ``paper``, ``lean``, ``shared``); explicit fields
+    override it. The method page of the docs explains each choice; docs/agent.md the shared network."""
 
     preset: AgentPreset = setting("default", "The named agent these settings started from.")
     hidden: int = setting(128, "Width of the Q-network's two hidden layers.", ge=1)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import shutil
 import signal
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ from dyntie_cli.core.ties import all_tied, canonicalize, independent_count, tran
 from dyntie_cli.errors import DyntieError
 from dyntie_cli.settings import AgentSettings
 from tests.conftest import invoke, rows
+from tests.test_grow_qoff import _check_tie_log
 
 #: the learning machinery alone: nothing between the Q-network and its greedy choice
 BARE = dict(gamma=0.0, keep_bias=0.0, keep_bonus=0.0, keep_trained=False, max_independent=0)
@@ -24,17 +23,6 @@ BARE = dict(gamma=0.0, keep_bias=0.0, keep_bonus=0.0, keep_trained=False, max_in
 
 def _shared(**kw) -> AgentSettings:
     return AgentSettings.from_preset("default", qnet="shared", **kw)
-
-
-def _check_tie_log(db: Path, run_id: str) -> list[tuple]:
-    """The run's tie log obeys Eq. 1 and its distinct weight storages are its independent blocks."""
-    log = rows(db, "SELECT decision, step, state, action, independent_layers, distinct_block_weights FROM ties "
-                   "WHERE run_id = ? ORDER BY decision", run_id)
-    assert [d for d, *_ in log] == list(range(len(log)))
-    for (_, _, before, *_), (_, _, state, action, independent, storages) in itertools.pairwise(log):
-        assert list(state) == transition(list(before), list(action))
-        assert independent == independent_count(state) and storages == independent
-    return log
 
 
 # --- the network ----------------------------------------------------------------------------------------------
@@ -353,3 +341,24 @@ def test_resume_of_a_warm_started_run_is_bit_exact(twelve_block_runs, tmp_path):
     got, want = logged(db, killed), logged(db, whole.run_id)
     assert got == want
     _check_tie_log(db, killed)
+
+
+def test_agent_from_all_leaves_out_the_runs_of_the_same_study(twelve_block_runs, tmp_path):
+    """A study's seeds do not learn from each other: `all` skips the runs labelled with the asking run's study."""
+    import duckdb
+
+    from dyntie_cli.results.lineage import agent_knowledge
+
+    src, _, ids = twelve_block_runs
+    db = tmp_path / "r.duckdb"
+    shutil.copy(src, db)
+    con = duckdb.connect(str(db))
+    con.execute("""UPDATE runs SET config = json_merge_patch(config, '{"study": {"name": "s1"}}')
+                   WHERE run_id = ?""", [ids[0]])
+    con.close()
+    everything = agent_knowledge(db, "all", "", "gpt2")["runs"]
+    assert ids[0] in everything
+    outside = agent_knowledge(db, "all", "", "gpt2", study="s1")["runs"]
+    assert outside == [r for r in everything if r != ids[0]]
+    with pytest.raises(DyntieError, match="found no finished dynamic run of vit"):
+        agent_knowledge(db, "all", "", "vit")
