@@ -2,7 +2,7 @@
 
 ``ablation_job`` turns a recorded dynamic run and a variant into a ``Job`` that trains the variant with the
 source's data, seed, steps and hyperparameters (unless overridden), linked to it by ``parent_run_id``. Used by
-``dyntie ablate``, ``dyntie bench`` (final-arch) and ``dyntie study`` (final-arch and replay of each seed).
+``dyntie ablate``, ``dyntie bench`` (final-arch) and ``dyntie study`` (final-arch, replay and grow of each seed).
 """
 
 from __future__ import annotations
@@ -11,16 +11,18 @@ from pathlib import Path
 from typing import Any
 
 from .core.policies import random_permutation
-from .core.ties import permute_state
+from .core.ties import independent_count, permute_state
 from .errors import DyntieError, UsageError
 from .results.lineage import load_source_run, newest_finished_run
 from .runner import Job, recorded_settings
 from .settings import NEEDS_SOURCE, STATIC_SCHEMES, RunSettings
 
 #: what `dyntie ablate --variant` accepts
-ABLATIONS = ("final-arch", "replay", "no-tying", "random", *STATIC_SCHEMES)
+ABLATIONS = ("final-arch", "replay", "no-tying", "random", *STATIC_SCHEMES, "grow", "q-off")
 #: static schemes whose state depends on a number of independent blocks (all-shared has exactly one)
 MATCHED = tuple(v for v in STATIC_SCHEMES if v != "static-all")
+#: variants that take their number of independent blocks from the source run unless --independent gives it
+COUNTED = (*MATCHED, "grow")
 #: seeds tried when looking for a replay permutation that really moves the schedule; for any state other than
 #: all-tied or all-independent a quarter or more of all permutations do, so a few tries are enough
 PERM_SEED_TRIES = 1000
@@ -28,7 +30,7 @@ PERM_SEED_TRIES = 1000
 
 def check_source(variant: str, source: dict[str, Any], independent_given: bool) -> None:
     """The source must have the tie history the variant reads, and that history must be complete."""
-    reads_history = variant in NEEDS_SOURCE or (variant in MATCHED and not independent_given)
+    reads_history = variant in NEEDS_SOURCE or (variant in COUNTED and not independent_given)
     if not reads_history:
         return
     run_id = source["run_id"]
@@ -52,6 +54,8 @@ def ablation_job(db: Path, from_run: str, variant: str, sources: list[list[tuple
     backbone, settings = recorded_settings(source["config"], [[("variant", variant)], *sources])
     if variant in MATCHED:
         match_independent(settings, source)
+    if variant == "grow" and not settings.ties.independent:  # grow to the count the source ended with
+        settings.ties.independent = independent_count(source["final_state"])
     if variant == "replay" and "perm_seed" not in given:
         note = choose_moving_permutation(settings, source)
         if note and notes is not None:
@@ -92,8 +96,8 @@ def check_ablation_arguments(variant: str, independent: int | None) -> None:
     """Combinations that cannot make sense, refused before anything is loaded."""
     if variant not in ABLATIONS:
         raise UsageError(f"Unknown ablation variant {variant!r}; choose one of {', '.join(ABLATIONS)}.")
-    if independent is not None and variant not in STATIC_SCHEMES:
-        raise UsageError(f"--independent applies to the static-* variants only; drop it for {variant}.")
+    if independent is not None and variant not in (*STATIC_SCHEMES, "grow"):
+        raise UsageError(f"--independent applies to the static-* variants and grow only; drop it for {variant}.")
     if independent is not None and independent < 1:
         raise UsageError("--independent must be at least 1 (block 0 always owns its weights).")
 

@@ -80,9 +80,22 @@ def _reflow_help(typer_app: typer.Typer) -> None:
 
 
 def _register() -> None:
-    from .commands import ablate, backbones, bench, config, export, finetune, generate, plan, report, train
+    from .commands import (
+        ablate,
+        backbones,
+        bench,
+        config,
+        export,
+        finetune,
+        generate,
+        merge,
+        plan,
+        report,
+        study,
+        train,
+    )
 
-    for module in (train, finetune, ablate, report, bench, export, generate, backbones, config, plan):
+    for module in (train, finetune, ablate, study, report, merge, bench, export, generate, backbones, config, plan):
         module.register(app)
     _reflow_help(app)
 

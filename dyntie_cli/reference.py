@@ -25,7 +25,9 @@ COLUMNS: dict[str, dict[str, str]] = {
         "variant": "dynamic, no-tying, final-arch, replay, random, static-*, ...",
         "status": "running, finished, failed or killed (a run whose process is gone reads as killed)",
         "config": "the run's resolved settings (docs/settings.md) plus labels: `setup` (how the model was built), "
-                  "`bench` (round of a repeated bench), `study`, `world_size`",
+                  "`bench` (round of a repeated bench), `study`, `world_size`, `agent_sources` (what a warm-started agent "
+                  "learned from: the run ids of its transitions, their count, the updates, the run whose network it "
+                  "started from)",
         "parent_run_id": "the run an ablation was made from",
         "started_at": "UTC",
         "ended_at": "UTC; NULL while running",
@@ -74,6 +76,9 @@ COLUMNS: dict[str, dict[str, str]] = {
         "td_loss": "(q_predicted - q_target)^2", "greedy_agreement": "share of rows whose greedy choice is unchanged "
                                                                       "since the previous decision",
         "q_spread": "mean over rows of max - min Q", "ppl": "the perplexity the reward was computed from",
+        "greedy_moves": "rows whose greedy Q choice (keep bonus and keep_trained applied, before exploration and "
+                        "the budget), taken alone, would change their tie: 0 when the learned part would keep "
+                        "everything (always 0 with agent.use_q=false); NULL when no Q-network decided",
     },
     "schema_migrations": {"version": "", "name": "", "applied_at": ""},
 }

@@ -6,9 +6,14 @@ Shared by ``train``, ``finetune``, ``ablate``, ``bench`` (whose variants run as 
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,9 +25,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .core.distributed import Group
-from .core.loop import RunResult, Trainer, resolve_device
+from .core.loop import Event, RunResult, Trainer, resolve_device
 from .core.threads import ThreadWatch, plan_threads
-from .errors import UsageError
+from .errors import DyntieError, UsageError
 from .plugins import get_backbone
 from .results.db import resolve_db_path
 from .results.lineage import load_run, load_source_run
@@ -132,14 +137,17 @@ def default_out_dir(out: str | None) -> Path:
     return Path(out or os.environ.get("DYNTIE_OUT", "runs"))
 
 
-def run_job(backbone, job: Job, launch: Launch, *, print_summary: bool = True) -> RunResult:
-    """Train ``job``, recorded in ``launch.db``; prints the summary on stdout unless told not to."""
+def run_job(backbone, job: Job, launch: Launch, *, print_summary: bool = True,
+            listen: Callable[[Event], None] | None = None) -> RunResult:
+    """Train ``job``, recorded in ``launch.db``; prints the summary on stdout unless told not to. ``listen``
+    hears the trainer's events (start, log, eval, end) besides the progress view."""
     settings = job.settings
+    job = with_agent_knowledge(job, launch.db)
     source = with_initial_state(launch.db, settings, job.source)
     return _run_trainer(
         backbone, settings, launch,
         lambda: RunWriter(launch.db, flush_every_s=settings.train.flush_every_s, backbone=settings.backbone),
-        print_summary=print_summary, command=job.command, out_dir=launch.out, source=source,
+        print_summary=print_summary, listen=listen, command=job.command, out_dir=launch.out, source=source,
         parent_run_id=job.parent_run_id, labels=job.labels, check_memory=not launch.force,
     )
 
@@ -158,21 +166,53 @@ def with_initial_state(db: Path, settings: RunSettings, source: dict[str, Any] |
     return {**(source or {}), "initial_state": run["final_state"]}
 
 
+#: the variants whose policy is the Q-agent (and so can start from earlier runs' knowledge)
+AGENT_VARIANTS = ("dynamic", "q-off")
+
+
+def with_agent_knowledge(job: Job, db: Path) -> Job:
+    """``job`` with what its agent starts from (``agent.warm_from``, ``agent.warm_weights``) read from the registry
+    into its source, and recorded in its labels (``runs.config`` ``agent_sources``: the run ids whose transitions
+    it learned from, how many, and the run whose network it started from). Unchanged for a policy without an
+    agent or an agent that starts cold."""
+    a = job.settings.agent
+    if job.settings.variant not in AGENT_VARIANTS or not (a.warm_from or a.warm_weights):
+        return job
+    from .results.lineage import agent_knowledge
+
+    study = (job.labels.get("study") or {}).get("name")
+    knowledge = agent_knowledge(db, a.warm_from, a.warm_weights, job.settings.backbone, study=study)
+    sources = {"runs": knowledge["runs"], "transitions": len(knowledge["transitions"]),
+               "updates": a.warm_updates if knowledge["transitions"] else 0, "weights_run": knowledge["weights_run"]}
+    return Job(job.settings, job.command, job.parent_run_id, {**(job.source or {}), "agent": knowledge},
+               {**job.labels, "agent_sources": sources})
+
+
 def resume_run(run_id: str, opts: Any) -> RunResult:
     """Continue a killed run from its last checkpoint (``--max-steps`` may extend it)."""
     launch = Launch.from_options(opts)
-    run = load_run(launch.db, run_id)
-    launch.out = Path(run.out_dir).parent
-    extend = [("train.max_steps", opts.max_steps)] if opts.max_steps is not None else []
+    return resume_recorded(launch.db, run_id, max_steps=opts.max_steps, quiet=launch.quiet, force=launch.force,
+                           threads=launch.threads)
+
+
+def resume_recorded(db: Path, run_id: str, *, max_steps: int | None = None, quiet: bool = False,
+                    print_summary: bool = True, listen: Callable[[Event], None] | None = None,
+                    force: bool = False, threads: int | None = None) -> RunResult:
+    """Continue the killed run ``run_id`` of registry ``db`` from its last checkpoint, with its recorded settings
+    (``max_steps`` may extend it)."""
+    run = load_run(db, run_id)
+    launch = Launch(db, Path(run.out_dir).parent, quiet, force, threads)
+    extend = [("train.max_steps", max_steps)] if max_steps is not None else []
     backbone, settings = recorded_settings(run.config, [extend])
     return _run_trainer(backbone, settings, launch,
-                        lambda: RunWriter(launch.db, run_id=run.run_id, flush_every_s=settings.train.flush_every_s),
-                        command=run.command, out_dir=launch.out, parent_run_id=run.parent_run_id, resume=True,
-                        check_memory=not launch.force)
+                        lambda: RunWriter(db, run_id=run.run_id, flush_every_s=settings.train.flush_every_s),
+                        print_summary=print_summary, listen=listen, command=run.command, out_dir=launch.out,
+                        parent_run_id=run.parent_run_id, resume=True, check_memory=not force)
 
 
 def _run_trainer(backbone, settings: RunSettings, launch: Launch, new_writer: Callable[[], RunWriter], *,
                  print_summary: bool = True, labels: dict[str, Any] | None = None,
+                 listen: Callable[[Event], None] | None = None,
                  **trainer_kwargs: Any) -> RunResult:
     """Run a Trainer in every process of a torchrun launch (one process without torchrun) and print the result.
     Rank 0 records the run with ``new_writer()``; the other ranks only learn its id."""
@@ -188,10 +228,16 @@ def _run_trainer(backbone, settings: RunSettings, launch: Launch, new_writer: Ca
     try:
         writer = new_writer() if group.is_main else None
         rid = group.broadcast(writer.run_id if writer else None)
+
+        def events(e: Event) -> None:
+            watch(e)
+            view(e)
+            if listen is not None:
+                listen(e)
+
         try:
             with watch:
-                trainer = Trainer(backbone, settings, writer or RankWriter(rid), group=group,
-                                  events=lambda e: (watch(e), view(e)),
+                trainer = Trainer(backbone, settings, writer or RankWriter(rid), group=group, events=events,
                                   labels={**(labels or {}), "threads": plan.threads}, **trainer_kwargs)
                 result = trainer.run()
         finally:
@@ -205,6 +251,66 @@ def _run_trainer(backbone, settings: RunSettings, launch: Launch, new_writer: Ca
 
 def _ignore(text: str) -> None:
     return None
+
+
+# --------------------------------------------------------------------------------------------------
+# A job in a process of its own
+# --------------------------------------------------------------------------------------------------
+
+#: exit statuses of a child whose run was stopped by a signal at a step boundary (checkpointed, marked killed)
+STOPPED_EXIT = (128 + signal.SIGINT, 128 + signal.SIGTERM)
+
+
+class ChildRun:
+    """One job trained by ``dyntie job`` in a fresh interpreter (its peak memory is its own): the child reads the
+    job from a file and writes what it did to another, nothing is parsed from its output. ``payload`` is
+    ``{"job": Job.to_dict(), "db", "out"}`` for a new run or ``{"resume": run id, "db"}`` to continue a killed one.
+    ``own_session``: the child does not get the terminal's Ctrl-C; the parent stops it with ``stop()``."""
+
+    def __init__(self, payload: dict[str, Any], label: str, *, own_session: bool = False) -> None:
+        self.label = label
+        self._tmp = Path(tempfile.mkdtemp(prefix="dyntie-job-"))
+        job_file, self._result_file, self._log = (self._tmp / n for n in ("job.json", "result.json", "log.txt"))
+        job_file.write_text(json.dumps(payload))
+        cmd = [sys.executable, "-m", "dyntie_cli", "job", str(job_file), "--result", str(self._result_file)]
+        with open(self._log, "w") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+                                         start_new_session=own_session)
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def wait(self) -> int:
+        return self.proc.wait()
+
+    def stop(self) -> None:
+        """Ask the child to stop at its next step boundary (it checkpoints and marks its run killed)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    @property
+    def stopped(self) -> bool:
+        """Stopped by a signal: at a step boundary (its exit status says so), or before training began."""
+        code = self.proc.returncode
+        return code in STOPPED_EXIT or code in (-signal.SIGTERM, -signal.SIGINT)
+
+    def result(self) -> dict[str, Any]:
+        """The finished run's result (``RunResult`` as a dict); a ``DyntieError`` naming the child's last line if
+        it did not finish. Removes the child's files."""
+        try:
+            if self.proc.returncode == 0 and self._result_file.exists():
+                return json.loads(self._result_file.read_text())
+            last = (self._log.read_text().strip().splitlines() or ["(no output)"])[-1]
+            raise DyntieError(f"{self.label} failed: {last}")
+        finally:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def run_in_child(payload: dict[str, Any], label: str) -> dict[str, Any]:
+    """Train one job in a child process and wait for its result."""
+    child = ChildRun(payload, label)
+    child.wait()
+    return child.result()
 
 
 # --------------------------------------------------------------------------------------------------

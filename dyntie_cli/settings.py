@@ -72,7 +72,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 TiedGrad = Literal["follow", "sum"]
 UntieOptim = Literal["fresh", "copy"]
 Variant = Literal["dynamic", "no-tying", "random", "final-arch", "replay", "static-all", "static-sequence",
-                  "static-cycle", "static-cycle-rev"]
+                  "static-cycle", "static-cycle-rev", "grow", "q-off"]
 VARIANTS: tuple[str, ...] = get_args(Variant)
 #: variants that take their tie states from another run (``--from-run``)
 NEEDS_SOURCE = ("final-arch", "replay")
@@ -119,13 +119,18 @@ class TieSettings(Section):
                                             "every position's gradient is added to its root (ALBERT).")
     untie_optim: UntieOptim = setting("fresh", "Optimizer state of an untied block: fresh, or a copy of its "
                                                "source's.")
-    independent: int = setting(0, "Static schemes: independent blocks (0: the source run's mean, else L/4).",
-                               ge=0)
+    independent: int = setting(0, "Independent blocks of a static scheme (0: the source run's mean, else L/4), "
+                                  "or grow's target (0: the source run's final count, else agent.max_independent, "
+                                  "else L/4).", ge=0)
     perm_seed: int = setting(0, "Replay: seed of the permutation of block indices.", ge=0)
     initial_state: str = setting(
         "auto", "Tie state at step 0 of a dynamic or random run: auto (all tied from scratch, independent from "
                 "--init weights), all-tied, independent, final-arch-of:RUN, static-all, static-sequence:N, "
                 "static-cycle:N, static-cycle-rev:N, or a state such as 0,0,2,2.")
+
+    grow_until: float = setting(0.2, "grow: the share of training by which it has untied its target number of "
+                                     "blocks (ties.independent), one block at a steady pace (0: all at the "
+                                     "first decision).", ge=0, le=1)
 
     @field_validator("initial_state")
     @classmethod
@@ -145,12 +150,13 @@ ExploreMoves = Literal["any", "local"]
 TdTarget = Literal["max", "greedy"]
 Reward = Literal["relative", "neg-log-ppl", "neg-ppl"]
 RewardBatch = Literal["interval", "next", "fresh"]
-AgentPreset = Literal["default", "paper", "lean"]
+AgentPreset = Literal["default", "paper", "lean", "shared"]
+QNet = Literal["matrix", "shared"]
 
 
 class AgentSettings(Section):
-    """The Q-agent. ``preset`` names a starting point (``default``, ``paper``, ``lean``); explicit fields
-    override it. The method page of the docs explains each choice."""
+    """The Q-agent. ``preset`` names a starting point (``default``, ``paper``, ``lean``, ``shared``); explicit fields
+    override it. The method page of the docs explains each choice; docs/agent.md the shared network."""
 
     preset: AgentPreset = setting("default", "The named agent these settings started from.")
     hidden: int = setting(128, "Width of the Q-network's two hidden layers.", ge=1)
@@ -199,6 +205,21 @@ class AgentSettings(Section):
     max_independent: int = setting(8, "At most N independent blocks, by masking actions (0: no cap).", ge=0)
     param_penalty: float = setting(0.0, "Subtracted from the reward times the fraction of independent "
                                         "blocks.", ge=0)
+    use_q: bool = setting(True, "Act on the Q-network. false: the greedy choice of every row keeps its tie and "
+                                "only exploration and the budget move rows (the network still trains, so every "
+                                "random draw is the default's); the variant q-off sets it.", legacy=True)
+    qnet: QNet = setting("matrix", "The Q-network: matrix (the whole state to all L(L+1)/2 entries, one "
+                                   "training row per decision) or shared (one small network scores each entry "
+                                   "from depth-free features, the same weights for every row and any depth: L "
+                                   "training rows per decision).", legacy="matrix")
+    warm_from: str = setting("", "Warm-start the agent from earlier runs' recorded transitions: run ids (or "
+                                 "unique prefixes), comma-separated, or all (every finished dynamic run of this "
+                                 "backbone in the registry, except runs of the same study); the ids used are "
+                                 "recorded in runs.config agent_sources.", legacy="")
+    warm_weights: str = setting("", "Start the Q-network from the agent in this run's checkpoint (a run id or "
+                                    "unique prefix); a shared network applies at any depth.", legacy="")
+    warm_updates: int = setting(200, "Minibatch updates on the warm_from transitions before the first "
+                                     "decision.", ge=0, legacy=200)
     seed: int = setting(0, "The agent's seed (the run's --seed).", ge=0)
 
     #: the named starting points; ``default`` is the schema's own defaults
@@ -215,6 +236,9 @@ class AgentSettings(Section):
         # saved, at a worse perplexity on the 48-block study (docs/studies.md)
         "lean": dict(keep_bias=0.9, keep_target="root", explore_moves="any", max_independent=0,
                      keep_trained=False, td_target="max"),
+        # the default with the shared per-block Q-network, and a keep bonus on its scale: its entries of a row differ
+        # by tenths of a reward unit, so the default's bonus of 2.0 would never let it move (docs/agent.md)
+        "shared": dict(qnet="shared", keep_bonus=0.5),
     }
 
     @classmethod
@@ -417,6 +441,8 @@ def validate_tree(cls: type[RunSettings], tree: dict[str, Any]) -> RunSettings:
     if settings.ties.initial_state != "auto" and settings.variant not in STARTS_FROM_INITIAL_STATE:
         raise UsageError(f"--initial-state applies to the {' and '.join(STARTS_FROM_INITIAL_STATE)} variants; "
                          f"{settings.variant} holds its own tie state from the first step, so drop it.")
+    if settings.variant == "q-off":  # the agent that never acts on its Q-network, recorded as such
+        settings.agent.use_q = False
     return settings
 
 
@@ -477,8 +503,8 @@ def from_saved(backbone_cls: type, saved: dict[str, Any], sources: Sequence[Pair
 
 
 #: what a run's stored config says besides its settings: the round of a repeated bench, the number of processes,
-#: the study it belongs to, how its model was built, the CPU threads it used
-RUN_LABELS = ("bench", "world_size", "study", "setup", "threads")
+#: the study it belongs to, how its model was built, the CPU threads it used, what its agent learned from
+RUN_LABELS = ("bench", "world_size", "study", "setup", "threads", "agent_sources")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -258,7 +258,7 @@ def test_source_schedule_is_indexed_by_decision(tmp_path):
     (["--variant", "final-arch", "--backbone", "gpt2"], 1, ["--from-run RUN", "`dyntie train gpt2`", "--table runs"]),
     (["--variant", "shuffle", "--backbone", "gpt2"], 2, ["shuffle", "static-cycle-rev"]),
     (["--variant", "no-tying"], 1, ["--from-run RUN", "`dyntie train gpt2`", "--table runs", "--backbone NAME"]),
-    (["--variant", "random", "--backbone", "gpt2", "--independent", "2"], 2, ["static-* variants only"]),
+    (["--variant", "random", "--backbone", "gpt2", "--independent", "2"], 2, ["static-* variants and grow only"]),
     (["--variant", "static-cycle", "--backbone", "gpt2", "--independent", "0"], 2, ["at least 1"]),
     (["--variant", "replay", "--from-run", "nosuchrun"], 1, ["No run 'nosuchrun'", "--table runs"]),
 ])

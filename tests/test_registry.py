@@ -52,7 +52,7 @@ EXPECTED_COLUMNS = {
     },
     "decisions": {
         "run_id", "decision", "step", "epsilon", "explored", "reward", "q_predicted", "q_target", "td_loss",
-        "greedy_agreement", "q_spread", "ppl",
+        "greedy_agreement", "q_spread", "ppl", "greedy_moves",
     },
     "schema_migrations": {"version", "name", "applied_at"},
 }

@@ -13,7 +13,7 @@ from .options import TrainingOptions, examples, training_options
 def ablate(
     opts: TrainingOptions,
     variant: Annotated[str, typer.Option("--variant", help="final-arch, replay, no-tying, random, static-all, "
-                                         "static-sequence, static-cycle, static-cycle-rev.")],
+                                         "static-sequence, static-cycle, static-cycle-rev, grow, q-off.")],
     from_run: Annotated[str | None, typer.Option("--from-run", help="The dynamic run to ablate: its "
                                                     "data, seed, steps and hyperparameters are reused "
                                                     "\\[default: the newest finished dynamic run].")] = None,
@@ -29,7 +29,8 @@ def ablate(
 
     What a variant resolves from the source is written into the new run's settings: the number of independent
     blocks of a static scheme (ties.independent; --independent N sets it, default the source run's mean,
-    rounded half up, else L/4) and the replay permutation's seed (ties.perm_seed).
+    rounded half up, else L/4), grow's target (--independent N, default the source run's final count, else the
+    agent's budget) and the replay permutation's seed (ties.perm_seed).
     """
     from ..ablation import ablation_job, check_ablation_arguments, choose_source
     from ..errors import UsageError
@@ -65,4 +66,5 @@ def ablate(
 def register(app: typer.Typer) -> None:
     app.command("ablate", epilog=examples(
         "dyntie ablate --variant final-arch", "dyntie ablate --variant no-tying --from-run RUN",
-        "dyntie ablate --variant static-cycle --backbone gpt2 --independent 4"))(ablate)
+        "dyntie ablate --variant static-cycle --backbone gpt2 --independent 4",
+        "dyntie ablate --variant grow --from-run RUN --set ties.grow_until=0.3"))(ablate)

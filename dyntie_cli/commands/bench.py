@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Annotated
@@ -16,24 +12,6 @@ import typer
 from .options import Format, TrainingOptions, examples, training_options
 
 DEFAULT_VARIANTS = "no-tying,dynamic"
-
-
-def run_in_child(job_json: str, label: str, quiet: bool) -> dict:
-    """Train one job in a fresh interpreter (so its peak memory is its own) and return its result: the child
-    reads the job from a file and writes what it did to another, nothing is parsed from its output."""
-    from ..errors import DyntieError
-
-    with tempfile.TemporaryDirectory(prefix="dyntie-job-") as tmp:
-        job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        job_file.write_text(job_json)
-        if not quiet:
-            typer.echo(f"bench: {label}", err=True)
-        cmd = [sys.executable, "-m", "dyntie_cli", "job", str(job_file), "--result", str(result_file)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), check=False)
-        if proc.returncode != 0 or not result_file.exists():
-            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise DyntieError(f"bench: {label} failed: {last}")
-        return json.loads(result_file.read_text())
 
 
 @training_options(exclude=("variant",))
@@ -60,7 +38,7 @@ def bench(
     from ..report.tables import render
     from ..results.bench import bench_title
     from ..results.queries import run_query
-    from ..runner import Job, Launch, new_settings
+    from ..runner import Job, Launch, new_settings, run_in_child
     from .report import terminal_width
 
     if repeat < 1:
@@ -98,7 +76,9 @@ def bench(
             else:
                 job = Job(jobs[v], "bench", labels=labels)
             label = v if repeat == 1 else f"{v} (round {r + 1} of {repeat})"
-            result = run_in_child(json.dumps({"job": job.to_dict(), **child_launch}), label, opts.quiet)
+            if not opts.quiet:
+                typer.echo(f"bench: {label}", err=True)
+            result = run_in_child({"job": job.to_dict(), **child_launch}, f"bench: {label}")
             if "refused" in result:
                 refused[v] = result
                 continue
@@ -120,18 +100,23 @@ def job(
     job_file: Annotated[Path, typer.Argument(help="A job file written by dyntie.")],
     result: Annotated[Path, typer.Option("--result", help="Where to write the run's result (JSON).")],
 ) -> None:
-    """Train one job file (how `dyntie bench` starts each variant in its own process)."""
+    """Train one job file (how `dyntie bench` and `dyntie study --jobs N` start each run in its own process), or
+    continue the killed run it names."""
     from dataclasses import asdict
 
     from ..core.plan import DoesNotFit
-    from ..runner import Job, Launch, run_job
+    from ..runner import Job, Launch, resume_recorded, run_job
 
     data = json.loads(job_file.read_text())
-    backbone, one = Job.from_dict(data["job"])
-    launch = Launch(Path(data["db"]), Path(data["out"]), quiet=True, force=bool(data.get("force")),
-                    threads=data.get("threads"))
+    force, threads = bool(data.get("force")), data.get("threads")
     try:
-        run = run_job(backbone, one, launch, print_summary=False)
+        if "resume" in data:
+            run = resume_recorded(Path(data["db"]), data["resume"], quiet=True, print_summary=False, force=force,
+                                  threads=threads)
+        else:
+            backbone, one = Job.from_dict(data["job"])
+            launch = Launch(Path(data["db"]), Path(data["out"]), quiet=True, force=force, threads=threads)
+            run = run_job(backbone, one, launch, print_summary=False)
     except DoesNotFit as refused:  # not an error of the bench: a finding, reported as such
         result.write_text(json.dumps({"refused": str(refused), "plan": refused.plan.to_dict()}))
         return

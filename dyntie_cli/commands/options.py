@@ -42,8 +42,11 @@ FLAGS: tuple[Flag, ...] = (
     Flag("decide_every", ("--decide-every", "-k"), int, "ties.decide_every"),
     Flag("variant", ("--variant",), str, "variant"),
     Flag("independent", ("--independent",), int, "ties.independent"),
-    Flag("agent", ("--agent",), str, "agent.preset", "default, lean (fewer blocks, worse perplexity), or paper "
-                                                     "(the paper's exact agent)."),
+    Flag("agent", ("--agent",), str, "agent.preset", "default, lean (fewer blocks, worse perplexity), paper "
+                                                     "(the paper's exact agent), or shared (the shared per-block "
+                                                     "Q-network)."),
+    Flag("agent_from", ("--agent-from",), str, "agent.warm_from"),
+    Flag("agent_weights", ("--agent-weights",), str, "agent.warm_weights"),
     Flag("reward", ("--reward",), str, "agent.reward"),
     Flag("max_independent", ("--max-independent",), int, "agent.max_independent"),
     Flag("param_penalty", ("--param-penalty",), float, "agent.param_penalty"),

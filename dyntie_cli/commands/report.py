@@ -32,7 +32,10 @@ def report(
                                                            show_default=False)] = None,
     compare_flag: Annotated[bool, typer.Option("--compare", help="Side-by-side metrics of the runs given, "
                                                "with ratios to the first.")] = False,
-    plot: Annotated[str | None, typer.Option("--plot", help="ties, layers, memory, params or metrics.")] = None,
+    study: Annotated[str | None, typer.Option("--study", help="The runs of this study (`dyntie study` records "
+                                              "its name), for any table or plot.")] = None,
+    plot: Annotated[str | None, typer.Option("--plot", help="ties, layers, memory, params, metrics or study "
+                                             "(a study's validation curves per variant).")] = None,
     out: Annotated[str | None, typer.Option("--out", help="PNG file for --plot.")] = None,
     fmt: Format = "table",
     wide: Annotated[bool, typer.Option("--wide", help="Every column, however wide the terminal (a pipe or a "
@@ -43,16 +46,25 @@ def report(
 
     On a terminal a table fits its width: long column names wrap, and the columns that do not fit are named
     below it (--wide shows them all).
+
+    Examples: dyntie report --table runs | dyntie report --table paper --run R1 --run R2 --format markdown |
+    dyntie report --compare R1 R2 | dyntie report --plot ties --run R --out ties.png | dyntie report --table study
+    --study NAME | dyntie report --plot study --study NAME --out study.png
     """
     from ..errors import UsageError
     from ..report.tables import render
     from ..results.bench import bench_title
     from ..results.db import resolve_db_path
     from ..results.queries import run_query
+    from ..results.study import study_run_ids, study_title
 
     if fmt not in FORMATS:
         raise UsageError(f"Unknown format {fmt!r}; use {', '.join(FORMATS)}.")
     path = resolve_db_path(db)
+    if study is not None or plot == "study":
+        if run or compare:
+            raise UsageError("--study chooses the runs; drop --run and the run ids (or drop --study).")
+        run = study_run_ids(path, study)
     width = terminal_width() if fmt == "table" and not wide else None
     if plot:
         from ..report.plots import make_plot
@@ -75,7 +87,7 @@ def report(
     name = table or "runs"
     if name not in REPORT_TABLES:
         raise UsageError(f"No report table '{name}'; choose one of: {', '.join(REPORT_TABLES)}.")
-    title = bench_title() if name == "bench" else name
+    title = {"bench": bench_title(), "study": study_title()}.get(name, name)
     typer.echo(render(run_query(name, path, run or None), fmt, title=title, width=width,
                       prefer=QUERIES[name].narrow))
 

@@ -22,6 +22,25 @@ Two named settings:
   progress as an extra input. In runs of a few hundred steps, churn -- tying a block that has trained,
   re-targeting tied blocks -- and scattered layouts cost more than any choice the agent could learn.
 
+``use_q=false`` (the variant ``q-off``) ablates the Q-network and keeps the rest: the greedy choice of every row
+is its keep entry, so the agent moves only by exploration (keep bias, local moves, the same schedule and the same
+random draws) and the budget; the network is still trained on every transition, so the random draws of its
+minibatches are the default's too. Given the same states, it takes the default's action wherever the default's
+greedy choice keeps (and the budget has no choice to rank by value).
+
+Two Q-networks (``qnet``). ``matrix`` (above) maps the whole state to the L(L+1)/2 outputs: its size grows with
+L squared and each decision trains it on one transition. ``shared`` scores every entry (i, j) with one small
+network, the same weights for every row, from features that mean the same at any depth (``SHARED_FEATURES``):
+its parameter count does not depend on L, one network applies to 12 and 48 blocks, and each decision gives L
+training rows -- every row's chosen entry is regressed toward the transition's target,
+``mean_i (Q[i, a_i] - y)^2``, instead of their mean (``Q(s, a)``, still the mean over rows of the chosen
+entries, is what the agent predicts and the TD target is built from, as with ``matrix``).
+
+Warm starts (``warm_from``, ``warm_weights``): before its first decision the agent can start from another
+run's trained network (read from that run's checkpoint) and train ``warm_updates`` minibatches on the recorded
+transitions of earlier runs (``warm_start``); the run's own replay buffer still starts empty, so its minibatch
+draws are those of a cold agent.
+
 Encodings (``encoding``): ``normalized`` feeds ``s[i] / (L - 1)`` (L numbers); ``onehot`` feeds the
 lower-triangular one-hot of each row's target (L(L+1)/2 numbers).
 """
@@ -45,6 +64,18 @@ def tril_index(num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tril_indices(num_blocks, num_blocks)
 
 
+def greedy_moves(state: list[int], greedy: list[int], keep: list[int]) -> int:
+    """Rows whose greedy entry, taken alone (every other row keeping), would change the state: how often the
+    learned part would act if nothing else did."""
+    moves = 0
+    for i in range(1, len(state)):
+        if greedy[i] != keep[i]:
+            alone = list(keep)
+            alone[i] = greedy[i]
+            moves += transition(state, alone) != list(state)
+    return moves
+
+
 @dataclass
 class Decision:
     """One decision: the action taken and what the agent saw when taking it."""
@@ -56,6 +87,9 @@ class Decision:
     q_spread: float
     greedy_agreement: float | None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: rows whose greedy choice (the Q-network's, keep bonus and keep_trained applied) would change their tie;
+    #: None: no Q-network chose (a fixed or replayed schedule)
+    greedy_moves: int | None = None
 
 
 class QNetwork(nn.Module):
@@ -102,6 +136,100 @@ class QNetwork(nn.Module):
         return self.net(self.encode(states, progress)).gather(1, self.row_start + actions)
 
 
+#: the features of entry (i, j) of the shared Q-network, each a function of the state and training progress only
+#: (so a replayed transition and the TD target see what the agent saw), and each meaning the same at any depth
+SHARED_FEATURES: tuple[str, ...] = (
+    "i / (L-1): the block's relative depth",
+    "j / (L-1): the candidate root's relative depth",
+    "(i - j) / (L-1): how far back the candidate is",
+    "j == i: become (or stay) independent",
+    "j == s[i]: keep pointing at the current root",
+    "j == i - 1: follow the block before",
+    "j == the keep entry (keep_target): leave the tie as it is",
+    "s[i] == i: block i trains now",
+    "size of i's group / L",
+    "i's rank within its group / (size - 1)",
+    "s[j] == j: the candidate trains now",
+    "s[j] == s[i]: the candidate is in i's group",
+    "size of j's group / L",
+    "independent blocks / L",
+    "training progress (0 without progress_input)",
+)
+
+
+class SharedQNetwork(nn.Module):
+    """One small network scoring every allowed entry (i, j) of any depth from ``SHARED_FEATURES``; the same
+    weights for every row and every L."""
+
+    def __init__(self, cfg: AgentSettings) -> None:
+        super().__init__()
+        self.keep_target = cfg.keep_target
+        self.progress_input = cfg.progress_input
+        self.net = nn.Sequential(
+            nn.Linear(len(SHARED_FEATURES), cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.hidden), nn.ReLU(),
+            nn.Linear(cfg.hidden, 1),
+        )
+
+    def features(self, states: torch.Tensor, progress: torch.Tensor, i: torch.Tensor, j: torch.Tensor
+                 ) -> torch.Tensor:
+        """``states`` [B, L] long, ``progress`` [B], entries ``(i, j)`` as two [B, N] long tensors (j <= i):
+        their features, [B, N, F]."""
+        B, L = states.shape
+        norm = float(max(L - 1, 1))
+        blocks = torch.arange(L, device=states.device)
+        own = states == blocks  # [B, L]: the blocks that train
+        same = states.unsqueeze(2) == states.unsqueeze(1)  # [B, L, L]: n and m share a root
+        size = same.sum(2).float()  # [B, L]: the size of each block's group
+        rank = (same & (blocks.view(1, 1, L) < blocks.view(1, L, 1))).sum(2).float()  # its members before it
+        keep = _keep_entries(states, self.keep_target)
+
+        def at(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # x [B, L] read at idx [B, N]
+            return x.gather(1, idx)
+
+        root_i, root_j = at(states, i), at(states, j)
+        size_i = at(size, i)
+        frac = (own.sum(1).float() / L).unsqueeze(1).expand_as(i)
+        prog = progress.float() if self.progress_input else torch.zeros(B, device=states.device)
+        feats = [
+            i.float() / norm, j.float() / norm, (i - j).float() / norm, (j == i).float(), (j == root_i).float(),
+            (j == i - 1).float(), (j == at(keep, i)).float(), at(own, i).float(), size_i / L,
+            at(rank, i) / (size_i - 1).clamp(min=1), at(own, j).float(), (root_j == root_i).float(),
+            at(size, j) / L, frac, prog.unsqueeze(1).expand_as(frac),
+        ]
+        return torch.stack(feats, dim=2)
+
+    def forward(self, states: torch.Tensor, progress: torch.Tensor) -> torch.Tensor:
+        """Q matrices [B, L, L]; entries above the diagonal (not allowed) are -inf. Only the lower triangle is
+        scored."""
+        B, L = states.shape
+        rows, cols = tril_index(L)
+        values = self.net(self.features(states, progress, rows.expand(B, -1), cols.expand(B, -1))).squeeze(2)
+        q = values.new_full((B, L, L), float("-inf"))
+        q[:, rows, cols] = values
+        return q
+
+    def q_taken(self, states: torch.Tensor, progress: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Q of each row's action, [B, L]."""
+        rows = torch.arange(states.shape[1]).expand_as(actions)
+        return self.net(self.features(states, progress, rows, actions)).squeeze(2)
+
+
+def _keep_entries(states: torch.Tensor, keep_target: str) -> torch.Tensor:
+    """[B, L]: the action entry that leaves each row's tie as it is (``keep_target``)."""
+    keep = states.clone()
+    if keep_target == "previous":
+        rows = torch.arange(states.shape[1], device=states.device)
+        # a tied row in the same group as the row before it keeps following that row
+        follows = torch.zeros_like(states, dtype=torch.bool)
+        follows[:, 1:] = (states[:, 1:] != rows[1:]) & (states[:, 1:] == states[:, :-1])
+        keep = torch.where(follows, (rows - 1).expand_as(states), keep)
+    return keep
+
+
+def make_qnetwork(num_blocks: int, cfg: AgentSettings) -> nn.Module:
+    return SharedQNetwork(cfg) if cfg.qnet == "shared" else QNetwork(num_blocks, cfg)
+
+
 class RewardShaper:
     """The reward from a fresh batch's perplexity (after the tie change), as ``AgentSettings.reward`` says."""
 
@@ -146,8 +274,8 @@ class QAgent:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         with torch.random.fork_rng():  # network init reproducible from the agent's seed, global RNG untouched
             torch.manual_seed(cfg.seed)
-            self.q = QNetwork(num_blocks, cfg)
-            self.target = QNetwork(num_blocks, cfg) if cfg.target_sync > 0 else None
+            self.q = make_qnetwork(num_blocks, cfg)
+            self.target = make_qnetwork(num_blocks, cfg) if cfg.target_sync > 0 else None
         if self.target is not None:
             self.target.load_state_dict(self.q.state_dict())
             self.target.requires_grad_(False)
@@ -182,7 +310,13 @@ class QAgent:
         st = torch.tensor([s])
         keep = self._keep_entries(st)[0].tolist()
         protected = self._protected(st)[0].tolist()
-        greedy = self._greedy(q.unsqueeze(0), st)[0].tolist()
+        if self.cfg.use_q:
+            greedy = self._greedy(q.unsqueeze(0), st)[0].tolist()
+        else:
+            # the Q-network ablated: greedily every row keeps its tie, and the budget below ranks its refusals with
+            # no values (all gains equal: the lowest rows first); q itself is only reported (q_spread)
+            greedy = list(keep)
+        acting_q = q if self.cfg.use_q else torch.zeros_like(q).masked_fill(~torch.isfinite(q), float("-inf"))
         eps = 0.0 if greedy_only else self.epsilon
         action = list(greedy)
         explored_rows: list[int] = []
@@ -200,7 +334,7 @@ class QAgent:
                 explored_rows.append(i)
                 action[i] = keep[i] if protected[i] and self._coin(self.cfg.keep_bias) else self._move(i, keep[i])
         if self.cfg.max_independent:
-            action = self._cap_independent(torch.tensor([action]), q.unsqueeze(0), st)[0].tolist()
+            action = self._cap_independent(torch.tensor([action]), acting_q.unsqueeze(0), st)[0].tolist()
         finite = torch.where(torch.isfinite(q), q, torch.nan)
         spread = (finite.nan_to_num(float("-inf")).amax(1) - finite.nan_to_num(float("inf")).amin(1))[1:]
         agreement = None
@@ -210,6 +344,7 @@ class QAgent:
         return Decision(
             action=action, greedy=greedy, explored=bool(explored_rows), epsilon=eps,
             q_spread=float(spread.mean()) if L > 1 else 0.0, greedy_agreement=agreement,
+            greedy_moves=greedy_moves(s, greedy, keep),
         )
 
     def _move(self, i: int, keep: int) -> int:
@@ -221,14 +356,7 @@ class QAgent:
 
     def _keep_entries(self, states: torch.Tensor) -> torch.Tensor:
         """[B, L]: the action entry that leaves each row's tie as it is (``keep_target``)."""
-        keep = states.clone()
-        if self.cfg.keep_target == "previous":
-            rows = torch.arange(states.shape[1])
-            # a tied row in the same group as the row before it keeps following that row
-            follows = torch.zeros_like(states, dtype=torch.bool)
-            follows[:, 1:] = (states[:, 1:] != rows[1:]) & (states[:, 1:] == states[:, :-1])
-            keep = torch.where(follows, (rows - 1).expand_as(states), keep)
-        return keep
+        return _keep_entries(states, self.cfg.keep_target)
 
     def _protected(self, states: torch.Tensor) -> torch.Tensor:
         """[B, L]: the rows keep_bias and keep_bonus protect (``keep_scope``)."""
@@ -284,8 +412,16 @@ class QAgent:
     def shape_reward(self, ppl: float, independent: int) -> float:
         return self.shaper.shape(ppl, independent)
 
-    def _q_sa(self, net: QNetwork, states, progress, actions) -> torch.Tensor:
+    def _q_sa(self, net: nn.Module, states, progress, actions) -> torch.Tensor:
         return net.q_taken(states, progress, actions).mean(1)
+
+    def _loss(self, states, progress, actions, target: torch.Tensor) -> torch.Tensor:
+        """``matrix``: MSE(Q(s, a), y). ``shared``: every row is a training row, each chosen entry regressed toward
+        its transition's target, mean_i (Q[i, a_i] - y)^2 (averaged over the minibatch)."""
+        taken = self.q.q_taken(states, progress, actions)
+        if self.cfg.qnet == "shared":
+            return ((taken - target.unsqueeze(1)) ** 2).mean()
+        return nn.functional.mse_loss(taken.mean(1), target)
 
     def _target(self, reward: torch.Tensor, next_states, next_progress) -> torch.Tensor:
         net = self.target if self.target is not None else self.q
@@ -315,15 +451,19 @@ class QAgent:
         for _ in range(max(self.cfg.updates_per_decision, 1)):
             batch = newest + self._sample(max(self.cfg.batch_size, 1) - 1)
             s, a, r, s2, p, p2 = self._stack(batch)
-            loss = nn.functional.mse_loss(self._q_sa(self.q, s, p, a), self._target(r, s2, p2))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self._step(s, a, r, s2, p, p2)
         self.decisions += 1
         if self.target is not None and self.decisions % self.cfg.target_sync == 0:
             self.target.load_state_dict(self.q.state_dict())
         self._decay_epsilon()
         return {"q_predicted": pred, "q_target": target, "td_loss": (pred - target) ** 2}
+
+    def _step(self, s, a, r, s2, p, p2) -> None:
+        """One optimizer step on a stacked minibatch."""
+        loss = self._loss(s, p, a, self._target(r, s2, p2))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
 
     def _sample(self, n: int) -> list:
         if n <= 0 or len(self.replay) <= 1:
@@ -352,6 +492,54 @@ class QAgent:
                 end = c.epsilon_min if c.epsilon_min > 0 else c.epsilon / 100
                 self.epsilon = max(c.epsilon * (end / c.epsilon) ** frac, c.epsilon_min)
 
+    # -- knowledge from earlier runs ---------------------------------------------------------------
+
+    def warm_start(self, transitions: list[tuple], weights: dict[str, Any] | None = None) -> None:
+        """Start from earlier runs: the Q-network of a saved agent (``weights``: its ``state_dict``), then
+        ``warm_updates`` minibatch updates on recorded ``transitions`` ``(state, action, reward, next_state,
+        progress, next_progress)`` of any depth (a shared network; a matrix one only of its own). Each minibatch
+        is drawn from the transitions of one depth with a generator of its own, the target network follows the
+        run's cadence (every ``target_sync`` decisions' worth of updates) and is synced at the end; the replay
+        buffer, epsilon and the agent's random stream are left as a cold agent has them."""
+        if weights is not None:
+            self._load_network(weights)
+        depths = sorted({len(t[0]) for t in transitions})
+        if self.cfg.qnet == "matrix" and depths not in ([], [self.num_blocks]):
+            raise DyntieError(f"A matrix Q-network of {self.num_blocks} blocks learns only from runs of as many "
+                              f"blocks (these have {', '.join(map(str, depths))}); use agent.qnet=shared.")
+        for t in transitions:
+            if transition(t[0], t[1]) != list(t[3]):
+                raise DyntieError("A recorded transition does not follow Eq. 1; the source run's ties are damaged.")
+        if transitions and self.cfg.warm_updates:
+            groups = {n: self._stack([_replay_entry(*t) for t in transitions if len(t[0]) == n]) for n in depths}
+            sizes = torch.tensor([len(t[0]) for t in transitions])
+            gen = torch.Generator().manual_seed(self.cfg.seed + 15_485_863)
+            batch = max(self.cfg.batch_size, 1)
+            sync_every = max(self.cfg.target_sync, 1) * max(self.cfg.updates_per_decision, 1)
+            for u in range(self.cfg.warm_updates):
+                depth = int(sizes[int(torch.randint(0, len(sizes), (1,), generator=gen))])
+                group = groups[depth]
+                idx = torch.randint(0, group[0].shape[0], (batch,), generator=gen)
+                self._step(*(part[idx] for part in group))
+                if self.target is not None and (u + 1) % sync_every == 0:
+                    self.target.load_state_dict(self.q.state_dict())
+        if self.target is not None:
+            self.target.load_state_dict(self.q.state_dict())
+
+    def _load_network(self, sd: dict[str, Any]) -> None:
+        qnet = sd["cfg"].get("qnet", "matrix")
+        if qnet != self.cfg.qnet:
+            raise DyntieError(f"The saved agent has a {qnet} Q-network and this run a {self.cfg.qnet} one; set "
+                              f"agent.qnet={qnet} or start from another run.")
+        if qnet == "matrix" and sd["num_blocks"] != self.num_blocks:
+            raise DyntieError(f"The saved agent's matrix Q-network is for {sd['num_blocks']} blocks, not "
+                              f"{self.num_blocks}; only a shared network applies at another depth.")
+        try:
+            self.q.load_state_dict(sd["q"])
+        except RuntimeError:
+            raise DyntieError("The saved agent's Q-network has another shape (agent.hidden); start from a run "
+                              "with the same agent settings.") from None
+
     # -- resume ------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -367,6 +555,9 @@ class QAgent:
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         if sd["num_blocks"] != self.num_blocks:
             raise DyntieError("The saved agent was made for a different number of blocks.")
+        if sd["cfg"].get("qnet", "matrix") != self.cfg.qnet:
+            raise DyntieError(f"The saved agent has a {sd['cfg'].get('qnet', 'matrix')} Q-network, this one a "
+                              f"{self.cfg.qnet} one.")
         self.q.load_state_dict(sd["q"])
         if self.target is not None and sd["target"] is not None:
             self.target.load_state_dict(sd["target"])

@@ -46,6 +46,7 @@ class PendingDecision:
     greedy_agreement: float | None
     q_spread: float | None
     losses: list[float] = field(default_factory=list)
+    greedy_moves: int | None = None
 
 
 @dataclass

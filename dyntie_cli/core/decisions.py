@@ -57,7 +57,7 @@ class TieDecisions:
             decision=loop.decision, step=loop.step, state=state, action=list(dec.action),
             next_state=list(new_state), progress=progress, next_progress=next_progress, epsilon=dec.epsilon,
             explored=dec.explored, greedy_agreement=dec.greedy_agreement,
-            q_spread=dec.q_spread if self.policy.learns else None,
+            q_spread=dec.q_spread if self.policy.learns else None, greedy_moves=dec.greedy_moves,
         )
         loop.agent_time += time.perf_counter() - t0
         if not self.group.is_main:
@@ -103,6 +103,7 @@ class TieDecisions:
             decision=p.decision, step=p.step, epsilon=p.epsilon, explored=p.explored,
             reward=info.get("reward"), q_predicted=info.get("q_predicted"), q_target=info.get("q_target"),
             td_loss=info.get("td_loss"), greedy_agreement=p.greedy_agreement, q_spread=p.q_spread, ppl=ppl,
+            greedy_moves=p.greedy_moves,
         )
         if ppl is not None:  # at the step the reward was measured (the end of its interval for "interval")
             self.writer.metric(self.loop.step, "reward", "ppl", ppl)

@@ -32,7 +32,7 @@ from .distributed import Group
 from .lazy import BuildReport, build_lazily
 from .memory import MemoryProbe, base_bytes, gradient_bytes, trainable_parameters
 from .plan import DoesNotFit, MemoryPlan, measure_on, model_counts, plan_memory
-from .policies import Policy, make_policy
+from .policies import DynamicPolicy, Policy, make_policy
 from .ties import TieManager, independent_count
 
 
@@ -108,15 +108,9 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 
 @contextmanager
-def _stop_on_signals(trainer: Trainer):
-    """SIGTERM and the first Ctrl-C ask the loop to stop at the next step boundary, where it checkpoints and
-    marks the run 'killed' (so a resume continues exactly); a second Ctrl-C interrupts at once."""
-
-    def handler(signum, frame):
-        if trainer.stop_signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        trainer.stop_signal = signum
-
+def stop_signals_to(handler: Callable[[int, Any], None]):
+    """``handler`` receives SIGTERM and SIGINT while the block runs; the previous handlers come back after it (not
+    in the main thread, where no handler can be set, nothing changes)."""
     try:
         previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     except ValueError:  # not the main thread: no handlers
@@ -127,6 +121,20 @@ def _stop_on_signals(trainer: Trainer):
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+@contextmanager
+def _stop_on_signals(trainer: Trainer):
+    """SIGTERM and the first Ctrl-C ask the loop to stop at the next step boundary, where it checkpoints and
+    marks the run 'killed' (so a resume continues exactly); a second Ctrl-C interrupts at once."""
+
+    def handler(signum, frame):
+        if trainer.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer.stop_signal = signum
+
+    with stop_signals_to(handler):
+        yield
 
 
 class Trainer:
@@ -262,10 +270,21 @@ class Trainer:
         self.policy: Policy = make_policy(
             cfg.variant, self.num_blocks, agent=cfg.agent, total_decisions=self.total_decisions, seed=cfg.seed,
             independent=cfg.ties.independent, source=self.source, perm_seed=cfg.ties.perm_seed,
-            initial_state=cfg.ties.initial_state, pretrained=bool(cfg.init),
+            initial_state=cfg.ties.initial_state, pretrained=bool(cfg.init), grow_until=cfg.ties.grow_until,
         )
+        knowledge = self.source.get("agent")
+        if knowledge and not self.resume and isinstance(self.policy, DynamicPolicy):
+            # what the agent starts from (a resume restores the agent it had instead)
+            weights = None
+            if knowledge.get("weights_dir"):
+                weights = ckpt.load_trainer_state(Path(knowledge["weights_dir"]))["policy"].get("agent")
+                if weights is None:
+                    raise DyntieError(f"Run {knowledge['weights_run']} has no agent in its checkpoint to start from.")
+            self.policy.agent.warm_start(knowledge.get("transitions", []), weights)
         if cfg.variant.startswith("static-") and not cfg.ties.independent:
             cfg.ties.independent = independent_count(self.policy.initial_state())  # what the scheme resolved to
+        if cfg.variant == "grow" and not cfg.ties.independent:
+            cfg.ties.independent = self.policy.target
 
     def _resumables(self) -> dict[str, tuple[Callable[[], Any], Callable[[Any], Any]]]:
         """Every part of the run a checkpoint saves and a resume restores by name (besides the loop state,

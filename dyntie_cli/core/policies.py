@@ -5,6 +5,9 @@
 * ``fixed``    -- one state held for the whole run: ``no-tying`` (all independent), ``final-arch`` (a dynamic
   run's final state) and the static schemes of the literature.
 * ``replay``   -- a recorded schedule of states, moved onto other layers by a seeded permutation.
+* ``grow``     -- a fixed schedule: all tied at first, then one block untied at a steady pace (the largest
+  group split at its middle) until a target number of blocks is independent.
+* ``q-off``    -- the Q-agent with its Q-network ablated (``agent.use_q=false``; core/agent.py).
 
 Every policy returns an *action*; the loop turns it into the next state with Eq. 1, so every state in the
 registry follows from the logged action. A canonical state used as an action maps to itself under Eq. 1,
@@ -13,6 +16,7 @@ which is how fixed and replayed schedules are expressed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +25,7 @@ import torch
 from ..errors import DyntieError
 from ..settings import AgentSettings
 from .agent import Decision, QAgent, RewardShaper
-from .ties import all_independent, all_tied, canonicalize, permute_state, validate_state
+from .ties import all_independent, all_tied, canonicalize, independent_count, permute_state, validate_state
 
 
 class Policy:
@@ -144,6 +148,74 @@ class ReplayPolicy(Policy):
         return _fixed_decision(target)
 
 
+def split_largest_group(state: list[int]) -> list[int]:
+    """Untie one block: the largest group (the lowest root among equals) is split at its middle member, which
+    becomes a root for itself and the members after it. Groups of consecutive blocks stay consecutive, and the
+    new root starts from the weights it was computing with (an untie copies them), so the function does not jump."""
+    groups: dict[int, list[int]] = {}
+    for i, root in enumerate(state):
+        groups.setdefault(root, []).append(i)
+    members = max(groups.values(), key=len)  # max keeps the first (lowest root) of equal sizes
+    if len(members) < 2:
+        return list(state)
+    new = list(state)
+    for i in members[len(members) // 2:]:
+        new[i] = members[len(members) // 2]
+    return new
+
+
+class GrowPolicy(Policy):
+    """Progressive growth on a fixed schedule (the baseline of stacking and share-then-unshare methods): every block
+    starts tied to block 0; after a decision at training progress p, ``1 + floor((target - 1) * p / until)``
+    blocks are independent (``target`` from p >= until on), each new one made by splitting the largest group at its
+    middle. Groups stay runs of consecutive blocks, as the default agent's local moves keep them, and the layout
+    tends to equal groups (``static-sequence``), the best fixed layout of the 48-block study. Nothing is learned; the
+    reward is shaped as the Q-agent's and logged, so a grow run compares with a dynamic run decision by decision."""
+
+    name = "grow"
+    wants_reward = True
+
+    def __init__(self, num_blocks: int, target: int, until: float, agent: AgentSettings) -> None:
+        self.num_blocks = num_blocks
+        self.target = max(1, min(target, num_blocks))
+        self.until = until
+        self.shaper = RewardShaper(agent, num_blocks)
+
+    def scheduled_count(self, progress: float) -> int:
+        """Independent blocks after a decision at training progress ``progress`` (0..1)."""
+        if self.until <= 0 or progress >= self.until:
+            return self.target
+        # the tolerance keeps a count that lands exactly on a whole number from rounding down
+        return 1 + min(self.target - 1, math.floor((self.target - 1) * progress / self.until + 1e-9))
+
+    def initial_state(self):
+        return all_tied(self.num_blocks)
+
+    def decide(self, state, decision, progress):
+        target = list(state)
+        while independent_count(target) < self.scheduled_count(progress):
+            target = split_largest_group(target)
+        return _fixed_decision(target)  # a canonical state: Eq. 1 maps it to itself
+
+    def observe(self, state, action, ppl, next_state, independent, progress, next_progress):
+        return {"reward": self.shaper.shape(ppl, independent)}
+
+    def state_dict(self):
+        return {"reward_ref": self.shaper.reward_ref}
+
+    def load_state_dict(self, sd):
+        self.shaper.reward_ref = sd["reward_ref"]
+
+
+def grow_target(num_blocks: int, independent: int, source: dict[str, Any], agent: AgentSettings) -> int:
+    """grow's target: ``ties.independent``, else the source run's final count, else the agent's budget, else L/4."""
+    if independent:
+        return independent
+    if source.get("final_state"):
+        return independent_count(source["final_state"])
+    return agent.max_independent or max(1, num_blocks // 4)
+
+
 # --------------------------------------------------------------------------------------------------
 # Static schemes (Takase & Kiyono 2021; ALBERT)
 # --------------------------------------------------------------------------------------------------
@@ -220,9 +292,9 @@ def initial_tie_state(spec: str, num_blocks: int, *, pretrained: bool = False,
 
 def make_policy(variant: str, num_blocks: int, *, agent: AgentSettings, total_decisions: int, seed: int,
                 independent: int = 0, source: dict[str, Any] | None = None, perm_seed: int = 0,
-                initial_state: str = "auto", pretrained: bool = False) -> Policy:
+                initial_state: str = "auto", pretrained: bool = False, grow_until: float = 0.2) -> Policy:
     """Build the policy of a variant. ``source`` carries what a variant takes from another run:
-    ``final_state`` (final-arch), ``initial``/``schedule`` (replay), ``mean_independent`` (static schemes),
+    ``final_state`` (final-arch, grow), ``initial``/``schedule`` (replay), ``mean_independent`` (static schemes),
     ``initial_state`` (the state of ``final-arch-of:RUN``). Dynamic and random runs start from
     ``initial_state`` (``initial_tie_state``; resolved when the loop asks, so a resume, which starts from its
     checkpoint's state, never needs it); ``pretrained``: the model starts from ``--init`` weights."""
@@ -232,8 +304,10 @@ def make_policy(variant: str, num_blocks: int, *, agent: AgentSettings, total_de
     def start() -> list[int]:
         return initial_tie_state(initial_state, L, pretrained=pretrained, source=source)
 
-    if variant == "dynamic":
+    if variant in ("dynamic", "q-off"):  # q-off: the settings say agent.use_q=false
         return DynamicPolicy(L, agent, total_decisions, start)
+    if variant == "grow":
+        return GrowPolicy(L, grow_target(L, independent, source, agent), grow_until, agent)
     if variant == "random":
         return RandomPolicy(L, seed, agent, start)
     if variant == "no-tying":

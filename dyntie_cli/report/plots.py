@@ -9,6 +9,8 @@ Each kind is a loader (one query over the registry) and a drawer (a matplotlib f
   the intervals whose peak includes a validation (and its checkpoint) marked.
 * ``params``  -- trainable parameters over steps, with the all-independent count for reference.
 * ``metrics`` -- validation curves of the runs' headline metric (ppl, else accuracy, ...), final test marked.
+* ``study``   -- a study's validation curves per variant: the mean over its seeds, the band from the lowest to the
+  highest seed (``dyntie report --plot study --study NAME``).
 
 Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas, never through pyplot: no display is
 needed, and nothing global (open figures, the backend) is left behind in the calling process.
@@ -49,6 +51,7 @@ class PlotKind:
     load: Callable[[duckdb.DuckDBPyConnection, list[str]], pd.DataFrame]
     draw: Callable[[pd.DataFrame, dict[str, str]], Figure]
     missing: str  # what a run without rows lacks, as the error message names it
+    every_run: bool = True  # every run asked for must have rows (a study draws its finished runs only)
 
 
 def make_plot(kind: str, db_path: str | os.PathLike[str], run_ids: list[str] | None, out: str | None) -> Path:
@@ -62,7 +65,7 @@ def make_plot(kind: str, db_path: str | os.PathLike[str], run_ids: list[str] | N
         ids = _chosen_runs(con, run_ids, path)
         labels = _run_labels(con, ids)
         data = plot.load(con, ids)
-    _require_rows(kind, data, ids, plot.missing)
+    _require_rows(kind, data, ids if plot.every_run else ids[:0], plot.missing)
     target = _output_path(kind, ids[0], out)
     _save(plot.draw(data, labels), target)
     return target
@@ -89,6 +92,8 @@ def _run_labels(con: duckdb.DuckDBPyConnection, ids: list[str]) -> dict[str, str
 
 
 def _require_rows(kind: str, data: pd.DataFrame, ids: list[str], missing: str) -> None:
+    if data.empty and not ids:
+        raise DyntieError(f"Nothing to draw for --plot {kind}: no {missing} yet.")
     present = set(data.run_id)
     absent = [run_id for run_id in ids if run_id not in present]
     if absent:
@@ -365,11 +370,47 @@ def _metric_curve(ax: Axes, rows: pd.DataFrame, colour, label: str) -> None:
         ax.scatter(test.step, test.value, marker="*", s=120, color=colour, edgecolors="black", zorder=3)
 
 
+# --- study: validation curves per variant, over seeds ---------------------------------------------------------
+
+
+def _load_study(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    from ..results.study import STUDY_METRICS
+
+    frame = query_rows(con, "study-curves", ids)
+    metric = next((m for m in STUDY_METRICS if m in set(frame.name)), None)
+    return frame[frame.name == metric]
+
+
+def _draw_study(data: pd.DataFrame, labels: dict[str, str]) -> Figure:
+    from ..results.study import study_variant_order
+
+    fig = Figure(figsize=(8.0, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    name = str(data.name.iloc[0])
+    variants = sorted(dict.fromkeys(data.variant), key=study_variant_order)
+    for variant, colour in zip(variants, _colours(len(variants)), strict=True):
+        rows = data[data.variant == variant]
+        by_step = rows.groupby("step").value
+        mean, low, high = by_step.mean(), by_step.min(), by_step.max()
+        seeds = rows.seed.nunique()
+        ax.plot(mean.index, mean.values, marker=".", color=colour, label=f"{variant} ({seeds} seeds)")
+        ax.fill_between(mean.index, low.values, high.values, color=colour, alpha=0.15, linewidth=0)
+    if name in _LOG_SCALE_METRICS and _spans_decades(data.value):
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"validation {name}")
+    studies = ", ".join(dict.fromkeys(data.study))
+    ax.set_title(f"study {studies}: mean over seeds (band: lowest to highest seed)")
+    ax.legend(fontsize="small")
+    return fig
+
+
 PLOTS: dict[str, PlotKind] = {
     "ties": PlotKind(_load_ties, _draw_ties, "tie states (ties table)"),
     "layers": PlotKind(_load_layers, _draw_layers, "tie states (ties table)"),
     "memory": PlotKind(_load_memory, _draw_memory, "memory rows (memory table)"),
     "params": PlotKind(_load_params, _draw_params, "trainable-parameter rows (memory table)"),
     "metrics": PlotKind(_load_metrics, _draw_metrics, "validation metrics (metrics table)"),
+    "study": PlotKind(_load_study, _draw_study, "finished run with validation rows in the study", every_run=False),
 }
 KINDS = tuple(PLOTS)

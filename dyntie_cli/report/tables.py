@@ -5,7 +5,7 @@
 
 Which cells hold byte counts is read from names, so the queries and this module agree without extra plumbing:
 a column whose name contains ``bytes``, or, in a transposed table whose first column is ``quantity``, a row
-whose label contains ``bytes``. Columns named ``A / B`` hold ratios and are shown as ``0.36x``.
+whose label contains ``bytes``. Columns named ``A / B`` hold ratios and are shown as ``0.3612x``.
 """
 
 from __future__ import annotations
@@ -153,13 +153,14 @@ def human_value(value: Any, *, as_bytes: bool = False, as_ratio: bool = False) -
     value = plain_value(value)
     if value is None:
         return MISSING
-    if isinstance(value, list):
-        return "[" + ", ".join(MISSING if item is None else str(item) for item in value) + "]"
+    if isinstance(value, list):  # floats in a list are rounded as a lone float is; whole numbers stay as they are
+        return "[" + ", ".join(MISSING if item is None else human_number(item) if isinstance(item, float)
+                               else str(item) for item in value) + "]"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if as_bytes:
             return human_bytes(value)
-        if as_ratio:
-            return f"{value:.3g}x"
+        if as_ratio:  # four figures: a study's ratios differ in the third
+            return f"{value:.4g}x"
         return human_number(value)
     return str(value)
 

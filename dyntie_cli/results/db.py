@@ -122,12 +122,18 @@ def _add_process_peak(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("ALTER TABLE memory ADD COLUMN process_peak_bytes BIGINT")
 
 
+def _add_greedy_moves(con: duckdb.DuckDBPyConnection) -> None:
+    """Whether the learned part acts: rows whose greedy Q choice would change their tie (NULL: no Q-network)."""
+    con.execute("ALTER TABLE decisions ADD COLUMN greedy_moves INTEGER")
+
+
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("create_core_tables", _create_core_tables),
     ("add_run_provenance", _add_run_provenance),
     ("add_tie_changes", _add_tie_changes),
     ("add_decision_diagnostics", _add_decision_diagnostics),
     ("add_process_peak", _add_process_peak),
+    ("add_greedy_moves", _add_greedy_moves),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

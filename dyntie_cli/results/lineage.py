@@ -1,5 +1,6 @@
 """What a command takes from a recorded run: a resume its config and folder; an ablation its config, tie
-schedule, final state and mean independent blocks, and the run it starts from when none is named."""
+schedule, final state and mean independent blocks, and the run it starts from when none is named; a
+warm-started agent the transitions of earlier runs and the checkpoint of a trained one."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import duckdb
 
+from ..errors import DyntieError
 from .db import read_registry, resolve_run_id
 from .writer import stale_reason
 
@@ -103,3 +105,86 @@ def _logged_mean_independent(con: duckdb.DuckDBPyConnection, run_id: str) -> flo
         [run_id],
     ).fetchone()
     return None if row is None or row[0] is None else float(row[0])
+
+
+# --- what an agent learns from earlier runs ------------------------------------------------------------------
+
+#: a run's transitions: the state before each rewarded decision, its action, the state after it and the reward,
+#: with the step it was taken at
+_TRANSITIONS_SQL = """
+    SELECT t.run_id, t.step, p.state, t.action, t.state, d.reward
+    FROM ties t
+    JOIN ties p ON p.run_id = t.run_id AND p.decision = t.decision - 1
+    JOIN decisions d ON d.run_id = t.run_id AND d.decision = t.decision
+    WHERE t.run_id IN (SELECT unnest($ids::TEXT[])) AND t.decision > 0 AND d.reward IS NOT NULL
+    ORDER BY list_position($ids::TEXT[], t.run_id), t.decision
+"""
+
+
+def _warm_runs(con: duckdb.DuckDBPyConnection, db: Path, spec: str, backbone: str,
+               study: str | None) -> list[str]:
+    """The run ids ``agent.warm_from`` names: ``all`` -- every finished dynamic run of ``backbone``, except runs
+    of the study ``study`` -- or a comma-separated list of ids and prefixes."""
+    names = [part.strip() for part in spec.split(",") if part.strip()]
+    if names == ["all"]:
+        rows = con.execute(
+            "SELECT run_id, config FROM runs WHERE backbone = ? AND variant = 'dynamic' AND status = 'finished' "
+            "ORDER BY started_at, run_id", [backbone]).fetchall()
+        ids = []
+        for rid, config in rows:
+            config = json.loads(config) if isinstance(config, str) else config or {}
+            if study is None or (config.get("study") or {}).get("name") != study:
+                ids.append(rid)
+        if not ids:
+            extra = f" outside the study {study!r}" if study else ""
+            raise DyntieError(f"--agent-from all found no finished dynamic run of {backbone}{extra} in {db}; "
+                              "train one first, or name runs with --agent-from RUN,RUN.")
+        return ids
+    if "all" in names:
+        raise DyntieError("--agent-from takes either all or run ids, not both.")
+    return list(dict.fromkeys(resolve_run_id(con, name, db) for name in names))
+
+
+def agent_knowledge(db: Path, spec: str, weights_run: str, backbone: str, study: str | None = None
+                    ) -> dict[str, Any]:
+    """What a new run's agent starts from: the transitions of the runs ``spec`` names (``agent.warm_from``) and
+    the checkpoint folder of ``weights_run`` (``agent.warm_weights``).
+
+    Each transition is ``(state, action, reward, next_state, progress, next_progress)``, progress being the
+    step over the source run's ``train.max_steps`` and the next one ``decide_every`` steps on, as the source's
+    agent saw them. ``runs`` lists the ids that gave at least one transition; a named run that gave none is
+    refused (it recorded no reward: a fixed schedule, or killed before its first decision was scored)."""
+    out: dict[str, Any] = {"runs": [], "transitions": [], "weights_run": None, "weights_dir": None}
+    with read_registry(db) as con:
+        if spec:
+            ids = _warm_runs(con, db, spec, backbone, study)
+            configs = {rid: _recorded(con, rid) for rid in ids}
+            for rid, run in configs.items():
+                if run.backbone != backbone:
+                    raise DyntieError(f"Run {rid} trained {run.backbone}, not {backbone}; an agent learns only "
+                                      "from runs of its own backbone.")
+            rows = con.execute(_TRANSITIONS_SQL, {"ids": ids}).fetchall()
+            for rid, step, state, action, next_state, reward in rows:
+                cfg = configs[rid].config
+                max_steps = int(cfg["train"]["max_steps"])
+                k = int(cfg["ties"]["decide_every"])
+                out["transitions"].append(([int(x) for x in state], [int(x) for x in action], float(reward),
+                                           [int(x) for x in next_state], step / max_steps,
+                                           min(1.0, (step + k) / max_steps)))
+            used = list(dict.fromkeys(row[0] for row in rows))
+            if spec.strip() != "all":
+                empty = [rid for rid in ids if rid not in used]
+                if empty:
+                    raise DyntieError(f"Run {empty[0]} recorded no rewarded decision to learn from; name runs of "
+                                      "the dynamic (or q-off, grow, random) variant.")
+            out["runs"] = used
+        if weights_run:
+            run = _recorded(con, resolve_run_id(con, weights_run, db))
+            folder = Path(run.out_dir or "") / "checkpoint"
+            if run.backbone != backbone:
+                raise DyntieError(f"Run {run.run_id} trained {run.backbone}, not {backbone}; its agent does not "
+                                  "apply here.")
+            if not run.out_dir or not (folder / "trainer.pt").is_file():
+                raise DyntieError(f"Run {run.run_id} has no checkpoint at {folder} to take its agent from.")
+            out["weights_run"], out["weights_dir"] = run.run_id, str(folder)
+    return out

@@ -1,5 +1,6 @@
 """Named queries over the registry; each returns a pandas DataFrame. All of dyntie's SQL that reads results
-lives here (and in ``bench.py``, the bench table): reports, plots and commands call queries by name.
+lives here (and in ``bench.py`` and ``study.py``, the bench and study tables): reports, plots and commands call
+queries by name.
 
 Every query takes the registry path and an optional list of run ids (full ids or unique prefixes; ``None``
 means every run, most recent first). Per-run tables have one row per run in the order asked for, so
@@ -250,7 +251,10 @@ def _agent(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     # Decision 0 is the initial state, not a choice: it is left out of every per-decision mean.
     decided = f"""
         SELECT run_id, count(*) AS decisions, avg(greedy_agreement) AS greedy_agreement_mean,
-            avg(q_spread) AS q_spread_mean, avg(td_loss) AS td_loss_mean
+            avg(q_spread) AS q_spread_mean, avg(td_loss) AS td_loss_mean,
+            avg(CASE WHEN greedy_moves IS NULL THEN NULL WHEN greedy_moves > 0 THEN 1.0 ELSE 0.0 END)
+                AS greedy_moved_share,
+            avg(greedy_moves) AS greedy_moves_mean
         FROM decisions WHERE {IN_RUNS} AND {_DECIDED} GROUP BY run_id
     """
     changed = f"""
@@ -266,8 +270,8 @@ def _agent(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
                  states.groupby("run_id", sort=False)}
     table["independent_lifetime_mean"] = table.run_id.map(lifetimes).astype(float)
     table["decisions"] = table.decisions.fillna(0).astype(int)
-    columns = ["run_id", "variant", "decisions", "changed_blocks_mean", "greedy_agreement_mean",
-               "q_spread_mean", "td_loss_mean", "independent_lifetime_mean"]
+    columns = ["run_id", "variant", "decisions", "changed_blocks_mean", "greedy_moved_share", "greedy_moves_mean",
+               "greedy_agreement_mean", "q_spread_mean", "td_loss_mean", "independent_lifetime_mean"]
     return table[columns]
 
 
@@ -515,6 +519,18 @@ def _bench(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     return bench_table(con, ids)
 
 
+def _study(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    from dyntie_cli.results.study import study_table
+
+    return study_table(con, ids)
+
+
+def _study_curves(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    from dyntie_cli.results.study import study_curves
+
+    return study_curves(con, ids)
+
+
 QUERIES: dict[str, NamedQuery] = {
     "runs": NamedQuery(_runs, "One row per run: identity, status, steps, timing.",
                        narrow=("status", "command", "backbone", "variant", "steps", "duration_s", "parent_run_id")),
@@ -542,6 +558,8 @@ QUERIES: dict[str, NamedQuery] = {
                                     "(so their ratios are reciprocals); wall_s the whole run, evaluations and "
                                     "checkpoints included."),
     "bench": NamedQuery(_bench, "Speed and memory of bench runs, with ratios to their no-tying run."),
+    "study": NamedQuery(_study, "Per study and variant: the validation metric over seeds (mean, std, range), its "
+                                "ratio to no-tying, independent blocks, and the paired difference to dynamic."),
     "variants": NamedQuery(_per_run, "Run id and variant of each run.", table=False),
     "tie-rows": NamedQuery(_tie_rows, "Decision, step and state of every decision (the ties plot).", table=False),
     "memory-rows": NamedQuery(_memory_rows, "Peak and training-state bytes per logging step (the memory plot).",
@@ -552,6 +570,8 @@ QUERIES: dict[str, NamedQuery] = {
                              table=False),
     "evaluation-rows": NamedQuery(_evaluation_rows, "Every validation and test metric row (the metrics plot).",
                                   table=False),
+    "study-curves": NamedQuery(_study_curves, "Validation rows of a study's runs with variant and seed (the study "
+                                              "plot).", table=False),
 }
 REPORT_TABLES = tuple(name for name, q in QUERIES.items() if q.table and name != "compare")
 

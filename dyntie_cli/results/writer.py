@@ -49,7 +49,7 @@ ROW_COLUMNS: dict[str, tuple[str, ...]] = {
     ),
     "decisions": (
         "decision", "step", "epsilon", "explored", "reward", "q_predicted", "q_target", "td_loss",
-        "greedy_agreement", "q_spread", "ppl",
+        "greedy_agreement", "q_spread", "ppl", "greedy_moves",
     ),
 }
 RunChange = Callable[[duckdb.DuckDBPyConnection], None]
@@ -387,11 +387,12 @@ class RunWriter:
         greedy_agreement: float | None = None,
         q_spread: float | None = None,
         ppl: float | None = None,
+        greedy_moves: int | None = None,
     ) -> None:
         floats = (reward, q_predicted, q_target, td_loss, greedy_agreement, q_spread, ppl)
         row = (
             int(decision), int(step), _opt_float(epsilon), None if explored is None else bool(explored),
-            *(_opt_float(value) for value in floats),
+            *(_opt_float(value) for value in floats), None if greedy_moves is None else int(greedy_moves),
         )
         self._append("decisions", row)
 
