@@ -3,7 +3,7 @@
 Each run trains in its own process (so its peak is its own); the dynamic run's prediction is made at the most
 independent blocks it actually reached (its budget caps the plan made before training). Prints a Markdown table.
 
-Usage: python scripts/plan_check.py OUTDIR [--steps N] [--glue-dir DIR]
+Usage: python scripts/plan_check.py OUTDIR [--steps N] [--glue-dir DIR] [--only PRESET,...]
 """
 
 from __future__ import annotations
@@ -36,13 +36,17 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--glue-dir", default=None)
+    ap.add_argument("--only", default="", help="comma-separated presets to check (default: all four)")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     db = a.out / "plan-check.duckdb"
     common = ["--max-steps", str(a.steps), "--set", "train.eval_every=0", "--set", "train.log_every=5",
               "--set", "train.eval_items=4096", "--set", "train.test_items=4096"]
     rows = []
+    only = {p for p in a.only.split(",") if p}
     for command, backbone, preset in CASES:
+        if only and preset[1] not in only:
+            continue
         extra = ["--data-dir", a.glue_dir] if backbone == "glue" and a.glue_dir else []
         for variant in ("no-tying", "dynamic"):
             args = [*preset, *extra, *common, "--variant", variant]

@@ -22,7 +22,7 @@ def _plans(runner, *args) -> dict[str, dict]:
     return {p["variant"]: p for p in json.loads(r.stdout)}
 
 
-def test_the_plan_counts_what_the_run_then_holds(runner, tmp_path):
+def test_the_plan_counts_what_the_run_then_holds(runner, tmp_path, monkeypatch):
     plans = _plans(runner, "--variants", "no-tying,dynamic", "--max-independent", "2")
     assert plans["no-tying"]["independent"] == 4 and plans["dynamic"]["independent"] == 2
     for p in plans.values():
@@ -30,6 +30,8 @@ def test_the_plan_counts_what_the_run_then_holds(runner, tmp_path):
                                                       "optimizer_bytes", "activation_bytes", "transient_bytes"))
         assert p["optimizer_bytes"] == 2 * p["parameter_bytes"] and p["fits"] is True
     db = tmp_path / "r.duckdb"
+    # as if the run were near the device's limit: it then measures its activations and records its plan
+    monkeypatch.setattr(planner, "MEASURE_ABOVE", 0.0)
     r = invoke(runner, "train", "gpt2", "--preset", "gpt2-tiny", "--variant", "no-tying", "--max-steps", "5",
                "--db", db, "--out", tmp_path / "runs", "--quiet")
     assert r.exit_code == 0, r.stderr
@@ -39,6 +41,15 @@ def test_the_plan_counts_what_the_run_then_holds(runner, tmp_path):
     assert 0 <= optimizer - plans["no-tying"]["optimizer_bytes"] < 4 * 100
     planned = _rows(db, "SELECT value FROM metrics WHERE name = 'planned_peak_bytes'")[0][0]
     assert planned > plans["no-tying"]["parameter_bytes"] * 4  # the run recorded its own plan
+
+
+def test_a_run_with_room_to_spare_does_not_measure_its_activations(runner, tmp_path):
+    db = tmp_path / "r.duckdb"
+    r = invoke(runner, "train", "gpt2", "--preset", "gpt2-tiny", "--max-steps", "3", "--db", db,
+               "--out", tmp_path / "runs", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    assert _rows(db, "SELECT count(*) FROM metrics WHERE name = 'planned_peak_bytes'")[0][0] == 0
+    assert _rows(db, "SELECT count(*) FROM metrics WHERE name = 'process_peak_bytes'")[0][0] == 1
 
 
 @pytest.mark.parametrize("independent", [1, 2, 4])

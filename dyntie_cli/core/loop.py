@@ -26,6 +26,7 @@ from ..backbone import perplexity
 from ..errors import DyntieError
 from ..settings import RunSettings
 from . import checkpoint as ckpt
+from . import plan as planning
 from .checkpoint import LoopState
 from .decisions import TieDecisions
 from .distributed import Group
@@ -150,7 +151,8 @@ class Trainer:
         # what the registry keeps beside the settings in runs.config (a bench round, a study): labels only
         self.labels = labels or {}
         self.check_memory = check_memory  # refuse a run the memory plan predicts will not fit (--force: try)
-        self.plan: MemoryPlan | None = None
+        self.plan: MemoryPlan | None = None  # the full prediction, when the run measured its activations
+        self.state_plan: MemoryPlan | None = None  # the stored state's, before the build
         self.cfg = cfg
         self.writer = writer
         self.command = command
@@ -244,16 +246,23 @@ class Trainer:
         self.counts = model_counts(meta, probe)
         if not self.group.is_main:
             return
-        state_only = plan_memory(self.backbone, self.cfg, self.data, self.device, [self.cfg.variant],
-                                 baseline=self.base_bytes, probe=probe, counts=self.counts,
-                                 measured=(lambda n: 0, 0))[0]
-        if self.check_memory and state_only.fits is False:
-            raise DoesNotFit(state_only, self.cfg)
+        self.state_plan = plan_memory(self.backbone, self.cfg, self.data, self.device, [self.cfg.variant],
+                                      baseline=self.base_bytes, probe=probe, counts=self.counts,
+                                      measured=(lambda n: 0, 0))[0]
+        if self.check_memory and self.state_plan.fits is False:
+            raise DoesNotFit(self.state_plan, self.cfg)
 
     def _check_activations(self) -> None:
-        """After the (lazy) build: the full prediction, activations measured on the run's own model; refuse a run
-        that will not fit unless told to try anyway."""
-        if not self.group.is_main or getattr(self, "counts", None) is None:
+        """After the (lazy) build, for a run near the device's limit (its stored state alone needs more than
+        ``plan.MEASURE_ABOVE`` of the available memory): the full prediction, activations measured on the run's own
+        model; refuse a run that will not fit unless told to try anyway. A run with room to spare skips the
+        measurement: its forward pass leaves freed memory behind that the allocator does not reuse (about 0.3
+        GiB on gpt2-wide-cpu), which would raise the very peak it predicts. ``dyntie plan`` measures in its own
+        process."""
+        state_plan = self.state_plan
+        if not self.group.is_main or state_plan is None or state_plan.available_bytes is None:
+            return
+        if state_plan.peak_bytes <= planning.MEASURE_ABOVE * state_plan.available_bytes:
             return
         measured = measure_on(self.backbone, self.cfg, self.data, self.device, self.model, self.ties)
         self.plan = plan_memory(self.backbone, self.cfg, self.data, self.device, [self.cfg.variant],

@@ -11,8 +11,8 @@ The peak of a training step is the sum of what lives through it:
   forward on the run's device and precision at the model's tie state and with one more block independent, and
   every saved tensor's storage is counted once. Saved bytes grow linearly with the number of independent blocks
   (a tied block under ``tied_grad=follow`` saves less than an independent one), so the two measurements give the
-  activations at any count. A run measures on its own model, built lazily (the blocks that start tied cost
-  nothing); ``dyntie plan`` on a copy built lazily for the purpose;
+  activations at any count. ``dyntie plan`` measures on a copy built lazily for the purpose (the blocks that
+  start tied cost nothing); a run near the device's limit measures on its own model after its lazy build;
 * a **transient**: the gradient of the largest saved tensor, alive at the start of the backward pass (for a
   language model, the logits).
 
@@ -37,6 +37,10 @@ from ..settings import RunSettings
 from .lazy import build_lazily
 from .memory import current_rss_bytes, release_freed_memory
 from .ties import TieManager, independent_count
+
+#: a run measures its activations before training only when its stored state alone needs more than this share of
+#: the memory available (the measurement costs resident memory the allocator keeps)
+MEASURE_ABOVE = 0.5
 
 #: AdamW keeps exp_avg and exp_avg_sq, each the size of its parameter
 _OPTIMIZER_COPIES = 2
