@@ -21,10 +21,11 @@ from datetime import date, datetime
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from rich import box
 from rich.console import Console
 from rich.table import Table
+
+from dyntie_cli.lazy_import import pandas as pd
 
 FORMATS = ("table", "csv", "json", "markdown")
 MISSING = "-"

@@ -5,8 +5,8 @@ each run's config says its group and round) are pooled: medians over rounds, as 
 from __future__ import annotations
 
 import duckdb
-import pandas as pd
 
+from dyntie_cli.lazy_import import pandas as pd
 from dyntie_cli.results.db import IN_RUNS
 
 # the quantities `dyntie bench` reports, each also as a ratio to no-tying. process_peak_bytes is the headline:

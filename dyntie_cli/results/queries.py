@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import pandas as pd
 
 from dyntie_cli.errors import UsageError
+from dyntie_cli.lazy_import import pandas as pd
 from dyntie_cli.results.db import IN_RUNS, RUN_ORDER, read_registry, resolve_run_ids
 from dyntie_cli.results.writer import stale_reason
 
-Builder = Callable[[duckdb.DuckDBPyConnection, list[str]], pd.DataFrame]
+Builder = Callable[[duckdb.DuckDBPyConnection, list[str]], "pd.DataFrame"]
 
 # The metric a run is judged by, in order of preference: Matthews correlation (CoLA), accuracy (other
 # classifiers), perplexity (language models); a run logs only the ones that apply.

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import pandas as pd
 
 from dyntie_cli.errors import DyntieError, UsageError
+from dyntie_cli.lazy_import import pandas as pd
 from dyntie_cli.results.db import IN_RUNS, read_registry
 from dyntie_cli.results.writer import stale_reason
 from dyntie_cli.settings import VARIANTS
