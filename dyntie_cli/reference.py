@@ -95,7 +95,7 @@ METRICS: dict[tuple[str, str], str] = {
     ("train", "wall_time_s"): "seconds of the training loop so far (evaluations included)",
     ("train", "setup_peak_bytes"): "the process's peak when setup ended (step 0)",
     ("train", "base_bytes"): "what the process held before the model was built: libraries and data (step 0)",
-    ("train", "planned_peak_bytes"): "the peak the memory plan predicted before the run started (step 0)",
+    ("train", "planned_peak_bytes"): "the peak the memory plan predicted before training (step 0); recorded by a run near the device's limit, which measures its activations (docs/memory.md)",
     ("train", "process_peak_bytes"): "the whole process's peak at the end, test scoring and checkpoint included",
     ("train", "independent_layers_mean"): "independent blocks averaged over steps (at the end)",
     ("train", "trainable_params_mean"): "trainable parameters averaged over steps (at the end)",

@@ -26,13 +26,12 @@ from ..backbone import perplexity
 from ..errors import DyntieError
 from ..settings import RunSettings
 from . import checkpoint as ckpt
-from . import plan as planning
 from .checkpoint import LoopState
 from .decisions import TieDecisions
 from .distributed import Group
 from .lazy import BuildReport, build_lazily
 from .memory import MemoryProbe, base_bytes, gradient_bytes, trainable_parameters
-from .plan import DoesNotFit, MemoryPlan, measure_on, model_counts, plan_memory
+from .plan import DoesNotFit, MemoryPlan, measure_on, model_counts, near_limit, plan_memory
 from .policies import DynamicPolicy, Policy, make_policy
 from .ties import TieManager, independent_count
 
@@ -253,16 +252,9 @@ class Trainer:
             raise DoesNotFit(self.state_plan, self.cfg)
 
     def _check_activations(self) -> None:
-        """After the (lazy) build, for a run near the device's limit (its stored state alone needs more than
-        ``plan.MEASURE_ABOVE`` of the available memory): the full prediction, activations measured on the run's own
-        model; refuse a run that will not fit unless told to try anyway. A run with room to spare skips the
-        measurement: its forward pass leaves freed memory behind that the allocator does not reuse (about 0.3
-        GiB on gpt2-wide-cpu), which would raise the very peak it predicts. ``dyntie plan`` measures in its own
-        process."""
-        state_plan = self.state_plan
-        if not self.group.is_main or state_plan is None or state_plan.available_bytes is None:
-            return
-        if state_plan.peak_bytes <= planning.MEASURE_ABOVE * state_plan.available_bytes:
+        """After the (lazy) build, for a run near the device's limit (``plan.near_limit``): the full prediction,
+        activations measured on the run's own model; refuse a run that will not fit unless told to try anyway."""
+        if not self.group.is_main or self.state_plan is None or not near_limit(self.state_plan):
             return
         measured = measure_on(self.backbone, self.cfg, self.data, self.device, self.model, self.ties)
         self.plan = plan_memory(self.backbone, self.cfg, self.data, self.device, [self.cfg.variant],
