@@ -3,8 +3,9 @@
 Each case trains a tiny preset through the real CLI and compares what it logged with a record kept in
 ``fixtures/reproducible/``. Any change that alters a run's numbers (a refactoring that reorders random draws,
 a different initialisation, a changed default) fails here, so it cannot go unnoticed. Integers (states,
-actions, counts, bytes) must match exactly; floats to 1e-9 relative (the records were made with one thread,
-as the suite runs).
+actions, counts, bytes) must match exactly; floats to 1e-4 relative (the records were made with one thread, as
+the suite runs; float32 kernels differ between CPU instruction sets, AVX2 or AVX-512, by up to about 1e-5
+relative over these short runs, while a changed draw or formula moves them by far more).
 
 To record again after a deliberate change of behaviour: ``DYNTIE_WRITE_RECORDS=1 pytest
 tests/test_reproducible.py`` (and say why in the commit).
@@ -75,7 +76,7 @@ def _same(got, want, where: str) -> None:
         if math.isnan(want):
             assert math.isnan(got), f"{where}: {got!r} != nan"
         else:
-            assert got == pytest.approx(want, rel=1e-9, abs=1e-12), f"{where}: {got!r} != {want!r}"
+            assert got == pytest.approx(want, rel=1e-4, abs=1e-9), f"{where}: {got!r} != {want!r}"
     else:
         assert got == want, f"{where}: {got!r} != {want!r}"
 
