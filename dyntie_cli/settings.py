@@ -156,7 +156,7 @@ QNet = Literal["matrix", "shared"]
 
 class AgentSettings(Section):
     """The Q-agent. ``preset`` names a starting point (``default``, ``paper``, ``lean``, ``shared``); explicit fields
-    override it. The method page of the docs explains each choice; docs/agent.md the shared network."""
+    override it. The method page of the docs explains each choice; its agent section the shared network."""
 
     preset: AgentPreset = setting("default", "The named agent these settings started from.")
     hidden: int = setting(128, "Width of the Q-network's two hidden layers.", ge=1)
@@ -187,6 +187,9 @@ class AgentSettings(Section):
     explore_moves: ExploreMoves = setting("local", "An exploring row that moves: any (uniform over its "
                                                    "choices, the paper) or local (untie, or join the group "
                                                    "before).", legacy="any")
+    greedy_scope: ExploreMoves = setting("any", "The entries a row's greedy choice ranges over: any (all of its "
+                                                "choices, the paper) or local (keep its tie, untie, or join the "
+                                                "group before: the moves exploration makes).", legacy="any")
     rows_per_decision: int = setting(0, "0: every row is re-decided; n: only n random rows.", ge=0)
     replay_size: int = setting(512, "Replay buffer size (1: the newest transition only).", ge=1)
     batch_size: int = setting(32, "Transitions per Q update.", ge=1)
@@ -236,9 +239,10 @@ class AgentSettings(Section):
         # saved, at a worse perplexity on the 48-block study (docs/studies.md)
         "lean": dict(keep_bias=0.9, keep_target="root", explore_moves="any", max_independent=0,
                      keep_trained=False, td_target="max"),
-        # the default with the shared per-block Q-network, and a keep bonus on its scale: its entries of a row differ
-        # by tenths of a reward unit, so the default's bonus of 2.0 would never let it move (docs/agent.md)
-        "shared": dict(qnet="shared", keep_bonus=0.5),
+        # the default with the shared per-block Q-network, choosing greedily among the local moves with no keep
+        # bonus: its entries of a row differ by tenths of a reward unit, so any bonus on the default's scale keeps
+        # it from ever acting; the local scope keeps its greedy moves from scattering groups (docs/studies.md)
+        "shared": dict(qnet="shared", greedy_scope="local", keep_bonus=0.0),
     }
 
     @classmethod

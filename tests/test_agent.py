@@ -306,3 +306,23 @@ def test_local_exploration_keeps_groups_runs_of_consecutive_blocks():
         assert len(starts) == independent_count(s)  # ... and no root has a second run
         sizes.add(independent_count(s))
     assert len(sizes) > 3  # the exploration did move
+
+
+def test_local_greedy_scope_chooses_only_keep_untie_or_the_block_before(monkeypatch):
+    """greedy_scope=local: however much the Q-network prefers a far root, a greedy row keeps, unties or joins the
+    group before it -- the moves local exploration makes -- so greedy moves keep groups consecutive too."""
+    q = torch.full((6, 6), float("-inf"))
+    for i in range(6):
+        q[i, : i + 1] = 0.0
+    q[5, 0] = 9.0  # block 5 (tied, following block 4): pointing at block 0 looks far better
+    q[4, 4] = 1.0  # block 4 (tied): untying it looks better
+    state = [0, 0, 0, 3, 3, 3]
+    picks = {}
+    for scope in ("any", "local"):
+        agent = QAgent(6, AgentSettings.from_preset("default", greedy_scope=scope, keep_bonus=0.0, epsilon=0.0,
+                                                    epsilon_min=0.0))
+        monkeypatch.setattr(agent, "q_matrix", lambda s, progress=0.0: q.clone())
+        picks[scope] = agent.act(state, greedy_only=True).greedy
+    assert picks["any"][5] == 0 and picks["any"][4] == 4
+    assert picks["local"][5] in (4, 5) and picks["local"][4] == 4
+    assert transition(state, picks["local"]) == [0, 0, 0, 3, 4, 4]

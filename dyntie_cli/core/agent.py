@@ -36,6 +36,10 @@ training rows -- every row's chosen entry is regressed toward the transition's t
 ``mean_i (Q[i, a_i] - y)^2``, instead of their mean (``Q(s, a)``, still the mean over rows of the chosen
 entries, is what the agent predicts and the TD target is built from, as with ``matrix``).
 
+``greedy_scope=local`` restricts each row's greedy choice to the moves local exploration makes (keep its tie,
+untie, join the group before), so greedy moves, like exploring ones, keep groups runs of consecutive blocks; the
+``shared`` preset sets it with no keep bonus, so the learned values decide when and where a tied block unties.
+
 Warm starts (``warm_from``, ``warm_weights``): before its first decision the agent can start from another
 run's trained network (read from that run's checkpoint) and train ``warm_updates`` minibatches on the recorded
 transitions of earlier runs (``warm_start``); the run's own replay buffer still starts empty, so its minibatch
@@ -226,6 +230,15 @@ def _keep_entries(states: torch.Tensor, keep_target: str) -> torch.Tensor:
     return keep
 
 
+def _local_entries(keep: torch.Tensor) -> torch.Tensor:
+    """[B, L, L]: the entries a row may choose with ``greedy_scope=local``: its keep entry, untie (j == i) and
+    join the group before (j == i - 1) -- the moves an exploring row makes with ``explore_moves=local``."""
+    B, L = keep.shape
+    i = torch.arange(L, device=keep.device).view(1, L, 1)
+    j = torch.arange(L, device=keep.device).view(1, 1, L)
+    return (j == keep.unsqueeze(2)) | (j == i) | (j == i - 1).expand(B, L, L)
+
+
 def make_qnetwork(num_blocks: int, cfg: AgentSettings) -> nn.Module:
     return SharedQNetwork(cfg) if cfg.qnet == "shared" else QNetwork(num_blocks, cfg)
 
@@ -367,8 +380,11 @@ class QAgent:
         """[B, L]: the greedy action in each state: argmax of each row, the keep entry of a protected row raised by
         the keep bonus (a newly independent block is not thrown away on a small, noisy difference in Q: the churn
         that made the paper's agent no better than chance), and with ``keep_trained`` an independent block kept."""
+        keep = self._keep_entries(states)
+        if self.cfg.greedy_scope == "local":
+            q = q.masked_fill(~_local_entries(keep), float("-inf"))
         if self.cfg.keep_bonus:
-            bonus = torch.zeros_like(q).scatter_(2, self._keep_entries(states).unsqueeze(2), self.cfg.keep_bonus)
+            bonus = torch.zeros_like(q).scatter_(2, keep.unsqueeze(2), self.cfg.keep_bonus)
             q = q + bonus * self._protected(states).unsqueeze(2)
         greedy = q.argmax(dim=2)
         if self.cfg.keep_trained:
