@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -103,3 +105,48 @@ def test_plan_refuses_bad_settings_like_training_does(runner):
     assert r.exit_code == 2 and "train.precision" in r.stderr
     r = invoke(runner, "plan", "finetune", "gpt2")
     assert r.exit_code == 2 and "dyntie train gpt2" in r.stderr
+
+
+FREE_AND_MEASURE = """
+import sys, torch
+from dyntie_cli.core.memory import current_rss_bytes, release_memory_at_once
+if sys.argv[1] == "on" and not release_memory_at_once():
+    print("no-glibc")
+    raise SystemExit
+x = torch.ones(1 << 21)
+del x  # a freed 8 MiB block: glibc's own threshold rises past 1 MiB, so smaller tensors come from the heap
+before = current_rss_bytes()
+held = [torch.ones(1 << 18) for _ in range(200)]  # 200 MiB in 1 MiB tensors
+pin = torch.ones(1 << 16)  # 256 KiB carved after them: the heap's top stays in use and cannot be trimmed
+del held[:]
+print((current_rss_bytes() - before) / 2**20)
+"""
+
+
+def test_release_memory_hands_freed_tensors_back_to_the_os():
+    """train.release_memory: 200 MiB of freed 1 MiB tensors leave the process at once; glibc's default keeps them
+    resident. Each side runs in its own process (the setting lasts for the rest of a process)."""
+    resident = {}
+    for mode in ("on", "off"):
+        out = subprocess.run([sys.executable, "-c", FREE_AND_MEASURE, mode], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        if out == "no-glibc":
+            pytest.skip("the C library is not glibc")
+        resident[mode] = float(out)
+    assert resident["on"] < 20 and resident["off"] > 150
+
+
+@pytest.mark.parametrize(("setting", "near", "released"), [("auto", False, False), ("auto", True, True),
+                                                           ("on", False, True), ("off", True, False)])
+def test_a_run_releases_freed_memory_when_told_or_near_the_limit(runner, tmp_path, monkeypatch, setting, near,
+                                                                 released):
+    from dyntie_cli.core import loop
+
+    calls = []
+    monkeypatch.setattr(loop, "release_memory_at_once", lambda: calls.append(1) or True)
+    monkeypatch.setattr(planner, "MEASURE_ABOVE", 0.0 if near else 0.5)
+    r = invoke(runner, "train", "gpt2", "--preset", "gpt2-tiny", "--max-steps", "2", "--set",
+               f"train.release_memory={setting}", "--db", tmp_path / "r.duckdb", "--out", tmp_path / "runs",
+               "--quiet")
+    assert r.exit_code == 0, r.stderr
+    assert bool(calls) == released

@@ -30,7 +30,7 @@ from .checkpoint import LoopState
 from .decisions import TieDecisions
 from .distributed import Group
 from .lazy import BuildReport, build_lazily
-from .memory import MemoryProbe, base_bytes, gradient_bytes, trainable_parameters
+from .memory import MemoryProbe, base_bytes, gradient_bytes, release_memory_at_once, trainable_parameters
 from .plan import DoesNotFit, MemoryPlan, measure_on, model_counts, near_limit, plan_memory
 from .policies import DynamicPolicy, Policy, make_policy
 from .ties import TieManager, independent_count
@@ -243,13 +243,18 @@ class Trainer:
         state at the most independent blocks it may have) cannot fit, unless told to try anyway (docs/memory.md).
         Only rank 0 of a torchrun launch plans (the ranks are alike)."""
         self.counts = model_counts(meta, probe)
+        release = self.cfg.train.release_memory
         if not self.group.is_main:
+            if release == "on" and self.device.type == "cpu":
+                release_memory_at_once()
             return
         self.state_plan = plan_memory(self.backbone, self.cfg, self.data, self.device, [self.cfg.variant],
                                       baseline=self.base_bytes, probe=probe, counts=self.counts,
                                       measured=(lambda n: 0, 0))[0]
         if self.check_memory and self.state_plan.fits is False:
             raise DoesNotFit(self.state_plan, self.cfg)
+        if self.device.type == "cpu" and (release == "on" or (release == "auto" and near_limit(self.state_plan))):
+            release_memory_at_once()  # freed tensors leave the process: its peak is the live peak
 
     def _check_activations(self) -> None:
         """After the (lazy) build, for a run near the device's limit (``plan.near_limit``): the full prediction,

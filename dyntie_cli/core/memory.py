@@ -84,6 +84,26 @@ def _libc_malloc_trim():
 
 _MALLOC_TRIM = _libc_malloc_trim()
 
+#: glibc's mallopt parameter for the size from which an allocation gets its own mapping
+_M_MMAP_THRESHOLD = -3
+#: the threshold ``release_memory_at_once`` sets: glibc's initial one, which it otherwise raises (up to 32 MiB)
+#: each time a mapped block is freed, after which freed tensors stay in the heap
+RELEASE_THRESHOLD = 128 * 1024
+
+
+def release_memory_at_once() -> bool:
+    """Have glibc map every allocation of ``RELEASE_THRESHOLD`` bytes or more on its own and unmap it when freed,
+    so tensors freed during a step leave the process instead of staying resident in the heap for reuse: the
+    process peak becomes the peak of live memory, at the price of page faults on each new large tensor. False
+    where the C library is not glibc."""
+    if _MALLOC_TRIM is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, RELEASE_THRESHOLD))
+
 
 def release_freed_memory() -> None:
     """Give memory freed by released blocks back to the OS. glibc keeps freed heap pages mapped (RSS stays
