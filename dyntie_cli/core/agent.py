@@ -233,10 +233,10 @@ def _keep_entries(states: torch.Tensor, keep_target: str) -> torch.Tensor:
 def _local_entries(keep: torch.Tensor) -> torch.Tensor:
     """[B, L, L]: the entries a row may choose with ``greedy_scope=local``: its keep entry, untie (j == i) and
     join the group before (j == i - 1) -- the moves an exploring row makes with ``explore_moves=local``."""
-    B, L = keep.shape
+    L = keep.shape[1]
     i = torch.arange(L, device=keep.device).view(1, L, 1)
     j = torch.arange(L, device=keep.device).view(1, 1, L)
-    return (j == keep.unsqueeze(2)) | (j == i) | (j == i - 1).expand(B, L, L)
+    return (j == keep.unsqueeze(2)) | (j == i) | (j == i - 1)
 
 
 def make_qnetwork(num_blocks: int, cfg: AgentSettings) -> nn.Module:

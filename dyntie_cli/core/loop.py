@@ -243,17 +243,15 @@ class Trainer:
         state at the most independent blocks it may have) cannot fit, unless told to try anyway (docs/memory.md).
         Only rank 0 of a torchrun launch plans (the ranks are alike)."""
         self.counts = model_counts(meta, probe)
+        if self.group.is_main:
+            self.state_plan = plan_memory(self.backbone, self.cfg, self.data, self.device, [self.cfg.variant],
+                                          baseline=self.base_bytes, probe=probe, counts=self.counts,
+                                          measured=(lambda n: 0, 0))[0]
+            if self.check_memory and self.state_plan.fits is False:
+                raise DoesNotFit(self.state_plan, self.cfg)
         release = self.cfg.train.release_memory
-        if not self.group.is_main:
-            if release == "on" and self.device.type == "cpu":
-                release_memory_at_once()
-            return
-        self.state_plan = plan_memory(self.backbone, self.cfg, self.data, self.device, [self.cfg.variant],
-                                      baseline=self.base_bytes, probe=probe, counts=self.counts,
-                                      measured=(lambda n: 0, 0))[0]
-        if self.check_memory and self.state_plan.fits is False:
-            raise DoesNotFit(self.state_plan, self.cfg)
-        if self.device.type == "cpu" and (release == "on" or (release == "auto" and near_limit(self.state_plan))):
+        near = self.state_plan is not None and near_limit(self.state_plan)  # only rank 0 has a plan
+        if self.device.type == "cpu" and (release == "on" or (release == "auto" and near)):
             release_memory_at_once()  # freed tensors leave the process: its peak is the live peak
 
     def _check_activations(self) -> None:

@@ -73,16 +73,18 @@ def current_rss_bytes() -> int:
         return peak_rss_bytes()
 
 
-def _libc_malloc_trim():
+def _glibc():
+    """The C library where it is glibc (Linux, with ``malloc_trim``), else None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
         return None
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None  # musl: no malloc_trim
 
 
-_MALLOC_TRIM = _libc_malloc_trim()
+_GLIBC = _glibc()
 
 #: glibc's mallopt parameter for the size from which an allocation gets its own mapping
 _M_MMAP_THRESHOLD = -3
@@ -96,21 +98,15 @@ def release_memory_at_once() -> bool:
     so tensors freed during a step leave the process instead of staying resident in the heap for reuse: the
     process peak becomes the peak of live memory, at the price of page faults on each new large tensor. False
     where the C library is not glibc."""
-    if _MALLOC_TRIM is None:
-        return False
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, RELEASE_THRESHOLD))
+    return _GLIBC is not None and bool(_GLIBC.mallopt(_M_MMAP_THRESHOLD, RELEASE_THRESHOLD))
 
 
 def release_freed_memory() -> None:
     """Give memory freed by released blocks back to the OS. glibc keeps freed heap pages mapped (RSS stays
     up) until ``malloc_trim``; without it a tie would free tensors without lowering the process's footprint."""
     gc.collect()
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
+    if _GLIBC is not None:
+        _GLIBC.malloc_trim(0)
 
 
 def base_bytes(device: torch.device) -> int:
