@@ -104,8 +104,8 @@ class TrainSettings(Section):
     flush_every_s: float = setting(10.0, "Registry writes are buffered this many seconds at most.", ge=0)
     release_memory: ReleaseMemory = setting(
         "auto", "CPU, glibc: hand every freed tensor of 128 KiB or more back to the OS at once, so the process "
-                "peak is the live peak (about 10% lower on gpt2-wide-cpu, 10-20% slower steps): on, off, or auto "
-                "(on for a run near the machine's memory, docs/memory.md).")
+                "peak is the live peak (7-10% lower on gpt2-wide-cpu; the main job's steps about 20% slower): on, off, "
+                "or auto (on for a run near the machine's memory, docs/memory.md).")
 
 
 #: what ``ties.initial_state`` accepts (its meaning: core/policies.py ``initial_tie_state``)
