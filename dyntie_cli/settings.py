@@ -157,8 +157,8 @@ ExploreMoves = Literal["any", "local"]
 TdTarget = Literal["max", "greedy"]
 Reward = Literal["relative", "neg-log-ppl", "neg-ppl"]
 RewardBatch = Literal["interval", "next", "fresh"]
-AgentPreset = Literal["default", "paper", "lean", "shared"]
-QNet = Literal["matrix", "shared"]
+AgentPreset = Literal["default", "paper", "lean", "shared", "advantage"]
+QNet = Literal["matrix", "shared", "advantage"]
 
 
 class AgentSettings(Section):
@@ -219,9 +219,20 @@ class AgentSettings(Section):
                                 "only exploration and the budget move rows (the network still trains, so every "
                                 "random draw is the default's); the variant q-off sets it.", legacy=True)
     qnet: QNet = setting("matrix", "The Q-network: matrix (the whole state to all L(L+1)/2 entries, one "
-                                   "training row per decision) or shared (one small network scores each entry "
-                                   "from depth-free features, the same weights for every row and any depth: L "
-                                   "training rows per decision).", legacy="matrix")
+                                   "training row per decision), shared (one small network scores each entry "
+                                   "from depth-free features, the same weights for every row and any depth; "
+                                   "every row regressed toward the target) or advantage (the shared network as "
+                                   "a state value plus each entry's advantage over keeping, zero until learned, "
+                                   "trained through Q(s, a) as matrix).", legacy="matrix")
+    heads: int = setting(6, "qnet=advantage: estimates of Q, each trained on its own bootstrap draw of the "
+                            "transitions; the agent acts on their mean advantage less confidence times its "
+                            "spread.", ge=1, le=64, legacy=6)
+    confidence: float = setting(1.0, "qnet=advantage with heads > 1: standard deviations over the heads a move's "
+                                     "mean advantage must clear before a row moves greedily.", ge=0,
+                                legacy=1.0)
+    prior_scale: float = setting(1.0, "qnet=advantage with heads > 1: scale of the fixed random prior added to "
+                                      "(and subtracted from) each pair of heads, their spread where no transition "
+                                      "has taught them.", ge=0, legacy=1.0)
     warm_from: str = setting("", "Warm-start the agent from earlier runs' recorded transitions: run ids (or "
                                  "unique prefixes), comma-separated, or all (every finished dynamic run of this "
                                  "backbone in the registry, except runs of the same study); the ids used are "
@@ -250,6 +261,9 @@ class AgentSettings(Section):
         # bonus: its entries of a row differ by tenths of a reward unit, so any bonus on the default's scale keeps
         # it from ever acting; the local scope keeps its greedy moves from scattering groups (docs/studies.md)
         "shared": dict(qnet="shared", greedy_scope="local", keep_bonus=0.0),
+        # the shared network as a state value and advantages over keeping, in bootstrap heads: untrained it keeps
+        # like q-off, and a row moves only where the heads agree the move is better (docs/studies.md)
+        "advantage": dict(qnet="advantage", greedy_scope="local", keep_bonus=0.0),
     }
 
     @classmethod

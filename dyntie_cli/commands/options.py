@@ -43,8 +43,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("variant", ("--variant",), str, "variant"),
     Flag("independent", ("--independent",), int, "ties.independent"),
     Flag("agent", ("--agent",), str, "agent.preset", "default, lean (fewer blocks, worse perplexity), paper "
-                                                     "(the paper's exact agent), or shared (the shared per-block "
-                                                     "Q-network)."),
+                                                     "(the paper's exact agent), shared (the shared per-block "
+                                                     "Q-network) or advantage (the shared network moving a row "
+                                                     "only where its bootstrap heads agree the move is better)."),
     Flag("agent_from", ("--agent-from",), str, "agent.warm_from"),
     Flag("agent_weights", ("--agent-weights",), str, "agent.warm_weights"),
     Flag("reward", ("--reward",), str, "agent.reward"),

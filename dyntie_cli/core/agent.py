@@ -218,6 +218,148 @@ class SharedQNetwork(nn.Module):
         return self.net(self.features(states, progress, rows, actions)).squeeze(2)
 
 
+#: knots of the state value's progress basis: one every 2.5% of training
+VALUE_KNOTS = 41
+#: the inputs of the advantage network's state value, each meaning the same at any depth
+VALUE_FEATURES: tuple[str, ...] = (
+    (f"training progress on a basis of {VALUE_KNOTS} hat functions, one every 2.5% of training (all at 0 "
+     "without progress_input)"),
+    "independent blocks / L",
+)
+
+
+class AdvantageQNetwork(SharedQNetwork):
+    """The shared network as ``heads`` estimates of ``Q_k[i, j] = V_k(s) + A_k(i, j) - A_k(i, keep_i)``: a state
+    value and each entry's advantage over keeping the row's tie.
+
+    * ``A_k`` is the shared entry network (``SHARED_FEATURES``) with one output per head, zero at the start, so an
+      untrained agent values every choice of a row alike and keeps (exactly what ``q-off`` does): a row moves
+      greedily only once the agent has learned an advantage for the move.
+    * ``V_k`` (``VALUE_FEATURES``) carries what every row of a decision shares: the reward's level, which follows
+      training progress far more than any tie does. Its progress basis lets it follow that curve decision by
+      decision, so a transition's reward is credited to the rows that moved only for what V does not explain
+      (trained through ``Q(s, a)``, the mean of the rows' entries, as the matrix network).
+    * The heads learn from different bootstrap draws of the same transitions (``QAgent``), so where they disagree
+      the data does not settle the question. ``forward`` gives the values the agent acts on: the heads' mean less
+      ``confidence`` times their standard deviation, for each entry's advantage; keeping has no spread, so a row
+      moves only where the evidence for the move clears its own uncertainty.
+    """
+
+    def __init__(self, cfg: AgentSettings) -> None:
+        super().__init__(cfg)
+        self.heads, self.confidence = cfg.heads, cfg.confidence
+        self.local = cfg.greedy_scope == "local"
+        self.net[-1] = nn.Linear(cfg.hidden, cfg.heads)
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+        # V is linear in its features, refit by least squares at every update (``fit_value``), not by gradient:
+        # it must follow a reward level that moves by more than any tie's effect, and a slow V would hand what it
+        # has not caught up with to the advantages of whatever rows moved
+        self.value = nn.Parameter(torch.zeros(cfg.heads, VALUE_KNOTS + 1), requires_grad=False)
+        self.register_buffer("knots", torch.linspace(0, 1, VALUE_KNOTS), persistent=False)
+        # a fixed random network per pair of heads, added to one and subtracted from the other: the heads' mean
+        # advantage starts at exactly 0, their spread is large wherever no transition has pinned them down
+        self.prior_scale = cfg.prior_scale
+        pairs = max(cfg.heads // 2, 1)
+        self.prior = nn.Sequential(
+            nn.Linear(len(SHARED_FEATURES), cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.hidden), nn.ReLU(),
+            nn.Linear(cfg.hidden, pairs),
+        ).requires_grad_(False)
+
+    def _entry_heads(self, feats: torch.Tensor) -> torch.Tensor:
+        """Each head's A(i, j) for entry features [..., F]: [..., K]."""
+        a = self.net(feats)
+        if self.prior_scale and self.heads > 1:
+            p = self.prior(feats)
+            signed = torch.cat([p, -p], dim=-1)[..., : self.heads]
+            if signed.shape[-1] < self.heads:  # an odd head has no prior
+                signed = torch.cat([signed, torch.zeros_like(a[..., :1])], dim=-1)
+            a = a + self.prior_scale * signed
+        return a
+
+    def value_features(self, states: torch.Tensor, progress: torch.Tensor) -> torch.Tensor:
+        """[B, VALUE_KNOTS + 1]."""
+        prog = progress.float() if self.progress_input else torch.zeros(states.shape[0], device=states.device)
+        hats = (1 - (prog.unsqueeze(1) - self.knots).abs() * (VALUE_KNOTS - 1)).clamp(min=0)
+        frac = (states == torch.arange(states.shape[1], device=states.device)).float().mean(1, keepdim=True)
+        return torch.cat([hats, frac], dim=1)
+
+    def state_value(self, states: torch.Tensor, progress: torch.Tensor) -> torch.Tensor:
+        """V_k(s), [B, K]."""
+        return self.value_features(states, progress) @ self.value.T
+
+    @torch.no_grad()
+    def fit_value(self, x: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, ridge: float = 1e-3) -> None:
+        """Fit each head's V to ``target`` [N, K] (what the advantages of the taken actions leave of the TD target)
+        on features ``x`` [N, F] of every transition its ``mask`` [N, K] gives it: least squares, with a small ridge
+        for the knots no transition has reached."""
+        eye = torch.eye(x.shape[1])
+        for k in range(self.heads):
+            w = mask[:, k]
+            # the ridge pulls toward the mean target, not toward 0: the hats sum to 1 at any progress, so adding the
+            # mean to every hat's coefficient adds it to V
+            level = (w * target[:, k]).sum() / w.sum().clamp(min=1.0)
+            coef = torch.linalg.solve(x.T @ (w.unsqueeze(1) * x) + ridge * eye, x.T @ (w * (target[:, k] - level)))
+            coef[:VALUE_KNOTS] += level
+            self.value[k] = coef
+
+    def head_values(self, states: torch.Tensor, progress: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every head's Q matrices [B, K, L, L] and advantages over keeping [B, K, L, L]. Entries a row may not
+        choose (above the diagonal; with ``greedy_scope=local`` also those beyond keep, untie and join the group
+        before) are -inf in Q and 0 in the advantages."""
+        B, L = states.shape
+        keep = _keep_entries(states, self.keep_target)
+        if self.local:
+            # only the entries a row may choose (keep, untie, join the group before) are scored; the rest are -inf
+            blocks = torch.arange(L, device=states.device).expand(B, L)
+            cols = torch.stack([keep, blocks, (blocks - 1).clamp(min=0)], dim=2)  # [B, L, 3], keep first
+            rows = blocks.unsqueeze(2).expand(B, L, 3)
+            a = self._entry_heads(self.features(states, progress, rows.reshape(B, -1), cols.reshape(B, -1)))
+            a = a.view(B, L, 3, self.heads)
+            adv = torch.zeros(B, L, L, self.heads, device=states.device).scatter_(
+                2, cols.unsqueeze(3).expand(B, L, 3, self.heads), a - a[:, :, :1])
+            scored = torch.zeros(B, L, L, dtype=torch.bool, device=states.device).scatter_(2, cols, True)
+        else:
+            rows, cols = tril_index(L)
+            a = states.new_zeros((B, L, L, self.heads), dtype=torch.float32)
+            a[:, rows, cols] = self._entry_heads(self.features(states, progress, rows.expand(B, -1),
+                                                               cols.expand(B, -1)))
+            adv = a - a.gather(2, keep.view(B, L, 1, 1).expand(B, L, 1, self.heads))
+            scored = ~_above(L, states.device).expand(B, L, L)
+        adv = adv.permute(0, 3, 1, 2).masked_fill(~scored.unsqueeze(1), 0.0)  # [B, K, L, L]
+        q = self.state_value(states, progress).view(B, self.heads, 1, 1) + adv
+        return q.masked_fill(~scored.unsqueeze(1), float("-inf")), adv
+
+    def forward(self, states: torch.Tensor, progress: torch.Tensor) -> torch.Tensor:
+        """The Q matrices the agent acts on [B, L, L]: mean V plus, for each entry, the heads' mean advantage less
+        ``confidence`` times its standard deviation over heads; -inf above the diagonal."""
+        q, adv = self.head_values(states, progress)
+        acting = q.mean(1)
+        if self.heads > 1 and self.confidence:
+            acting = acting - self.confidence * adv.std(1)
+        return acting
+
+    def taken_parts(self, states: torch.Tensor, progress: torch.Tensor, actions: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every head's V(s) [B, K] and advantage of each row's action over keeping [B, K, L]."""
+        B, L = actions.shape
+        rows = torch.arange(L).expand_as(actions)
+        keep = _keep_entries(states, self.keep_target)
+        a = self._entry_heads(self.features(states, progress, torch.cat([rows, rows], 1),
+                                            torch.cat([actions, keep], 1)))
+        return self.state_value(states, progress), (a[:, :L] - a[:, L:]).permute(0, 2, 1)
+
+    def q_taken(self, states: torch.Tensor, progress: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Every head's Q of each row's action, [B, K, L]."""
+        value, adv = self.taken_parts(states, progress, actions)
+        return value.unsqueeze(2) + adv
+
+
+def _above(L: int, device: torch.device) -> torch.Tensor:
+    """[L, L]: the entries above the diagonal (no row may choose a later block)."""
+    return torch.ones(L, L, dtype=torch.bool, device=device).triu(1)
+
+
 def _keep_entries(states: torch.Tensor, keep_target: str) -> torch.Tensor:
     """[B, L]: the action entry that leaves each row's tie as it is (``keep_target``)."""
     keep = states.clone()
@@ -240,6 +382,8 @@ def _local_entries(keep: torch.Tensor) -> torch.Tensor:
 
 
 def make_qnetwork(num_blocks: int, cfg: AgentSettings) -> nn.Module:
+    if cfg.qnet == "advantage":
+        return AdvantageQNetwork(cfg)
     return SharedQNetwork(cfg) if cfg.qnet == "shared" else QNetwork(num_blocks, cfg)
 
 
@@ -267,10 +411,11 @@ class RewardShaper:
         return r - self.cfg.param_penalty * independent / self.num_blocks
 
 
-def _replay_entry(state, action, reward, next_state, progress, next_progress) -> tuple:
+def _replay_entry(state, action, reward, next_state, progress, next_progress, mask) -> tuple:
     long = torch.long
     return (torch.tensor(state, dtype=long), torch.tensor(action, dtype=long), float(reward),
-            torch.tensor(next_state, dtype=long), float(progress), float(next_progress))
+            torch.tensor(next_state, dtype=long), float(progress), float(next_progress),
+            torch.as_tensor(mask, dtype=torch.float32))
 
 
 class QAgent:
@@ -292,16 +437,33 @@ class QAgent:
         if self.target is not None:
             self.target.load_state_dict(self.q.state_dict())
             self.target.requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.q.parameters(), lr=cfg.lr)
+        # the advantage network's least-squares V leaves residuals near float rounding where it fits its few
+        # transitions exactly; with Adam's usual epsilon those would be normalised up to full steps and move the
+        # advantages without evidence, so it takes Adam's epsilon at 1e-4 (the order Rainbow uses)
+        eps = 1e-4 if cfg.qnet == "advantage" else 1e-8
+        self.optimizer = torch.optim.Adam([p for p in self.q.parameters() if p.requires_grad], lr=cfg.lr, eps=eps)
         self.epsilon = cfg.epsilon
         self.decisions = 0
-        # (state, action, reward, next state, progress, next progress); states and actions as long tensors,
-        # so a minibatch is a stack, not a conversion of nested lists (most of an update's time otherwise)
-        self.replay: deque[tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, float, float]] = deque(
+        # (state, action, reward, next state, progress, next progress, head mask); states and actions as long
+        # tensors, so a minibatch is a stack, not a conversion of nested lists (most of an update's time otherwise)
+        self.replay: deque[tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, float, float, torch.Tensor]] = deque(
             maxlen=max(cfg.replay_size, 1)
         )
         self.prev_greedy: list[int] | None = None
         self.shaper = RewardShaper(cfg, num_blocks)
+        # which heads learn from a transition (qnet=advantage): drawn from a stream of their own, so the draws
+        # that act are those of q-off and of a one-head agent
+        self.heads = cfg.heads if cfg.qnet == "advantage" else 1
+        self.bootstrap = torch.Generator().manual_seed(cfg.seed + 104_729)
+
+    def _mask(self, generator: torch.Generator) -> torch.Tensor:
+        """Which heads learn from a new transition: each with probability 1/2, at least one."""
+        if self.heads == 1:
+            return torch.ones(1)
+        mask = (torch.rand(self.heads, generator=generator) < 0.5).float()
+        if not mask.any():
+            mask[int(torch.randint(0, self.heads, (1,), generator=generator))] = 1.0
+        return mask
 
     # -- acting ------------------------------------------------------------------------------------
 
@@ -387,6 +549,10 @@ class QAgent:
             bonus = torch.zeros_like(q).scatter_(2, keep.unsqueeze(2), self.cfg.keep_bonus)
             q = q + bonus * self._protected(states).unsqueeze(2)
         greedy = q.argmax(dim=2)
+        # a row moves only for a strictly better entry: where the best is no better than keeping, it keeps (the
+        # advantage network values every choice alike until it has learned otherwise)
+        no_gain = q.gather(2, greedy.unsqueeze(2)) <= q.gather(2, keep.unsqueeze(2))
+        greedy = torch.where(no_gain.squeeze(2), keep, greedy)
         if self.cfg.keep_trained:
             rows = torch.arange(states.shape[1]).expand_as(states)
             greedy = torch.where(states == rows, rows, greedy)
@@ -429,15 +595,20 @@ class QAgent:
         return self.shaper.shape(ppl, independent)
 
     def _q_sa(self, net: nn.Module, states, progress, actions) -> torch.Tensor:
-        return net.q_taken(states, progress, actions).mean(1)
+        """Q(s, a), the mean over rows of the chosen entries: [B], or [B, K] for each head."""
+        return net.q_taken(states, progress, actions).mean(-1)
 
-    def _loss(self, states, progress, actions, target: torch.Tensor) -> torch.Tensor:
-        """``matrix``: MSE(Q(s, a), y). ``shared``: every row is a training row, each chosen entry regressed toward
-        its transition's target, mean_i (Q[i, a_i] - y)^2 (averaged over the minibatch)."""
-        taken = self.q.q_taken(states, progress, actions)
+    def _loss(self, states, progress, actions, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``matrix``: MSE(Q(s, a), y). ``advantage``: the same for every head, over the transitions its bootstrap
+        mask gives it. ``shared``: every row is a training row, each chosen entry regressed toward its transition's
+        target, mean_i (Q[i, a_i] - y)^2 (averaged over the minibatch)."""
         if self.cfg.qnet == "shared":
+            taken = self.q.q_taken(states, progress, actions)
             return ((taken - target.unsqueeze(1)) ** 2).mean()
-        return nn.functional.mse_loss(taken.mean(1), target)
+        if self.cfg.qnet == "advantage":
+            err = (self._q_sa(self.q, states, progress, actions) - target) ** 2  # [B, K]
+            return (err * mask).sum() / mask.sum().clamp(min=1.0)
+        return nn.functional.mse_loss(self._q_sa(self.q, states, progress, actions), target)
 
     def _target(self, reward: torch.Tensor, next_states, next_progress) -> torch.Tensor:
         net = self.target if self.target is not None else self.q
@@ -451,6 +622,10 @@ class QAgent:
             chosen = self._greedy(online, next_states)
             if self.cfg.max_independent and self.cfg.td_budget:  # what the budget refuses, the agent does not do
                 chosen = self._cap_independent(chosen, online, next_states)
+            if self.cfg.qnet == "advantage":  # each head values s' at the action the agent would take there
+                heads = net.head_values(next_states, next_progress)[0]  # [B, K, L, L]
+                index = chosen.view(chosen.shape[0], 1, -1, 1).expand(-1, heads.shape[1], -1, 1)
+                return reward.unsqueeze(1) + self.cfg.gamma * heads.gather(3, index).squeeze(3).mean(2)
             return reward + self.cfg.gamma * q_next.gather(2, chosen.unsqueeze(2)).squeeze(2).mean(1)
 
     def update(self, state: list[int], action: list[int], reward: float, next_state: list[int],
@@ -458,28 +633,41 @@ class QAgent:
         """Store the transition and train; returns Q(s,a), its target and the TD loss for this transition."""
         if transition(state, action) != list(next_state):
             raise DyntieError("The transition does not follow Eq. 1 from the state and action given.")
-        self.replay.append(_replay_entry(state, action, reward, next_state, progress, next_progress))
+        self.replay.append(_replay_entry(state, action, reward, next_state, progress, next_progress,
+                                         self._mask(self.bootstrap)))
         newest = [self.replay[-1]]
-        s, a, r, s2, p, p2 = self._stack(newest)
+        s, a, r, s2, p, p2, _ = self._stack(newest)
         with torch.no_grad():  # what the agent predicted for this transition, and the target it trains on
-            pred = float(self._q_sa(self.q, s, p, a))
-        target = float(self._target(r, s2, p2))
+            pred = float(self._q_sa(self.q, s, p, a).mean())
+        target = float(self._target(r, s2, p2).mean())
+        everything = self._stack(list(self.replay)) if self.cfg.qnet == "advantage" else None
         for _ in range(max(self.cfg.updates_per_decision, 1)):
             batch = newest + self._sample(max(self.cfg.batch_size, 1) - 1)
-            s, a, r, s2, p, p2 = self._stack(batch)
-            self._step(s, a, r, s2, p, p2)
+            self._step(self._stack(batch), everything)
         self.decisions += 1
         if self.target is not None and self.decisions % self.cfg.target_sync == 0:
             self.target.load_state_dict(self.q.state_dict())
         self._decay_epsilon()
         return {"q_predicted": pred, "q_target": target, "td_loss": (pred - target) ** 2}
 
-    def _step(self, s, a, r, s2, p, p2) -> None:
-        """One optimizer step on a stacked minibatch."""
-        loss = self._loss(s, p, a, self._target(r, s2, p2))
+    def _step(self, batch: tuple, everything: tuple | None = None) -> None:
+        """One optimizer step on a stacked minibatch; with the advantage network, its V first refit on
+        ``everything`` (the stacked transitions the minibatch is drawn from)."""
+        if everything is not None:
+            self._fit_value(everything)
+        s, a, r, s2, p, p2, mask = batch
+        loss = self._loss(s, p, a, self._target(r, s2, p2), mask)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+
+    @torch.no_grad()
+    def _fit_value(self, data: tuple) -> None:
+        """V of every head by least squares on all of ``data``, toward what the current advantages of the taken
+        actions leave of the TD target: V carries all of the reward's level it can, the advantages only the rest."""
+        s, a, r, s2, p, p2, mask = data
+        left = self._target(r, s2, p2) - self.q.taken_parts(s, p, a)[1].mean(2)
+        self.q.fit_value(self.q.value_features(s, p), left, mask)
 
     def _sample(self, n: int) -> list:
         if n <= 0 or len(self.replay) <= 1:
@@ -489,9 +677,9 @@ class QAgent:
 
     @staticmethod
     def _stack(batch):
-        s, a, r, s2, p, p2 = zip(*batch)
+        s, a, r, s2, p, p2, mask = zip(*batch)
         return (torch.stack(s), torch.stack(a), torch.tensor(r, dtype=torch.float32), torch.stack(s2),
-                torch.tensor(p, dtype=torch.float32), torch.tensor(p2, dtype=torch.float32))
+                torch.tensor(p, dtype=torch.float32), torch.tensor(p2, dtype=torch.float32), torch.stack(mask))
 
     def _decay_epsilon(self) -> None:
         c = self.cfg
@@ -527,16 +715,17 @@ class QAgent:
             if transition(t[0], t[1]) != list(t[3]):
                 raise DyntieError("A recorded transition does not follow Eq. 1; the source run's ties are damaged.")
         if transitions and self.cfg.warm_updates:
-            groups = {n: self._stack([_replay_entry(*t) for t in transitions if len(t[0]) == n]) for n in depths}
-            sizes = torch.tensor([len(t[0]) for t in transitions])
             gen = torch.Generator().manual_seed(self.cfg.seed + 15_485_863)
+            groups = {n: self._stack([_replay_entry(*t, self._mask(gen)) for t in transitions if len(t[0]) == n])
+                      for n in depths}
+            sizes = torch.tensor([len(t[0]) for t in transitions])
             batch = max(self.cfg.batch_size, 1)
             sync_every = max(self.cfg.target_sync, 1) * max(self.cfg.updates_per_decision, 1)
             for u in range(self.cfg.warm_updates):
                 depth = int(sizes[int(torch.randint(0, len(sizes), (1,), generator=gen))])
                 group = groups[depth]
                 idx = torch.randint(0, group[0].shape[0], (batch,), generator=gen)
-                self._step(*(part[idx] for part in group))
+                self._step(tuple(part[idx] for part in group), group if self.cfg.qnet == "advantage" else None)
                 if self.target is not None and (u + 1) % sync_every == 0:
                     self.target.load_state_dict(self.q.state_dict())
         if self.target is not None:
@@ -563,9 +752,10 @@ class QAgent:
             "cfg": self.cfg.model_dump(), "num_blocks": self.num_blocks, "total_decisions": self.total_decisions,
             "q": self.q.state_dict(), "target": self.target.state_dict() if self.target is not None else None,
             "optimizer": self.optimizer.state_dict(), "epsilon": self.epsilon, "decisions": self.decisions,
-            "replay": [(s.tolist(), a.tolist(), r, s2.tolist(), p, p2) for s, a, r, s2, p, p2 in self.replay],
+            "replay": [(s.tolist(), a.tolist(), r, s2.tolist(), p, p2, m.tolist())
+                       for s, a, r, s2, p, p2, m in self.replay],
             "prev_greedy": self.prev_greedy, "reward_ref": self.shaper.reward_ref,
-            "generator": self.generator.get_state(),
+            "generator": self.generator.get_state(), "bootstrap": self.bootstrap.get_state(),
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -580,8 +770,12 @@ class QAgent:
         self.optimizer.load_state_dict(sd["optimizer"])
         self.epsilon = sd["epsilon"]
         self.decisions = sd["decisions"]
-        self.replay = deque((_replay_entry(*t) for t in sd["replay"]), maxlen=self.replay.maxlen)
+        # an agent saved before head masks were recorded had one head: every transition teaches it
+        self.replay = deque((_replay_entry(*t) if len(t) == 7 else _replay_entry(*t, [1.0]) for t in sd["replay"]),
+                            maxlen=self.replay.maxlen)
         self.prev_greedy = sd["prev_greedy"]
         self.shaper.reward_ref = sd["reward_ref"]
         self.total_decisions = sd["total_decisions"]
         self.generator.set_state(sd["generator"])
+        if "bootstrap" in sd:
+            self.bootstrap.set_state(sd["bootstrap"])
