@@ -113,3 +113,17 @@ def tiny_exports(tiny_runs, tmp_path_factory) -> dict[str, dict]:
         entry["run_model"] = rm
         out[name] = entry
     return out
+
+
+@pytest.fixture(scope="session")
+def twelve_block_runs(tmp_path_factory):
+    """Two finished 12-block dynamic runs with the shared network, and a grow run (no agent) beside them: the
+    earlier runs that warm starts learn from."""
+    from tests.test_shared_agent import _train
+
+    tmp = tmp_path_factory.mktemp("twelve")
+    db, out, runner = tmp / "r.duckdb", tmp / "runs", CliRunner()
+    ids = [_train(runner, db, out, "--set", "model.n_layer=12", "--max-steps", "30", "--decide-every", "3",
+                  "--seed", str(seed)) for seed in (0, 1)]
+    _train(runner, db, out, "--set", "model.n_layer=12", "--max-steps", "12", "--variant", "grow")
+    return db, out, ids

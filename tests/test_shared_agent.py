@@ -227,19 +227,6 @@ def _config(db, run_id) -> dict:
     return json.loads(rows(db, "SELECT config FROM runs WHERE run_id = ?", run_id)[0][0])
 
 
-@pytest.fixture(scope="module")
-def twelve_block_runs(tmp_path_factory):
-    """Two finished 12-block dynamic runs with the shared network, and a grow run (no agent) beside them."""
-    from typer.testing import CliRunner
-
-    tmp = tmp_path_factory.mktemp("twelve")
-    db, out, runner = tmp / "r.duckdb", tmp / "runs", CliRunner()
-    ids = [_train(runner, db, out, "--set", "model.n_layer=12", "--max-steps", "30", "--decide-every", "3",
-                  "--seed", str(seed)) for seed in (0, 1)]
-    _train(runner, db, out, "--set", "model.n_layer=12", "--max-steps", "12", "--variant", "grow")
-    return db, out, ids
-
-
 def test_a_48_block_run_warm_starts_from_12_block_runs(runner, twelve_block_runs):
     db, out, ids = twelve_block_runs
     rid = _train(runner, db, out, "--set", "model.n_layer=48", "--max-steps", "16", "--decide-every", "4",

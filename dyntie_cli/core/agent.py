@@ -266,16 +266,18 @@ class AdvantageQNetwork(SharedQNetwork):
             nn.Linear(cfg.hidden, pairs),
         ).requires_grad_(False)
 
-    def _entry_heads(self, feats: torch.Tensor) -> torch.Tensor:
-        """Each head's A(i, j) for entry features [..., F]: [..., K]."""
-        a = self.net(feats)
-        if self.prior_scale and self.heads > 1:
-            p = self.prior(feats)
-            signed = torch.cat([p, -p], dim=-1)[..., : self.heads]
-            if signed.shape[-1] < self.heads:  # an odd head has no prior
-                signed = torch.cat([signed, torch.zeros_like(a[..., :1])], dim=-1)
-            a = a + self.prior_scale * signed
-        return a
+    def _entry_heads(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each head's A(i, j) for entry features [..., F], [..., K]: what it has learned, and that with its prior.
+        The priors cancel in the heads' mean, which is therefore taken over the learned parts alone (exactly 0 before
+        any update, not 0 up to rounding)."""
+        learned = self.net(feats)
+        if not (self.prior_scale and self.heads > 1):
+            return learned, learned
+        p = self.prior(feats)
+        signed = torch.cat([p, -p], dim=-1)[..., : self.heads]
+        if signed.shape[-1] < self.heads:  # an odd head has no prior
+            signed = torch.cat([signed, torch.zeros_like(learned[..., :1])], dim=-1)
+        return learned, learned + self.prior_scale * signed
 
     def value_features(self, states: torch.Tensor, progress: torch.Tensor) -> torch.Tensor:
         """[B, VALUE_KNOTS + 1]."""
@@ -303,41 +305,49 @@ class AdvantageQNetwork(SharedQNetwork):
             coef[:VALUE_KNOTS] += level
             self.value[k] = coef
 
-    def head_values(self, states: torch.Tensor, progress: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every head's Q matrices [B, K, L, L] and advantages over keeping [B, K, L, L]. Entries a row may not
-        choose (above the diagonal; with ``greedy_scope=local`` also those beyond keep, untie and join the group
-        before) are -inf in Q and 0 in the advantages."""
-        B, L = states.shape
+    def head_values(self, states: torch.Tensor, progress: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every head's Q matrices [B, K, L, L], its advantages over keeping [B, K, L, L], and the heads' mean
+        advantage [B, L, L]. Entries a row may not choose (above the diagonal; with ``greedy_scope=local`` also
+        those beyond keep, untie and join the group before) are -inf in Q and 0 in the advantages."""
+        B, L, K = *states.shape, self.heads
         keep = _keep_entries(states, self.keep_target)
         if self.local:
-            # only the entries a row may choose (keep, untie, join the group before) are scored; the rest are -inf
+            # only the entries a row may choose (keep, untie, join the group before) are scored
             blocks = torch.arange(L, device=states.device).expand(B, L)
             cols = torch.stack([keep, blocks, (blocks - 1).clamp(min=0)], dim=2)  # [B, L, 3], keep first
             rows = blocks.unsqueeze(2).expand(B, L, 3)
-            a = self._entry_heads(self.features(states, progress, rows.reshape(B, -1), cols.reshape(B, -1)))
-            a = a.view(B, L, 3, self.heads)
-            adv = torch.zeros(B, L, L, self.heads, device=states.device).scatter_(
-                2, cols.unsqueeze(3).expand(B, L, 3, self.heads), a - a[:, :, :1])
+            a = torch.cat(self._entry_heads(self.features(states, progress, rows.reshape(B, -1),
+                                                          cols.reshape(B, -1))), dim=-1).view(B, L, 3, 2 * K)
+            adv = torch.zeros(B, L, L, 2 * K, device=states.device).scatter_(
+                2, cols.unsqueeze(3).expand(B, L, 3, 2 * K), a - a[:, :, :1])
             scored = torch.zeros(B, L, L, dtype=torch.bool, device=states.device).scatter_(2, cols, True)
         else:
             rows, cols = tril_index(L)
-            a = states.new_zeros((B, L, L, self.heads), dtype=torch.float32)
-            a[:, rows, cols] = self._entry_heads(self.features(states, progress, rows.expand(B, -1),
-                                                               cols.expand(B, -1)))
-            adv = a - a.gather(2, keep.view(B, L, 1, 1).expand(B, L, 1, self.heads))
+            a = states.new_zeros((B, L, L, 2 * K), dtype=torch.float32)
+            a[:, rows, cols] = torch.cat(self._entry_heads(self.features(states, progress, rows.expand(B, -1),
+                                                                         cols.expand(B, -1))), dim=-1)
+            adv = a - a.gather(2, keep.view(B, L, 1, 1).expand(B, L, 1, 2 * K))
             scored = ~_above(L, states.device).expand(B, L, L)
-        adv = adv.permute(0, 3, 1, 2).masked_fill(~scored.unsqueeze(1), 0.0)  # [B, K, L, L]
-        q = self.state_value(states, progress).view(B, self.heads, 1, 1) + adv
-        return q.masked_fill(~scored.unsqueeze(1), float("-inf")), adv
+        adv = adv.permute(0, 3, 1, 2).masked_fill(~scored.unsqueeze(1), 0.0)  # [B, 2K, L, L]: learned, with prior
+        q = self.state_value(states, progress).view(B, K, 1, 1) + adv[:, K:]
+        return q.masked_fill(~scored.unsqueeze(1), float("-inf")), adv[:, K:], adv[:, :K].mean(1)
 
     def forward(self, states: torch.Tensor, progress: torch.Tensor) -> torch.Tensor:
         """The Q matrices the agent acts on [B, L, L]: mean V plus, for each entry, the heads' mean advantage less
-        ``confidence`` times its standard deviation over heads; -inf above the diagonal."""
-        q, adv = self.head_values(states, progress)
-        acting = q.mean(1)
+        ``confidence`` times its standard deviation over heads; -inf where a row may not choose."""
+        q, adv, mean = self.head_values(states, progress)
+        acting = self.state_value(states, progress).mean(1).view(-1, 1, 1) + mean
         if self.heads > 1 and self.confidence:
             acting = acting - self.confidence * adv.std(1)
-        return acting
+        return acting.masked_fill(torch.isneginf(q[:, 0]), float("-inf"))
+
+    def mean_values(self, states: torch.Tensor, progress: torch.Tensor) -> torch.Tensor:
+        """[B, L, L]: mean V plus the heads' mean advantage, no spread taken off: what the budget ranks its
+        refusals by (all alike before any update, so an untrained agent refuses as q-off does)."""
+        q, _, mean = self.head_values(states, progress)
+        value = self.state_value(states, progress).mean(1).view(-1, 1, 1)
+        return (value + mean).masked_fill(torch.isneginf(q[:, 0]), float("-inf"))
 
     def taken_parts(self, states: torch.Tensor, progress: torch.Tensor, actions: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -346,7 +356,7 @@ class AdvantageQNetwork(SharedQNetwork):
         rows = torch.arange(L).expand_as(actions)
         keep = _keep_entries(states, self.keep_target)
         a = self._entry_heads(self.features(states, progress, torch.cat([rows, rows], 1),
-                                            torch.cat([actions, keep], 1)))
+                                            torch.cat([actions, keep], 1)))[1]
         return self.state_value(states, progress), (a[:, :L] - a[:, L:]).permute(0, 2, 1)
 
     def q_taken(self, states: torch.Tensor, progress: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -491,7 +501,8 @@ class QAgent:
             # the Q-network ablated: greedily every row keeps its tie, and the budget below ranks its refusals with
             # no values (all gains equal: the lowest rows first); q itself is only reported (q_spread)
             greedy = list(keep)
-        acting_q = q if self.cfg.use_q else torch.zeros_like(q).masked_fill(~torch.isfinite(q), float("-inf"))
+        acting_q = (self._ranking(q.unsqueeze(0), st, torch.tensor([progress]))[0] if self.cfg.use_q else
+                    torch.zeros_like(q).masked_fill(~torch.isfinite(q), float("-inf")))
         eps = 0.0 if greedy_only else self.epsilon
         action = list(greedy)
         explored_rows: list[int] = []
@@ -558,6 +569,14 @@ class QAgent:
             greedy = torch.where(states == rows, rows, greedy)
         return greedy
 
+    def _ranking(self, q: torch.Tensor, states: torch.Tensor, progress: torch.Tensor) -> torch.Tensor:
+        """The values the budget ranks its refusals by: the Q matrices acted on, or for the advantage network its
+        mean values (the spread decides whether a row moves, not which request the budget refuses first)."""
+        if self.cfg.qnet != "advantage":
+            return q
+        with torch.no_grad():
+            return self.q.mean_values(states, progress)
+
     def _cap_independent(self, action: torch.Tensor, q: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """Mask actions [B, L] so Eq. 1 gives at most ``max_independent`` independent blocks (block 0 included).
         Rows asking to *become* independent are refused first (the least valuable to the Q-network first, ``q``
@@ -621,7 +640,7 @@ class QAgent:
             online = q_next if net is self.q else self.q(next_states, next_progress)
             chosen = self._greedy(online, next_states)
             if self.cfg.max_independent and self.cfg.td_budget:  # what the budget refuses, the agent does not do
-                chosen = self._cap_independent(chosen, online, next_states)
+                chosen = self._cap_independent(chosen, self._ranking(online, next_states, next_progress), next_states)
             if self.cfg.qnet == "advantage":  # each head values s' at the action the agent would take there
                 heads = net.head_values(next_states, next_progress)[0]  # [B, K, L, L]
                 index = chosen.view(chosen.shape[0], 1, -1, 1).expand(-1, heads.shape[1], -1, 1)
@@ -640,7 +659,7 @@ class QAgent:
         with torch.no_grad():  # what the agent predicted for this transition, and the target it trains on
             pred = float(self._q_sa(self.q, s, p, a).mean())
         target = float(self._target(r, s2, p2).mean())
-        everything = self._stack(list(self.replay)) if self.cfg.qnet == "advantage" else None
+        everything = self._value_data(self._stack(list(self.replay))) if self.cfg.qnet == "advantage" else None
         for _ in range(max(self.cfg.updates_per_decision, 1)):
             batch = newest + self._sample(max(self.cfg.batch_size, 1) - 1)
             self._step(self._stack(batch), everything)
@@ -652,9 +671,9 @@ class QAgent:
 
     def _step(self, batch: tuple, everything: tuple | None = None) -> None:
         """One optimizer step on a stacked minibatch; with the advantage network, its V first refit on
-        ``everything`` (the stacked transitions the minibatch is drawn from)."""
+        ``everything`` (``_value_data`` of the transitions the minibatch is drawn from)."""
         if everything is not None:
-            self._fit_value(everything)
+            self._fit_value(*everything)
         s, a, r, s2, p, p2, mask = batch
         loss = self._loss(s, p, a, self._target(r, s2, p2), mask)
         self.optimizer.zero_grad(set_to_none=True)
@@ -662,11 +681,18 @@ class QAgent:
         self.optimizer.step()
 
     @torch.no_grad()
-    def _fit_value(self, data: tuple) -> None:
+    def _value_data(self, data: tuple) -> tuple[tuple, torch.Tensor]:
+        """Stacked transitions with their TD targets: what V is fit on. The targets are computed once for a batch of
+        updates (a decision's, or a target-network period's of a warm start), as the target network is fixed."""
+        _, _, r, s2, _, p2, _ = data
+        return data, self._target(r, s2, p2)
+
+    @torch.no_grad()
+    def _fit_value(self, data: tuple, targets: torch.Tensor) -> None:
         """V of every head by least squares on all of ``data``, toward what the current advantages of the taken
-        actions leave of the TD target: V carries all of the reward's level it can, the advantages only the rest."""
-        s, a, r, s2, p, p2, mask = data
-        left = self._target(r, s2, p2) - self.q.taken_parts(s, p, a)[1].mean(2)
+        actions leave of the TD ``targets``: V carries all of the reward's level it can, the advantages the rest."""
+        s, a, _, _, p, _, mask = data
+        left = targets - self.q.taken_parts(s, p, a)[1].mean(2)
         self.q.fit_value(self.q.value_features(s, p), left, mask)
 
     def _sample(self, n: int) -> list:
@@ -721,13 +747,17 @@ class QAgent:
             sizes = torch.tensor([len(t[0]) for t in transitions])
             batch = max(self.cfg.batch_size, 1)
             sync_every = max(self.cfg.target_sync, 1) * max(self.cfg.updates_per_decision, 1)
+            value_data: dict[int, tuple] = {}  # each depth's transitions with their targets, for this period
             for u in range(self.cfg.warm_updates):
                 depth = int(sizes[int(torch.randint(0, len(sizes), (1,), generator=gen))])
                 group = groups[depth]
                 idx = torch.randint(0, group[0].shape[0], (batch,), generator=gen)
-                self._step(tuple(part[idx] for part in group), group if self.cfg.qnet == "advantage" else None)
+                if self.cfg.qnet == "advantage" and depth not in value_data:
+                    value_data[depth] = self._value_data(group)
+                self._step(tuple(part[idx] for part in group), value_data.get(depth))
                 if self.target is not None and (u + 1) % sync_every == 0:
                     self.target.load_state_dict(self.q.state_dict())
+                    value_data.clear()
         if self.target is not None:
             self.target.load_state_dict(self.q.state_dict())
 
