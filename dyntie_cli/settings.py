@@ -162,7 +162,7 @@ QNet = Literal["matrix", "shared", "advantage"]
 
 
 class AgentSettings(Section):
-    """The Q-agent. ``preset`` names a starting point (``default``, ``paper``, ``lean``, ``shared``); explicit fields
+    """The Q-agent. ``preset`` names a starting point (``default``, ``paper``, ``lean``, ``shared``, ``advantage``); explicit fields
     override it. The method page of the docs explains each choice; its agent section the shared network."""
 
     preset: AgentPreset = setting("default", "The named agent these settings started from.")

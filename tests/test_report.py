@@ -18,6 +18,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
+from dyntie_cli.core.ties import transition
 from dyntie_cli.results.queries import independent_lifetime
 from dyntie_cli.results.writer import RunWriter
 from tests.conftest import invoke
@@ -300,3 +301,49 @@ def test_memory_plot_starts_at_zero_and_marks_the_intervals_with_a_validation(ab
     peak, state = figure.axes[:2]
     assert peak.get_ylim()[0] == 0 and state.get_ylim()[0] == 0
     assert "interval with a validation (and its checkpoint)" in [t.get_text() for t in peak.get_legend().texts]
+
+
+def _evidence_run(w: RunWriter, states: list[list[int]], effects: tuple[float, float], noise: list[float]) -> None:
+    """A run whose decision d is rewarded 0.1 * d (training progress) plus the given effects of each block it
+    untied and tied, plus noise."""
+    w.start("train", "gpt2", "wikitext-2", "dynamic", {"train": {"max_steps": 10 * len(states)},
+                                                       "ties": {"decide_every": 10}})
+    for d, state in enumerate(states):
+        w.tie(decision=d, step=10 * d, state=state, action=state, independent_layers=sum(s == i for i, s in
+              enumerate(state)), distinct_block_weights=None, changed_blocks=0)
+        if d:
+            before = states[d - 1]
+            untied = sum(s == i != b for i, (s, b) in enumerate(zip(state, before)))
+            tied = sum(s != i == b for i, (s, b) in enumerate(zip(state, before)))
+            w.decision(decision=d, step=10 * d, epsilon=0.5, explored=True,
+                       reward=0.1 * d + effects[0] * untied + effects[1] * tied + noise[d], q_predicted=0.0,
+                       q_target=0.0, td_loss=0.0, greedy_agreement=None, q_spread=0.0)
+
+
+def test_evidence_table_recovers_known_effects_of_tie_moves(tmp_path, runner):
+    """Rewards that follow training progress plus a known effect of each newly untied (+0.03) and tied (-0.05)
+    block: the table gives those effects back, separates runs of another depth, and estimates nothing from a
+    lone run (its moves cannot be told from its decisions' levels)."""
+    db = tmp_path / "evidence.duckdb"
+    g = np.random.default_rng(0)
+    for r in range(6):
+        states = [[0] * 6]
+        for _ in range(8):  # one random local move or none: untie a block, or join it to the group before
+            s, i = states[-1], int(g.integers(1, 6))
+            action = [k if s[k] == k else k - 1 for k in range(6)]  # every row keeps (groups are consecutive)
+            move = int(g.integers(0, 3))
+            if move:
+                action[i] = i if move == 1 else i - 1
+            states.append(transition(s, action))
+        with RunWriter(db, run_id=f"r{r}", flush_every_s=3600) as w:
+            _evidence_run(w, states, (0.03, -0.05), list(g.normal(0, 0.002, 9)))
+    with RunWriter(db, run_id="deep", flush_every_s=3600) as w:
+        _evidence_run(w, [[0] * 12, [0] * 6 + [6] * 6, [0] * 6 + [6] * 6], (0.03, -0.05), [0.0] * 3)
+    table = {row["blocks"]: row for row in json.loads(report(runner, db, "--table", "evidence", "--format", "json"))}
+    six = table[6]
+    assert six["runs"] == 6 and six["transitions"] == 48 and six["steps"] == 90 and six["decide_every"] == 10
+    assert six["untie_effect"] == pytest.approx(0.03, abs=0.004) and six["untie_t"] > 5
+    assert six["tie_effect"] == pytest.approx(-0.05, abs=0.004)
+    assert six["reward_noise_sd"] == pytest.approx(0.002, rel=0.5)
+    assert table[12]["runs"] == 1 and table[12]["untie_effect"] is None and table[12]["untie_se"] is None
+

@@ -525,6 +525,12 @@ def _study(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     return study_table(con, ids)
 
 
+def _evidence(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    from dyntie_cli.results.evidence import evidence_table
+
+    return evidence_table(con, ids)
+
+
 def _study_curves(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     from dyntie_cli.results.study import study_curves
 
@@ -560,6 +566,10 @@ QUERIES: dict[str, NamedQuery] = {
     "bench": NamedQuery(_bench, "Speed and memory of bench runs, with ratios to their no-tying run."),
     "study": NamedQuery(_study, "Per study and variant: the validation metric over seeds (mean, std, range), its "
                                 "ratio to no-tying, independent blocks, and the paired difference to dynamic."),
+    "evidence": NamedQuery(_evidence, "Per group of comparable runs (backbone, blocks, steps, cadence): what one "
+                                      "newly untied or tied block changed the reward of its decision, by least "
+                                      "squares with one level per decision, with standard errors, and the "
+                                      "reward's noise: the evidence an agent can learn from."),
     "variants": NamedQuery(_per_run, "Run id and variant of each run.", table=False),
     "tie-rows": NamedQuery(_tie_rows, "Decision, step and state of every decision (the ties plot).", table=False),
     "memory-rows": NamedQuery(_memory_rows, "Peak and training-state bytes per logging step (the memory plot).",
