@@ -162,8 +162,9 @@ QNet = Literal["matrix", "shared", "advantage"]
 
 
 class AgentSettings(Section):
-    """The Q-agent. ``preset`` names a starting point (``default``, ``paper``, ``lean``, ``shared``, ``advantage``); explicit fields
-    override it. The method page of the docs explains each choice; its agent section the shared network."""
+    """The Q-agent. ``preset`` names a starting point (``default``, ``paper``, ``lean``, ``shared``,
+    ``advantage``); explicit fields override it. The method page of the docs explains each choice; its agent section
+    the shared and advantage networks."""
 
     preset: AgentPreset = setting("default", "The named agent these settings started from.")
     hidden: int = setting(128, "Width of the Q-network's two hidden layers.", ge=1)
