@@ -297,9 +297,11 @@ def test_greedy_moves_is_recorded_and_reported(runner, tmp_path):
     assert table[fixed]["greedy_moved_share"] is None
 
 
-def test_resume_of_a_warm_started_run_is_bit_exact(twelve_block_runs, tmp_path):
+@pytest.mark.parametrize("qnet", ["shared", "advantage"])
+def test_resume_of_a_warm_started_run_is_bit_exact(twelve_block_runs, tmp_path, qnet):
     """A warm-started 12-block run stopped by SIGTERM after its second validation and resumed logs what the same
-    run uninterrupted logs: every tie, decision and metric (timings aside)."""
+    run uninterrupted logs: every tie, decision and metric (timings aside). The shared agent also starts from a
+    saved network; the advantage agent (its own network shape) from the transitions alone."""
     from dyntie_cli.commands.options import TrainingOptions
     from dyntie_cli.runner import Job, Launch, new_settings, resume_recorded, run_job
     from tests.test_reproducible import logged
@@ -307,9 +309,10 @@ def test_resume_of_a_warm_started_run_is_bit_exact(twelve_block_runs, tmp_path):
     src_db, _, ids = twelve_block_runs
     db = tmp_path / "r.duckdb"  # a copy of the registry: the sources' rows and checkpoints, and these two runs
     shutil.copy(src_db, db)
-    sets = ["model.n_layer=12", "agent.qnet=shared", "train.eval_every=10", "agent.warm_updates=30"]
-    opts = TrainingOptions({"preset": "gpt2-tiny", "max_steps": 40, "decide_every": 4, "sets": sets,
-                            "agent_from": ids[1], "agent_weights": ids[0], "quiet": True})
+    sets = ["model.n_layer=12", "train.eval_every=10", "agent.warm_updates=30"]
+    weights = {"agent_weights": ids[0]} if qnet == "shared" else {}
+    opts = TrainingOptions({"preset": "gpt2-tiny", "max_steps": 40, "decide_every": 4, "sets": sets, "agent": qnet,
+                            "agent_from": ids[1], "quiet": True, **weights})
     backbone, settings = new_settings("gpt2", opts)
     launch = Launch(db, tmp_path / "runs", quiet=True)
     whole = run_job(backbone, Job(settings, "train"), launch, print_summary=False)

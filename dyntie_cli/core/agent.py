@@ -28,13 +28,18 @@ random draws) and the budget; the network is still trained on every transition, 
 minibatches are the default's too. Given the same states, it takes the default's action wherever the default's
 greedy choice keeps (and the budget has no choice to rank by value).
 
-Two Q-networks (``qnet``). ``matrix`` (above) maps the whole state to the L(L+1)/2 outputs: its size grows with
+Three Q-networks (``qnet``). ``matrix`` (above) maps the whole state to the L(L+1)/2 outputs: its size grows with
 L squared and each decision trains it on one transition. ``shared`` scores every entry (i, j) with one small
 network, the same weights for every row, from features that mean the same at any depth (``SHARED_FEATURES``):
 its parameter count does not depend on L, one network applies to 12 and 48 blocks, and each decision gives L
 training rows -- every row's chosen entry is regressed toward the transition's target,
 ``mean_i (Q[i, a_i] - y)^2``, instead of their mean (``Q(s, a)``, still the mean over rows of the chosen
 entries, is what the agent predicts and the TD target is built from, as with ``matrix``).
+
+``advantage`` is the shared network built to move a row only on evidence (``AdvantageQNetwork``): a least-squares
+state value plus each entry's advantage over keeping, zero until learned, in bootstrap heads whose mean advantage less
+one standard deviation is what the agent acts on; trained through ``Q(s, a)`` as ``matrix``. Untrained, it takes
+``q-off``'s actions exactly.
 
 ``greedy_scope=local`` restricts each row's greedy choice to the moves local exploration makes (keep its tie,
 untie, join the group before), so greedy moves, like exploring ones, keep groups runs of consecutive blocks; the
