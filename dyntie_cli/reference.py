@@ -265,8 +265,18 @@ def settings_page() -> str:
 PAGES = {"registry.md": registry_page, "cli.md": cli_page, "settings.md": settings_page}
 
 
+USAGE = "usage: python -m dyntie_cli.reference [DOCS_FOLDER]  (rewrites registry.md, cli.md and settings.md there)"
+
+
 def main() -> None:
-    docs = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "docs"
+    args = sys.argv[1:]
+    if args and (args[0] in ("-h", "--help") or args[0].startswith("-") or len(args) > 1):
+        print(USAGE)
+        raise SystemExit(0 if args[0] in ("-h", "--help") else 2)
+    docs = Path(args[0]) if args else Path(__file__).resolve().parents[1] / "docs"
+    if not docs.is_dir():
+        print(f"{docs} is not a folder; give the docs folder to write the reference pages into.")
+        raise SystemExit(2)
     for name, page in PAGES.items():
         (docs / name).write_text(page())
         print(f"wrote {docs / name}")

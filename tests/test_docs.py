@@ -49,3 +49,14 @@ def test_links_between_pages_resolve_and_no_page_points_outside_the_repository(p
             continue
         assert (page.parent / target).resolve().exists(), f"{page.name} links to missing {target}"
     assert "../shared" not in text, f"{page.name} names a path outside the repository"
+
+
+@pytest.mark.parametrize(("args", "code"), [(["--help"], 0), (["-x"], 2), (["a", "b"], 2)])
+def test_the_reference_generator_explains_itself_and_writes_nothing_on_bad_arguments(args, code, monkeypatch,
+                                                                                    capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["reference", *args])
+    with pytest.raises(SystemExit) as stop:
+        reference.main()
+    assert stop.value.code == code and "usage: python -m dyntie_cli.reference" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # no folder named after a flag
