@@ -228,7 +228,7 @@ class AgentSettings(Section):
     heads: int = setting(6, "qnet=advantage: estimates of Q, each trained on its own bootstrap draw of the "
                             "transitions; the agent acts on their mean advantage less confidence times its "
                             "spread.", ge=1, le=64, legacy=6)
-    confidence: float = setting(1.0, "qnet=advantage with heads > 1: standard deviations over the heads a move's "
+    confidence: float = setting(2.0, "qnet=advantage with heads > 1: standard deviations over the heads a move's "
                                      "mean advantage must clear before a row moves greedily.", ge=0,
                                 legacy=1.0)
     prior_scale: float = setting(1.0, "qnet=advantage with heads > 1: scale of the fixed random prior added to "

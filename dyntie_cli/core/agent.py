@@ -38,7 +38,7 @@ entries, is what the agent predicts and the TD target is built from, as with ``m
 
 ``advantage`` is the shared network built to move a row only on evidence (``AdvantageQNetwork``): a least-squares
 state value plus each entry's advantage over keeping, zero until learned, in bootstrap heads whose mean advantage less
-one standard deviation is what the agent acts on; trained through ``Q(s, a)`` as ``matrix``. Untrained, it takes
+two standard deviations is what the agent acts on; trained through ``Q(s, a)`` as ``matrix``. Untrained, it takes
 ``q-off``'s actions exactly.
 
 ``greedy_scope=local`` restricts each row's greedy choice to the moves local exploration makes (keep its tie,
