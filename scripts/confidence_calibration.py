@@ -8,8 +8,13 @@ run's decisions on ``--blocks`` blocks under the same reward model, once per ``-
 counts the realisations (fresh noise each) in which its decisions differ from its own ``q-off`` run: with
 ``effect`` 0 that is how often it acts on noise, with an effect, how often it finds it.
 
+First it prints what the study's real rewards teach an agent of each ``--seeds`` seed: at an all-tied state of
+``--blocks`` blocks, after the warm start, an untied block's advantage over keeping (the heads' mean, averaged over
+rows), its spread over heads, and how many rows clear one and two standard deviations.
+
 Usage: python scripts/confidence_calibration.py --db adv.duckdb --study knowledge12
            [--effects 0,0.025] [--confidence 1,2] [--realisations 12] [--blocks 48] [--decisions 30]
+           [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -60,6 +65,18 @@ def level_at(level: dict[float, float], progress: float) -> float:
     return level[min(level, key=lambda p: abs(p - progress))]
 
 
+def warm_advantage(transitions: list[tuple], blocks: int, seed: int, decisions: int) -> str:
+    """An agent warm-started from ``transitions``: what it values untying at an all-tied state, first decision."""
+    agent = QAgent(blocks, AgentSettings.from_preset("advantage", seed=seed), total_decisions=decisions)
+    agent.warm_start(transitions)
+    with torch.no_grad():
+        _, adv, mean = agent.q.head_values(torch.tensor([all_tied(blocks)]), torch.tensor([1 / decisions]))
+    rows = list(range(1, blocks))
+    m, sd = mean[0][rows, rows], adv[0][:, rows, rows].std(0)
+    return (f"agent seed {seed}: untie advantage {float(m.mean()):+.4f}, spread {float(sd.mean()):.4f}; rows "
+            f"clearing one sd {int((m - sd > 0).sum())}, two sd {int((m - 2 * sd > 0).sum())} of {blocks - 1}")
+
+
 def run(agent: QAgent, blocks: int, decisions: int, level, noise: np.ndarray, effect: float) -> list[list[int]]:
     state, actions = all_tied(blocks), []
     for d in range(decisions - 1):
@@ -81,6 +98,7 @@ def main() -> None:
     ap.add_argument("--realisations", type=int, default=12)
     ap.add_argument("--blocks", type=int, default=48)
     ap.add_argument("--decisions", type=int, default=30)
+    ap.add_argument("--seeds", default="0,1,2", help="agent seeds for the warm start on the real rewards")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -88,10 +106,12 @@ def main() -> None:
     knowledge = agent_knowledge(args.db, ids, "", backbone)["transitions"]
     level, sd = reward_model(knowledge)
     print(f"{len(knowledge)} transitions of study {args.study}; reward noise around the per-decision mean: {sd:.4f}")
+    for seed in (int(x) for x in args.seeds.split(",")):
+        print("real rewards,", warm_advantage(knowledge, args.blocks, seed, args.decisions), flush=True)
     confidences = [float(c) for c in args.confidence.split(",")]
 
     q_off: dict[int, list[list[int]]] = {}  # q-off's actions do not depend on the rewards: one run per seed
-    for effect in (float(e) for e in args.effects.split(",")):
+    for effect in (float(e) for e in args.effects.split(",")) if args.realisations else ():
         acted = {c: 0 for c in confidences}
         for k in range(args.realisations):
             rng = np.random.default_rng(k)  # the same noise for every effect: paired realisations
