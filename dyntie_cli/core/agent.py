@@ -338,21 +338,21 @@ class AdvantageQNetwork(SharedQNetwork):
         q = self.state_value(states, progress).view(B, K, 1, 1) + adv[:, K:]
         return q.masked_fill(~scored.unsqueeze(1), float("-inf")), adv[:, K:], adv[:, :K].mean(1)
 
-    def forward(self, states: torch.Tensor, progress: torch.Tensor) -> torch.Tensor:
-        """The Q matrices the agent acts on [B, L, L]: mean V plus, for each entry, the heads' mean advantage less
-        ``confidence`` times its standard deviation over heads; -inf where a row may not choose."""
+    def values(self, states: torch.Tensor, progress: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every head's Q matrices [B, K, L, L]; the values the agent acts on [B, L, L]: mean V plus, for each entry,
+        the heads' mean advantage less ``confidence`` times its standard deviation over heads; and the mean values
+        [B, L, L], no spread taken off, which the budget ranks its refusals by (all alike before any update, so an
+        untrained agent refuses as q-off does). -inf where a row may not choose."""
         q, adv, mean = self.head_values(states, progress)
-        acting = self.state_value(states, progress).mean(1).view(-1, 1, 1) + mean
-        if self.heads > 1 and self.confidence:
-            acting = acting - self.confidence * adv.std(1)
-        return acting.masked_fill(torch.isneginf(q[:, 0]), float("-inf"))
+        blocked = torch.isneginf(q[:, 0])
+        ranked = self.state_value(states, progress).mean(1).view(-1, 1, 1) + mean
+        acting = ranked - self.confidence * adv.std(1) if self.heads > 1 and self.confidence else ranked
+        return q, acting.masked_fill(blocked, float("-inf")), ranked.masked_fill(blocked, float("-inf"))
 
-    def mean_values(self, states: torch.Tensor, progress: torch.Tensor) -> torch.Tensor:
-        """[B, L, L]: mean V plus the heads' mean advantage, no spread taken off: what the budget ranks its
-        refusals by (all alike before any update, so an untrained agent refuses as q-off does)."""
-        q, _, mean = self.head_values(states, progress)
-        value = self.state_value(states, progress).mean(1).view(-1, 1, 1)
-        return (value + mean).masked_fill(torch.isneginf(q[:, 0]), float("-inf"))
+    def forward(self, states: torch.Tensor, progress: torch.Tensor) -> torch.Tensor:
+        """The Q matrices the agent acts on [B, L, L] (``values``)."""
+        return self.values(states, progress)[1]
 
     def taken_parts(self, states: torch.Tensor, progress: torch.Tensor, actions: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -506,7 +506,7 @@ class QAgent:
             # the Q-network ablated: greedily every row keeps its tie, and the budget below ranks its refusals with
             # no values (all gains equal: the lowest rows first); q itself is only reported (q_spread)
             greedy = list(keep)
-        acting_q = (self._ranking(q.unsqueeze(0), st, torch.tensor([progress]))[0] if self.cfg.use_q else
+        acting_q = (self._ranking(q, st, progress) if self.cfg.use_q else
                     torch.zeros_like(q).masked_fill(~torch.isfinite(q), float("-inf")))
         eps = 0.0 if greedy_only else self.epsilon
         action = list(greedy)
@@ -574,13 +574,23 @@ class QAgent:
             greedy = torch.where(states == rows, rows, greedy)
         return greedy
 
-    def _ranking(self, q: torch.Tensor, states: torch.Tensor, progress: torch.Tensor) -> torch.Tensor:
-        """The values the budget ranks its refusals by: the Q matrices acted on, or for the advantage network its
-        mean values (the spread decides whether a row moves, not which request the budget refuses first)."""
+    def _values(self, net: nn.Module, states: torch.Tensor, progress: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One forward pass of ``net``: the Q matrices acted on [B, L, L]; the values the budget ranks its refusals
+        by (the same, or for the advantage network its mean values: the spread decides whether a row moves, not
+        which request the budget refuses first); and for the advantage network every head's Q [B, K, L, L]."""
+        if self.cfg.qnet != "advantage":
+            q = net(states, progress)
+            return q, q, None
+        heads, acting, ranking = net.values(states, progress)
+        return acting, ranking, heads
+
+    def _ranking(self, q: torch.Tensor, state: torch.Tensor, progress: float) -> torch.Tensor:
+        """What the budget ranks one state's refusals by [L, L], given the Q matrix ``q`` acted on (``_values``)."""
         if self.cfg.qnet != "advantage":
             return q
         with torch.no_grad():
-            return self.q.mean_values(states, progress)
+            return self._values(self.q, state, torch.tensor([progress]))[1][0]
 
     def _cap_independent(self, action: torch.Tensor, q: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """Mask actions [B, L] so Eq. 1 gives at most ``max_independent`` independent blocks (block 0 included).
@@ -637,17 +647,17 @@ class QAgent:
     def _target(self, reward: torch.Tensor, next_states, next_progress) -> torch.Tensor:
         net = self.target if self.target is not None else self.q
         with torch.no_grad():
-            q_next = net(next_states, next_progress)
+            q_next, ranking, heads = self._values(net, next_states, next_progress)
             if self.cfg.td_target == "max":
                 return reward + self.cfg.gamma * q_next.amax(2).mean(1)
             # greedy: the entries the agent would choose in s' (chosen by the online network, as it acts; without a
             # target network that is the forward pass just made)
-            online = q_next if net is self.q else self.q(next_states, next_progress)
+            online, ranking = (q_next, ranking) if net is self.q else self._values(self.q, next_states,
+                                                                                  next_progress)[:2]
             chosen = self._greedy(online, next_states)
             if self.cfg.max_independent and self.cfg.td_budget:  # what the budget refuses, the agent does not do
-                chosen = self._cap_independent(chosen, self._ranking(online, next_states, next_progress), next_states)
-            if self.cfg.qnet == "advantage":  # each head values s' at the action the agent would take there
-                heads = net.head_values(next_states, next_progress)[0]  # [B, K, L, L]
+                chosen = self._cap_independent(chosen, ranking, next_states)
+            if heads is not None:  # the advantage network: each head values s' at the action the agent would take
                 index = chosen.view(chosen.shape[0], 1, -1, 1).expand(-1, heads.shape[1], -1, 1)
                 return reward.unsqueeze(1) + self.cfg.gamma * heads.gather(3, index).squeeze(3).mean(2)
             return reward + self.cfg.gamma * q_next.gather(2, chosen.unsqueeze(2)).squeeze(2).mean(1)
