@@ -145,6 +145,26 @@ def test_no_evidence_no_move_within_a_run(L):
     assert acted == _run(qoff, L, 0.0, noise)[0]
 
 
+def test_the_max_td_target_values_each_head_at_its_own_best_entries():
+    """td_target=max with the advantage network: each head's target is the reward plus gamma times the mean over
+    rows of that head's best entry in s', and the agent trains on it through a run."""
+    L = 12
+    agent = QAgent(L, _advantage(seed=2, td_target="max", target_sync=1000), total_decisions=30)
+    s = all_tied(L)
+    for d in range(6):
+        a = agent.act(s, d / 30).action
+        s2 = transition(s, a)
+        agent.update(s, a, 0.1 * d, s2, d / 30, (d + 1) / 30)
+        s = s2
+    states, progress = torch.tensor([s]), torch.tensor([0.2])
+    heads = agent.target.head_values(states, progress)[0][0]  # [K, L, L]
+    expected = 0.3 + agent.cfg.gamma * heads.amax(2).mean(1)
+    got = agent._target(torch.tensor([0.3]), states, progress)
+    assert got.shape == (1, agent.cfg.heads)
+    assert torch.allclose(got[0], expected)
+    assert torch.isfinite(got).all()
+
+
 @pytest.mark.parametrize(("effect", "moves"), [(0.05, True), (-0.05, False)])
 def test_learns_the_sign_of_a_small_tie_effect_across_runs_and_depths(effect, moves):
     """Twelve earlier 12-block runs whose rewards carry a per-untie effect under a trend 30 times larger: warm-started

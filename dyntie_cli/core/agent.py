@@ -649,6 +649,8 @@ class QAgent:
         with torch.no_grad():
             q_next, ranking, heads = self._values(net, next_states, next_progress)
             if self.cfg.td_target == "max":
+                if heads is not None:  # the advantage network: each head at its own best entry of each row
+                    return reward.unsqueeze(1) + self.cfg.gamma * heads.amax(3).mean(2)
                 return reward + self.cfg.gamma * q_next.amax(2).mean(1)
             # greedy: the entries the agent would choose in s' (chosen by the online network, as it acts; without a
             # target network that is the forward pass just made)
