@@ -13,17 +13,44 @@ from pathlib import Path
 from tests.conftest import rows as _rows
 from tests.test_processes import _run_id, _train_args
 
+# dyntie's CLI, then, as the interpreter exits, each rank's native threads written to THREADS_DIR/RANK
+_RECORD_THREADS_AT_EXIT = """
+import atexit, os, pathlib, sys
 
-def _launch(*args, nproc: int = 2) -> subprocess.Popen:
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
+def record():
+    names = []
+    for task in pathlib.Path("/proc/self/task").iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # a thread that ended meanwhile
+            pass
+    pathlib.Path(os.environ["THREADS_DIR"], os.environ["RANK"]).write_text("\\n".join(sorted(names)))
+
+atexit.register(record)
+sys.argv[0] = "dyntie"
+from dyntie_cli.app import main
+main()
+"""
+
+
+def _launch(*args, nproc: int = 2, threads_dir: Path | None = None) -> subprocess.Popen:
+    """torchrun with ``nproc`` ranks of ``dyntie ARGS``; with ``threads_dir``, each rank records the threads it
+    still has when its interpreter exits (Linux)."""
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # a rank that aborts shows its stack
+    program = ["-m", "dyntie_cli"]
+    if threads_dir is not None:
+        driver = threads_dir / "dyntie_recording_threads.py"
+        driver.write_text(_RECORD_THREADS_AT_EXIT)
+        env["THREADS_DIR"] = str(threads_dir)
+        program = [str(driver)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "dyntie_cli", *map(str, args)]
+           *program, *map(str, args)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def _finish(p: subprocess.Popen) -> str:
     out, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-3000:]
+    assert p.returncode == 0, err if len(err) <= 8000 else f"{err[:4000]}\n...\n{err[-4000:]}"
     return out
 
 
@@ -35,7 +62,15 @@ def _final(db: Path, rid: str):
 
 def test_two_processes_record_one_run_with_twice_the_batch(tmp_path):
     db = tmp_path / "r.duckdb"
-    two = _run_id(_finish(_launch(*_train_args(db, tmp_path / "runs", 30))))
+    threads = tmp_path / "threads"
+    threads.mkdir()
+    two = _run_id(_finish(_launch(*_train_args(db, tmp_path / "runs", 30), threads_dir=threads)))
+    if Path("/proc/self/task").is_dir():
+        # the process group is released when the run ends: no gloo thread is left for the interpreter's exit,
+        # where freeing the group can abort a rank after its run has finished
+        left = {rank.name: [t for t in rank.read_text().split() if "gloo" in t]
+                for rank in threads.iterdir() if rank.name.isdigit()}
+        assert left == {"0": [], "1": []}, left
     one = _run_id(_finish(_launch(*_train_args(db, tmp_path / "runs", 30), nproc=1)))
     runs = dict(_rows(db, "SELECT run_id, json_extract(config, '$.world_size') FROM runs WHERE status='finished'"))
     assert runs == {two: "2", one: None}  # rank 1 recorded nothing of its own

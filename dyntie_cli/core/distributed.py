@@ -22,6 +22,15 @@ from ..errors import DyntieError
 _BUCKET = 1 << 24  # gradient elements per all-reduce (64 MiB in fp32): bounds the extra copy it needs
 
 
+def _import_before_joining() -> None:
+    """Import, before the process group exists, the torch modules that capture it when imported after (FSDP's
+    defaults hold ``dist.group.WORLD``; transformers and timm import FSDP with their model code). A group they
+    hold outlives ``destroy_process_group``: its gloo threads then run until the interpreter shuts down, and
+    freeing the group that late can abort the process ("terminate called without an active exception") after
+    the run itself has finished."""
+    import torch.distributed.fsdp  # noqa: F401
+
+
 class Group:
     def __init__(self, world: int = 1, rank: int = 0, local_rank: int = 0) -> None:
         self.world, self.rank, self.local_rank = world, rank, local_rank
@@ -60,6 +69,7 @@ class Group:
             device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(device)
         if not dist.is_initialized():
+            _import_before_joining()
             # long enough for rank 0's evaluations, which the other ranks wait out at their next all-reduce
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
         self.device = device
