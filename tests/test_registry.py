@@ -15,6 +15,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -275,11 +276,11 @@ def test_file_is_not_held_open_between_flushes(tmp_path):
     assert count(db, "SELECT count(*) FROM metrics") == 1
 
 
-HOLD_LOCK = (
-    "import duckdb, sys, time\n"
+HOLD_LOCK = (  # holds the registry open for writing until a line arrives on its stdin
+    "import duckdb, sys\n"
     "con = duckdb.connect(sys.argv[1])\n"
     "print('held', flush=True)\n"
-    "time.sleep(float(sys.argv[2]))\n"
+    "sys.stdin.readline()\n"
     "con.close()\n"
 )
 
@@ -288,7 +289,9 @@ def test_locked_file_is_waited_for_and_maybe_flush_defers(tmp_path, monkeypatch)
     db = tmp_path / "r.duckdb"
     w = started_writer(db)
     w.metric(1, "train", "loss", 1.0)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(db), "1.5"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(db)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    release = threading.Timer(0.5, lambda: (holder.stdin.write("\n"), holder.stdin.flush()))
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RegistryLockedError, match="locked by another process"), connect(db, timeout_s=0.2):
@@ -298,9 +301,14 @@ def test_locked_file_is_waited_for_and_maybe_flush_defers(tmp_path, monkeypatch)
         assert w.maybe_flush() is False  # training goes on; the row waits
         assert w.pending_rows == 1
         began = time.monotonic()
+        release.start()
         w.flush()  # waits for the holder to let go
-        assert time.monotonic() - began > 0.1
+        assert time.monotonic() - began >= 0.4
     finally:
+        release.cancel()
+        if release.is_alive():
+            release.join()
+        holder.stdin.close()  # the holder lets go at the end of its input, if it has not already
         holder.wait(timeout=30)
     assert w.pending_rows == 0
     assert count(db, "SELECT count(*) FROM metrics") == 1
