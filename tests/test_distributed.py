@@ -94,7 +94,8 @@ def test_two_processes_record_one_run_with_twice_the_batch(tmp_path):
 
 
 def test_two_processes_stop_together_and_resume_exactly(tmp_path):
-    steps, extra = 60, ["--set", "train.eval_every=20"]
+    # the stop comes after the first checkpoint (step 20): 80 steps left keep it well before the end
+    steps, extra = 100, ["--set", "train.eval_every=20"]
     ref = _run_id(_finish(_launch(*_train_args(tmp_path / "ref.duckdb", tmp_path / "ref", steps, *extra))))
     db, out = tmp_path / "k.duckdb", tmp_path / "k"
     p = _launch(*_train_args(db, out, steps, *extra))
