@@ -495,7 +495,7 @@ class QAgent:
     def act(self, state: list[int], progress: float = 0.0, *, greedy_only: bool = False) -> Decision:
         s = validate_state(state)
         L = self.num_blocks
-        q = self.q_matrix(s, progress)
+        q, ranking = self._state_values(s, progress)
         # the rows whose current tie keep_bias and keep_bonus protect, and the action entry that keeps each
         st = torch.tensor([s])
         keep = self._keep_entries(st)[0].tolist()
@@ -506,7 +506,7 @@ class QAgent:
             # the Q-network ablated: greedily every row keeps its tie, and the budget below ranks its refusals with
             # no values (all gains equal: the lowest rows first); q itself is only reported (q_spread)
             greedy = list(keep)
-        acting_q = (self._ranking(q, st, progress) if self.cfg.use_q else
+        acting_q = (ranking if self.cfg.use_q else
                     torch.zeros_like(q).masked_fill(~torch.isfinite(q), float("-inf")))
         eps = 0.0 if greedy_only else self.epsilon
         action = list(greedy)
@@ -585,12 +585,15 @@ class QAgent:
         heads, acting, ranking = net.values(states, progress)
         return acting, ranking, heads
 
-    def _ranking(self, q: torch.Tensor, state: torch.Tensor, progress: float) -> torch.Tensor:
-        """What the budget ranks one state's refusals by [L, L], given the Q matrix ``q`` acted on (``_values``)."""
+    def _state_values(self, state: list[int], progress: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One state's Q matrix acted on [L, L] and the values the budget ranks its refusals by (``_values``), from
+        one pass of the network."""
         if self.cfg.qnet != "advantage":
-            return q
+            q = self.q_matrix(state, progress)
+            return q, q
         with torch.no_grad():
-            return self._values(self.q, state, torch.tensor([progress]))[1][0]
+            acting, ranking, _ = self._values(self.q, torch.tensor([state]), torch.tensor([progress]))
+        return acting[0], ranking[0]
 
     def _cap_independent(self, action: torch.Tensor, q: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """Mask actions [B, L] so Eq. 1 gives at most ``max_independent`` independent blocks (block 0 included).
