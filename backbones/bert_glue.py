@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dyntie_cli.backbone import Backbone, Batch, EvalStep, Preset, TaskData
+from dyntie_cli.backbone import Backbone, Batch, EvalStep, Headline, Preset, TaskData
 from dyntie_cli.errors import DyntieError
 from dyntie_cli.settings import RunSettings, Section, setting
 
@@ -143,6 +143,9 @@ class GlueBackbone(Backbone):
 
     def task_metrics(self, model: nn.Module, predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         return task_metrics(get_task(model.config.finetuning_task), predictions, labels)
+
+    def headline(self, cfg: RunSettings) -> Headline:
+        return _HEADLINES.get(get_task(cfg.dataset).name, Headline(self.metric, self.higher_is_better))
 
     # -- models in and out -------------------------------------------------------------------------
 
@@ -287,6 +290,11 @@ _METRICS = {
     "pearson": pearson,
     "spearman": spearman,
 }
+
+
+# The tasks not judged by accuracy: CoLA by Matthews correlation (its official metric); STS-B, a regression, by
+# exp(MSE), the transform of its loss that its perplexity column holds (lower is better).
+_HEADLINES = {"cola": Headline("mcc", True), "stsb": Headline("ppl", False)}
 
 
 def task_metrics(task: GlueTask, predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

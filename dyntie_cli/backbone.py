@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -71,6 +71,14 @@ class Preset:
     ties: dict[str, Any] = field(default_factory=dict)
 
 
+class Headline(NamedTuple):
+    """The metric a run is judged by and whether higher is better. It is recorded with the run
+    (``runs.metric``, ``runs.higher_is_better``), so reports of a registry read it without the backbone's code."""
+
+    metric: str
+    higher_is_better: bool
+
+
 @dataclass
 class EvalStep:
     """One evaluation batch: its mean loss, its item count, and (for classifiers) predictions and labels."""
@@ -93,7 +101,8 @@ class Backbone:
     #: dataset names (or GLUE tasks) this backbone understands; ``kind:PATH`` forms are listed as ``kind:PATH``
     datasets: ClassVar[list[str]] = []
     default_dataset: ClassVar[str] = ""
-    #: name of the headline metric ("ppl" or "accuracy"); ``higher_is_better`` for checkpoint selection
+    #: the headline metric (a name ``evaluate`` returns: "ppl", "accuracy", ...) and its direction, recorded with
+    #: each run and read by reports, studies and plots; ``headline`` may choose per run (GLUE: per task)
     metric: ClassVar[str] = "ppl"
     higher_is_better: ClassVar[bool] = False
     #: the typed ``model`` and ``data`` sections; None: inferred from the presets' keys and values
@@ -132,6 +141,10 @@ class Backbone:
     def task_metrics(self, model: nn.Module, predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """Metrics beyond loss and perplexity from all predictions and labels of a split (accuracy, ...)."""
         return {}
+
+    def headline(self, cfg: RunSettings) -> Headline:
+        """The metric run ``cfg`` is judged by; the default is the class's ``metric`` and ``higher_is_better``."""
+        return Headline(self.metric, self.higher_is_better)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterator[Batch]) -> dict[str, float]:
@@ -187,3 +200,4 @@ class Backbone:
         ``weights=False`` only its architecture (freshly initialised), which ``load_tied`` fills."""
         raise DyntieError(f"Backbone {self.name} cannot load exports: it does not implement load_exported "
                           "(docs/plugins.md).")
+

@@ -41,6 +41,10 @@ COLUMNS: dict[str, dict[str, str]] = {
         "error": "why a run failed or was killed",
         "heartbeat_at": "the last flush (UTC): when a killed run last wrote",
         "dyntie_version": "the dyntie that recorded it",
+        "metric": "the metric the run is judged by, named by its backbone (`ppl`, `accuracy`, `mcc` for CoLA, "
+                  "...): reports, studies and plots read it here; NULL where no backbone named one (the Python API) and for a "
+                  "run recorded before this column that never evaluated",
+        "higher_is_better": "the direction of `metric`",
     },
     "metrics": {
         "run_id": "", "step": "training step (0: before training)",

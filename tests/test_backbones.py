@@ -70,10 +70,11 @@ def train_tiny(runner: CliRunner, tmp: Path, name: str, cls, *extra) -> tuple[Pa
 
 def check_logged_run(db: Path, run_id: str, cls, final_split: str) -> None:
     """What any backbone's run must have logged (docs/method.md and docs/registry.md)."""
-    status, command, test_split = _rows(
-        db, "SELECT status, command, test_split FROM runs WHERE run_id = ?", run_id
+    status, command, test_split, metric, higher_is_better = _rows(
+        db, "SELECT status, command, test_split, metric, higher_is_better FROM runs WHERE run_id = ?", run_id
     )[0]
     assert (status, command, test_split) == ("finished", cls.command, final_split)
+    assert isinstance(metric, str) and isinstance(higher_is_better, bool)  # the headline, for reports
     ties = _rows(
         db,
         "SELECT decision, state, action, independent_layers, distinct_block_weights FROM ties "
@@ -91,10 +92,10 @@ def check_logged_run(db: Path, run_id: str, cls, final_split: str) -> None:
         (split, name, step)
         for split, name, step in _rows(db, "SELECT split, name, step FROM metrics WHERE run_id = ?", run_id)
     }
-    assert ("validation", cls.metric, EVAL_EVERY) in metrics  # model selection during training
+    assert ("validation", metric, EVAL_EVERY) in metrics  # model selection during training
     test_steps = {step for split, _, step in metrics if split == "test"}
     assert test_steps == {MAX_STEPS}  # the final score, once, at the last step
-    assert ("test", cls.metric, MAX_STEPS) in metrics and ("test", "loss", MAX_STEPS) in metrics
+    assert ("test", metric, MAX_STEPS) in metrics and ("test", "loss", MAX_STEPS) in metrics
     rewards = _rows(
         db, "SELECT value FROM metrics WHERE run_id = ? AND split = 'reward' AND name = 'ppl'", run_id
     )

@@ -275,6 +275,14 @@ def test_evaluate_reports_task_metrics_and_stsb_is_a_regression():
     assert out["loss"] == pytest.approx(float(F.mse_loss(preds, data.splits["test"].labels)), rel=1e-4)
 
 
+@pytest.mark.parametrize("task", list(TASKS))
+def test_each_task_is_judged_by_a_metric_it_evaluates(task):
+    headline = GlueBackbone().headline(_cfg(task))
+    assert headline.metric in {"loss", "ppl", *TASKS[task].metrics}
+    # CoLA by its official Matthews correlation; STS-B, a regression, by exp(MSE); every other task by accuracy
+    assert headline == {"cola": ("mcc", True), "stsb": ("ppl", False)}.get(task, ("accuracy", True))
+
+
 def test_blocks_are_the_encoder_layers_and_presets_have_the_documented_shapes():
     backbone, model, _, _ = _model_and_batch("rte")
     assert backbone.blocks(model) == list(model.bert.encoder.layer) and len(backbone.blocks(model)) == 4
@@ -325,6 +333,8 @@ def test_finetune_on_the_real_glue_files(task, metrics, runner, tmp_path):
     )
     db = tmp_path / "r.duckdb"
     assert _rows(db, "SELECT dataset, test_split FROM runs")[0] == (task, "validation")
+    headline = ("mcc", True) if task == "cola" else ("accuracy", True)
+    assert _rows(db, "SELECT metric, higher_is_better FROM runs")[0] == headline
     for split, step in (("validation", 3), ("test", 6)):
         names = {
             n

@@ -40,7 +40,7 @@ from dyntie_cli.results.writer import RunWriter, mark_stale_runs
 EXPECTED_COLUMNS = {
     "runs": {
         "run_id", "command", "backbone", "dataset", "variant", "status", "config", "parent_run_id", "started_at",
-        "ended_at", "preset", "seed", "out_dir", "pid", "host", "test_split", "error",
+        "ended_at", "preset", "seed", "out_dir", "pid", "host", "test_split", "error", "metric", "higher_is_better",
     },
     "metrics": {"run_id", "step", "split", "name", "value"},
     "memory": {
@@ -142,6 +142,47 @@ def test_oldest_schema_is_migrated_and_keeps_its_rows(tmp_path):
           distinct_block_weights=3, changed_blocks=1)
     w.finish()
     assert run_query("ties", db, ["old-run"]).changed_blocks.tolist()[1] == 1
+
+
+def test_runs_recorded_before_the_headline_column_get_the_metric_reports_judged_them_by(tmp_path):
+    db = tmp_path / "old.duckdb"
+    raw = duckdb.connect(str(db))
+    migrate(raw, db, target=1)
+    logged = {  # run -> its validation and test metric names
+        "lm": (["loss", "ppl"], ["loss", "ppl"]),
+        "cola": (["loss", "ppl", "accuracy", "mcc"], ["loss", "ppl", "accuracy", "mcc"]),
+        "mrpc": (["loss", "ppl", "accuracy", "f1"], ["loss", "ppl", "accuracy", "f1"]),
+        "stsb": (["loss", "ppl", "pearson", "spearman"], ["loss", "ppl", "pearson", "spearman"]),
+        "test-first": (["accuracy", "ppl"], ["ppl"]),  # a name of the final test row wins
+        "never-evaluated": ([], []),
+    }
+    for run_id, splits in logged.items():
+        raw.execute("INSERT INTO runs (run_id, backbone, status) VALUES (?, 'x', 'finished')", [run_id])
+        for split, names in zip(("validation", "test"), splits, strict=True):
+            for name in names:
+                raw.execute("INSERT INTO metrics VALUES (?, 10, ?, ?, 1.0)", [run_id, split, name])
+        raw.execute("INSERT INTO metrics VALUES (?, 10, 'train', 'mcc', 1.0)", [run_id])  # training rows: no say
+    raw.close()
+    with connect(db) as con:
+        recorded = dict(con.execute("SELECT run_id, (metric, higher_is_better) FROM runs").fetchall())
+    assert recorded == {"lm": ("ppl", False), "cola": ("mcc", True), "mrpc": ("accuracy", True),
+                        "stsb": ("ppl", False), "test-first": ("ppl", False), "never-evaluated": (None, None)}
+
+
+def test_a_run_records_its_headline_and_a_resume_fills_one_recorded_without(tmp_path):
+    db = tmp_path / "r.duckdb"
+    w = RunWriter(db, run_id="new", flush_every_s=3600)
+    w.start("finetune", "glue", "cola", "dynamic", {}, headline=("mcc", True))
+    w.finish()
+    with connect(db) as con:
+        con.execute("INSERT INTO runs (run_id, status) VALUES ('earlier', 'killed')")
+    for run_id, headline in (("earlier", ("accuracy", True)), ("new", ("ppl", False))):
+        again = RunWriter(db, flush_every_s=3600)
+        again.resume(run_id, headline=headline)
+        again.finish()
+    # a run keeps the metric it started with; one recorded without gets the resuming backbone's
+    assert count(db, "SELECT count(*) FROM runs WHERE run_id = 'new' AND metric = 'mcc' AND higher_is_better") == 1
+    assert count(db, "SELECT count(*) FROM runs WHERE run_id = 'earlier' AND metric = 'accuracy'") == 1
 
 
 def test_read_only_open_of_a_missing_registry_explains_and_creates_nothing(tmp_path):
@@ -488,7 +529,7 @@ DYN_MEMORY = [(5, 60, 1000), (15, 70, 3000), (25, 80, 2000), (35, 70, 4000)]  # 
 def registry(tmp_path_factory) -> Path:
     db = tmp_path_factory.mktemp("registry") / "synthetic.duckdb"
     dyn = RunWriter(db, run_id="dyn", flush_every_s=3600)
-    dyn.start("train", "gpt2", "wikitext-2", "dynamic", {"k": 10})
+    dyn.start("train", "gpt2", "wikitext-2", "dynamic", {"k": 10}, headline=("ppl", False))
     for decision, (step, state, independent) in enumerate(DYN_STATES, start=1):
         # The last decision's weights collapsed: distinct storages disagree with the state.
         distinct = 1 if decision == 3 else independent
@@ -508,7 +549,7 @@ def registry(tmp_path_factory) -> Path:
     dyn.finish()
 
     base = RunWriter(db, run_id="base", flush_every_s=3600)
-    base.start("ablate", "gpt2", "wikitext-2", "no-tying", {}, parent_run_id="dyn")
+    base.start("ablate", "gpt2", "wikitext-2", "no-tying", {}, parent_run_id="dyn", headline=("ppl", False))
     for step, _, _ in DYN_MEMORY:
         base.memory(step=step, device="cpu", peak_bytes=8000, current_bytes=4000, param_bytes=360, grad_bytes=360,
                     optimizer_bytes=720, trainable_params=90)
@@ -519,7 +560,7 @@ def registry(tmp_path_factory) -> Path:
     base.finish()
 
     glue = RunWriter(db, run_id="glue-rte", flush_every_s=3600)
-    glue.start("finetune", "bert", "rte", "dynamic", {}, test_split="validation")
+    glue.start("finetune", "bert", "rte", "dynamic", {}, test_split="validation", headline=("accuracy", True))
     glue.metric(10, "validation", "accuracy", 0.6)
     glue.metric(20, "validation", "accuracy", 0.7)
     glue.metric(30, "validation", "accuracy", 0.65)

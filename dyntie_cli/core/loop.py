@@ -339,7 +339,7 @@ class Trainer:
         cfg = self.cfg
         w = self.writer
         if self.resume:
-            w.resume(w.run_id)
+            w.resume(w.run_id, headline=self.backbone.headline(cfg))
             # a decision still waiting for its reward at the checkpoint is logged again once it is scored
             w.truncate_after(self.loop.step, decisions_from=self.loop.pending.decision if self.loop.pending else None)
         else:
@@ -348,7 +348,8 @@ class Trainer:
                 config["world_size"] = self.group.world
             w.start(self.command, cfg.backbone, cfg.dataset, cfg.variant, config,
                     parent_run_id=self.parent_run_id, preset=cfg.preset, seed=cfg.seed,
-                    out_dir=str(self.out_dir / w.run_id), test_split=self.data.test_split)
+                    out_dir=str(self.out_dir / w.run_id), test_split=self.data.test_split,
+                    headline=self.backbone.headline(cfg))
             self.decisions.log_state(action=self.ties.state, changed=0)  # decision 0: the initial state
             w.metric(0, "train", "setup_peak_bytes", self.probe.setup_peak)
             w.metric(0, "train", "base_bytes", self.base_bytes)

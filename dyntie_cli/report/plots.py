@@ -8,7 +8,8 @@ Each kind is a loader (one query over the registry) and a drawer (a matplotlib f
 * ``memory``  -- peak memory, and parameter + gradient + optimizer bytes, over steps; both axes from zero, and
   the intervals whose peak includes a validation (and its checkpoint) marked.
 * ``params``  -- trainable parameters over steps, with the all-independent count for reference.
-* ``metrics`` -- validation curves of the runs' headline metric (ppl, else accuracy, ...), final test marked.
+* ``metrics`` -- validation curves of each run's headline metric (the one it recorded: ppl, accuracy, ...), final
+  test marked; one panel per metric.
 * ``study``   -- a study's validation curves per variant: the mean over its seeds, the band from the lowest to the
   highest seed (``dyntie report --plot study --study NAME``).
 
@@ -39,7 +40,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator
 from ..errors import DyntieError, UsageError
 from ..results.db import read_registry, resolve_run_ids
 from ..results.lineage import dense_schedule
-from ..results.queries import HEADLINE_METRICS, query_rows
+from ..results.queries import query_rows
 
 _DPI = 100
 # Metrics whose early values span orders of magnitude (perplexity starts near the vocabulary size).
@@ -325,20 +326,18 @@ def _draw_params(data: pd.DataFrame, labels: dict[str, str]) -> Figure:
 
 def _load_metrics(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     frame = query_rows(con, "evaluation-rows", ids)
-    headline = {run_id: _headline(rows) for run_id, rows in frame.groupby("run_id")}
+    recorded = query_rows(con, "headline-metrics", ids)
+    headline = dict(zip(recorded.run_id, recorded.metric, strict=True))
     keep = frame.name == frame.run_id.map(headline)
     # A run with only a final test row has no curve: it counts as having nothing to plot.
     has_curve = frame.run_id.isin(frame[keep & (frame.split == "validation")].run_id)
     return frame[keep & has_curve]
 
 
-def _headline(rows: pd.DataFrame) -> str | None:
-    validated = set(rows[rows.split == "validation"].name)
-    return next((name for name in HEADLINE_METRICS if name in validated), None)
-
-
 def _draw_metrics(data: pd.DataFrame, labels: dict[str, str]) -> Figure:
-    names = [name for name in HEADLINE_METRICS if name in set(data.name)]
+    # one panel per metric, in the order of the runs that recorded it
+    metric_of = dict(zip(data.run_id, data.name, strict=True))
+    names = list(dict.fromkeys(metric_of[run_id] for run_id in labels if run_id in metric_of))
     fig = Figure(figsize=(8.0, 4.0 * len(names)), layout="constrained")
     axes = fig.subplots(len(names), 1, squeeze=False)[:, 0]
     colours = dict(zip(labels, _colours(len(labels)), strict=True))
@@ -374,10 +373,10 @@ def _metric_curve(ax: Axes, rows: pd.DataFrame, colour, label: str) -> None:
 
 
 def _load_study(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
-    from ..results.study import STUDY_METRICS
+    from ..results.study import study_metric
 
     frame = query_rows(con, "study-curves", ids)
-    metric = next((m for m in STUDY_METRICS if m in set(frame.name)), None)
+    metric, _ = study_metric(frame)
     return frame[frame.name == metric]
 
 

@@ -127,6 +127,33 @@ def _add_greedy_moves(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("ALTER TABLE decisions ADD COLUMN greedy_moves INTEGER")
 
 
+# How reports chose a run's headline metric before runs recorded it: the first of these names the run logged,
+# preferring one of its final test row. Kept as it was: it fills the runs recorded before the columns existed.
+_HEADLINES_BEFORE_RECORDING = ["mcc", "accuracy", "ppl", "f1", "loss"]
+
+
+def _add_run_headline(con: duckdb.DuckDBPyConnection) -> None:
+    """The metric a run is judged by and its direction, from the backbone when the run starts, so that reports,
+    studies and plots read them from the registry alone. Earlier runs get what reports chose from their rows
+    (NULL for a run that never evaluated)."""
+    con.execute("ALTER TABLE runs ADD COLUMN metric TEXT")
+    con.execute("ALTER TABLE runs ADD COLUMN higher_is_better BOOLEAN")
+    con.execute(
+        """
+        UPDATE runs SET metric = chosen.name, higher_is_better = chosen.name NOT IN ('ppl', 'loss')
+        FROM (
+            SELECT run_id, name FROM (
+                SELECT DISTINCT run_id, split, name FROM metrics
+                WHERE split IN ('validation', 'test') AND list_contains($names::TEXT[], name))
+            QUALIFY row_number() OVER (
+                PARTITION BY run_id ORDER BY split = 'test' DESC, list_position($names::TEXT[], name)) = 1
+        ) chosen
+        WHERE runs.run_id = chosen.run_id
+        """,
+        {"names": _HEADLINES_BEFORE_RECORDING},
+    )
+
+
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("create_core_tables", _create_core_tables),
     ("add_run_provenance", _add_run_provenance),
@@ -134,6 +161,7 @@ MIGRATIONS: list[tuple[str, Migration]] = [
     ("add_decision_diagnostics", _add_decision_diagnostics),
     ("add_process_peak", _add_process_peak),
     ("add_greedy_moves", _add_greedy_moves),
+    ("add_run_headline", _add_run_headline),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

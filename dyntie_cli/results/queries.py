@@ -26,11 +26,6 @@ from dyntie_cli.results.writer import stale_reason
 
 Builder = Callable[[duckdb.DuckDBPyConnection, list[str]], "pd.DataFrame"]
 
-# The metric a run is judged by, in order of preference: Matthews correlation (CoLA), accuracy (other
-# classifiers), perplexity (language models); a run logs only the ones that apply.
-HEADLINE_METRICS = ("mcc", "accuracy", "ppl", "f1", "loss")
-_LOWER_IS_BETTER = {"ppl", "loss"}
-
 
 
 def _query(db: str | os.PathLike[str], run_ids: Sequence[str] | None, build: Builder) -> pd.DataFrame:
@@ -75,6 +70,13 @@ def _runs(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
 # --- ppl: the headline metric ----------------------------------------------------------------------------
 
 
+def _headline_metrics(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    """The metric each run is judged by and its direction, as the run recorded them (its backbone chose)."""
+    return _fetch(con, f"SELECT run_id, metric, higher_is_better FROM runs WHERE {IN_RUNS} ORDER BY {RUN_ORDER}",
+                  ids)
+
+
+
 def _last_metrics(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     sql = f"""
         SELECT run_id, split, name, arg_max(value, step) AS last, max(step) AS last_step,
@@ -84,12 +86,9 @@ def _last_metrics(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFram
     return _fetch(con, sql, ids)
 
 
-def _headline_name(names: set[str]) -> str | None:
-    return next((name for name in HEADLINE_METRICS if name in names), None)
-
-
 def _ppl(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
-    spine = _fetch(con, f"SELECT run_id, variant, test_split FROM runs WHERE {IN_RUNS} ORDER BY {RUN_ORDER}", ids)
+    spine = _fetch(con, f"SELECT run_id, variant, test_split, metric, higher_is_better FROM runs WHERE {IN_RUNS} "
+                        f"ORDER BY {RUN_ORDER}", ids)
     last = _last_metrics(con, ids)
     rows = [_headline_row(run, last[last.run_id == run.run_id]) for run in spine.itertuples()]
     columns = ["run_id", "variant", "metric", "validation", "validation_step", "best_validation", "test",
@@ -99,9 +98,7 @@ def _ppl(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
 
 def _headline_row(run: Any, last: pd.DataFrame) -> dict[str, Any]:
     """Final validation and final test values of the run's headline metric (NaN where not logged)."""
-    test = last[last["split"] == "test"]
-    # Prefer a metric the final test row has, so the row always pairs with the run's reported score.
-    name = _headline_name(set(test["name"])) or _headline_name(set(last["name"]))
+    name = run.metric if isinstance(run.metric, str) else None
     row: dict[str, Any] = {"run_id": run.run_id, "variant": run.variant, "metric": name,
                            "test_split": run.test_split if isinstance(run.test_split, str) else "test"}
     for split in ("validation", "test"):
@@ -110,7 +107,7 @@ def _headline_row(run: Any, last: pd.DataFrame) -> dict[str, Any]:
         row[split] = float(hit.iloc[0]["last"]) if found else math.nan
         row[f"{split}_step"] = int(hit.iloc[0]["last_step"]) if found else None
         if split == "validation":
-            best = hit.iloc[0]["low" if name in _LOWER_IS_BETTER else "high"] if found else math.nan
+            best = hit.iloc[0]["high" if run.higher_is_better else "low"] if found else math.nan
             row["best_validation"] = float(best)
     return row
 
@@ -571,6 +568,8 @@ QUERIES: dict[str, NamedQuery] = {
                                       "squares with one level per decision, with standard errors, and the "
                                       "reward's noise: the evidence an agent can learn from."),
     "variants": NamedQuery(_per_run, "Run id and variant of each run.", table=False),
+    "headline-metrics": NamedQuery(_headline_metrics, "The metric each run is judged by and whether higher is "
+                                                      "better.", table=False),
     "tie-rows": NamedQuery(_tie_rows, "Decision, step and state of every decision (the ties plot).", table=False),
     "memory-rows": NamedQuery(_memory_rows, "Peak and training-state bytes per logging step (the memory plot).",
                               table=False),

@@ -4,7 +4,8 @@ A run trained by `dyntie study` records ``{"study": {"name": NAME}}`` in ``runs.
 (study, variant) over the study's finished runs (the first finished run of each variant and seed):
 
 * ``mean``, ``std`` (sample standard deviation, n - 1), ``min``, ``max`` and ``per seed``: the validation value of the
-  headline metric (perplexity for language models, accuracy or MCC for classifiers) at the run's last step;
+  headline metric its runs recorded (perplexity for language models, accuracy or MCC for classifiers) at the run's
+  last step;
 * ``mean / no-tying``: the mean over seeds of the per-seed ratio to the no-tying run of the same seed;
 * ``independent mean`` (the mean over seeds of each run's step-weighted mean) and ``independent end``;
 * ``minus dynamic, per seed`` and ``minus dynamic, mean``: the paired difference to the dynamic run of the same
@@ -27,9 +28,6 @@ from dyntie_cli.results.db import IN_RUNS, read_registry
 from dyntie_cli.results.writer import stale_reason
 from dyntie_cli.settings import VARIANTS
 
-# the metric a study is judged by, in order of preference (the first one the runs validated on)
-STUDY_METRICS = ("mcc", "accuracy", "ppl", "loss")
-LOWER_IS_BETTER = {"ppl", "loss"}
 COLUMNS = ["study", "variant", "seeds", "metric", "mean", "std", "min", "max", "per seed", "mean / no-tying",
            "independent mean", "independent end", "minus dynamic, per seed", "minus dynamic, mean", "dynamic better"]
 _STUDY_NAME = "json_extract_string(config, '$.study.name')"
@@ -67,7 +65,7 @@ def _finished(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     mean and end number of independent blocks."""
     sql = f"""
         WITH chosen AS (
-            SELECT run_id, {_STUDY_NAME} AS study, variant, seed FROM runs
+            SELECT run_id, {_STUDY_NAME} AS study, variant, seed, metric AS headline, higher_is_better FROM runs
             WHERE {IN_RUNS} AND status = 'finished' AND {_STUDY_NAME} IS NOT NULL
             QUALIFY row_number() OVER (PARTITION BY study, variant, seed ORDER BY started_at, run_id) = 1),
         val AS (
@@ -79,8 +77,8 @@ def _finished(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
         ends AS (
             SELECT run_id, arg_max(independent_layers, decision) AS independent_end FROM ties
             WHERE {IN_RUNS} GROUP BY run_id)
-        SELECT c.study, c.variant, c.seed, c.run_id, val.name, val.value, indep.independent_mean,
-               ends.independent_end
+        SELECT c.study, c.variant, c.seed, c.run_id, c.headline, c.higher_is_better, val.name, val.value,
+               indep.independent_mean, ends.independent_end
         FROM chosen c LEFT JOIN val USING (run_id) LEFT JOIN indep USING (run_id) LEFT JOIN ends USING (run_id)
         ORDER BY c.study, c.variant, c.seed
     """
@@ -98,25 +96,34 @@ def study_table(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     out: list[dict[str, Any]] = []
     for study in dict.fromkeys(rows.study):
         runs = rows[rows.study == study]
-        metric = next((m for m in STUDY_METRICS if m in set(runs.name)), None)
+        metric, higher = study_metric(runs)
         picked = runs[runs.name == metric] if metric else runs.drop_duplicates(["variant", "seed"])
         value = {(r.variant, r.seed): (float(r.value) if metric else math.nan) for r in picked.itertuples()}
         facts = {(r.variant, r.seed): r for r in picked.itertuples()}
         variants = sorted(dict.fromkeys(picked.variant), key=study_variant_order)
         for variant in variants:
             seeds = sorted(int(s) for v, s in value if v == variant)
-            out.append(_variant_row(study, variant, seeds, metric, value, facts))
+            out.append(_variant_row(study, variant, seeds, (metric, higher), value, facts))
     return pd.DataFrame(out, columns=COLUMNS)
 
 
-def _variant_row(study: str, variant: str, seeds: list[int], metric: str | None,
+def study_metric(rows: pd.DataFrame) -> tuple[str | None, bool]:
+    """The metric a study is judged by and whether higher is better: the one its runs recorded (``headline``,
+    ``higher_is_better``), where they validated on it (``name``); (None, False) where they did not."""
+    for metric, higher in zip(rows.headline, rows.higher_is_better, strict=True):
+        if isinstance(metric, str) and metric in set(rows.name):
+            return metric, bool(higher)
+    return None, False
+
+
+def _variant_row(study: str, variant: str, seeds: list[int], headline: tuple[str | None, bool],
                  value: dict[tuple[str, int], float], facts: dict[tuple[str, int], Any]) -> dict[str, Any]:
+    metric, higher = headline
     values = [value[variant, s] for s in seeds]
     ratios = [value[variant, s] / value["no-tying", s] for s in seeds if ("no-tying", s) in value]
     paired = [s for s in seeds if ("dynamic", s) in value] if variant != "dynamic" else []
     diffs = [value[variant, s] - value["dynamic", s] for s in paired]
-    lower = metric in LOWER_IS_BETTER
-    better = sum(1 for d in diffs if (d > 0 if lower else d < 0))
+    better = sum(1 for d in diffs if (d < 0 if higher else d > 0))
     equal = sum(1 for d in diffs if d == 0)
     return {
         "study": study, "variant": variant, "seeds": seeds, "metric": metric,
@@ -144,8 +151,9 @@ def study_curves(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame
             SELECT run_id, {_STUDY_NAME} AS study, variant, seed FROM runs
             WHERE {IN_RUNS} AND status = 'finished' AND {_STUDY_NAME} IS NOT NULL
             QUALIFY row_number() OVER (PARTITION BY study, variant, seed ORDER BY started_at, run_id) = 1)
-        SELECT c.study, c.variant, c.seed, m.run_id, m.step, m.name, m.value
-        FROM chosen c JOIN metrics m USING (run_id)
+        SELECT c.study, c.variant, c.seed, m.run_id, m.step, m.name, m.value, r.metric AS headline,
+            r.higher_is_better
+        FROM chosen c JOIN metrics m USING (run_id) JOIN runs r USING (run_id)
         WHERE m.split = 'validation' ORDER BY c.study, c.variant, c.seed, m.step
     """
     return con.execute(sql, {"ids": ids}).df()

@@ -201,8 +201,10 @@ class RunWriter:
         seed: int | None = None,
         out_dir: str | os.PathLike[str] | None = None,
         test_split: str = "test",
+        headline: tuple[str, bool] | None = None,
     ) -> str:
-        """Insert the run's row (status ``running``) right away, so reports see the run; returns its id."""
+        """Insert the run's row (status ``running``) right away, so reports see the run; returns its id.
+        ``headline``: the metric the run is judged by and whether higher is better (``Backbone.headline``)."""
         if self._active or self._finished:
             raise RuntimeError("This writer has already started a run.")
         if test_split not in ("test", "validation"):
@@ -214,6 +216,7 @@ class RunWriter:
             "config": json.dumps(config, sort_keys=True, default=str), "parent_run_id": parent_run_id,
             "preset": preset, "seed": _opt_int(seed), "out_dir": None if out_dir is None else str(out_dir),
             "test_split": test_split, "dyntie_version": _dyntie_version(),
+            "metric": headline[0] if headline else None, "higher_is_better": headline[1] if headline else None,
         }
         self._commit(LOCK_TIMEOUT_S, lambda con: self._mark_stale_then(con, self._insert_run, values))
         self._active = True
@@ -243,8 +246,9 @@ class RunWriter:
     def _run_exists(con: duckdb.DuckDBPyConnection, run_id: str) -> bool:
         return con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [run_id]).fetchone()[0] > 0
 
-    def resume(self, run_id: str) -> str:
-        """Mark an existing run (id or unique prefix) ``running`` again, keeping its rows; returns its full id."""
+    def resume(self, run_id: str, headline: tuple[str, bool] | None = None) -> str:
+        """Mark an existing run (id or unique prefix) ``running`` again, keeping its rows; returns its full id.
+        ``headline`` is recorded where the run has none (a run recorded before runs named their metric)."""
         if self._active:
             raise RuntimeError("This writer already has an active run.")
 
@@ -264,6 +268,9 @@ class RunWriter:
                 """,
                 [os.getpid(), socket.gethostname(), utc_now(), full_id],
             )
+            if headline:
+                con.execute("UPDATE runs SET metric = ?, higher_is_better = ? WHERE run_id = ? AND metric IS NULL",
+                            [headline[0], headline[1], full_id])
             self._run_id = full_id
 
         self._commit(LOCK_TIMEOUT_S, lambda con: self._mark_stale_then(con, reopen))
@@ -501,7 +508,7 @@ class RankWriter:
     def start(self, *args: Any, **kwargs: Any) -> str:
         return self.run_id
 
-    def resume(self, run_id: str) -> str:
+    def resume(self, run_id: str, headline: tuple[str, bool] | None = None) -> str:
         return self.run_id
 
     def truncate_after(self, step: int, decisions_from: int | None = None) -> int:
