@@ -97,6 +97,7 @@ class GPT2Backbone(Backbone):
     default_dataset = "wikitext-2"
     metric = "ppl"
     higher_is_better = False
+    generates_text = True
     model_settings = GPT2Model
     data_settings = GPT2Data
 

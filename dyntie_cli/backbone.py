@@ -105,6 +105,8 @@ class Backbone:
     #: each run and read by reports, studies and plots; ``headline`` may choose per run (GLUE: per task)
     metric: ClassVar[str] = "ppl"
     higher_is_better: ClassVar[bool] = False
+    #: whether ``continuations`` samples text from a trained model (``dyntie generate``)
+    generates_text: ClassVar[bool] = False
     #: the typed ``model`` and ``data`` sections; None: inferred from the presets' keys and values
     model_settings: ClassVar[type[Section] | None] = None
     data_settings: ClassVar[type[Section] | None] = None
@@ -201,3 +203,12 @@ class Backbone:
         raise DyntieError(f"Backbone {self.name} cannot load exports: it does not implement load_exported "
                           "(docs/plugins.md).")
 
+    # -- text out (``dyntie generate``; a backbone that implements it sets ``generates_text``) -------------
+
+    def continuations(self, model: nn.Module, data: TaskData, prompt: str, *, max_new_tokens: int, samples: int,
+                      temperature: float, top_k: int, generator: torch.Generator) -> list[str]:
+        """``samples`` continuations of ``prompt``, each ``max_new_tokens`` tokens sampled at ``temperature``
+        among the ``top_k`` likeliest (0: all; temperature 0: greedy), drawn from ``generator``, decoded with
+        the run's tokenizer (``data``), without the prompt. The default refuses."""
+        raise DyntieError(f"Backbone {self.name} does not generate text: it does not implement continuations() "
+                          "(docs/plugins.md).")

@@ -270,7 +270,7 @@ def test_out_of_tree_plugin_is_listed_and_trains_from_the_cli(toy_plugin, runner
     check_logged_run(db, run_id, registered.cls, "test")
 
 
-def test_a_plugin_without_the_export_and_init_hooks_says_so_in_one_sentence(toy_plugin, runner, tmp_path):
+def test_a_plugin_without_the_export_init_and_text_hooks_says_so_in_one_sentence(toy_plugin, runner, tmp_path):
     db, run_id = train_tiny(runner, tmp_path, "toy", all_backbones()["toy"].cls)
     refused = invoke(runner, "export", run_id, "--out", tmp_path / "out", "--db", db)
     assert refused.exit_code == 1 and not (tmp_path / "out").exists()
@@ -279,6 +279,10 @@ def test_a_plugin_without_the_export_and_init_hooks_says_so_in_one_sentence(toy_
     started = invoke(runner, "train", "toy", "--init", tmp_path, "--db", db, "--quiet")
     assert started.exit_code == 1
     assert started.stderr == "Error: Backbone toy cannot start from --init weights; train it from scratch.\n"
+    generated = invoke(runner, "generate", run_id, "--prompt", "x", "--db", db)
+    assert generated.exit_code == 2
+    assert generated.stderr == (f"Error: Run {run_id} is a toy run, which does not generate text; generate works "
+                                "with runs of: gpt2.\n")
 
 
 def test_gpt2_uses_gpt2s_gelu_fused_and_it_saves_activation_memory():

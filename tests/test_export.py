@@ -183,7 +183,7 @@ def test_export_takes_a_running_or_killed_runs_last_checkpoint_and_refuses_one_w
     assert result.stderr.count("\n") == 1 and not (tmp_path / "z").exists()
 
 
-def test_generate_samples_continuations_from_a_gpt2_run_and_refuses_other_runs(runner, tiny_runs):
+def test_generate_samples_continuations_from_a_gpt2_run_and_refuses_runs_that_do_not_generate(runner, tiny_runs):
     db, run_id = tiny_runs["gpt2"]
     args = ("generate", run_id, "--prompt", "The city of", "--samples", 2, "--max-new-tokens", 40, "--db", db)
     first, again = invoke(runner, *args, "--seed", 1), invoke(runner, *args, "--seed", 1)
@@ -195,7 +195,10 @@ def test_generate_samples_continuations_from_a_gpt2_run_and_refuses_other_runs(r
     assert all(len(s.split("\n", 1)[1]) > len("The city of") + 20 for s in samples)
     vit_db, vit_run = tiny_runs["vit"]
     refused = invoke(runner, "generate", vit_run, "--prompt", "x", "--db", vit_db)
-    assert refused.exit_code == 2 and "GPT-2 runs only" in refused.stderr
+    assert refused.exit_code == 2 and refused.stdout == ""
+    assert (f"Run {vit_run} is a vit run, which does not generate text; generate works with runs of: gpt2"
+            in refused.stderr.replace("\n", " "))
+    assert refused.stderr.count("Error") == 1 and "Traceback" not in refused.stderr
 
 
 def test_an_export_that_fails_its_round_trip_writes_nothing_and_keeps_the_old_folder(runner, tiny_runs, tmp_path,

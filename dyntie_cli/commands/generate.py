@@ -1,4 +1,5 @@
-"""`dyntie generate RUN --prompt TEXT`: sampled continuations from a GPT-2 run's last checkpoint."""
+"""`dyntie generate RUN --prompt TEXT`: sampled continuations from a language model run's last checkpoint, through
+the backbone contract (``Backbone.generates_text``, ``Backbone.continuations``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from .options import Db
 
 
 def generate(
-    run: Annotated[str, typer.Argument(help="A GPT-2 run (its id, or a unique prefix).")],
+    run: Annotated[str, typer.Argument(help="A run of a backbone that generates text, such as gpt2 (its id, or a "
+                                            "unique prefix).")],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The text to continue.")],
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Tokens per "
                                                                                       "continuation.")] = 40,
@@ -29,14 +31,16 @@ def generate(
 
     from ..errors import UsageError
     from ..export import load_run_model
+    from ..plugins import all_backbones, get_backbone
     from ..results.db import resolve_db_path
     from ..results.lineage import load_run
 
     db_path = resolve_db_path(db)
     recorded = load_run(db_path, run)
-    if recorded.backbone != "gpt2":
-        raise UsageError(f"Run {recorded.run_id} is a {recorded.backbone} run; dyntie generate samples text from "
-                         "GPT-2 runs only.")
+    if not get_backbone(recorded.backbone).generates_text:
+        able = [name for name, found in sorted(all_backbones().items()) if found.cls and found.cls.generates_text]
+        raise UsageError(f"Run {recorded.run_id} is a {recorded.backbone} run, which does not generate text; "
+                         f"generate works with runs of: {', '.join(able) or 'no installed backbone'}.")
     rm = load_run_model(db_path, recorded.run_id)
     texts = rm.backbone.continuations(rm.model, rm.data, prompt, max_new_tokens=max_new_tokens, samples=samples,
                                       temperature=temperature, top_k=top_k,
