@@ -6,7 +6,10 @@ import json
 
 import duckdb
 
+from dyntie_cli.report.tables import render
+from dyntie_cli.results.queries import run_query
 from tests.conftest import invoke
+from tests.test_registry import left_out
 
 
 def _bench(runner, tmp_path, *args) -> dict:
@@ -55,6 +58,10 @@ def test_bench_runs_each_variant_and_reports_ratios(runner, tmp_path):
     r2 = invoke(runner, "report", "--table", "bench", "--db", db, "--run", by_variant["no-tying"][0], "--run",
                 by_variant["dynamic"][0], "--format", "json")
     assert r2.exit_code == 0
+    # at 80 columns every ratio to no-tying stays
+    table = run_query("bench", db)
+    ratios = {str(c) for c in table.columns if " / " in str(c)}
+    assert len(ratios) == 2 and not left_out(render(table, "table", width=80)) & ratios
 
     # a second bench in the same registry (other steps): each run is compared with the no-tying run of its own set
     _bench(runner, tmp_path, "--max-steps", "10", "--variants", "dynamic")

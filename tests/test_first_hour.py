@@ -24,6 +24,7 @@ from dyntie_cli.results.queries import QUERIES, run_query
 from dyntie_cli.runner import ProgressView
 from tests.conftest import SHARED, invoke
 from tests.conftest import rows as _rows
+from tests.test_registry import left_out
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_GPT2 = ("--preset", "gpt2-tiny", "--max-steps", "12", "--decide-every", "4")
@@ -84,12 +85,12 @@ def test_report_table_memory_fits_an_80_column_terminal(registry, runner, monkey
     assert r.exit_code == 0, r.stderr
     lines = r.stdout.splitlines()
     assert max(len(line) for line in lines) <= 80
-    note = r.stdout.split("every digit): ", 1)[1]
-    left_out = {name.strip() for name in note.replace("\n", " ").split(",")}
+    hidden = left_out(r.stdout)
     columns = set(run_query("memory", db).columns)
-    assert left_out < columns and "device" in left_out
-    # the columns a person looks for first are the ones kept
-    assert not left_out & {"run_id", "variant", "peak_bytes", "avg_current_bytes", "training_state_bytes_peak"}
+    assert hidden < columns and "device" in hidden
+    # the columns a person looks for first are the ones kept: the whole process's peak above all
+    assert not hidden & {"run_id", "variant", "process_peak_bytes", "avg_current_bytes", "training_state_bytes_peak"}
+    assert "process_" in r.stdout.split("──", 1)[0]  # in the header, however its name wraps
     wide = invoke(runner, "report", "--table", "memory", "--wide")
     assert wide.exit_code == 0 and max(len(line) for line in wide.stdout.splitlines()) > 80
     assert all(column in wide.stdout for column in run_query("memory", db).columns)
@@ -236,8 +237,9 @@ def test_tables_fit_the_width_they_are_given_and_pipes_keep_every_column(registr
         piped = render(table, "table", title=name)
         for column in table.columns:
             assert str(column) in piped  # every column, names unbroken
-        fitted = render(table, "table", title=name, width=80, prefer=QUERIES[name].narrow)
+        fitted = render(table, "table", title=name, width=80)
         assert max(len(line) for line in fitted.splitlines()) <= 80, name
+        assert not left_out(fitted) & set(QUERIES[name].headline), name
 
 
 def test_every_shipped_data_file_is_package_data():

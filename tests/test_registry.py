@@ -7,6 +7,7 @@ file lock is per process and a single process never sees the conflict.
 from __future__ import annotations
 
 import csv
+import fnmatch
 import io
 import json
 import math
@@ -34,7 +35,7 @@ from dyntie_cli.results.db import (
     resolve_db_path,
     schema_version,
 )
-from dyntie_cli.results.queries import run_query
+from dyntie_cli.results.queries import QUERIES, REPORT_TABLES, run_query
 from dyntie_cli.results.writer import RunWriter, mark_stale_runs
 
 EXPECTED_COLUMNS = {
@@ -708,6 +709,42 @@ def test_render_table_and_markdown_are_for_people(registry):
     peak = next(line for line in paper_text.splitlines() if line.startswith("| training_peak_bytes"))
     assert [cell.strip() for cell in peak.strip("|").split("|")] == ["training_peak_bytes", "3.9 KiB", "7.8 KiB", "2x"]
     assert "| a \\| b |" in render(pd.DataFrame({"x": ["a | b"]}), "markdown")
+
+
+def left_out(text: str) -> set[str]:
+    """The columns a fitted table names below itself as not shown."""
+    text = text.replace("\n", " ")
+    if "every digit): " not in text:
+        return set()
+    return {name.strip() for name in text.split("every digit): ", 1)[1].split(",")}
+
+
+def test_a_narrow_terminal_drops_other_columns_before_the_headline_ones():
+    wide = "x" * 12
+    table = pd.DataFrame({"run_id": ["r1"], **{f"col_{i}": [wide] for i in range(6)}, "a / b": [0.5],
+                          "last": [wide]})
+    text = render(table, "table", width=60, headline=("last", "* / *"))
+    assert left_out(text) == {"col_1", "col_2", "col_3", "col_4", "col_5"}  # col_0 fits beside the headline
+    assert "0.5x" in text and max(len(line) for line in text.splitlines()) <= 60
+    # headline columns wider than the terminal are all shown, every character of them
+    squeezed = render(table, "table", width=30, headline=("last", "* / *"))
+    assert left_out(squeezed) == {f"col_{i}" for i in range(6)}
+    assert wide in squeezed and "0.5x" in squeezed and "…" not in squeezed
+    # a table from run_query carries its own headline: the one render falls back on
+    table.attrs["headline"] = ("col_5",)
+    assert "col_5" not in left_out(render(table, "table", width=40))
+
+
+@pytest.mark.parametrize("name", [name for name in REPORT_TABLES if name != "evidence"])  # evidence: test_report
+def test_each_report_table_keeps_its_headline_columns_at_80_columns(registry, name):
+    table = run_query(name, registry, ["dyn", "base", "glue-rte"])
+    headline = QUERIES[name].headline
+    assert table.attrs["headline"] == headline
+    if name not in ("paper", "bench"):  # transposed: one column per run, ratios named after them
+        assert set(headline) <= set(table.columns), name
+    text = render(table, "table", title=name, width=80)
+    kept = [str(c) for c in table.columns if any(fnmatch.fnmatchcase(str(c), h) for h in headline)]
+    assert not left_out(text) & {str(table.columns[0]), *kept}, name
 
 
 def test_render_rejects_unknown_formats_and_humanises_bytes():

@@ -19,10 +19,12 @@ import numpy as np
 import pytest
 
 from dyntie_cli.core.ties import transition
-from dyntie_cli.results.queries import independent_lifetime
+from dyntie_cli.report.tables import render
+from dyntie_cli.results.queries import QUERIES, independent_lifetime, run_query
 from dyntie_cli.results.writer import RunWriter
 from tests.conftest import invoke
 from tests.test_ablate import AblationRuns, build_ablation_runs, sql
+from tests.test_registry import left_out
 
 FORMATS = ("table", "csv", "json", "markdown")
 SHOWN = ("final-arch", "replay", "no-tying", "static-cycle")
@@ -346,4 +348,7 @@ def test_evidence_table_recovers_known_effects_of_tie_moves(tmp_path, runner):
     assert six["tie_effect"] == pytest.approx(-0.05, abs=0.004)
     assert six["reward_noise_sd"] == pytest.approx(0.002, rel=0.5)
     assert table[12]["runs"] == 1 and table[12]["untie_effect"] is None and table[12]["untie_se"] is None
+    # at 80 columns the effects, their standard errors and the noise stay
+    fitted = render(run_query("evidence", db), "table", width=80)
+    assert not left_out(fitted) & {"backbone", *QUERIES["evidence"].headline}
 

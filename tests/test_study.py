@@ -15,7 +15,11 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from dyntie_cli.report.tables import render
+from dyntie_cli.results.queries import QUERIES, run_query
+from dyntie_cli.results.study import study_run_ids
 from tests.conftest import invoke, rows
+from tests.test_registry import left_out
 
 TINY = ("gpt2", "--preset", "gpt2-tiny", "--max-steps", "16", "--decide-every", "2")
 
@@ -88,6 +92,9 @@ def test_study_table_is_what_the_registry_says_and_report_prints_it_again(runner
 
     again = invoke(runner, "report", "--table", "study", "--study", "tiny", "--db", db, "--format", "json")
     assert again.exit_code == 0 and json.loads(again.stdout) == printed
+    # at 80 columns the means, the ratio to no-tying and the paired difference stay
+    fitted = render(run_query("study", db, study_run_ids(db, "tiny")), "table", width=80)
+    assert not left_out(fitted) & {"study", *QUERIES["study"].headline}
     # the same command again trains nothing and prints the same table
     r2 = _study(runner, db, out, "--seeds", "0,1", "--variants", "no-tying,grow,dynamic", "--name", "tiny")
     assert r2.exit_code == 0 and json.loads(r2.stdout) == printed

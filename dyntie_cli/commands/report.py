@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from ..report.tables import FORMATS
-from ..results.queries import QUERIES, REPORT_TABLES
+from ..results.queries import REPORT_TABLES
 from .options import Db, Format, examples
 
 #: how the speed rows of --compare are measured, under the table people read
@@ -44,8 +44,9 @@ def report(
 ) -> None:
     """Show a named table from the registry. Data goes to stdout, so `--format csv > runs.csv` works.
 
-    On a terminal a table fits its width: long column names wrap, and the columns that do not fit are named
-    below it (--wide shows them all).
+    On a terminal a table fits its width: long column names wrap, each table's headline columns stay (the memory
+    table's process_peak_bytes, the bench's ratios), and the other columns that do not fit are named below it
+    (--wide shows them all).
 
     Examples: dyntie report --table runs | dyntie report --table paper --run R1 --run R2 --format markdown |
     dyntie report --compare R1 R2 | dyntie report --plot ties --run R --out ties.png | dyntie report --table study
@@ -88,8 +89,7 @@ def report(
     if name not in REPORT_TABLES:
         raise UsageError(f"No report table '{name}'; choose one of: {', '.join(REPORT_TABLES)}.")
     title = {"bench": bench_title(), "study": study_title()}.get(name, name)
-    typer.echo(render(run_query(name, path, run or None), fmt, title=title, width=width,
-                      prefer=QUERIES[name].narrow))
+    typer.echo(render(run_query(name, path, run or None), fmt, title=title, width=width))
 
 
 def register(app: typer.Typer) -> None:

@@ -11,6 +11,7 @@ whose label contains ``bytes``. Columns named ``A / B`` hold ratios and are show
 from __future__ import annotations
 
 import csv
+import fnmatch
 import io
 import json
 import math
@@ -34,17 +35,19 @@ LABEL_COLUMN = "quantity"
 
 
 def render(df: pd.DataFrame, fmt: str, title: str | None = None, *, width: int | None = None,
-           prefer: Sequence[str] = ()) -> str:
+           headline: Sequence[str] | None = None) -> str:
     """The DataFrame as text in ``fmt`` (table, csv, json or markdown); ``title`` heads table and markdown.
 
     ``width`` (table only; a terminal's): fit the table to that many characters -- long column names wrap at
-    ``_`` and ``-``, and the columns that still do not fit are left out and named below the table, the first
-    column and then the ``prefer`` columns kept first. None: every column, however wide (a pipe or a file).
+    ``_`` and ``-``, and the columns that still do not fit are left out and named below the table, the others
+    in table order. None: every column, however wide (a pipe or a file). The first column and the ``headline``
+    columns are shown at any width: names, or patterns such as ``* / *`` (every ratio column); None: the table's
+    own, ``df.attrs["headline"]``, which ``run_query`` sets from its named query.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if fmt == "table":
-        return _rich_table(df, title, width, prefer)
+        return _rich_table(df, title, width, df.attrs.get("headline", ()) if headline is None else headline)
     renderers: dict[str, Callable[[pd.DataFrame, str | None], str]] = {
         "csv": _csv, "json": _json, "markdown": _markdown,
     }
@@ -195,7 +198,8 @@ def _numeric_columns(df: pd.DataFrame) -> list[bool]:
     return flags
 
 
-def _rich_table(df: pd.DataFrame, title: str | None, width: int | None = None, prefer: Sequence[str] = ()) -> str:
+def _rich_table(df: pd.DataFrame, title: str | None, width: int | None = None,
+                headline: Sequence[str] = ()) -> str:
     rows = _human_rows(df)
     columns = [str(column) for column in df.columns]
     numeric = _numeric_columns(df)
@@ -203,26 +207,31 @@ def _rich_table(df: pd.DataFrame, title: str | None, width: int | None = None, p
         # Wide enough that no cell is cut or wrapped: a report read in a pipe or a file must keep every digit.
         return _table_text(columns, numeric, rows, title, range(len(columns)), headers=columns)
     cells = [max((len(row[i]) for row in rows), default=0) for i in range(len(columns))]
-    order = _column_order(columns, prefer)
-    best: tuple[tuple[bool, ...], list[int], list[str]] | None = None
-    # names on one line if every column fits so, else wrapped ever narrower. The layout that keeps the columns
-    # earliest in the order wins (compared column by column); of equal ones, the one whose names wrap least.
+    always = _always_shown(columns, headline)
+    rest = [i for i in range(len(columns)) if i not in always]
+    best: tuple[tuple[int, ...], list[int], list[str]] | None = None
+    # names on one line if every column fits so, else wrapped ever narrower. The layout in which the first and
+    # headline columns fit (else the one they overflow least), then the one that keeps the other columns
+    # earliest in the table (compared column by column) wins; of equal ones, the one whose names wrap least.
     for name_width in (None, 16, 12, 8):
         headers = [name if name_width is None else wrap_name(name, max(cell, name_width))
                    for name, cell in zip(columns, cells, strict=True)]
-        shown = [order[0]]
-        for index in order[1:]:
+        shown = sorted(always)
+        overflow = max(0, _table_width(columns, numeric, rows, shown, headers) - width)
+        for index in rest:
             trial = sorted([*shown, index])
             if _table_width(columns, numeric, rows, trial, headers) <= width:
                 shown = trial
-        kept = tuple(index in shown for index in order)
-        if best is None or kept > best[0]:
-            best = (kept, shown, headers)
-        if all(kept):
+        score = (-overflow, *(index in shown for index in rest))
+        if best is None or score > best[0]:
+            best = (score, shown, headers)
+        if not overflow and len(shown) == len(columns):
             break
     assert best is not None
     _, shown, headers = best
-    text = _table_text(columns, numeric, rows, title, shown, headers, limit=width)
+    # headline columns wider than the terminal widen the table rather than lose digits to an ellipsis
+    limit = max(width, _table_width(columns, numeric, rows, shown, headers))
+    text = _table_text(columns, numeric, rows, title, shown, headers, limit=limit)
     left_out = [columns[i] for i in range(len(columns)) if i not in shown]
     if left_out:
         note = (f"{len(left_out)} more column{'s' if len(left_out) > 1 else ''} (--wide shows all, --format csv "
@@ -231,11 +240,10 @@ def _rich_table(df: pd.DataFrame, title: str | None, width: int | None = None, p
     return text
 
 
-def _column_order(columns: list[str], prefer: Sequence[str]) -> list[int]:
-    """The first column (run_id, quantity), then the preferred columns, then the rest in table order."""
+def _always_shown(columns: list[str], headline: Sequence[str]) -> list[int]:
+    """The columns no width leaves out: the first (run_id, quantity) and those ``headline`` names or matches."""
     first = [0] if columns else []
-    preferred = [columns.index(name) for name in prefer if name in columns[1:]]
-    return first + preferred + [i for i in range(1, len(columns)) if i not in preferred]
+    return first + [i for i in range(1, len(columns)) if any(fnmatch.fnmatchcase(columns[i], h) for h in headline)]
 
 
 def wrap_name(name: str, width: int) -> str:

@@ -141,8 +141,9 @@ def pooled_table(rows: pd.DataFrame, rounds: list[dict[str, str]]) -> pd.DataFra
         for r in rounds:
             row, base = df.loc[r[v]], df.loc[r["no-tying"]]
             for c in BENCH_COLUMNS:
-                if c != "agent_share" and base[c]:
-                    ratios[c].append(row[c] / base[c])
+                ratio = _ratio(row, base, c)
+                if ratio is not None:
+                    ratios[c].append(ratio)
         steps = ratios["step_time_s"]
         out[f"{v} / no-tying"] = [None, None, None, *(float(pd.Series(ratios[c]).median()) if ratios[c] else None
                                                       for c in BENCH_COLUMNS),
@@ -177,10 +178,16 @@ def _side_by_side(df: pd.DataFrame, baselines: pd.DataFrame | None = None) -> pd
         if row["run_id"] == base["run_id"]:
             continue
         base_name = names.get(base["run_id"], f"{base['variant']} ({base['run_id'][-4:]})")
-        # agent_share is already a share of wall time; a ratio to no-tying's (near zero) share means nothing
-        out[f"{name} / {base_name}"] = [None, None, None, *(
-            row[c] / base[c] if c != "agent_share" and base[c] else None for c in BENCH_COLUMNS)]
+        out[f"{name} / {base_name}"] = [None, None, None, *(_ratio(row, base, c) for c in BENCH_COLUMNS)]
     return out
+
+
+def _ratio(row: pd.Series, base: pd.Series, column: str) -> float | None:
+    """``row``'s quantity over the baseline's; None where either is missing or the baseline's is 0, and for
+    agent_share, already a share of wall time (a ratio to no-tying's near-zero share means nothing)."""
+    if column == "agent_share" or pd.isna(row[column]) or pd.isna(base[column]) or not base[column]:
+        return None
+    return float(row[column] / base[column])
 
 
 def _column_names(df: pd.DataFrame) -> list[str]:

@@ -506,8 +506,9 @@ class NamedQuery:
     build: Builder
     description: str
     table: bool = True  # a report table (`dyntie report --table NAME`); False: rows for plots and commands
-    #: the columns a terminal too narrow for all of them shows first (after the first column)
-    narrow: tuple[str, ...] = ()
+    #: the columns that answer the table's question, shown however narrow the terminal (the first column always
+    #: is; names, or patterns such as "* / *" for every ratio column); the others fill what room is left
+    headline: tuple[str, ...] = ()
 
 
 def _bench(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
@@ -536,37 +537,49 @@ def _study_curves(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFram
 
 QUERIES: dict[str, NamedQuery] = {
     "runs": NamedQuery(_runs, "One row per run: identity, status, steps, timing.",
-                       narrow=("status", "command", "backbone", "variant", "steps", "duration_s", "parent_run_id")),
+                       headline=("status", "backbone", "variant", "steps")),
     "ppl": NamedQuery(_ppl, "Per run: the headline metric's final validation and test values, and the split "
-                            "'test' means."),
+                            "'test' means.", headline=("variant", "metric", "validation", "test")),
     "params": NamedQuery(_params, "Per run: trainable parameters mean over training, at the end, the maximum, "
-                                  "and without tying."),
+                                  "and without tying.",
+                         headline=("variant", "trainable_params_mean", "reduction_mean")),
     "layers": NamedQuery(_layers, "Per run: tie decisions (the initial state not counted, as in the agent "
                                   "table), independent layers mean and end, and the decisions after which each "
-                                  "layer was independent."),
+                                  "layer was independent.",
+                         headline=("variant", "independent_layers_mean", "independent_layers_end")),
     "layer-counts": NamedQuery(_layer_counts, "Long form of the per-layer counts (run_id, layer, "
-                                              "independent_decisions, decisions, fraction)."),
+                                              "independent_decisions, decisions, fraction).",
+                               headline=("layer", "independent_decisions", "independent_fraction")),
+    # process_peak_bytes is the whole process's peak: the figure the README and the bench lead with
     "memory": NamedQuery(_memory, "Per run: peak and average memory, and parameter / gradient / optimizer bytes.",
-                         narrow=("variant", "peak_bytes", "avg_current_bytes", "training_state_bytes_peak",
-                                 "param_bytes_peak", "optimizer_bytes_peak")),
-    "ties": NamedQuery(_ties, "The tie state after every decision."),
+                         headline=("variant", "process_peak_bytes", "avg_current_bytes",
+                                   "training_state_bytes_peak")),
+    "ties": NamedQuery(_ties, "The tie state after every decision.",
+                       headline=("decision", "step", "independent_layers")),
     "decisions": NamedQuery(_decisions, "The agent's view of every decision: exploration, reward, Q values, TD "
-                                        "loss, diagnostics."),
+                                        "loss, diagnostics.",
+                            headline=("decision", "step", "explored", "reward", "td_loss")),
     "agent": NamedQuery(_agent, "Per run: tie decisions (the initial state not counted, as in the layers "
                                 "table), blocks re-targeted per decision, greedy agreement, Q spread, TD loss, "
-                                "and how long a block stays independent."),
+                                "and how long a block stays independent.",
+                        headline=("variant", "changed_blocks_mean", "greedy_agreement_mean")),
+    # paper, compare and bench are transposed: their quantities are rows, which no width drops; of their run
+    # columns the ratios come first
     "paper": NamedQuery(_paper, "The paper's table: one column per run, one row per quantity."),
     "compare": NamedQuery(_compare, "Key figures side by side, with each run's ratio to the first run. "
                                     "step_time_s is the median step; tokens_per_s the tokens per step over it "
                                     "(so their ratios are reciprocals); wall_s the whole run, evaluations and "
-                                    "checkpoints included."),
-    "bench": NamedQuery(_bench, "Speed and memory of bench runs, with ratios to their no-tying run."),
+                                    "checkpoints included.", headline=("* / *",)),
+    "bench": NamedQuery(_bench, "Speed and memory of bench runs, with ratios to their no-tying run.",
+                        headline=("* / *",)),
     "study": NamedQuery(_study, "Per study and variant: the validation metric over seeds (mean, std, range), its "
-                                "ratio to no-tying, independent blocks, and the paired difference to dynamic."),
+                                "ratio to no-tying, independent blocks, and the paired difference to dynamic.",
+                        headline=("variant", "metric", "mean", "mean / no-tying", "minus dynamic, mean")),
     "evidence": NamedQuery(_evidence, "Per group of comparable runs (backbone, blocks, steps, cadence): what one "
                                       "newly untied or tied block changed the reward of its decision, by least "
                                       "squares with one level per decision, with standard errors, and the "
-                                      "reward's noise: the evidence an agent can learn from."),
+                                      "reward's noise: the evidence an agent can learn from.",
+                           headline=("untie_effect", "untie_se", "tie_effect", "tie_se", "reward_noise_sd")),
     "variants": NamedQuery(_per_run, "Run id and variant of each run.", table=False),
     "headline-metrics": NamedQuery(_headline_metrics, "The metric each run is judged by and whether higher is "
                                                       "better.", table=False),
@@ -586,12 +599,14 @@ REPORT_TABLES = tuple(name for name, q in QUERIES.items() if q.table and name !=
 
 
 def run_query(name: str, db: str | os.PathLike[str], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
-    """The named query over ``run_ids`` (None: every run); an unknown name is a usage error listing the known
-    ones."""
+    """The named query over ``run_ids`` (None: every run), its headline columns in ``attrs["headline"]``; an
+    unknown name is a usage error listing the known ones."""
     query = QUERIES.get(name)
     if query is None:
         raise UsageError(f"No report table '{name}'; choose one of: {', '.join(REPORT_TABLES)}.")
-    return _query(db, run_ids, query.build)
+    table = _query(db, run_ids, query.build)
+    table.attrs["headline"] = query.headline  # what report.tables keeps at any width
+    return table
 
 
 def query_rows(con: duckdb.DuckDBPyConnection, name: str, ids: list[str]) -> pd.DataFrame:
