@@ -34,8 +34,9 @@ from dyntie_cli.results.db import (
     resolve_db_path,
     schema_version,
 )
+from dyntie_cli.results.liveness import mark_stale_runs
 from dyntie_cli.results.queries import run_query
-from dyntie_cli.results.writer import RunWriter, mark_stale_runs
+from dyntie_cli.results.writer import RunWriter
 
 EXPECTED_COLUMNS = {
     "runs": {
