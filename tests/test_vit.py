@@ -14,14 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dyntie_cli.backbones.image_data import (
-    Augment,
-    ImageData,
-    Split,
-    augment_batch,
-    complete_splits,
-    load_image_data,
-)
+from dyntie_cli.backbones.image_augment import Augment, augment_batch
+from dyntie_cli.backbones.image_data import ImageData, complete_splits, load_image_data
+from dyntie_cli.backbones.image_datasets import Split
 from dyntie_cli.backbones.vit import PRESETS, ViTBackbone, auto_patch_size
 from dyntie_cli.errors import DyntieError
 from dyntie_cli.settings import resolve
