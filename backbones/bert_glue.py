@@ -26,7 +26,7 @@ from dyntie_cli.errors import DyntieError
 from dyntie_cli.settings import RunSettings, Section, setting
 
 from .common import described_model, no_progress_bars, read_json_config, save_hf_tokenizer
-from .glue_data import TASKS, GlueTask, get_task
+from .glue_tasks import TASKS, GlueTask, get_task
 from .metrics import accuracy, f1_binary, matthews_corrcoef, pearson, spearman
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -45,6 +46,10 @@ def sha256(*parts: bytes) -> str:
     for part in parts:
         digest.update(part)
     return digest.hexdigest()
+
+
+#: "gpt2" or "owner/name": what the hub accepts; anything else that does not exist is a mistyped path
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 def hub_reachable(timeout: float = 2.0) -> bool:

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dyntie_cli.errors import DyntieError, UsageError
 
-from .common import atomic_write, default_cache_dir, hub_reachable, sha256
+from .common import HUB_ID, atomic_write, default_cache_dir, hub_reachable, sha256
 from .text_corpora import EOS_TOKEN
 
 #: BPE training reads at most this many characters of train: all of WikiText-2 (10.8 M), a slice of larger corpora
@@ -100,13 +100,9 @@ def get_tokenizer(
     path = Path(spec).expanduser()
     if path.exists():
         return _local_tokenizer(path)
-    if not _HUB_ID.fullmatch(spec):
+    if not HUB_ID.fullmatch(spec):
         raise DyntieError(f"Tokenizer folder {spec} does not exist: pass --set data.tokenizer=PATH or bpe:N.")
     return _hub_tokenizer(spec)
-
-
-#: "gpt2" or "owner/name": what the hub accepts; anything else that does not exist is a mistyped path
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 def _bpe_tokenizer(

@@ -25,7 +25,8 @@ from dyntie_cli.errors import DyntieError
 from dyntie_cli.settings import RunSettings, Section, setting
 
 from .common import described_model, hub_reachable, read_json_config
-from .image_data import DATASETS, ImageData
+from .image_data import ImageData
+from .image_datasets import DATASETS
 from .metrics import accuracy
 
 

@@ -18,7 +18,8 @@ import pytest
 from rich.console import Console
 
 from dyntie_cli.app import app, reflow
-from dyntie_cli.backbones.glue_data import get_task, load_glue_splits, read_glue_tsv
+from dyntie_cli.backbones.glue_splits import load_glue_splits, read_glue_tsv
+from dyntie_cli.backbones.glue_tasks import get_task
 from dyntie_cli.report.tables import render
 from dyntie_cli.results.queries import QUERIES, run_query
 from dyntie_cli.runner import ProgressView

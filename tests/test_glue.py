@@ -10,18 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dyntie_cli.backbones import glue_data
 from dyntie_cli.backbones.bert_glue import PRESETS, GlueBackbone
-from dyntie_cli.backbones.glue_data import (
-    TASKS,
-    GlueData,
-    get_task,
-    get_wordpiece,
-    hold_out,
-    load_glue_data,
-    read_glue_tsv,
-)
+from dyntie_cli.backbones.glue_data import GlueData, load_glue_data
+from dyntie_cli.backbones.glue_splits import find_task_folder, hold_out, read_glue_tsv
+from dyntie_cli.backbones.glue_tasks import TASKS, get_task
 from dyntie_cli.backbones.metrics import f1_binary, matthews_corrcoef, pearson, spearman
+from dyntie_cli.backbones.wordpiece import get_wordpiece
 from dyntie_cli.errors import DyntieError, UsageError
 from dyntie_cli.settings import RunSettings, resolve
 from tests.conftest import SHARED, invoke
@@ -93,7 +87,7 @@ def test_a_file_with_many_unreadable_rows_is_rejected(tmp_path):
 @pytest.mark.parametrize("task", sorted(GLUE_ROWS))
 def test_real_glue_files_parse_to_their_documented_row_counts(task):
     t = get_task(task)
-    folder = glue_data.find_task_folder(GLUE, t)
+    folder = find_task_folder(GLUE, t)
     counts = []
     for name in ("train.tsv", t.dev_file):
         examples, bad = read_glue_tsv(folder / name, t)

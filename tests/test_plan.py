@@ -11,7 +11,7 @@ import torch
 
 from dyntie_cli.commands.options import TrainingOptions
 from dyntie_cli.core import plan as planner
-from dyntie_cli.core.lazy import build_lazily
+from dyntie_cli.core.lazy_build import build_lazily
 from dyntie_cli.core.ties import TieManager
 from dyntie_cli.runner import new_settings
 from tests.conftest import invoke

@@ -35,8 +35,10 @@ from dyntie_cli.results.db import (
     resolve_db_path,
     schema_version,
 )
+from dyntie_cli.results.liveness import mark_stale_runs
+from dyntie_cli.results.merge import merge_registries
 from dyntie_cli.results.queries import QUERIES, REPORT_TABLES, run_query
-from dyntie_cli.results.writer import RunWriter, mark_stale_runs
+from dyntie_cli.results.writer import RunWriter
 
 EXPECTED_COLUMNS = {
     "runs": {
@@ -517,6 +519,25 @@ def test_runs_of_dead_processes_are_marked_killed(tmp_path):
     with connect(db) as con:
         assert con.execute("SELECT status FROM runs WHERE run_id = 'dead'").fetchone()[0] == "killed"
         assert mark_stale_runs(con) == []
+
+
+def test_a_run_whose_process_lives_on_this_host_is_neither_resumed_nor_merged(tmp_path):
+    db = tmp_path / "r.duckdb"
+    started_writer(db, run_id="live")
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as other:
+        try:
+            with connect(db) as con:
+                con.execute("UPDATE runs SET pid = ? WHERE run_id = 'live'", [other.pid])
+            with pytest.raises(DyntieError, match="still running"):
+                RunWriter(db, flush_every_s=3600).resume("live")
+            with pytest.raises(DyntieError, match="still training"):
+                merge_registries([db], tmp_path / "merged.duckdb")
+        finally:
+            other.kill()
+    resumed = RunWriter(db, flush_every_s=3600)
+    resumed.resume("live")  # once its process has ended, both work
+    resumed.finish()
+    assert merge_registries([db], tmp_path / "merged.duckdb").copied == ["live"]
 
 
 # --- report queries on a synthetic registry ---------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import math
+import pickle
 import struct
 import tarfile
 from pathlib import Path
@@ -13,15 +14,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision.datasets.cifar
 
-from dyntie_cli.backbones.image_data import (
-    Augment,
-    ImageData,
-    Split,
-    augment_batch,
-    complete_splits,
-    load_image_data,
-)
+from dyntie_cli.backbones.image_augment import Augment, augment_batch
+from dyntie_cli.backbones.image_data import ImageData, complete_splits, load_image_data
+from dyntie_cli.backbones.image_datasets import Split
 from dyntie_cli.backbones.vit import PRESETS, ViTBackbone, auto_patch_size
 from dyntie_cli.errors import DyntieError
 from dyntie_cli.settings import resolve
@@ -214,6 +211,51 @@ def test_cifar_style_tars_of_class_folders_are_decoded_and_cached(tmp_path, dynt
     assert len(cached) >= 2
     again = _load("cifar10", tmp_path)
     assert torch.equal(again.splits["test"].images, data.splits["test"].images)
+
+
+def _cifar_batches(folder: Path, per_batch: int) -> tuple[dict[str, np.ndarray], dict[str, list[int]]]:
+    """Files in the layout of cifar-10-batches-py, with random pixels in the files' CHW row layout."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    data, labels = {}, {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data[name] = rng.integers(0, 256, (per_batch, 3 * 32 * 32), dtype=np.uint8)
+        labels[name] = [int(v) for v in rng.integers(0, 10, per_batch)]
+        (folder / name).write_bytes(pickle.dumps({"data": data[name], "labels": labels[name]}, protocol=2))
+    meta = {"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return data, labels
+
+
+def test_cifar10_python_batches_are_read_by_torchvision_and_checked(tmp_path, monkeypatch):
+    data, labels = _cifar_batches(tmp_path / "cifar-10-batches-py", per_batch=6)
+    # files that are not the published ones are refused: torchvision checks their md5 sums
+    with pytest.raises(DyntieError, match="md5 sums"):
+        _load("cifar10", tmp_path)
+    # past that check (which these random files cannot pass), the images are the files' bytes in CHW
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
+    for data_dir in (tmp_path, tmp_path / "cifar-10-batches-py"):  # the folder above the batches, or theirs
+        loaded = _load("cifar10", data_dir, augment=False)
+        assert loaded.classes[:2] == ["airplane", "automobile"] and len(loaded.splits["test"]) == 6
+        test = {bytes(im.numpy()): int(y) for im, y in zip(loaded.splits["test"].images, loaded.splits["test"].labels)}
+        assert test == {bytes(row.reshape(3, 32, 32)): y for row, y in zip(data["test_batch"], labels["test_batch"])}
+        assert sum(len(loaded.splits[s]) for s in ("train", "validation")) == 30
+
+
+def test_class_folders_are_decoded_in_path_order(tmp_path, dyntie_cache):
+    from dyntie_cli.backbones.image_files import decode_class_images
+
+    shades = {"cat/b.png": 10, "cat/a/x.png": 20, "cat/a.png": 30, "cat/a/b/y.gif": 40, "dog/z.png": 50}
+    for name, shade in shades.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_png((shade, shade, shade)))
+    (tmp_path / "empty").mkdir()  # no images: no class
+    (tmp_path / "stray.png").write_bytes(_png((0, 0, 0)))  # not in a class folder: not an image of the set
+    images, labels, classes = decode_class_images(tmp_path, 0, "RGB", None)
+    # a sub-folder sorts where its name does (cat/a/ before cat/a.png), not after the folder's own files
+    assert images[:, 0, 0, 0].tolist() == [40, 20, 30, 10, 50]
+    assert classes == ["cat", "dog"] and labels.tolist() == [0, 0, 0, 0, 1]
 
 
 def test_imagefolder_flat_classes_resizing_and_mixed_sizes(tmp_path):

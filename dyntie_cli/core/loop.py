@@ -29,7 +29,7 @@ from . import checkpoint as ckpt
 from .checkpoint import LoopState
 from .decisions import TieDecisions
 from .distributed import Group
-from .lazy import BuildReport, build_lazily
+from .lazy_build import BuildReport, build_lazily
 from .memory import MemoryProbe, base_bytes, gradient_bytes, release_memory_at_once, trainable_parameters
 from .plan import DoesNotFit, MemoryPlan, measure_on, model_counts, near_limit, plan_memory
 from .policies import DynamicPolicy, Policy, make_policy

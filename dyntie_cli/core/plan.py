@@ -34,7 +34,7 @@ from torch import nn
 
 from ..errors import DyntieError
 from ..settings import RunSettings
-from .lazy import build_lazily
+from .lazy_build import build_lazily
 from .memory import current_rss_bytes, release_freed_memory
 from .ties import TieManager, independent_count
 

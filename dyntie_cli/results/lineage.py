@@ -13,7 +13,7 @@ import duckdb
 
 from ..errors import DyntieError
 from .db import read_registry, resolve_run_id
-from .writer import stale_reason
+from .liveness import stale_reason
 
 
 @dataclass

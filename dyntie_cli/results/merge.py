@@ -9,7 +9,6 @@ for another run is refused, as is a source with a run still training on this mac
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +16,8 @@ import duckdb
 
 from dyntie_cli.errors import DyntieError
 from dyntie_cli.results.db import connect, read_registry, transaction
-from dyntie_cli.results.writer import ROW_COLUMNS, pid_alive
+from dyntie_cli.results.liveness import running_here
+from dyntie_cli.results.writer import ROW_COLUMNS
 
 ROW_TABLES = tuple(ROW_COLUMNS)  # metrics, memory, ties, decisions
 
@@ -65,7 +65,7 @@ def _merge_one(con: duckdb.DuckDBPyConnection, schema: str, source: Path, report
     new: list[str] = []
     for run_id, run in _runs(con, schema).items():
         started, config, status, pid, host = run[:5]
-        if status == "running" and host == socket.gethostname() and pid is not None and pid_alive(int(pid)):
+        if running_here(status, pid, host):
             raise DyntieError(f"Run {run_id} in {source} is still training; merge once it has ended.")
         if run_id in have:
             if have[run_id][:2] != (started, config):

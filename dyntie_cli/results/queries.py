@@ -22,7 +22,7 @@ import duckdb
 from dyntie_cli.errors import UsageError
 from dyntie_cli.lazy_import import pandas as pd
 from dyntie_cli.results.db import IN_RUNS, RUN_ORDER, read_registry, resolve_run_ids
-from dyntie_cli.results.writer import stale_reason
+from dyntie_cli.results.liveness import stale_reason
 
 Builder = Callable[[duckdb.DuckDBPyConnection, list[str]], "pd.DataFrame"]
 

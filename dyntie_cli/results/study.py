@@ -25,7 +25,7 @@ import duckdb
 from dyntie_cli.errors import DyntieError, UsageError
 from dyntie_cli.lazy_import import pandas as pd
 from dyntie_cli.results.db import IN_RUNS, read_registry
-from dyntie_cli.results.writer import stale_reason
+from dyntie_cli.results.liveness import stale_reason
 from dyntie_cli.settings import VARIANTS
 
 COLUMNS = ["study", "variant", "seeds", "metric", "mean", "std", "min", "max", "per seed", "mean / no-tying",

@@ -8,7 +8,6 @@ can use the same file while this one trains. A run that dies loses at most the r
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import secrets
@@ -33,6 +32,7 @@ from dyntie_cli.results.db import (
     transaction,
     utc_now,
 )
+from dyntie_cli.results.liveness import mark_stale_runs, running_here
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -87,59 +87,6 @@ def _opt_int(value: Any) -> int | None:
 def _int_list(values: Iterable[Any]) -> list[int]:
     # Accepts lists, tuples, numpy arrays and torch tensors alike.
     return [int(v) for v in values]
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this host (a zombie counts as ended)."""
-    if pid <= 0:
-        return False
-    if os.name != "posix":
-        # Signal 0 is not a probe on Windows; assume alive rather than mark a live run killed.
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
-
-
-def stale_reason(status: str | None, pid: Any, host: str | None) -> str | None:
-    """Why a ``running`` run of this host is not running any more (its process is gone), else None."""
-    if status != "running" or host != socket.gethostname() or pid is None or _is_nan(pid):
-        return None
-    if pid_alive(int(pid)):
-        return None
-    return f"process {int(pid)} on {host} ended without finishing the run"
-
-
-def _is_nan(value: Any) -> bool:
-    return isinstance(value, float) and math.isnan(value)
-
-
-def mark_stale_runs(con: duckdb.DuckDBPyConnection) -> list[str]:
-    """Mark ``running`` runs of this host whose process is gone as ``killed``; returns their ids. A writer does
-    this when it starts or resumes a run (reads only show such runs as killed).
-
-    Their ``ended_at`` is the last successful flush (the heartbeat), the best estimate of when they stopped.
-    """
-    rows = con.execute("SELECT run_id, status, pid, host FROM runs WHERE status = 'running'").fetchall()
-    stale = [(run_id, reason) for run_id, status, pid, host in rows if (reason := stale_reason(status, pid, host))]
-    for run_id, reason in stale:
-        con.execute(
-            """
-            UPDATE runs SET status = 'killed', ended_at = coalesce(heartbeat_at, ?),
-                error = coalesce(error, ?)
-            WHERE run_id = ? AND status = 'running'
-            """,
-            [utc_now(), reason, run_id],
-        )
-    return [run_id for run_id, _ in stale]
 
 
 @dataclass
@@ -257,8 +204,7 @@ class RunWriter:
             status, pid, host = con.execute(
                 "SELECT status, pid, host FROM runs WHERE run_id = ?", [full_id]
             ).fetchone()
-            alive_elsewhere = pid not in (None, os.getpid()) and pid_alive(int(pid))
-            if status == "running" and host == socket.gethostname() and alive_elsewhere:
+            if pid != os.getpid() and running_here(status, pid, host):
                 raise DyntieError(f"Run '{full_id}' is still running (pid {pid}); stop it before resuming.")
             con.execute(
                 """

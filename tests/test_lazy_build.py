@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dyntie_cli.commands.options import TrainingOptions
-from dyntie_cli.core.lazy import build_lazily
+from dyntie_cli.core.lazy_build import build_lazily
 from dyntie_cli.core.memory import parameter_bytes
 from dyntie_cli.core.ties import TieManager
 from dyntie_cli.runner import new_settings
