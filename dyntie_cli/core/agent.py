@@ -56,9 +56,7 @@ lower-triangular one-hot of each row's target (L(L+1)/2 numbers).
 
 from __future__ import annotations
 
-import math
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -66,6 +64,7 @@ from torch import nn
 
 from ..errors import DyntieError
 from ..settings import AgentSettings
+from .policy_types import Decision, RewardShaper
 from .ties import transition, validate_state
 
 
@@ -83,22 +82,6 @@ def greedy_moves(state: list[int], greedy: list[int], keep: list[int]) -> int:
             alone[i] = greedy[i]
             moves += transition(state, alone) != list(state)
     return moves
-
-
-@dataclass
-class Decision:
-    """One decision: the action taken and what the agent saw when taking it."""
-
-    action: list[int]
-    greedy: list[int]
-    explored: bool | None  # None: no agent took this decision (a fixed or replayed schedule)
-    epsilon: float | None
-    q_spread: float
-    greedy_agreement: float | None
-    extra: dict[str, Any] = field(default_factory=dict)
-    #: rows whose greedy choice (the Q-network's, keep bonus and keep_trained applied) would change their tie;
-    #: None: no Q-network chose (a fixed or replayed schedule)
-    greedy_moves: int | None = None
 
 
 class QNetwork(nn.Module):
@@ -400,30 +383,6 @@ def make_qnetwork(num_blocks: int, cfg: AgentSettings) -> nn.Module:
     if cfg.qnet == "advantage":
         return AdvantageQNetwork(cfg)
     return SharedQNetwork(cfg) if cfg.qnet == "shared" else QNetwork(num_blocks, cfg)
-
-
-class RewardShaper:
-    """The reward from a fresh batch's perplexity (after the tie change), as ``AgentSettings.reward`` says."""
-
-    def __init__(self, cfg: AgentSettings, num_blocks: int) -> None:
-        self.cfg = cfg
-        self.num_blocks = num_blocks
-        self.reward_ref: float | None = None  # running reference log-PPL of the "relative" reward
-
-    def shape(self, ppl: float, independent: int) -> float:
-        kind = self.cfg.reward
-        if kind == "neg-ppl":
-            r = -ppl
-        elif kind == "neg-log-ppl":
-            r = -math.log(ppl)
-        else:  # relative
-            # -log PPL relative to a running reference: the perplexity falls all through training, so the
-            # raw reward drifts; relative to its own recent level it measures what the tie change did.
-            log_ppl = math.log(ppl)
-            ref = self.reward_ref if self.reward_ref is not None else log_ppl
-            r = ref - log_ppl
-            self.reward_ref = self.cfg.reward_ema * ref + (1 - self.cfg.reward_ema) * log_ppl
-        return r - self.cfg.param_penalty * independent / self.num_blocks
 
 
 def _replay_entry(state, action, reward, next_state, progress, next_progress, mask) -> tuple:
