@@ -1,58 +1,6 @@
-"""The Q-learning agent (docs/method.md).
-
-The Q-network maps an encoding of the tie state ``s`` to the L(L+1)/2 entries of a lower-triangular L x L
-matrix: row i scores the i+1 choices for block i (``j == i``: independent, ``j < i``: use block j's weights).
-``Q(s, a)`` is the mean over rows of the chosen entries; the TD target is
-``y = r + gamma * mean_i max_{j<=i} Q(s')[i, j]`` (``td_target=max``; the default values s' at the action it
-would take there instead, ``td_target=greedy``) and the loss is MSE(Q(s, a), y).
-
-Two named settings:
-
-* ``paper`` -- exactly the paper's agent: one transition, one optimizer step per decision, per-row
-  epsilon-greedy over all rows, epsilon x0.95 per decision from 1.0 with floor 0.1, no replay, no target net.
-* ``default`` -- the same Q-function, the greedy TD target, plus what the short-run agent study found to matter
-  (docs/studies.md): a replay buffer with several minibatch updates per decision, a target network,
-  exploration that decays over the first 30% of the run to 0.02, a strong bias toward keeping a block's
-  current tie (an exploring row keeps it with p=0.95; greedily, a row moves only if that gains more than
-  ``keep_bonus`` = 2.0 in Q units), where keeping means following the block before when both share a root,
-  so untying block i splits its group at i and groups stay runs of consecutive blocks; an exploring row that
-  does not keep makes such a local move (untie, or join the group before); the greedy choice never ties a block
-  that trains (``keep_trained``: only exploration or the budget can); at most 8 independent blocks;
-  the reward scored on the k training batches that follow a change (no extra forward pass), and training
-  progress as an extra input. In runs of a few hundred steps, churn -- tying a block that has trained,
-  re-targeting tied blocks -- and scattered layouts cost more than any choice the agent could learn.
-
-``use_q=false`` (the variant ``q-off``) ablates the Q-network and keeps the rest: the greedy choice of every row
-is its keep entry, so the agent moves only by exploration (keep bias, local moves, the same schedule and the same
-random draws) and the budget; the network is still trained on every transition, so the random draws of its
-minibatches are the default's too. Given the same states, it takes the default's action wherever the default's
-greedy choice keeps (and the budget has no choice to rank by value).
-
-Three Q-networks (``qnet``). ``matrix`` (above) maps the whole state to the L(L+1)/2 outputs: its size grows with
-L squared and each decision trains it on one transition. ``shared`` scores every entry (i, j) with one small
-network, the same weights for every row, from features that mean the same at any depth (``SHARED_FEATURES``):
-its parameter count does not depend on L, one network applies to 12 and 48 blocks, and each decision gives L
-training rows -- every row's chosen entry is regressed toward the transition's target,
-``mean_i (Q[i, a_i] - y)^2``, instead of their mean (``Q(s, a)``, still the mean over rows of the chosen
-entries, is what the agent predicts and the TD target is built from, as with ``matrix``).
-
-``advantage`` is the shared network built to move a row only on evidence (``AdvantageQNetwork``): a least-squares
-state value plus each entry's advantage over keeping, zero until learned, in bootstrap heads whose mean advantage less
-two standard deviations is what the agent acts on; trained through ``Q(s, a)`` as ``matrix``. Untrained, it takes
-``q-off``'s actions exactly.
-
-``greedy_scope=local`` restricts each row's greedy choice to the moves local exploration makes (keep its tie,
-untie, join the group before), so greedy moves, like exploring ones, keep groups runs of consecutive blocks; the
-``shared`` preset sets it with no keep bonus, so the learned values decide when and where a tied block unties.
-
-Warm starts (``warm_from``, ``warm_weights``): before its first decision the agent can start from another
-run's trained network (read from that run's checkpoint) and train ``warm_updates`` minibatches on the recorded
-transitions of earlier runs (``warm_start``); the run's own replay buffer still starts empty, so its minibatch
-draws are those of a cold agent.
-
-Encodings (``encoding``): ``normalized`` feeds ``s[i] / (L - 1)`` (L numbers); ``onehot`` feeds the
-lower-triangular one-hot of each row's target (L(L+1)/2 numbers).
-"""
+"""The Q-learning agent (docs/method.md, the agent section): epsilon-greedy tie actions with the keep bias and the
+independent-block budget, replay, TD targets, warm starts from earlier runs, and an exact ``state_dict``. The
+networks it learns with, and all that differs between them, are in ``qnets.py``."""
 
 from __future__ import annotations
 

@@ -19,7 +19,6 @@ def tril_index(num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tril_indices(num_blocks, num_blocks)
 
 
-
 def _above(L: int, device: torch.device) -> torch.Tensor:
     """[L, L]: the entries above the diagonal (no row may choose a later block)."""
     return torch.ones(L, L, dtype=torch.bool, device=device).triu(1)
@@ -63,6 +62,7 @@ class BaseQNetwork(nn.Module):
 
     @classmethod
     def from_settings(cls, num_blocks: int, cfg: AgentSettings) -> BaseQNetwork:
+        """The network of an agent of ``num_blocks`` blocks (a network of ``any_depth`` needs only ``cfg``)."""
         return cls(cfg)
 
     def q_taken(self, states: torch.Tensor, progress: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -70,6 +70,7 @@ class BaseQNetwork(nn.Module):
         raise NotImplementedError
 
     def values(self, states: torch.Tensor, progress: torch.Tensor) -> QValues:
+        """One forward pass; one estimate of Q is what the agent acts on, ranks by and values s' by."""
         q = self(states, progress)
         return QValues(q, q, q)
 
