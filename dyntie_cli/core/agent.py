@@ -75,16 +75,16 @@ class QAgent:
         self.shaper = RewardShaper(cfg, num_blocks)
         # which heads learn from a transition (a network with several): drawn from a stream of their own, so the
         # draws that act are those of q-off and of a one-head agent
-        self.heads = self.q.heads
         self.bootstrap = torch.Generator().manual_seed(cfg.seed + 104_729)
 
     def _mask(self, generator: torch.Generator) -> torch.Tensor:
         """Which heads learn from a new transition: each with probability 1/2, at least one."""
-        if self.heads == 1:
+        heads = self.q.heads
+        if heads == 1:
             return torch.ones(1)
-        mask = (torch.rand(self.heads, generator=generator) < 0.5).float()
+        mask = (torch.rand(heads, generator=generator) < 0.5).float()
         if not mask.any():
-            mask[int(torch.randint(0, self.heads, (1,), generator=generator))] = 1.0
+            mask[int(torch.randint(0, heads, (1,), generator=generator))] = 1.0
         return mask
 
     # -- acting ------------------------------------------------------------------------------------
@@ -182,8 +182,8 @@ class QAgent:
         return greedy
 
     def _state_values(self, state: list[int], progress: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One state's Q matrix acted on [L, L] and the values the budget ranks its refusals by
-        (``QValues``), from one pass of the network."""
+        """One state's Q matrix acted on [L, L] and the values the budget ranks its refusals by (``QValues``), from
+        one pass of the network."""
         with torch.no_grad():
             values = self.q.values(torch.tensor([state]), torch.tensor([progress]))
         return values.acting[0], values.ranking[0]
