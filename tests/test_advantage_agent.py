@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from dyntie_cli.core.agent import VALUE_KNOTS, AdvantageQNetwork, QAgent
+from dyntie_cli.core.agent import QAgent
+from dyntie_cli.core.qnets import VALUE_KNOTS, AdvantageQNetwork
 from dyntie_cli.core.ties import all_tied, independent_count, transition
 from dyntie_cli.settings import AgentSettings
 from tests.conftest import rows

@@ -5,14 +5,16 @@ from __future__ import annotations
 import itertools
 import pickle
 import random
+import typing
 
 import pytest
 import torch
 
 from dyntie_cli.core.agent import QAgent
+from dyntie_cli.core.qnets import QNETWORKS, BaseQNetwork, make_qnetwork
 from dyntie_cli.core.ties import all_tied, canonicalize, independent_count, transition
 from dyntie_cli.errors import DyntieError
-from dyntie_cli.settings import AgentSettings
+from dyntie_cli.settings import AgentSettings, QNet
 
 L = 6
 
@@ -20,6 +22,11 @@ L = 6
 def _costs(seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.rand(i + 1, generator=g).tolist() for i in range(L)]
+
+
+def _act_on(monkeypatch, agent, q):
+    """The agent acts on the values ``q`` [L, L] in every state, and its budget ranks by them."""
+    monkeypatch.setattr(agent, "_state_values", lambda state, progress=0.0: (q.clone(),) * 2)
 
 
 def _run(agent, costs, decisions, progress=False):
@@ -178,7 +185,7 @@ def test_max_independent_refuses_new_blocks_before_dropping_trained_ones(monkeyp
     for i in range(L):
         q[i, :i] = 0.0
         q[i, i] = 1.0 + 0.1 * i  # every row would rather be independent; block 1 the least
-    monkeypatch.setattr(agent, "q_matrix", lambda state, progress=0.0: q.clone())
+    _act_on(monkeypatch, agent, q)
     state = [0, 1, 0, 0, 0, 0]
     assert transition(state, agent.act(state, greedy_only=True).action) == state
 
@@ -231,7 +238,7 @@ def test_keep_bonus_protects_current_ties_as_scoped(monkeypatch, scope):
     q[1, 0], q[1, 1] = 0.0, 0.3  # block 1 is tied to 0; untying it looks a little better
     q[2, 2], q[2, 0] = 0.0, 0.3  # block 2 is independent; tying it to 0 looks a little better
     q[3, 3], q[3, 0] = 0.0, 0.9  # block 3 is independent; tying it looks much better
-    monkeypatch.setattr(agent, "q_matrix", lambda state, progress=0.0: q.clone())
+    _act_on(monkeypatch, agent, q)
     action = agent.act([0, 0, 2, 3], greedy_only=True).action
     assert action[2] == 2 and action[3] == 0  # a small gain never discards weights; a large one does
     assert action[1] == (0 if scope == "all" else 1)
@@ -247,14 +254,14 @@ def test_keep_trained_greedy_never_ties_a_training_block(monkeypatch):
     q[1, 1] = 5.0  # tied block 1: untying it looks better
     q[2, 0] = 9.0  # independent block 2: tying it looks far better
     q[3, 2] = 9.0  # independent block 3 likewise
-    monkeypatch.setattr(agent, "q_matrix", lambda state, progress=0.0: q.clone())
+    _act_on(monkeypatch, agent, q)
     dec = agent.act([0, 0, 2, 3], greedy_only=True)
     assert dec.action == [0, 1, 2, 3] and dec.greedy == [0, 1, 2, 3]
     explorer = QAgent(4, AgentSettings.from_preset("default", keep_trained=True, keep_bias=0.0, epsilon=1.0))
     assert any(explorer.act([0, 0, 2, 3]).action[2] != 2 for _ in range(50))
     # the budget still binds: with room for 2 independent blocks, one of the three trained ones is tied
     capped = QAgent(4, AgentSettings.from_preset("default", keep_trained=True, max_independent=2, epsilon=0.0, epsilon_min=0.0))
-    monkeypatch.setattr(capped, "q_matrix", lambda state, progress=0.0: q.clone())
+    _act_on(monkeypatch, capped, q)
     assert independent_count(transition([0, 1, 2, 3], capped.act([0, 1, 2, 3], greedy_only=True).action)) == 2
 
 
@@ -321,8 +328,50 @@ def test_local_greedy_scope_chooses_only_keep_untie_or_the_block_before(monkeypa
     for scope in ("any", "local"):
         agent = QAgent(6, AgentSettings.from_preset("default", greedy_scope=scope, keep_bonus=0.0, epsilon=0.0,
                                                     epsilon_min=0.0))
-        monkeypatch.setattr(agent, "q_matrix", lambda s, progress=0.0: q.clone())
+        _act_on(monkeypatch, agent, q)
         picks[scope] = agent.act(state, greedy_only=True).greedy
     assert picks["any"][5] == 0 and picks["any"][4] == 4
     assert picks["local"][5] in (4, 5) and picks["local"][4] == 4
     assert transition(state, picks["local"]) == [0, 0, 0, 3, 4, 4]
+
+
+def test_every_qnet_setting_has_its_network():
+    assert set(QNETWORKS) == set(typing.get_args(QNet))
+    for name, cls in QNETWORKS.items():
+        assert type(make_qnetwork(L, AgentSettings.from_preset("default", qnet=name))) is cls
+
+
+class _TableQNetwork(BaseQNetwork):
+    """A Q-network the agent has never heard of: one learned value per entry (i, j), whatever the state."""
+
+    def __init__(self, cfg: AgentSettings) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.zeros(L, L))
+
+    def forward(self, states, progress):
+        above = torch.ones(L, L, dtype=torch.bool).triu(1)
+        return self.table.masked_fill(above, float("-inf")).expand(states.shape[0], L, L)
+
+    def q_taken(self, states, progress, actions):
+        return self.table[torch.arange(L), actions]
+
+
+def test_a_registered_network_drives_the_agent_with_no_change_to_it(monkeypatch):
+    """The agent asks the network for everything that differs between networks: a new class under a new
+    agent.qnet value acts, learns and round-trips its state."""
+    monkeypatch.setitem(QNETWORKS, "table", _TableQNetwork)
+    cfg = AgentSettings.from_preset("default", seed=1, gamma=0.0, max_independent=0).model_copy(
+        update={"qnet": "table"})
+    agent = QAgent(L, cfg, total_decisions=20)
+    assert isinstance(agent.q, _TableQNetwork) and isinstance(agent.target, _TableQNetwork)
+    s = all_tied(L)
+    for _ in range(20):
+        a = agent.act(s).action
+        s2 = transition(s, a)
+        agent.update(s, a, 1.0, s2)
+        s = s2
+    taken = agent.q.table.detach()[torch.arange(L), torch.tensor(a)]
+    assert (taken > 0.001).all()  # a reward of 1 with gamma 0 pulled the chosen entries up from 0
+    twin = QAgent(L, cfg, total_decisions=20)
+    twin.load_state_dict(pickle.loads(pickle.dumps(agent.state_dict())))
+    assert torch.equal(twin.q.table, agent.q.table) and twin.act(s, 0.5) == agent.act(s, 0.5)

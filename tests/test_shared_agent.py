@@ -10,7 +10,8 @@ import signal
 import pytest
 import torch
 
-from dyntie_cli.core.agent import SHARED_FEATURES, QAgent, SharedQNetwork, greedy_moves
+from dyntie_cli.core.agent import QAgent, greedy_moves
+from dyntie_cli.core.qnets import SHARED_FEATURES, SharedQNetwork
 from dyntie_cli.core.ties import all_tied, canonicalize, independent_count, transition
 from dyntie_cli.errors import DyntieError
 from dyntie_cli.settings import AgentSettings

@@ -1,76 +1,19 @@
-"""The Q-learning agent (docs/method.md).
-
-The Q-network maps an encoding of the tie state ``s`` to the L(L+1)/2 entries of a lower-triangular L x L
-matrix: row i scores the i+1 choices for block i (``j == i``: independent, ``j < i``: use block j's weights).
-``Q(s, a)`` is the mean over rows of the chosen entries; the TD target is
-``y = r + gamma * mean_i max_{j<=i} Q(s')[i, j]`` (``td_target=max``; the default values s' at the action it
-would take there instead, ``td_target=greedy``) and the loss is MSE(Q(s, a), y).
-
-Two named settings:
-
-* ``paper`` -- exactly the paper's agent: one transition, one optimizer step per decision, per-row
-  epsilon-greedy over all rows, epsilon x0.95 per decision from 1.0 with floor 0.1, no replay, no target net.
-* ``default`` -- the same Q-function, the greedy TD target, plus what the short-run agent study found to matter
-  (docs/studies.md): a replay buffer with several minibatch updates per decision, a target network,
-  exploration that decays over the first 30% of the run to 0.02, a strong bias toward keeping a block's
-  current tie (an exploring row keeps it with p=0.95; greedily, a row moves only if that gains more than
-  ``keep_bonus`` = 2.0 in Q units), where keeping means following the block before when both share a root,
-  so untying block i splits its group at i and groups stay runs of consecutive blocks; an exploring row that
-  does not keep makes such a local move (untie, or join the group before); the greedy choice never ties a block
-  that trains (``keep_trained``: only exploration or the budget can); at most 8 independent blocks;
-  the reward scored on the k training batches that follow a change (no extra forward pass), and training
-  progress as an extra input. In runs of a few hundred steps, churn -- tying a block that has trained,
-  re-targeting tied blocks -- and scattered layouts cost more than any choice the agent could learn.
-
-``use_q=false`` (the variant ``q-off``) ablates the Q-network and keeps the rest: the greedy choice of every row
-is its keep entry, so the agent moves only by exploration (keep bias, local moves, the same schedule and the same
-random draws) and the budget; the network is still trained on every transition, so the random draws of its
-minibatches are the default's too. Given the same states, it takes the default's action wherever the default's
-greedy choice keeps (and the budget has no choice to rank by value).
-
-Three Q-networks (``qnet``). ``matrix`` (above) maps the whole state to the L(L+1)/2 outputs: its size grows with
-L squared and each decision trains it on one transition. ``shared`` scores every entry (i, j) with one small
-network, the same weights for every row, from features that mean the same at any depth (``SHARED_FEATURES``):
-its parameter count does not depend on L, one network applies to 12 and 48 blocks, and each decision gives L
-training rows -- every row's chosen entry is regressed toward the transition's target,
-``mean_i (Q[i, a_i] - y)^2``, instead of their mean (``Q(s, a)``, still the mean over rows of the chosen
-entries, is what the agent predicts and the TD target is built from, as with ``matrix``).
-
-``advantage`` is the shared network built to move a row only on evidence (``AdvantageQNetwork``): a least-squares
-state value plus each entry's advantage over keeping, zero until learned, in bootstrap heads whose mean advantage less
-two standard deviations is what the agent acts on; trained through ``Q(s, a)`` as ``matrix``. Untrained, it takes
-``q-off``'s actions exactly.
-
-``greedy_scope=local`` restricts each row's greedy choice to the moves local exploration makes (keep its tie,
-untie, join the group before), so greedy moves, like exploring ones, keep groups runs of consecutive blocks; the
-``shared`` preset sets it with no keep bonus, so the learned values decide when and where a tied block unties.
-
-Warm starts (``warm_from``, ``warm_weights``): before its first decision the agent can start from another
-run's trained network (read from that run's checkpoint) and train ``warm_updates`` minibatches on the recorded
-transitions of earlier runs (``warm_start``); the run's own replay buffer still starts empty, so its minibatch
-draws are those of a cold agent.
-
-Encodings (``encoding``): ``normalized`` feeds ``s[i] / (L - 1)`` (L numbers); ``onehot`` feeds the
-lower-triangular one-hot of each row's target (L(L+1)/2 numbers).
-"""
+"""The Q-learning agent (docs/method.md, the agent section): epsilon-greedy tie actions with the keep bias and the
+independent-block budget, replay, TD targets, warm starts from earlier runs, and an exact ``state_dict``. The
+networks it learns with, and all that differs between them, are in ``qnets.py``."""
 
 from __future__ import annotations
 
-import math
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..errors import DyntieError
 from ..settings import AgentSettings
+from .policy_types import Decision, RewardShaper
+from .qnets import BaseQNetwork, keep_entries, make_qnetwork
 from .ties import transition, validate_state
-
-
-def tril_index(num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.tril_indices(num_blocks, num_blocks)
 
 
 def greedy_moves(state: list[int], greedy: list[int], keep: list[int]) -> int:
@@ -85,308 +28,6 @@ def greedy_moves(state: list[int], greedy: list[int], keep: list[int]) -> int:
     return moves
 
 
-@dataclass
-class Decision:
-    """One decision: the action taken and what the agent saw when taking it."""
-
-    action: list[int]
-    greedy: list[int]
-    explored: bool | None  # None: no agent took this decision (a fixed or replayed schedule)
-    epsilon: float | None
-    q_spread: float
-    greedy_agreement: float | None
-    extra: dict[str, Any] = field(default_factory=dict)
-    #: rows whose greedy choice (the Q-network's, keep bonus and keep_trained applied) would change their tie;
-    #: None: no Q-network chose (a fixed or replayed schedule)
-    greedy_moves: int | None = None
-
-
-class QNetwork(nn.Module):
-    def __init__(self, num_blocks: int, cfg: AgentSettings) -> None:
-        super().__init__()
-        self.num_blocks = num_blocks
-        self.encoding = cfg.encoding
-        self.progress_input = cfg.progress_input
-        n_in = num_blocks if cfg.encoding == "normalized" else num_blocks * (num_blocks + 1) // 2
-        n_in += 1 if cfg.progress_input else 0
-        n_out = num_blocks * (num_blocks + 1) // 2
-        self.net = nn.Sequential(
-            nn.Linear(n_in, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.hidden), nn.ReLU(),
-            nn.Linear(cfg.hidden, n_out),
-        )
-        rows, cols = tril_index(num_blocks)
-        self.register_buffer("rows", rows, persistent=False)
-        self.register_buffer("cols", cols, persistent=False)
-        # the outputs are the lower triangle row by row: entry (i, j) is output i(i+1)/2 + j
-        i = torch.arange(num_blocks)
-        self.register_buffer("row_start", i * (i + 1) // 2, persistent=False)
-
-    def encode(self, states: torch.Tensor, progress: torch.Tensor) -> torch.Tensor:
-        """``states``: [B, L] long; ``progress``: [B] float in 0..1."""
-        L = self.num_blocks
-        if self.encoding == "normalized":
-            x = states.float() / max(L - 1, 1)
-        else:  # onehot
-            x = (states[:, self.rows] == self.cols).float()
-        if self.progress_input:
-            x = torch.cat([x, progress.float().unsqueeze(1)], dim=1)
-        return x
-
-    def forward(self, states: torch.Tensor, progress: torch.Tensor) -> torch.Tensor:
-        """Q matrices [B, L, L]; entries above the diagonal (not allowed) are -inf."""
-        flat = self.net(self.encode(states, progress))
-        L = self.num_blocks
-        q = flat.new_full((flat.shape[0], L, L), float("-inf"))
-        q[:, self.rows, self.cols] = flat
-        return q
-
-    def q_taken(self, states: torch.Tensor, progress: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Q of each row's action, [B, L]: the outputs ``forward`` would place at (i, actions[:, i])."""
-        return self.net(self.encode(states, progress)).gather(1, self.row_start + actions)
-
-
-#: the features of entry (i, j) of the shared Q-network, each a function of the state and training progress only
-#: (so a replayed transition and the TD target see what the agent saw), and each meaning the same at any depth
-SHARED_FEATURES: tuple[str, ...] = (
-    "i / (L-1): the block's relative depth",
-    "j / (L-1): the candidate root's relative depth",
-    "(i - j) / (L-1): how far back the candidate is",
-    "j == i: become (or stay) independent",
-    "j == s[i]: keep pointing at the current root",
-    "j == i - 1: follow the block before",
-    "j == the keep entry (keep_target): leave the tie as it is",
-    "s[i] == i: block i trains now",
-    "size of i's group / L",
-    "i's rank within its group / (size - 1)",
-    "s[j] == j: the candidate trains now",
-    "s[j] == s[i]: the candidate is in i's group",
-    "size of j's group / L",
-    "independent blocks / L",
-    "training progress (0 without progress_input)",
-)
-
-
-class SharedQNetwork(nn.Module):
-    """One small network scoring every allowed entry (i, j) of any depth from ``SHARED_FEATURES``; the same
-    weights for every row and every L."""
-
-    def __init__(self, cfg: AgentSettings) -> None:
-        super().__init__()
-        self.keep_target = cfg.keep_target
-        self.progress_input = cfg.progress_input
-        self.net = nn.Sequential(
-            nn.Linear(len(SHARED_FEATURES), cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.hidden), nn.ReLU(),
-            nn.Linear(cfg.hidden, 1),
-        )
-
-    def features(self, states: torch.Tensor, progress: torch.Tensor, i: torch.Tensor, j: torch.Tensor
-                 ) -> torch.Tensor:
-        """``states`` [B, L] long, ``progress`` [B], entries ``(i, j)`` as two [B, N] long tensors (j <= i):
-        their features, [B, N, F]."""
-        B, L = states.shape
-        norm = float(max(L - 1, 1))
-        blocks = torch.arange(L, device=states.device)
-        own = states == blocks  # [B, L]: the blocks that train
-        same = states.unsqueeze(2) == states.unsqueeze(1)  # [B, L, L]: n and m share a root
-        size = same.sum(2).float()  # [B, L]: the size of each block's group
-        rank = (same & (blocks.view(1, 1, L) < blocks.view(1, L, 1))).sum(2).float()  # its members before it
-        keep = _keep_entries(states, self.keep_target)
-
-        def at(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # x [B, L] read at idx [B, N]
-            return x.gather(1, idx)
-
-        root_i, root_j = at(states, i), at(states, j)
-        size_i = at(size, i)
-        frac = (own.sum(1).float() / L).unsqueeze(1).expand_as(i)
-        prog = progress.float() if self.progress_input else torch.zeros(B, device=states.device)
-        feats = [
-            i.float() / norm, j.float() / norm, (i - j).float() / norm, (j == i).float(), (j == root_i).float(),
-            (j == i - 1).float(), (j == at(keep, i)).float(), at(own, i).float(), size_i / L,
-            at(rank, i) / (size_i - 1).clamp(min=1), at(own, j).float(), (root_j == root_i).float(),
-            at(size, j) / L, frac, prog.unsqueeze(1).expand_as(frac),
-        ]
-        return torch.stack(feats, dim=2)
-
-    def forward(self, states: torch.Tensor, progress: torch.Tensor) -> torch.Tensor:
-        """Q matrices [B, L, L]; entries above the diagonal (not allowed) are -inf. Only the lower triangle is
-        scored."""
-        B, L = states.shape
-        rows, cols = tril_index(L)
-        values = self.net(self.features(states, progress, rows.expand(B, -1), cols.expand(B, -1))).squeeze(2)
-        q = values.new_full((B, L, L), float("-inf"))
-        q[:, rows, cols] = values
-        return q
-
-    def q_taken(self, states: torch.Tensor, progress: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Q of each row's action, [B, L]."""
-        rows = torch.arange(states.shape[1]).expand_as(actions)
-        return self.net(self.features(states, progress, rows, actions)).squeeze(2)
-
-
-#: knots of the state value's progress basis: one every 2.5% of training
-VALUE_KNOTS = 41
-#: the inputs of the advantage network's state value, each meaning the same at any depth
-VALUE_FEATURES: tuple[str, ...] = (
-    (f"training progress on a basis of {VALUE_KNOTS} hat functions, one every 2.5% of training (all at 0 "
-     "without progress_input)"),
-    "independent blocks / L",
-)
-
-
-class AdvantageQNetwork(SharedQNetwork):
-    """The shared network as ``heads`` estimates of ``Q_k[i, j] = V_k(s) + A_k(i, j) - A_k(i, keep_i)``: a state
-    value and each entry's advantage over keeping the row's tie.
-
-    * ``A_k`` is the shared entry network (``SHARED_FEATURES``) with one output per head, zero at the start, so an
-      untrained agent values every choice of a row alike and keeps (exactly what ``q-off`` does): a row moves
-      greedily only once the agent has learned an advantage for the move.
-    * ``V_k`` (``VALUE_FEATURES``) carries what every row of a decision shares: the reward's level, which follows
-      training progress far more than any tie does. Its progress basis lets it follow that curve decision by
-      decision, so a transition's reward is credited to the rows that moved only for what V does not explain
-      (trained through ``Q(s, a)``, the mean of the rows' entries, as the matrix network).
-    * The heads learn from different bootstrap draws of the same transitions (``QAgent``), so where they disagree
-      the data does not settle the question. ``forward`` gives the values the agent acts on: the heads' mean less
-      ``confidence`` times their standard deviation, for each entry's advantage; keeping has no spread, so a row
-      moves only where the evidence for the move clears its own uncertainty.
-    """
-
-    def __init__(self, cfg: AgentSettings) -> None:
-        super().__init__(cfg)
-        self.heads, self.confidence = cfg.heads, cfg.confidence
-        self.local = cfg.greedy_scope == "local"
-        self.net[-1] = nn.Linear(cfg.hidden, cfg.heads)
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
-        # V is linear in its features, refit by least squares at every update (``fit_value``), not by gradient:
-        # it must follow a reward level that moves by more than any tie's effect, and a slow V would hand what it
-        # has not caught up with to the advantages of whatever rows moved
-        self.value = nn.Parameter(torch.zeros(cfg.heads, VALUE_KNOTS + 1), requires_grad=False)
-        self.register_buffer("knots", torch.linspace(0, 1, VALUE_KNOTS), persistent=False)
-        # a fixed random network per pair of heads, added to one and subtracted from the other: the heads' mean
-        # advantage starts at exactly 0, their spread is large wherever no transition has pinned them down
-        self.prior_scale = cfg.prior_scale
-        pairs = max(cfg.heads // 2, 1)
-        self.prior = nn.Sequential(
-            nn.Linear(len(SHARED_FEATURES), cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.hidden), nn.ReLU(),
-            nn.Linear(cfg.hidden, pairs),
-        ).requires_grad_(False)
-
-    def _entry_heads(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each head's A(i, j) for entry features [..., F], [..., K]: what it has learned, and that with its prior.
-        The priors cancel in the heads' mean, which is therefore taken over the learned parts alone (exactly 0 before
-        any update, not 0 up to rounding)."""
-        learned = self.net(feats)
-        if not (self.prior_scale and self.heads > 1):
-            return learned, learned
-        p = self.prior(feats)
-        signed = torch.cat([p, -p], dim=-1)[..., : self.heads]
-        if signed.shape[-1] < self.heads:  # an odd head has no prior
-            signed = torch.cat([signed, torch.zeros_like(learned[..., :1])], dim=-1)
-        return learned, learned + self.prior_scale * signed
-
-    def value_features(self, states: torch.Tensor, progress: torch.Tensor) -> torch.Tensor:
-        """[B, VALUE_KNOTS + 1]."""
-        prog = progress.float() if self.progress_input else torch.zeros(states.shape[0], device=states.device)
-        hats = (1 - (prog.unsqueeze(1) - self.knots).abs() * (VALUE_KNOTS - 1)).clamp(min=0)
-        frac = (states == torch.arange(states.shape[1], device=states.device)).float().mean(1, keepdim=True)
-        return torch.cat([hats, frac], dim=1)
-
-    def state_value(self, states: torch.Tensor, progress: torch.Tensor) -> torch.Tensor:
-        """V_k(s), [B, K]."""
-        return self.value_features(states, progress) @ self.value.T
-
-    @torch.no_grad()
-    def fit_value(self, x: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, ridge: float = 1e-3) -> None:
-        """Fit each head's V to ``target`` [N, K] (what the advantages of the taken actions leave of the TD target)
-        on features ``x`` [N, F] of every transition its ``mask`` [N, K] gives it: least squares, with a small ridge
-        for the knots no transition has reached."""
-        eye = torch.eye(x.shape[1])
-        for k in range(self.heads):
-            w = mask[:, k]
-            # the ridge pulls toward the mean target, not toward 0: the hats sum to 1 at any progress, so adding the
-            # mean to every hat's coefficient adds it to V
-            level = (w * target[:, k]).sum() / w.sum().clamp(min=1.0)
-            coef = torch.linalg.solve(x.T @ (w.unsqueeze(1) * x) + ridge * eye, x.T @ (w * (target[:, k] - level)))
-            coef[:VALUE_KNOTS] += level
-            self.value[k] = coef
-
-    def head_values(self, states: torch.Tensor, progress: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every head's Q matrices [B, K, L, L], its advantages over keeping [B, K, L, L], and the heads' mean
-        advantage [B, L, L]. Entries a row may not choose (above the diagonal; with ``greedy_scope=local`` also
-        those beyond keep, untie and join the group before) are -inf in Q and 0 in the advantages."""
-        B, L, K = *states.shape, self.heads
-        keep = _keep_entries(states, self.keep_target)
-        if self.local:
-            # only the entries a row may choose (keep, untie, join the group before) are scored
-            blocks = torch.arange(L, device=states.device).expand(B, L)
-            cols = torch.stack([keep, blocks, (blocks - 1).clamp(min=0)], dim=2)  # [B, L, 3], keep first
-            rows = blocks.unsqueeze(2).expand(B, L, 3)
-            a = torch.cat(self._entry_heads(self.features(states, progress, rows.reshape(B, -1),
-                                                          cols.reshape(B, -1))), dim=-1).view(B, L, 3, 2 * K)
-            adv = torch.zeros(B, L, L, 2 * K, device=states.device).scatter_(
-                2, cols.unsqueeze(3).expand(B, L, 3, 2 * K), a - a[:, :, :1])
-            scored = torch.zeros(B, L, L, dtype=torch.bool, device=states.device).scatter_(2, cols, True)
-        else:
-            rows, cols = tril_index(L)
-            a = states.new_zeros((B, L, L, 2 * K), dtype=torch.float32)
-            a[:, rows, cols] = torch.cat(self._entry_heads(self.features(states, progress, rows.expand(B, -1),
-                                                                         cols.expand(B, -1))), dim=-1)
-            adv = a - a.gather(2, keep.view(B, L, 1, 1).expand(B, L, 1, 2 * K))
-            scored = ~_above(L, states.device).expand(B, L, L)
-        adv = adv.permute(0, 3, 1, 2).masked_fill(~scored.unsqueeze(1), 0.0)  # [B, 2K, L, L]: learned, with prior
-        q = self.state_value(states, progress).view(B, K, 1, 1) + adv[:, K:]
-        return q.masked_fill(~scored.unsqueeze(1), float("-inf")), adv[:, K:], adv[:, :K].mean(1)
-
-    def values(self, states: torch.Tensor, progress: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every head's Q matrices [B, K, L, L]; the values the agent acts on [B, L, L]: mean V plus, for each entry,
-        the heads' mean advantage less ``confidence`` times its standard deviation over heads; and the mean values
-        [B, L, L], no spread taken off, which the budget ranks its refusals by (all alike before any update, so an
-        untrained agent refuses as q-off does). -inf where a row may not choose."""
-        q, adv, mean = self.head_values(states, progress)
-        blocked = torch.isneginf(q[:, 0])
-        ranked = self.state_value(states, progress).mean(1).view(-1, 1, 1) + mean
-        acting = ranked - self.confidence * adv.std(1) if self.heads > 1 and self.confidence else ranked
-        return q, acting.masked_fill(blocked, float("-inf")), ranked.masked_fill(blocked, float("-inf"))
-
-    def forward(self, states: torch.Tensor, progress: torch.Tensor) -> torch.Tensor:
-        """The Q matrices the agent acts on [B, L, L] (``values``)."""
-        return self.values(states, progress)[1]
-
-    def taken_parts(self, states: torch.Tensor, progress: torch.Tensor, actions: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every head's V(s) [B, K] and advantage of each row's action over keeping [B, K, L]."""
-        B, L = actions.shape
-        rows = torch.arange(L).expand_as(actions)
-        keep = _keep_entries(states, self.keep_target)
-        a = self._entry_heads(self.features(states, progress, torch.cat([rows, rows], 1),
-                                            torch.cat([actions, keep], 1)))[1]
-        return self.state_value(states, progress), (a[:, :L] - a[:, L:]).permute(0, 2, 1)
-
-    def q_taken(self, states: torch.Tensor, progress: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Every head's Q of each row's action, [B, K, L]."""
-        value, adv = self.taken_parts(states, progress, actions)
-        return value.unsqueeze(2) + adv
-
-
-def _above(L: int, device: torch.device) -> torch.Tensor:
-    """[L, L]: the entries above the diagonal (no row may choose a later block)."""
-    return torch.ones(L, L, dtype=torch.bool, device=device).triu(1)
-
-
-def _keep_entries(states: torch.Tensor, keep_target: str) -> torch.Tensor:
-    """[B, L]: the action entry that leaves each row's tie as it is (``keep_target``)."""
-    keep = states.clone()
-    if keep_target == "previous":
-        rows = torch.arange(states.shape[1], device=states.device)
-        # a tied row in the same group as the row before it keeps following that row
-        follows = torch.zeros_like(states, dtype=torch.bool)
-        follows[:, 1:] = (states[:, 1:] != rows[1:]) & (states[:, 1:] == states[:, :-1])
-        keep = torch.where(follows, (rows - 1).expand_as(states), keep)
-    return keep
-
-
 def _local_entries(keep: torch.Tensor) -> torch.Tensor:
     """[B, L, L]: the entries a row may choose with ``greedy_scope=local``: its keep entry, untie (j == i) and
     join the group before (j == i - 1) -- the moves an exploring row makes with ``explore_moves=local``."""
@@ -394,36 +35,6 @@ def _local_entries(keep: torch.Tensor) -> torch.Tensor:
     i = torch.arange(L, device=keep.device).view(1, L, 1)
     j = torch.arange(L, device=keep.device).view(1, 1, L)
     return (j == keep.unsqueeze(2)) | (j == i) | (j == i - 1)
-
-
-def make_qnetwork(num_blocks: int, cfg: AgentSettings) -> nn.Module:
-    if cfg.qnet == "advantage":
-        return AdvantageQNetwork(cfg)
-    return SharedQNetwork(cfg) if cfg.qnet == "shared" else QNetwork(num_blocks, cfg)
-
-
-class RewardShaper:
-    """The reward from a fresh batch's perplexity (after the tie change), as ``AgentSettings.reward`` says."""
-
-    def __init__(self, cfg: AgentSettings, num_blocks: int) -> None:
-        self.cfg = cfg
-        self.num_blocks = num_blocks
-        self.reward_ref: float | None = None  # running reference log-PPL of the "relative" reward
-
-    def shape(self, ppl: float, independent: int) -> float:
-        kind = self.cfg.reward
-        if kind == "neg-ppl":
-            r = -ppl
-        elif kind == "neg-log-ppl":
-            r = -math.log(ppl)
-        else:  # relative
-            # -log PPL relative to a running reference: the perplexity falls all through training, so the
-            # raw reward drifts; relative to its own recent level it measures what the tie change did.
-            log_ppl = math.log(ppl)
-            ref = self.reward_ref if self.reward_ref is not None else log_ppl
-            r = ref - log_ppl
-            self.reward_ref = self.cfg.reward_ema * ref + (1 - self.cfg.reward_ema) * log_ppl
-        return r - self.cfg.param_penalty * independent / self.num_blocks
 
 
 def _replay_entry(state, action, reward, next_state, progress, next_progress, mask) -> tuple:
@@ -452,11 +63,7 @@ class QAgent:
         if self.target is not None:
             self.target.load_state_dict(self.q.state_dict())
             self.target.requires_grad_(False)
-        # the advantage network's least-squares V leaves residuals near float rounding where it fits its few
-        # transitions exactly; with Adam's usual epsilon those would be normalised up to full steps and move the
-        # advantages without evidence, so it takes Adam's epsilon at 1e-4 (the order Rainbow uses)
-        eps = 1e-4 if cfg.qnet == "advantage" else 1e-8
-        self.optimizer = torch.optim.Adam([p for p in self.q.parameters() if p.requires_grad], lr=cfg.lr, eps=eps)
+        self.optimizer = self.q.optimizer(cfg.lr)
         self.epsilon = cfg.epsilon
         self.decisions = 0
         # (state, action, reward, next state, progress, next progress, head mask); states and actions as long
@@ -466,18 +73,18 @@ class QAgent:
         )
         self.prev_greedy: list[int] | None = None
         self.shaper = RewardShaper(cfg, num_blocks)
-        # which heads learn from a transition (qnet=advantage): drawn from a stream of their own, so the draws
-        # that act are those of q-off and of a one-head agent
-        self.heads = cfg.heads if cfg.qnet == "advantage" else 1
+        # which heads learn from a transition (a network with several): drawn from a stream of their own, so the
+        # draws that act are those of q-off and of a one-head agent
         self.bootstrap = torch.Generator().manual_seed(cfg.seed + 104_729)
 
     def _mask(self, generator: torch.Generator) -> torch.Tensor:
         """Which heads learn from a new transition: each with probability 1/2, at least one."""
-        if self.heads == 1:
+        heads = self.q.heads
+        if heads == 1:
             return torch.ones(1)
-        mask = (torch.rand(self.heads, generator=generator) < 0.5).float()
+        mask = (torch.rand(heads, generator=generator) < 0.5).float()
         if not mask.any():
-            mask[int(torch.randint(0, self.heads, (1,), generator=generator))] = 1.0
+            mask[int(torch.randint(0, heads, (1,), generator=generator))] = 1.0
         return mask
 
     # -- acting ------------------------------------------------------------------------------------
@@ -547,7 +154,7 @@ class QAgent:
 
     def _keep_entries(self, states: torch.Tensor) -> torch.Tensor:
         """[B, L]: the action entry that leaves each row's tie as it is (``keep_target``)."""
-        return _keep_entries(states, self.cfg.keep_target)
+        return keep_entries(states, self.cfg.keep_target)
 
     def _protected(self, states: torch.Tensor) -> torch.Tensor:
         """[B, L]: the rows keep_bias and keep_bonus protect (``keep_scope``)."""
@@ -574,26 +181,12 @@ class QAgent:
             greedy = torch.where(states == rows, rows, greedy)
         return greedy
 
-    def _values(self, net: nn.Module, states: torch.Tensor, progress: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """One forward pass of ``net``: the Q matrices acted on [B, L, L]; the values the budget ranks its refusals
-        by (the same, or for the advantage network its mean values: the spread decides whether a row moves, not
-        which request the budget refuses first); and for the advantage network every head's Q [B, K, L, L]."""
-        if self.cfg.qnet != "advantage":
-            q = net(states, progress)
-            return q, q, None
-        heads, acting, ranking = net.values(states, progress)
-        return acting, ranking, heads
-
     def _state_values(self, state: list[int], progress: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One state's Q matrix acted on [L, L] and the values the budget ranks its refusals by (``_values``), from
+        """One state's Q matrix acted on [L, L] and the values the budget ranks its refusals by (``QValues``), from
         one pass of the network."""
-        if self.cfg.qnet != "advantage":
-            q = self.q_matrix(state, progress)
-            return q, q
         with torch.no_grad():
-            acting, ranking, _ = self._values(self.q, torch.tensor([state]), torch.tensor([progress]))
-        return acting[0], ranking[0]
+            values = self.q.values(torch.tensor([state]), torch.tensor([progress]))
+        return values.acting[0], values.ranking[0]
 
     def _cap_independent(self, action: torch.Tensor, q: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """Mask actions [B, L] so Eq. 1 gives at most ``max_independent`` independent blocks (block 0 included).
@@ -631,41 +224,20 @@ class QAgent:
     def shape_reward(self, ppl: float, independent: int) -> float:
         return self.shaper.shape(ppl, independent)
 
-    def _q_sa(self, net: nn.Module, states, progress, actions) -> torch.Tensor:
-        """Q(s, a), the mean over rows of the chosen entries: [B], or [B, K] for each head."""
-        return net.q_taken(states, progress, actions).mean(-1)
-
-    def _loss(self, states, progress, actions, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``matrix``: MSE(Q(s, a), y). ``advantage``: the same for every head, over the transitions its bootstrap
-        mask gives it. ``shared``: every row is a training row, each chosen entry regressed toward its transition's
-        target, mean_i (Q[i, a_i] - y)^2 (averaged over the minibatch)."""
-        if self.cfg.qnet == "shared":
-            taken = self.q.q_taken(states, progress, actions)
-            return ((taken - target.unsqueeze(1)) ** 2).mean()
-        if self.cfg.qnet == "advantage":
-            err = (self._q_sa(self.q, states, progress, actions) - target) ** 2  # [B, K]
-            return (err * mask).sum() / mask.sum().clamp(min=1.0)
-        return nn.functional.mse_loss(self._q_sa(self.q, states, progress, actions), target)
-
     def _target(self, reward: torch.Tensor, next_states, next_progress) -> torch.Tensor:
-        net = self.target if self.target is not None else self.q
+        """The TD target of each transition: [B], or [B, K] for each head."""
+        net: BaseQNetwork = self.target if self.target is not None else self.q
         with torch.no_grad():
-            q_next, ranking, heads = self._values(net, next_states, next_progress)
-            if self.cfg.td_target == "max":
-                if heads is not None:  # the advantage network: each head at its own best entry of each row
-                    return reward.unsqueeze(1) + self.cfg.gamma * heads.amax(3).mean(2)
-                return reward + self.cfg.gamma * q_next.amax(2).mean(1)
-            # greedy: the entries the agent would choose in s' (chosen by the online network, as it acts; without a
-            # target network that is the forward pass just made)
-            online, ranking = (q_next, ranking) if net is self.q else self._values(self.q, next_states,
-                                                                                  next_progress)[:2]
-            chosen = self._greedy(online, next_states)
-            if self.cfg.max_independent and self.cfg.td_budget:  # what the budget refuses, the agent does not do
-                chosen = self._cap_independent(chosen, ranking, next_states)
-            if heads is not None:  # the advantage network: each head values s' at the action the agent would take
-                index = chosen.view(chosen.shape[0], 1, -1, 1).expand(-1, heads.shape[1], -1, 1)
-                return reward.unsqueeze(1) + self.cfg.gamma * heads.gather(3, index).squeeze(3).mean(2)
-            return reward + self.cfg.gamma * q_next.gather(2, chosen.unsqueeze(2)).squeeze(2).mean(1)
+            values = net.values(next_states, next_progress)
+            chosen = None  # td_target=max: each row's best entry
+            if self.cfg.td_target == "greedy":
+                # the entries the agent would choose in s' (chosen by the online network, as it acts; without a
+                # target network that is the forward pass just made)
+                online = values if net is self.q else self.q.values(next_states, next_progress)
+                chosen = self._greedy(online.acting, next_states)
+                if self.cfg.max_independent and self.cfg.td_budget:  # what the budget refuses, the agent does not do
+                    chosen = self._cap_independent(chosen, online.ranking, next_states)
+            return net.td_target(reward, self.cfg.gamma, values.estimates, chosen)
 
     def update(self, state: list[int], action: list[int], reward: float, next_state: list[int],
                progress: float = 0.0, next_progress: float = 0.0) -> dict[str, float]:
@@ -677,9 +249,9 @@ class QAgent:
         newest = [self.replay[-1]]
         s, a, r, s2, p, p2, _ = self._stack(newest)
         with torch.no_grad():  # what the agent predicted for this transition, and the target it trains on
-            pred = float(self._q_sa(self.q, s, p, a).mean())
+            pred = float(self.q.q_sa(s, p, a).mean())
         target = float(self._target(r, s2, p2).mean())
-        everything = self._value_data(self._stack(list(self.replay))) if self.cfg.qnet == "advantage" else None
+        everything = self._value_data(self._stack(list(self.replay))) if self.q.refits else None
         for _ in range(max(self.cfg.updates_per_decision, 1)):
             batch = newest + self._sample(max(self.cfg.batch_size, 1) - 1)
             self._step(self._stack(batch), everything)
@@ -690,30 +262,23 @@ class QAgent:
         return {"q_predicted": pred, "q_target": target, "td_loss": (pred - target) ** 2}
 
     def _step(self, batch: tuple, everything: tuple | None = None) -> None:
-        """One optimizer step on a stacked minibatch; with the advantage network, its V first refit on
-        ``everything`` (``_value_data`` of the transitions the minibatch is drawn from)."""
+        """One optimizer step on a stacked minibatch; a network that ``refits`` first refits on ``everything``
+        (``_value_data`` of the transitions the minibatch is drawn from)."""
         if everything is not None:
-            self._fit_value(*everything)
+            self.q.refit(*everything)
         s, a, r, s2, p, p2, mask = batch
-        loss = self._loss(s, p, a, self._target(r, s2, p2), mask)
+        loss = self.q.loss(s, p, a, self._target(r, s2, p2), mask)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
 
     @torch.no_grad()
     def _value_data(self, data: tuple) -> tuple[tuple, torch.Tensor]:
-        """Stacked transitions with their TD targets: what V is fit on. The targets are computed once for a batch of
-        updates (a decision's, or a target-network period's of a warm start), as the target network is fixed."""
+        """Stacked transitions with their TD targets: what a network that ``refits`` fits on. The targets are computed
+        once for a batch of updates (a decision's, or a target-network period's of a warm start), as the target
+        network is fixed."""
         _, _, r, s2, _, p2, _ = data
         return data, self._target(r, s2, p2)
-
-    @torch.no_grad()
-    def _fit_value(self, data: tuple, targets: torch.Tensor) -> None:
-        """V of every head by least squares on all of ``data``, toward what the current advantages of the taken
-        actions leave of the TD ``targets``: V carries all of the reward's level it can, the advantages the rest."""
-        s, a, _, _, p, _, mask = data
-        left = targets - self.q.taken_parts(s, p, a)[1].mean(2)
-        self.q.fit_value(self.q.value_features(s, p), left, mask)
 
     def _sample(self, n: int) -> list:
         if n <= 0 or len(self.replay) <= 1:
@@ -747,16 +312,17 @@ class QAgent:
     def warm_start(self, transitions: list[tuple], weights: dict[str, Any] | None = None) -> None:
         """Start from earlier runs: the Q-network of a saved agent (``weights``: its ``state_dict``), then
         ``warm_updates`` minibatch updates on recorded ``transitions`` ``(state, action, reward, next_state,
-        progress, next_progress)`` of any depth (a shared network; a matrix one only of its own). Each minibatch
+        progress, next_progress)`` of any depth (a network that applies at ``any_depth``; another only of its
+        own). Each minibatch
         is drawn from the transitions of one depth with a generator of its own, the target network follows the
         run's cadence (every ``target_sync`` decisions' worth of updates) and is synced at the end; the replay
         buffer, epsilon and the agent's random stream are left as a cold agent has them."""
         if weights is not None:
             self._load_network(weights)
         depths = sorted({len(t[0]) for t in transitions})
-        if self.cfg.qnet == "matrix" and depths not in ([], [self.num_blocks]):
-            raise DyntieError(f"A matrix Q-network of {self.num_blocks} blocks learns only from runs of as many "
-                              f"blocks (these have {', '.join(map(str, depths))}); use agent.qnet=shared.")
+        if not self.q.any_depth and depths not in ([], [self.num_blocks]):
+            raise DyntieError(f"A {self.cfg.qnet} Q-network of {self.num_blocks} blocks learns only from runs of as "
+                              f"many blocks (these have {', '.join(map(str, depths))}); use agent.qnet=shared.")
         for t in transitions:
             if transition(t[0], t[1]) != list(t[3]):
                 raise DyntieError("A recorded transition does not follow Eq. 1; the source run's ties are damaged.")
@@ -772,7 +338,7 @@ class QAgent:
                 depth = int(sizes[int(torch.randint(0, len(sizes), (1,), generator=gen))])
                 group = groups[depth]
                 idx = torch.randint(0, group[0].shape[0], (batch,), generator=gen)
-                if self.cfg.qnet == "advantage" and depth not in value_data:
+                if self.q.refits and depth not in value_data:
                     value_data[depth] = self._value_data(group)
                 self._step(tuple(part[idx] for part in group), value_data.get(depth))
                 if self.target is not None and (u + 1) % sync_every == 0:
@@ -786,8 +352,8 @@ class QAgent:
         if qnet != self.cfg.qnet:
             raise DyntieError(f"The saved agent has a {qnet} Q-network and this run a {self.cfg.qnet} one; set "
                               f"agent.qnet={qnet} or start from another run.")
-        if qnet == "matrix" and sd["num_blocks"] != self.num_blocks:
-            raise DyntieError(f"The saved agent's matrix Q-network is for {sd['num_blocks']} blocks, not "
+        if not self.q.any_depth and sd["num_blocks"] != self.num_blocks:
+            raise DyntieError(f"The saved agent's {qnet} Q-network is for {sd['num_blocks']} blocks, not "
                               f"{self.num_blocks}; only a shared network applies at another depth.")
         try:
             self.q.load_state_dict(sd["q"])

@@ -24,7 +24,8 @@ import torch
 
 from ..errors import DyntieError
 from ..settings import AgentSettings
-from .agent import Decision, QAgent, RewardShaper
+from .agent import QAgent
+from .policy_types import Decision, RewardShaper
 from .ties import all_independent, all_tied, canonicalize, independent_count, permute_state, validate_state
 
 
