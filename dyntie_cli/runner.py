@@ -33,6 +33,7 @@ from .results.db import resolve_db_path
 from .results.lineage import load_run, load_source_run
 from .results.writer import RankWriter, RunWriter
 from .settings import RunSettings, from_saved, load_recipe, recipe_pairs, resolve
+from .variants import spec
 
 err_console = Console(stderr=True)
 
@@ -166,17 +167,13 @@ def with_initial_state(db: Path, settings: RunSettings, source: dict[str, Any] |
     return {**(source or {}), "initial_state": run["final_state"]}
 
 
-#: the variants whose policy is the Q-agent (and so can start from earlier runs' knowledge)
-AGENT_VARIANTS = ("dynamic", "q-off")
-
-
 def with_agent_knowledge(job: Job, db: Path) -> Job:
     """``job`` with what its agent starts from (``agent.warm_from``, ``agent.warm_weights``) read from the registry
     into its source, and recorded in its labels (``runs.config`` ``agent_sources``: the run ids whose transitions
     it learned from, how many, and the run whose network it started from). Unchanged for a policy without an
     agent or an agent that starts cold."""
     a = job.settings.agent
-    if job.settings.variant not in AGENT_VARIANTS or not (a.warm_from or a.warm_weights):
+    if not spec(job.settings.variant).has_agent or not (a.warm_from or a.warm_weights):
         return job
     from .results.lineage import agent_knowledge
 

@@ -18,6 +18,7 @@ policy.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import sys
@@ -30,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
 from .errors import DyntieError, UsageError
+from .variants import NAMES, SPECS, named
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -39,10 +41,14 @@ else:  # pragma: no cover
 _NO_LEGACY = object()
 
 
-def setting(default: Any, help: str, *, legacy: Any = _NO_LEGACY, **constraints: Any) -> Any:
+def setting(default: Any, help: str, *, flag: str | None = None, legacy: Any = _NO_LEGACY,
+            **constraints: Any) -> Any:
     """A schema field: ``default``, ``help`` (one line for people), range constraints (``ge``, ``gt``, ``le``,
-    ``lt``), and ``legacy``: the value for a run recorded before the field existed."""
+    ``lt``), ``flag``: the command-line flag that sets it, if any (an error names it), and ``legacy``: the value
+    for a run recorded before the field existed."""
     extra = {} if legacy is _NO_LEGACY else {"legacy": legacy}
+    if flag is not None:
+        extra["flag"] = flag
     return Field(default, description=help, json_schema_extra=extra or None, **constraints)
 
 
@@ -71,12 +77,9 @@ class Section(BaseModel):
 Precision = Literal["fp32", "bf16", "fp16"]
 TiedGrad = Literal["follow", "sum"]
 UntieOptim = Literal["fresh", "copy"]
-Variant = Literal["dynamic", "no-tying", "random", "final-arch", "replay", "static-all", "static-sequence",
-                  "static-cycle", "static-cycle-rev", "grow", "q-off"]
+#: the names of the table of variants (variants.py)
+Variant = Literal[NAMES]  # type: ignore[valid-type]
 VARIANTS: tuple[str, ...] = get_args(Variant)
-#: variants that take their tie states from another run (``--from-run``)
-NEEDS_SOURCE = ("final-arch", "replay")
-STATIC_SCHEMES = tuple(v for v in VARIANTS if v.startswith("static-"))
 
 
 ReleaseMemory = Literal["auto", "on", "off"]
@@ -114,8 +117,6 @@ INITIAL_STATE_FORM = re.compile(
     r"|\d+(\s*,\s*\d+)*")
 INITIAL_STATE_HELP = ("auto, all-tied, independent, final-arch-of:RUN, static-all, static-sequence:N, "
                       "static-cycle:N, static-cycle-rev:N or a state such as 0,0,2,2")
-#: variants whose policy starts from ``ties.initial_state`` (the others hold their own state from step 0)
-STARTS_FROM_INITIAL_STATE = ("dynamic", "random")
 
 
 class TieSettings(Section):
@@ -272,7 +273,7 @@ class AgentSettings(Section):
         """The named agent with ``overrides``; an unknown name or key is refused."""
         if preset not in cls.PRESETS:
             raise UsageError(f"Unknown agent setting {preset!r}; choose one of {', '.join(cls.PRESETS)}.")
-        return _validated(cls, {**cls.PRESETS[preset], **overrides, "preset": preset}, "agent")
+        return validated(cls, {**cls.PRESETS[preset], **overrides, "preset": preset}, "agent")
 
     @classmethod
     def legacy_values(cls) -> dict[str, Any]:
@@ -453,23 +454,49 @@ def _sentence(error: dict[str, Any], cls: type[BaseModel], where: str) -> str:
     return f"{key}: {error['msg']} (got {value!r})."
 
 
-def _validated(cls: type[BaseModel], tree: dict[str, Any], where: str = "") -> Any:
+def validated(cls: type[BaseModel], tree: dict[str, Any], where: str = "") -> Any:
+    """``cls`` (the run's settings or one section of them, named ``where``) validated from a plain tree, or one
+    sentence about its first fault."""
     try:
         return cls.model_validate(tree)
     except ValidationError as e:
         raise UsageError(_sentence(e.errors()[0], cls, where)) from None
 
 
+def _starts_from_initial_state(variant: Any) -> bool:
+    return isinstance(variant, str) and variant in SPECS and SPECS[variant].starts_from_initial_state
+
+
+def _with_derived(cls: type[RunSettings], tree: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` with what follows from the rest of it: the agent draws from the run's seed, and a variant's fixed
+    settings win over any other source (q-off: the agent that never acts on its Q-network, recorded as such)."""
+    tree = copy.deepcopy(tree)
+    tree.setdefault("agent", {})["seed"] = tree.get("seed", RunSettings.model_fields["seed"].default)
+    variant = tree.get("variant", RunSettings.model_fields["variant"].default)
+    if isinstance(variant, str) and variant in SPECS:
+        for key, value in SPECS[variant].fixed:
+            assign(cls, tree, key, value)
+    return tree
+
+
 def validate_tree(cls: type[RunSettings], tree: dict[str, Any]) -> RunSettings:
     """The typed settings of a tree, or one sentence about its first fault."""
-    settings = _validated(cls, tree)
-    settings.agent.seed = settings.seed  # the agent draws from the run's seed
-    if settings.ties.initial_state != "auto" and settings.variant not in STARTS_FROM_INITIAL_STATE:
-        raise UsageError(f"--initial-state applies to the {' and '.join(STARTS_FROM_INITIAL_STATE)} variants; "
-                         f"{settings.variant} holds its own tie state from the first step, so drop it.")
-    if settings.variant == "q-off":  # the agent that never acts on its Q-network, recorded as such
-        settings.agent.use_q = False
+    settings = validated(cls, _with_derived(cls, tree))
+    if settings.ties.initial_state != "auto" and not _starts_from_initial_state(settings.variant):
+        starting = named(n for n in VARIANTS if _starts_from_initial_state(n))
+        raise UsageError(f"--initial-state applies to the {starting} variants; {settings.variant} holds its own tie "
+                         "state from the first step, so drop it.")
     return settings
+
+
+def revised(settings: RunSettings, pairs: Pairs) -> RunSettings:
+    """New settings: ``settings`` with ``pairs`` applied, validated as any settings are. For a value a run resolves
+    once it knows more (the full id of the run it starts from, the number of blocks a static scheme settled on)."""
+    cls = type(settings)
+    tree = settings.to_dict()
+    for key, value in pairs:
+        assign(cls, tree, key, value)
+    return validate_tree(cls, tree)
 
 
 def resolve(backbone_cls: type, preset: Any, *, dataset: str | None = None,
@@ -505,7 +532,7 @@ def upgrade_saved(saved: dict[str, Any]) -> dict[str, Any]:
         init = model.pop("init")
         tree["model"] = model
         tree.setdefault("init", init)
-        if init and tree.get("variant", "dynamic") in STARTS_FROM_INITIAL_STATE:
+        if init and _starts_from_initial_state(tree.get("variant", "dynamic")):
             # such runs started all tied, as every dynamic run did before ties.initial_state
             tree["ties"] = {"initial_state": "all-tied", **tree.get("ties", {})}
     agent = tree.get("agent")

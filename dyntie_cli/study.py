@@ -31,14 +31,14 @@ from typing import Any
 
 import typer
 
-from .ablation import COUNTED, ablation_job
+from .ablation import ablation_job
 from .core.loop import Event, stop_signals_to
 from .errors import DyntieError, UsageError
 from .results.study import read_study_runs
 from .runner import STOPPED_EXIT, ChildRun, Job, Launch, new_settings, resume_recorded, run_job
-from .settings import NEEDS_SOURCE, RUN_LABELS, VARIANTS, RunSettings
+from .settings import RUN_LABELS, VARIANTS, RunSettings
+from .variants import METHOD, spec
 
-DEFAULT_VARIANTS = "dynamic,no-tying,final-arch,replay,random,grow,q-off"
 _CHECKPOINT_FILES = ("ties.json", "trainer.pt", "model.safetensors")
 
 
@@ -76,7 +76,7 @@ def parse_variants(text: str) -> list[str]:
     if unknown or not names:
         raise UsageError(f"Unknown variant {unknown[0] if unknown else text!r} in --variants; choose from "
                          f"{', '.join(VARIANTS)}.")
-    return sorted(names, key=lambda v: v != "dynamic")
+    return sorted(names, key=lambda v: v != METHOD)
 
 
 def default_name(settings: RunSettings) -> str:
@@ -139,8 +139,8 @@ class Study:
         self.say = say
         independent_given = opts.given("independent") or any(k in ("ties.independent", "independent")
                                                               for k, _ in opts.set_pairs())
-        self.dependent = {v for v in variants if v in NEEDS_SOURCE or (v in COUNTED and not independent_given)}
-        if self.dependent and "dynamic" not in variants:
+        self.dependent = {v for v in variants if spec(v).reads_source(independent_given)}
+        if self.dependent and METHOD not in variants:
             raise UsageError(f"--variants {', '.join(sorted(self.dependent))} needs dynamic in the list: each is "
                              "trained from that seed's dynamic run.")
         # every run's settings are resolved (and refused if wrong) before the first run starts
@@ -149,7 +149,7 @@ class Study:
             for v in variants:
                 if v not in self.dependent:
                     self.settings[v, s] = self._new_settings(v, s)[1]
-        base = self._new_settings("dynamic", seeds[0])[1]
+        base = self._new_settings(METHOD, seeds[0])[1]
         self.name = name or default_name(base)
         self.labels = {"study": {"name": self.name}}
         self.stop: int | None = None
@@ -204,7 +204,7 @@ class Study:
                               "it another --name.")
 
     def _dynamic(self, task: Task, tasks: list[Task]) -> Task | None:
-        return next((t for t in tasks if t.variant == "dynamic" and t.seed == task.seed), None)
+        return next((t for t in tasks if t.variant == METHOD and t.seed == task.seed), None)
 
     def _dependent_job(self, task: Task, source_run: str, notes: list[str] | None = None) -> Job:
         _, job = ablation_job(self.launch.db, source_run, task.variant,

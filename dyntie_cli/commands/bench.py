@@ -39,6 +39,7 @@ def bench(
     from ..results.bench import bench_title
     from ..results.queries import run_query
     from ..runner import Job, Launch, new_settings, run_in_child
+    from ..variants import BASELINE, METHOD, spec
     from .report import terminal_width
 
     if repeat < 1:
@@ -46,33 +47,33 @@ def bench(
     if Group.from_env().active:
         raise UsageError("Run `dyntie bench` as one process, without torchrun: it starts one process per variant.")
     names = [v.strip() for v in variants.split(",") if v.strip()]
-    if "no-tying" not in names:
-        names.insert(0, "no-tying")
-    if "final-arch" in names and "dynamic" not in names:
-        raise UsageError("--variants final-arch needs dynamic in the list (its final state is the source).")
+    if BASELINE not in names:
+        names.insert(0, BASELINE)
+    # a variant that needs a source run is trained from the dynamic run of its round, after the others
+    sourced = [v for v in names if spec(v).needs_source]
+    if sourced and METHOD not in names:
+        raise UsageError(f"--variants {sourced[0]} needs {METHOD} in the list (its tie states are the source).")
     launch = Launch.from_options(opts)
+    trained = [v for v in names if v not in sourced]
     # every variant's settings are resolved (and refused if wrong) before the first process starts
     jobs = {}
-    for v in names:
-        if v != "final-arch":
-            opts.extra[:] = [("variant", v)]
-            jobs[v] = new_settings(backbone, opts)[1]
-    trained = [v for v in names if v != "final-arch"]
+    for v in trained:
+        opts.extra[:] = [("variant", v)]
+        jobs[v] = new_settings(backbone, opts)[1]
     group = uuid.uuid4().hex[:8]  # recorded in each run's config, so `report --table bench` pools the rounds too
     rounds: list[dict[str, str]] = []
     child_launch = {"db": str(launch.db), "out": str(launch.out), "force": launch.force, "threads": launch.threads}
     refused: dict[str, dict] = {}
     for r in range(repeat):
         # every other round in reverse: a slow patch of the machine falls on both sides of a comparison
-        order = (trained if r % 2 == 0 else trained[::-1]) + [v for v in names if v == "final-arch"]
+        order = (trained if r % 2 == 0 else trained[::-1]) + sourced
         labels = {"bench": {"group": group, "round": r + 1, "rounds": repeat}} if repeat > 1 else {}
         run_ids: dict[str, str] = {}
         for v in order:
-            if v == "final-arch":  # its source is this round's dynamic run
-                if "dynamic" not in run_ids:
+            if v in sourced:
+                if METHOD not in run_ids:
                     continue
-                _, job = ablation_job(launch.db, run_ids["dynamic"], "final-arch", [], command="bench",
-                                      labels=labels)
+                _, job = ablation_job(launch.db, run_ids[METHOD], v, [], command="bench", labels=labels)
             else:
                 job = Job(jobs[v], "bench", labels=labels)
             label = v if repeat == 1 else f"{v} (round {r + 1} of {repeat})"

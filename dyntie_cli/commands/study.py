@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from ..variants import DEFAULT_STUDY
 from .options import Format, TrainingOptions, training_options
 
 
@@ -18,7 +19,7 @@ def study(
     variants: Annotated[str, typer.Option("--variants", help="Comma-separated variants: dynamic, no-tying, "
                                           "final-arch, replay, random, grow, q-off, static-*. final-arch, replay "
                                           "and grow (without --independent) are trained from the seed's dynamic "
-                                          "run.")] = "dynamic,no-tying,final-arch,replay,random,grow,q-off",
+                                          "run.")] = ",".join(DEFAULT_STUDY),
     name: Annotated[str | None, typer.Option("--name", help="The study's name in the registry \\[default: "
                                              "PRESET-STEPS-HASH of the shared settings]: run the same command "
                                              "again to continue it.")] = None,

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..backbone import perplexity
 from ..errors import DyntieError
-from ..settings import RunSettings
+from ..settings import RunSettings, revised
 from . import checkpoint as ckpt
 from .checkpoint import LoopState
 from .decisions import TieDecisions
@@ -33,7 +33,7 @@ from .lazy import BuildReport, build_lazily
 from .memory import MemoryProbe, base_bytes, gradient_bytes, release_memory_at_once, trainable_parameters
 from .plan import DoesNotFit, MemoryPlan, measure_on, model_counts, near_limit, plan_memory
 from .policies import DynamicPolicy, Policy, make_policy
-from .ties import TieManager, independent_count
+from .ties import TieManager
 
 
 @dataclass
@@ -285,10 +285,8 @@ class Trainer:
                 if weights is None:
                     raise DyntieError(f"Run {knowledge['weights_run']} has no agent in its checkpoint to start from.")
             self.policy.agent.warm_start(knowledge.get("transitions", []), weights)
-        if cfg.variant.startswith("static-") and not cfg.ties.independent:
-            cfg.ties.independent = independent_count(self.policy.initial_state())  # what the scheme resolved to
-        if cfg.variant == "grow" and not cfg.ties.independent:
-            cfg.ties.independent = self.policy.target
+        if self.policy.resolved:  # what the policy settled (a static scheme's count) is the run's setting from here on
+            self.cfg = revised(cfg, self.policy.resolved)
 
     def _resumables(self) -> dict[str, tuple[Callable[[], Any], Callable[[Any], Any]]]:
         """Every part of the run a checkpoint saves and a resume restores by name (besides the loop state,
