@@ -32,7 +32,7 @@ from .plugins import get_backbone
 from .results.db import resolve_db_path
 from .results.lineage import load_run, load_source_run
 from .results.writer import RankWriter, RunWriter
-from .settings import RunSettings, from_saved, load_recipe, recipe_pairs, resolve
+from .settings import RunSettings, from_saved, load_recipe, recipe_pairs, resolve, revised
 from .variants import spec
 
 err_console = Console(stderr=True)
@@ -60,29 +60,27 @@ def new_settings(backbone_name: str, opts: Any, *, expect: str | None = None) ->
                          f"{', '.join(backbone.presets)}.")
     settings = resolve(type(backbone), backbone.presets[preset_name],
                        sources=[recipe_pairs(recipe), opts.flag_pairs(), opts.set_pairs()])
-    check_dataset(settings, backbone)
-    return backbone, settings
+    return backbone, checked_dataset(settings, backbone)
 
 
 def recorded_settings(config: dict[str, Any], sources: list[list[tuple[str, Any]]]) -> tuple[Any, RunSettings]:
     """The backbone and settings of a recorded run's config with ``sources`` applied on top."""
     backbone = get_backbone(config["backbone"])
-    settings = from_saved(type(backbone), config, sources)
-    check_dataset(settings, backbone)
-    return backbone, settings
+    return backbone, checked_dataset(from_saved(type(backbone), config, sources), backbone)
 
 
-def check_dataset(settings: RunSettings, backbone) -> None:
+def checked_dataset(settings: RunSettings, backbone) -> RunSettings:
     """The dataset must be one the backbone knows; names match loosely (RTE, sst-2, WikiText_103) and are
-    stored in their canonical spelling."""
+    stored in their canonical spelling (the settings returned have it)."""
     known = backbone.datasets
     if any(d.endswith(":PATH") and settings.dataset.startswith(d[: -len("PATH")]) for d in known):
-        return
+        return settings
     canonical = {_loose(d): d for d in known}
     if _loose(settings.dataset) not in canonical:
         raise UsageError(f"Unknown dataset {settings.dataset!r} for {backbone.name}; choose one of "
                          f"{', '.join(known)}.")
-    settings.dataset = canonical[_loose(settings.dataset)]
+    name = canonical[_loose(settings.dataset)]
+    return settings if name == settings.dataset else revised(settings, [("dataset", name)])
 
 
 def _loose(name: str) -> str:
@@ -142,29 +140,29 @@ def run_job(backbone, job: Job, launch: Launch, *, print_summary: bool = True,
             listen: Callable[[Event], None] | None = None) -> RunResult:
     """Train ``job``, recorded in ``launch.db``; prints the summary on stdout unless told not to. ``listen``
     hears the trainer's events (start, log, eval, end) besides the progress view."""
+    job = with_initial_state(with_agent_knowledge(job, launch.db), launch.db)
     settings = job.settings
-    job = with_agent_knowledge(job, launch.db)
-    source = with_initial_state(launch.db, settings, job.source)
     return _run_trainer(
         backbone, settings, launch,
         lambda: RunWriter(launch.db, flush_every_s=settings.train.flush_every_s, backbone=settings.backbone),
-        print_summary=print_summary, listen=listen, command=job.command, out_dir=launch.out, source=source,
+        print_summary=print_summary, listen=listen, command=job.command, out_dir=launch.out, source=job.source,
         parent_run_id=job.parent_run_id, labels=job.labels, check_memory=not launch.force,
     )
 
 
-def with_initial_state(db: Path, settings: RunSettings, source: dict[str, Any] | None) -> dict[str, Any] | None:
-    """``--initial-state final-arch-of:RUN``: that run's final tie state, read from the registry into the job's
-    source (the run id is recorded in full)."""
-    spec = settings.ties.initial_state
+def with_initial_state(job: Job, db: Path) -> Job:
+    """``--initial-state final-arch-of:RUN``: ``job`` with that run's final tie state read from the registry into
+    its source, and the run id in full in its settings (so the record names it whatever prefix was given)."""
+    spec = job.settings.ties.initial_state
     if not spec.startswith("final-arch-of:"):
-        return source
+        return job
     run = load_source_run(db, spec.split(":", 1)[1])
     if run["final_state"] is None:
         raise UsageError(f"Run {run['run_id']} has no tie history, so --initial-state final-arch-of has no state "
                          "to take: name a run that made tie decisions.")
-    settings.ties.initial_state = f"final-arch-of:{run['run_id']}"
-    return {**(source or {}), "initial_state": run["final_state"]}
+    settings = revised(job.settings, [("ties.initial_state", f"final-arch-of:{run['run_id']}")])
+    return Job(settings, job.command, job.parent_run_id, {**(job.source or {}), "initial_state": run["final_state"]},
+               job.labels)
 
 
 def with_agent_knowledge(job: Job, db: Path) -> Job:

@@ -54,9 +54,11 @@ def setting(default: Any, help: str, *, flag: str | None = None, legacy: Any = _
 
 class Section(BaseModel):
     """A group of settings. Strict: a number is never a bool, a whole number never a fraction; unknown keys are
-    refused. Mapping-style reads (``cfg.data["batch_size"]``) work too, for backbones written against dicts."""
+    refused. Frozen: settings are validated once and never written to afterwards (a value resolved later makes new
+    settings, :func:`revised`). Mapping-style reads (``cfg.data["batch_size"]``) work too, for backbones written
+    against dicts."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, protected_namespaces=())
 
     def __getitem__(self, key: str) -> Any:
         if key not in type(self).model_fields:

@@ -110,6 +110,22 @@ def test_bad_settings_exit_with_one_sentence_before_any_data_loads(runner, tmp_p
     assert not (tmp_path / "x.duckdb").exists()
 
 
+def test_settings_are_frozen_and_a_value_resolved_later_makes_new_settings():
+    from pydantic import ValidationError
+
+    from dyntie_cli.settings import revised
+
+    cfg = _cfg(preset="gpt2-tiny")
+    for section, key in [(cfg.train, "lr"), (cfg.ties, "independent"), (cfg.agent, "use_q"), (cfg, "dataset")]:
+        with pytest.raises(ValidationError, match="frozen"):
+            setattr(section, key, getattr(section, key))
+    again = revised(cfg, [("ties.independent", 3)])
+    assert again.ties.independent == 3 and cfg.ties.independent == 0 and type(again) is type(cfg)
+    assert again.to_dict() == {**cfg.to_dict(), "ties": {**cfg.to_dict()["ties"], "independent": 3}}
+    with pytest.raises(UsageError, match=r"ties.independent \(--independent\) must be at least 0"):
+        revised(cfg, [("ties.independent", -1)])
+
+
 def test_dataset_names_match_loosely_and_are_stored_canonically():
     assert _cfg("glue", dataset="SST-2", preset="bert-tiny").dataset == "sst2"
     assert _cfg(dataset="WikiText_103").dataset == "wikitext-103"
