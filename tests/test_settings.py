@@ -85,6 +85,18 @@ def test_a_flag_error_names_the_flag():
         _cfg(max_steps=-3)
 
 
+def test_a_flag_error_names_the_flag_without_the_command_line_loaded():
+    """The flags of settings are declared in the schema: the sentence is the same from the Python side."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom dyntie_cli.plugins import get_backbone\nfrom dyntie_cli.settings import resolve\n"
+            "b = get_backbone('gpt2')\ntry:\n    resolve(type(b), b.presets['gpt2-tiny'], sources=[[('train.max_steps', -3)]])\n"
+            "except Exception as e:\n    print(e)\nprint('dyntie_cli.commands.options' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["train.max_steps (--max-steps) must be at least 1, not -3.", "False"]
+
+
 def test_bad_settings_exit_with_one_sentence_before_any_data_loads(runner, tmp_path, monkeypatch):
     """The checks run on the settings alone: a backbone whose data loader would fail never gets called."""
     from dyntie_cli.plugins import get_backbone
