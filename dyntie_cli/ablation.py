@@ -10,11 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .core.loop import Job
 from .core.policies import random_permutation
 from .core.ties import permute_state
 from .errors import DyntieError, UsageError
 from .results.lineage import load_source_run, newest_finished_run
-from .runner import Job, recorded_settings
+from .runner.settings_source import recorded_settings
 from .settings import RunSettings, revised
 from .variants import ABLATIONS, METHOD, NAMES, named, spec
 

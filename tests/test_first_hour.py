@@ -21,7 +21,7 @@ from dyntie_cli.app import app, reflow
 from dyntie_cli.backbones.glue_data import get_task, load_glue_splits, read_glue_tsv
 from dyntie_cli.report.tables import render
 from dyntie_cli.results.queries import QUERIES, run_query
-from dyntie_cli.runner import ProgressView
+from dyntie_cli.runner.view import ProgressView
 from tests.conftest import SHARED, invoke
 from tests.conftest import rows as _rows
 

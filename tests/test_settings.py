@@ -6,7 +6,7 @@ import pytest
 
 from dyntie_cli.commands.options import TrainingOptions
 from dyntie_cli.errors import UsageError
-from dyntie_cli.runner import new_settings
+from dyntie_cli.runner.settings_source import new_settings
 from dyntie_cli.settings import (
     AgentSettings,
     RunSettings,
@@ -25,7 +25,7 @@ def _opts(**values) -> TrainingOptions:
 
 
 def _cfg(backbone: str = "gpt2", **values) -> RunSettings:
-    return new_settings(backbone, _opts(**values))[1]
+    return new_settings(backbone, _opts(**values).sources())[1]
 
 
 def test_precedence_preset_recipe_options_set(tmp_path):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import uuid
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -34,11 +32,13 @@ def bench(
     """
     from ..ablation import ablation_job
     from ..core.distributed import Group
+    from ..core.loop import Job
     from ..errors import UsageError
     from ..report.tables import render
     from ..results.bench import bench_title
     from ..results.queries import run_query
-    from ..runner import Job, Launch, new_settings, run_in_child
+    from ..runner.children import run_in_child
+    from ..runner.settings_source import new_settings
     from ..variants import BASELINE, METHOD, spec
     from .report import terminal_width
 
@@ -53,13 +53,12 @@ def bench(
     sourced = [v for v in names if spec(v).needs_source]
     if sourced and METHOD not in names:
         raise UsageError(f"--variants {sourced[0]} needs {METHOD} in the list (its tie states are the source).")
-    launch = Launch.from_options(opts)
+    launch = opts.launch()
     trained = [v for v in names if v not in sourced]
     # every variant's settings are resolved (and refused if wrong) before the first process starts
     jobs = {}
     for v in trained:
-        opts.extra[:] = [("variant", v)]
-        jobs[v] = new_settings(backbone, opts)[1]
+        jobs[v] = new_settings(backbone, opts.sources(("variant", v)))[1]
     group = uuid.uuid4().hex[:8]  # recorded in each run's config, so `report --table bench` pools the rounds too
     rounds: list[dict[str, str]] = []
     child_launch = {"db": str(launch.db), "out": str(launch.out), "force": launch.force, "threads": launch.threads}
@@ -97,33 +96,5 @@ def bench(
         typer.echo(render(table, fmt, title=bench_title(repeat), width=width))
 
 
-def job(
-    job_file: Annotated[Path, typer.Argument(help="A job file written by dyntie.")],
-    result: Annotated[Path, typer.Option("--result", help="Where to write the run's result (JSON).")],
-) -> None:
-    """Train one job file (how `dyntie bench` and `dyntie study --jobs N` start each run in its own process), or
-    continue the killed run it names."""
-    from dataclasses import asdict
-
-    from ..core.plan import DoesNotFit
-    from ..runner import Job, Launch, resume_recorded, run_job
-
-    data = json.loads(job_file.read_text())
-    force, threads = bool(data.get("force")), data.get("threads")
-    try:
-        if "resume" in data:
-            run = resume_recorded(Path(data["db"]), data["resume"], quiet=True, print_summary=False, force=force,
-                                  threads=threads)
-        else:
-            backbone, one = Job.from_dict(data["job"])
-            launch = Launch(Path(data["db"]), Path(data["out"]), quiet=True, force=force, threads=threads)
-            run = run_job(backbone, one, launch, print_summary=False)
-    except DoesNotFit as refused:  # not an error of the bench: a finding, reported as such
-        result.write_text(json.dumps({"refused": str(refused), "plan": refused.plan.to_dict()}))
-        return
-    result.write_text(json.dumps(asdict(run)))
-
-
 def register(app: typer.Typer) -> None:
     app.command("bench", epilog=examples("dyntie bench gpt2 --preset gpt2-deep-cpu --max-steps 300 --repeat 2"))(bench)
-    app.command("job", hidden=True)(job)

@@ -11,12 +11,17 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Annotated, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from ..errors import UsageError
 from ..settings import FLAG_OF, RunSettings, parse_sets, section_fields
+
+if TYPE_CHECKING:  # both import torch: a command imports them when it runs, so `dyntie --help` stays quick
+    from ..runner.jobs import Launch
+    from ..runner.settings_source import SettingsSource
 
 
 @dataclass(frozen=True)
@@ -93,13 +98,12 @@ def _parameter(flag: Flag) -> inspect.Parameter:
     return inspect.Parameter(flag.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainingOptions:
-    """The shared options of one command line, and the settings pairs they give."""
+    """The shared options of one command line: the settings they give (``sources``) and where the run's results
+    go (``launch``)."""
 
     values: dict[str, Any]
-    #: settings a command sets from its own options (``finetune --task`` sets ``dataset``), after the flags
-    extra: list[tuple[str, Any]] = field(default_factory=list)
 
     def __getattr__(self, name: str) -> Any:
         if name in BY_NAME:
@@ -110,10 +114,27 @@ class TrainingOptions:
         """(settings key, value) of every flag given; the named agent first, so flags and --set refine it."""
         pairs = [(f.key, self.values[f.name]) for f in FLAGS
                  if f.key and self.values.get(f.name) is not None]
-        return sorted(pairs, key=lambda pair: pair[0] != "agent.preset") + self.extra
+        return sorted(pairs, key=lambda pair: pair[0] != "agent.preset")
 
     def set_pairs(self) -> list[tuple[str, Any]]:
         return parse_sets(self.values.get("sets"))
+
+    def sources(self, *extra: tuple[str, Any]) -> SettingsSource:
+        """Where the run's settings come from: the preset and recipe named, the flags, then ``extra`` (settings a
+        command sets from its own options: ``finetune --task`` sets ``dataset``), then ``--set``."""
+        from ..runner.settings_source import SettingsSource
+
+        return SettingsSource(self.preset, self.recipe, (*self.flag_pairs(), *extra), tuple(self.set_pairs()))
+
+    def launch(self) -> Launch:
+        """Where the run's results go and how it is shown."""
+        from ..results.db import resolve_db_path
+        from ..runner.jobs import Launch, default_out_dir
+
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"--threads must be at least 1, not {self.threads}.")
+        return Launch(resolve_db_path(self.db), default_out_dir(self.out), bool(self.quiet), bool(self.force),
+                      self.threads)
 
     def given(self, name: str) -> bool:
         return self.values.get(name) not in (None, False, [])

@@ -49,7 +49,10 @@ def study(
         raise UsageError(f"Unknown format {fmt!r}; use {', '.join(FORMATS)}.")
     if Group.from_env().active:
         raise UsageError("Run `dyntie study` as one process, without torchrun.")
-    one = Study(backbone, opts, variants=parse_variants(variants), seeds=parse_seeds(seeds), name=name, jobs=jobs,
+    independent_given = opts.given("independent") or any(k in ("ties.independent", "independent")
+                                                          for k, _ in opts.set_pairs())
+    one = Study(backbone, opts.sources(), opts.launch(), independent_given=independent_given,
+                variants=parse_variants(variants), seeds=parse_seeds(seeds), name=name, jobs=jobs,
                 say=echo_to_stderr(bool(opts.quiet)))
     tasks = one.run()
     left = summary(one, tasks)
