@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from dyntie_cli import variants
-from dyntie_cli.ablation import check_ablation_arguments
 from dyntie_cli.core import policies
 from dyntie_cli.core.plan import planned_independent
 from dyntie_cli.core.policies import FixedPolicy, PolicyInputs, builds
 from dyntie_cli.core.ties import independent_count
 from dyntie_cli.errors import UsageError
+from dyntie_cli.experiments.ablation import check_ablation_arguments
 from dyntie_cli.settings import VARIANTS, AgentSettings, RunSettings
 from dyntie_cli.variants import SPECS, VariantSpec
 from tests.conftest import rows
@@ -38,6 +38,15 @@ def test_what_the_commands_accept_follows_from_the_table():
     assert {n for n, (without, _) in reads.items() if without} == {
         "final-arch", "replay", "static-sequence", "static-cycle", "static-cycle-rev", "grow"}
     assert {n for n, (_, given) in reads.items() if given} == {"final-arch", "replay"}
+
+
+def test_bench_adds_its_baseline_and_trains_a_sourced_variant_from_the_dynamic_run():
+    from dyntie_cli.experiments.bench import bench_variants
+
+    assert bench_variants(["dynamic", "replay"]) == ["no-tying", "dynamic", "replay"]
+    assert bench_variants(["static-cycle", "no-tying"]) == ["static-cycle", "no-tying"]
+    with pytest.raises(UsageError, match="--variants final-arch needs dynamic in the list"):
+        bench_variants(["no-tying", "final-arch"])
 
 
 def test_a_variant_fixes_its_settings_in_every_source_of_settings():

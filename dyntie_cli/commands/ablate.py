@@ -32,9 +32,9 @@ def ablate(
     rounded half up, else L/4), grow's target (--independent N, default the source run's final count, else the
     agent's budget) and the replay permutation's seed (ties.perm_seed).
     """
-    from ..ablation import ablation_job, check_ablation_arguments, choose_source
     from ..core.loop import Job
     from ..errors import UsageError
+    from ..experiments.ablation import ablation_job, check_ablation_arguments, choose_source
     from ..runner.jobs import run_job
     from ..runner.settings_source import new_settings
 

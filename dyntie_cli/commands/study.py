@@ -40,10 +40,10 @@ def study(
     """
     from ..core.distributed import Group
     from ..errors import DyntieError, UsageError
+    from ..experiments.study import Study, echo_to_stderr, parse_seeds, parse_variants, summary
     from ..report.tables import FORMATS, render
     from ..results.queries import run_query
     from ..results.study import study_run_ids, study_title
-    from ..study import Study, echo_to_stderr, parse_seeds, parse_variants, summary
 
     if fmt not in FORMATS:
         raise UsageError(f"Unknown format {fmt!r}; use {', '.join(FORMATS)}.")

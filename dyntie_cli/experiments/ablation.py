@@ -10,14 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .core.loop import Job
-from .core.policies import random_permutation
-from .core.ties import permute_state
-from .errors import DyntieError, UsageError
-from .results.lineage import load_source_run, newest_finished_run
-from .runner.settings_source import recorded_settings
-from .settings import RunSettings, revised
-from .variants import ABLATIONS, METHOD, NAMES, named, spec
+from ..core.loop import Job
+from ..core.policies import random_permutation
+from ..core.ties import permute_state
+from ..errors import DyntieError, UsageError
+from ..results.lineage import load_source_run, newest_finished_run
+from ..runner.settings_source import recorded_settings
+from ..settings import RunSettings, revised
+from ..variants import ABLATIONS, METHOD, NAMES, named, spec
 
 #: seeds tried when looking for a replay permutation that really moves the schedule; for any state other than
 #: all-tied or all-independent a quarter or more of all permutations do, so a few tries are enough
@@ -103,7 +103,7 @@ def choose_source(db: Path, variant: str, from_run: str | None, backbone: str | 
         return None
     found = newest_finished_run(db, METHOD, backbone)
     if found is None:
-        from .plugins import get_backbone
+        from ..plugins import get_backbone
 
         name = backbone or "gpt2"
         train = f"dyntie {get_backbone(name).command} {name}"

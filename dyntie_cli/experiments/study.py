@@ -31,15 +31,15 @@ from typing import Any
 
 import typer
 
+from ..core.loop import Event, Job, stop_signals_to
+from ..errors import DyntieError, UsageError
+from ..results.study import read_study_runs
+from ..runner.children import STOPPED_EXIT, ChildRun
+from ..runner.jobs import Launch, resume_recorded, run_job
+from ..runner.settings_source import SettingsSource, new_settings
+from ..settings import RUN_LABELS, VARIANTS, RunSettings
+from ..variants import METHOD, spec
 from .ablation import ablation_job
-from .core.loop import Event, Job, stop_signals_to
-from .errors import DyntieError, UsageError
-from .results.study import read_study_runs
-from .runner.children import STOPPED_EXIT, ChildRun
-from .runner.jobs import Launch, resume_recorded, run_job
-from .runner.settings_source import SettingsSource, new_settings
-from .settings import RUN_LABELS, VARIANTS, RunSettings
-from .variants import METHOD, spec
 
 _CHECKPOINT_FILES = ("ties.json", "trainer.pt", "model.safetensors")
 
@@ -275,7 +275,7 @@ class Study:
                 result = resume_recorded(self.launch.db, task.resume_id, quiet=self.launch.quiet,
                                          print_summary=False, listen=listen)
             else:
-                from .plugins import get_backbone
+                from ..plugins import get_backbone
 
                 job = self._job(task, tasks)
                 result = run_job(get_backbone(job.settings.backbone), job, self.launch, print_summary=False,
