@@ -88,6 +88,7 @@ def _register() -> None:
         export,
         finetune,
         generate,
+        job,
         merge,
         plan,
         report,
@@ -95,7 +96,8 @@ def _register() -> None:
         train,
     )
 
-    for module in (train, finetune, ablate, study, report, merge, bench, export, generate, backbones, config, plan):
+    for module in (train, finetune, ablate, study, report, merge, bench, job, export, generate, backbones, config,
+                   plan):
         module.register(app)
     _reflow_help(app)
 

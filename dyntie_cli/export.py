@@ -72,7 +72,7 @@ def load_run_model(db: Path, run_id: str) -> RunModel:
     """The model of run ``run_id`` (a finished, killed or running one) from its last checkpoint, on the CPU,
     in eval mode. A running run may replace its checkpoint while it is read: the read is repeated until the
     checkpoint folder it began with is still the one in place."""
-    from .runner import recorded_settings
+    from .runner.settings_source import recorded_settings
 
     run = load_run(db, run_id)
     folder = checkpoint_dir(run)

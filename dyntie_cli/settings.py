@@ -18,6 +18,7 @@ policy.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import sys
@@ -30,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
 from .errors import DyntieError, UsageError
+from .variants import NAMES, SPECS, named
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -39,18 +41,24 @@ else:  # pragma: no cover
 _NO_LEGACY = object()
 
 
-def setting(default: Any, help: str, *, legacy: Any = _NO_LEGACY, **constraints: Any) -> Any:
+def setting(default: Any, help: str, *, flag: str | None = None, legacy: Any = _NO_LEGACY,
+            **constraints: Any) -> Any:
     """A schema field: ``default``, ``help`` (one line for people), range constraints (``ge``, ``gt``, ``le``,
-    ``lt``), and ``legacy``: the value for a run recorded before the field existed."""
+    ``lt``), ``flag``: the command-line flag that sets it, if any (an error names it), and ``legacy``: the value
+    for a run recorded before the field existed."""
     extra = {} if legacy is _NO_LEGACY else {"legacy": legacy}
+    if flag is not None:
+        extra["flag"] = flag
     return Field(default, description=help, json_schema_extra=extra or None, **constraints)
 
 
 class Section(BaseModel):
     """A group of settings. Strict: a number is never a bool, a whole number never a fraction; unknown keys are
-    refused. Mapping-style reads (``cfg.data["batch_size"]``) work too, for backbones written against dicts."""
+    refused. Frozen: settings are validated once and never written to afterwards (a value resolved later makes new
+    settings, :func:`revised`). Mapping-style reads (``cfg.data["batch_size"]``) work too, for backbones written
+    against dicts."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, protected_namespaces=())
 
     def __getitem__(self, key: str) -> Any:
         if key not in type(self).model_fields:
@@ -71,12 +79,9 @@ class Section(BaseModel):
 Precision = Literal["fp32", "bf16", "fp16"]
 TiedGrad = Literal["follow", "sum"]
 UntieOptim = Literal["fresh", "copy"]
-Variant = Literal["dynamic", "no-tying", "random", "final-arch", "replay", "static-all", "static-sequence",
-                  "static-cycle", "static-cycle-rev", "grow", "q-off"]
+#: the names of the table of variants (variants.py)
+Variant = Literal[NAMES]  # type: ignore[valid-type]
 VARIANTS: tuple[str, ...] = get_args(Variant)
-#: variants that take their tie states from another run (``--from-run``)
-NEEDS_SOURCE = ("final-arch", "replay")
-STATIC_SCHEMES = tuple(v for v in VARIANTS if v.startswith("static-"))
 
 
 ReleaseMemory = Literal["auto", "on", "off"]
@@ -85,7 +90,7 @@ ReleaseMemory = Literal["auto", "on", "off"]
 class TrainSettings(Section):
     """Optimisation and bookkeeping. Defaults suit the CPU presets; presets and recipes override them."""
 
-    max_steps: int = setting(1000, "Training steps.", ge=1)
+    max_steps: int = setting(1000, "Training steps.", flag="--max-steps", ge=1)
     lr: float = setting(1e-3, "Peak learning rate (AdamW).", gt=0)
     min_lr_ratio: float = setting(0.1, "Cosine decay ends at lr x this.", ge=0, le=1)
     warmup_steps: int = setting(100, "Linear warm-up steps.", ge=0)
@@ -114,26 +119,25 @@ INITIAL_STATE_FORM = re.compile(
     r"|\d+(\s*,\s*\d+)*")
 INITIAL_STATE_HELP = ("auto, all-tied, independent, final-arch-of:RUN, static-all, static-sequence:N, "
                       "static-cycle:N, static-cycle-rev:N or a state such as 0,0,2,2")
-#: variants whose policy starts from ``ties.initial_state`` (the others hold their own state from step 0)
-STARTS_FROM_INITIAL_STATE = ("dynamic", "random")
 
 
 class TieSettings(Section):
     """The tie manager and the fixed policies."""
 
-    decide_every: int = setting(10, "k: a tie decision every k training steps.", ge=1)
+    decide_every: int = setting(10, "k: a tie decision every k training steps.", flag="--decide-every", ge=1)
     tied_grad: TiedGrad = setting("follow", "follow: tied blocks get no weight gradient (the paper); sum: "
-                                            "every position's gradient is added to its root (ALBERT).")
+                                            "every position's gradient is added to its root (ALBERT).",
+                                  flag="--tied-grad")
     untie_optim: UntieOptim = setting("fresh", "Optimizer state of an untied block: fresh, or a copy of its "
                                                "source's.")
     independent: int = setting(0, "Independent blocks of a static scheme (0: the source run's mean, else L/4), "
                                   "or grow's target (0: the source run's final count, else agent.max_independent, "
-                                  "else L/4).", ge=0)
+                                  "else L/4).", flag="--independent", ge=0)
     perm_seed: int = setting(0, "Replay: seed of the permutation of block indices.", ge=0)
     initial_state: str = setting(
         "auto", "Tie state at step 0 of a dynamic or random run: auto (all tied from scratch, independent from "
                 "--init weights), all-tied, independent, final-arch-of:RUN, static-all, static-sequence:N, "
-                "static-cycle:N, static-cycle-rev:N, or a state such as 0,0,2,2.")
+                "static-cycle:N, static-cycle-rev:N, or a state such as 0,0,2,2.", flag="--initial-state")
 
     grow_until: float = setting(0.2, "grow: the share of training by which it has untied its target number of "
                                      "blocks (ties.independent), one block at a steady pace (0: all at the "
@@ -166,7 +170,7 @@ class AgentSettings(Section):
     ``advantage``); explicit fields override it. The method page of the docs explains each choice; its agent section
     the shared and advantage networks."""
 
-    preset: AgentPreset = setting("default", "The named agent these settings started from.")
+    preset: AgentPreset = setting("default", "The named agent these settings started from.", flag="--agent")
     hidden: int = setting(128, "Width of the Q-network's two hidden layers.", ge=1)
     lr: float = setting(1e-3, "Adam learning rate of the Q-network.", gt=0)
     gamma: float = setting(0.9, "Discount of the TD target.", ge=0, le=1)
@@ -208,14 +212,16 @@ class AgentSettings(Section):
     td_budget: bool = setting(True, "The greedy TD target applies the max_independent budget as acting "
                                     "does.", legacy=False)
     reward: Reward = setting("relative", "relative (log-PPL against a running reference), neg-log-ppl, or "
-                                         "neg-ppl (the paper's -PPL).")
+                                         "neg-ppl (the paper's -PPL).",
+                             flag="--reward")
     reward_batch: RewardBatch = setting("interval", "Batches that score a decision: interval (the k training "
                                                     "batches that follow), next (the first), fresh (one extra "
                                                     "batch, the paper).", legacy="fresh")
     reward_ema: float = setting(0.9, "Smoothing of the relative reward's running reference.", ge=0, le=1)
-    max_independent: int = setting(8, "At most N independent blocks, by masking actions (0: no cap).", ge=0)
+    max_independent: int = setting(8, "At most N independent blocks, by masking actions (0: no cap).",
+                                   flag="--max-independent", ge=0)
     param_penalty: float = setting(0.0, "Subtracted from the reward times the fraction of independent "
-                                        "blocks.", ge=0)
+                                        "blocks.", flag="--param-penalty", ge=0)
     use_q: bool = setting(True, "Act on the Q-network. false: the greedy choice of every row keeps its tie and "
                                 "only exploration and the budget move rows (the network still trains, so every "
                                 "random draw is the default's); the variant q-off sets it.", legacy=True)
@@ -237,9 +243,10 @@ class AgentSettings(Section):
     warm_from: str = setting("", "Warm-start the agent from earlier runs' recorded transitions: run ids (or "
                                  "unique prefixes), comma-separated, or all (every finished dynamic run of this "
                                  "backbone in the registry, except runs of the same study); the ids used are "
-                                 "recorded in runs.config agent_sources.", legacy="")
+                                 "recorded in runs.config agent_sources.", flag="--agent-from", legacy="")
     warm_weights: str = setting("", "Start the Q-network from the agent in this run's checkpoint (a run id or "
-                                    "unique prefix); a shared network applies at any depth.", legacy="")
+                                    "unique prefix); a shared network applies at any depth.", flag="--agent-weights",
+                                legacy="")
     warm_updates: int = setting(200, "Minibatch updates on the warm_from transitions before the first "
                                      "decision.", ge=0, legacy=200)
     seed: int = setting(0, "The agent's seed (the run's --seed).", ge=0)
@@ -272,7 +279,7 @@ class AgentSettings(Section):
         """The named agent with ``overrides``; an unknown name or key is refused."""
         if preset not in cls.PRESETS:
             raise UsageError(f"Unknown agent setting {preset!r}; choose one of {', '.join(cls.PRESETS)}.")
-        return _validated(cls, {**cls.PRESETS[preset], **overrides, "preset": preset}, "agent")
+        return validated(cls, {**cls.PRESETS[preset], **overrides, "preset": preset}, "agent")
 
     @classmethod
     def legacy_values(cls) -> dict[str, Any]:
@@ -292,14 +299,15 @@ class RunSettings(Section):
 
     backbone: str = setting("gpt2", "The backbone (dyntie backbones lists them).")
     preset: str = setting("", "The backbone preset the settings started from.")
-    dataset: str = setting("", "Dataset name, GLUE task, or kind:PATH.")
-    variant: Variant = setting("dynamic", "dynamic, or a baseline: " + ", ".join(VARIANTS[1:]) + ".")
-    seed: int = setting(0, "Random seed (data order, initialisation, agent).", ge=0)
-    device: str = setting("auto", "cpu, cuda, cuda:N or auto.", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    data_dir: str | None = setting(None, "Local copy of the dataset (offline use).")
+    dataset: str = setting("", "Dataset name, GLUE task, or kind:PATH.", flag="--dataset")
+    variant: Variant = setting("dynamic", "dynamic, or a baseline: " + ", ".join(VARIANTS[1:]) + ".",
+                               flag="--variant")
+    seed: int = setting(0, "Random seed (data order, initialisation, agent).", flag="--seed", ge=0)
+    device: str = setting("auto", "cpu, cuda, cuda:N or auto.", flag="--device", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    data_dir: str | None = setting(None, "Local copy of the dataset (offline use).", flag="--data-dir")
     init: str = setting("", "Start from these weights: a local transformers folder (GPT-2, BERT; a dyntie full "
                             "export too), a timm folder or checkpoint file (ViT), or a GPT-2 or timm hub id when "
-                            "the hub is reachable (empty: from scratch).")
+                            "the hub is reachable (empty: from scratch).", flag="--init")
     model: Section = Field(default_factory=Section)
     data: Section = Field(default_factory=Section)
     train: TrainSettings = Field(default_factory=TrainSettings)
@@ -312,6 +320,18 @@ class RunSettings(Section):
     def to_dict(self) -> dict[str, Any]:
         """A plain, JSON-ready tree (what the registry stores in ``runs.config``)."""
         return self.model_dump(mode="json")
+
+
+def _flags() -> dict[str, str]:
+    fields = {**RunSettings.model_fields, **{f"{section}.{name}": info for section, cls in SHARED_SECTIONS.items()
+                                            for name, info in cls.model_fields.items()}}
+    return {key: info.json_schema_extra["flag"] for key, info in fields.items()
+            if isinstance(info.json_schema_extra, dict) and "flag" in info.json_schema_extra}
+
+
+#: the command-line flag of each setting that has one (``train.max_steps``: ``--max-steps``), so an error names
+#: what the user typed
+FLAG_OF: dict[str, str] = _flags()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -414,10 +434,6 @@ def assign(cls: type[RunSettings], tree: dict[str, Any], key: str, value: Any) -
     tree.setdefault(section, {})[name] = value
 
 
-#: the command-line flag of a setting, where it has one (filled by the commands' option table), so an error
-#: names what the user typed
-FLAG_OF: dict[str, str] = {}
-
 _TYPE_WORDS = {"int_type": "a whole number", "float_type": "a number", "bool_type": "true or false",
                "string_type": "text", "int_from_float": "a whole number", "int_parsing": "a whole number",
                "float_parsing": "a number", "list_type": "a list"}
@@ -453,23 +469,49 @@ def _sentence(error: dict[str, Any], cls: type[BaseModel], where: str) -> str:
     return f"{key}: {error['msg']} (got {value!r})."
 
 
-def _validated(cls: type[BaseModel], tree: dict[str, Any], where: str = "") -> Any:
+def validated(cls: type[BaseModel], tree: dict[str, Any], where: str = "") -> Any:
+    """``cls`` (the run's settings or one section of them, named ``where``) validated from a plain tree, or one
+    sentence about its first fault."""
     try:
         return cls.model_validate(tree)
     except ValidationError as e:
         raise UsageError(_sentence(e.errors()[0], cls, where)) from None
 
 
+def _starts_from_initial_state(variant: Any) -> bool:
+    return isinstance(variant, str) and variant in SPECS and SPECS[variant].starts_from_initial_state
+
+
+def _with_derived(cls: type[RunSettings], tree: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` with what follows from the rest of it: the agent draws from the run's seed, and a variant's fixed
+    settings win over any other source (q-off: the agent that never acts on its Q-network, recorded as such)."""
+    tree = copy.deepcopy(tree)
+    tree.setdefault("agent", {})["seed"] = tree.get("seed", RunSettings.model_fields["seed"].default)
+    variant = tree.get("variant", RunSettings.model_fields["variant"].default)
+    if isinstance(variant, str) and variant in SPECS:
+        for key, value in SPECS[variant].fixed:
+            assign(cls, tree, key, value)
+    return tree
+
+
 def validate_tree(cls: type[RunSettings], tree: dict[str, Any]) -> RunSettings:
     """The typed settings of a tree, or one sentence about its first fault."""
-    settings = _validated(cls, tree)
-    settings.agent.seed = settings.seed  # the agent draws from the run's seed
-    if settings.ties.initial_state != "auto" and settings.variant not in STARTS_FROM_INITIAL_STATE:
-        raise UsageError(f"--initial-state applies to the {' and '.join(STARTS_FROM_INITIAL_STATE)} variants; "
-                         f"{settings.variant} holds its own tie state from the first step, so drop it.")
-    if settings.variant == "q-off":  # the agent that never acts on its Q-network, recorded as such
-        settings.agent.use_q = False
+    settings = validated(cls, _with_derived(cls, tree))
+    if settings.ties.initial_state != "auto" and not _starts_from_initial_state(settings.variant):
+        starting = named(n for n in VARIANTS if _starts_from_initial_state(n))
+        raise UsageError(f"--initial-state applies to the {starting} variants; {settings.variant} holds its own tie "
+                         "state from the first step, so drop it.")
     return settings
+
+
+def revised(settings: RunSettings, pairs: Pairs) -> RunSettings:
+    """New settings: ``settings`` with ``pairs`` applied, validated as any settings are. For a value a run resolves
+    once it knows more (the full id of the run it starts from, the number of blocks a static scheme settled on)."""
+    cls = type(settings)
+    tree = settings.to_dict()
+    for key, value in pairs:
+        assign(cls, tree, key, value)
+    return validate_tree(cls, tree)
 
 
 def resolve(backbone_cls: type, preset: Any, *, dataset: str | None = None,
@@ -505,7 +547,7 @@ def upgrade_saved(saved: dict[str, Any]) -> dict[str, Any]:
         init = model.pop("init")
         tree["model"] = model
         tree.setdefault("init", init)
-        if init and tree.get("variant", "dynamic") in STARTS_FROM_INITIAL_STATE:
+        if init and _starts_from_initial_state(tree.get("variant", "dynamic")):
             # such runs started all tied, as every dynamic run did before ties.initial_state
             tree["ties"] = {"initial_state": "all-tied", **tree.get("ties", {})}
     agent = tree.get("agent")

@@ -22,7 +22,8 @@ from .core.decisions import TieDecisions
 from .core.policies import make_policy
 from .core.ties import TieManager, all_independent
 from .errors import DyntieError, UsageError
-from .settings import NEEDS_SOURCE, AgentSettings, TieSettings, Variant, _validated
+from .settings import AgentSettings, TieSettings, Variant, validated
+from .variants import spec
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -77,8 +78,8 @@ class DynamicTying:
     an LR scheduler keeps working. The reward is the perplexity of the ``decide_every`` losses that follow a
     decision (``agent.reward_batch`` interval, the default), or of ``fresh_ppl()`` (reward_batch fresh).
 
-    ``variant``: dynamic (the Q-agent), random, no-tying or a static scheme (static-all, static-sequence ...
-    with ``independent`` blocks). ``agent``: a named agent (default, lean, paper) and ``agent_options`` its
+    ``variant``: any variant that needs no source run: dynamic (the Q-agent), random, no-tying, a static scheme
+    (static-all, static-sequence ... with ``independent`` blocks), grow or q-off. ``agent``: a named agent (default, lean, paper) and ``agent_options`` its
     field overrides (``AgentSettings``). ``initial_state``: as ``--initial-state`` (auto: all tied, or
     independent when ``pretrained``). ``db``: a DuckDB registry file to record the run in, as ``dyntie train``
     would (``dyntie report`` reads it); ``history`` always holds the tie log.
@@ -92,22 +93,24 @@ class DynamicTying:
                  fresh_ppl: Callable[[], float] | None = None, log_every: int = 0) -> None:
         if total_steps < 1:
             raise UsageError(f"total_steps must be at least 1, not {total_steps}.")
-        if variant in NEEDS_SOURCE:
+        kind = spec(variant)
+        if kind.needs_source:
             raise UsageError(f"variant {variant} replays another run's ties; pass its state as "
                              "initial_state with variant='dynamic', or use dyntie ablate.")
-        ties_cfg: TieSettings = _validated(TieSettings, dict(
+        ties_cfg: TieSettings = validated(TieSettings, dict(
             decide_every=decide_every, tied_grad=tied_grad, untie_optim=untie_optim, initial_state=initial_state,
-            independent=independent), "ties")
-        agent_cfg = AgentSettings.from_preset(agent, **{**(agent_options or {}), "seed": seed})
-        if agent_cfg.reward_batch == "fresh" and fresh_ppl is None and variant in ("dynamic", "random"):
-            raise UsageError("agent reward_batch 'fresh' scores one extra batch: pass fresh_ppl, a function that "
-                             "returns the model's perplexity on a fresh training batch.")
+            independent=independent, **kind.fixed_in("ties")), "ties")
+        agent_cfg = AgentSettings.from_preset(agent, **{**(agent_options or {}), "seed": seed,
+                                                        **kind.fixed_in("agent")})
         blocks = list(blocks)
         self.total_steps, self.decide_every, self.variant = total_steps, decide_every, variant
         self.log_every = log_every
         self.policy = make_policy(variant, len(blocks), agent=agent_cfg, seed=seed, independent=independent,
                                   total_decisions=max(0, (total_steps - 1) // decide_every),
                                   initial_state=ties_cfg.initial_state, pretrained=pretrained)
+        if agent_cfg.reward_batch == "fresh" and fresh_ppl is None and self.policy.wants_reward:
+            raise UsageError("agent reward_batch 'fresh' scores one extra batch: pass fresh_ppl, a function that "
+                             "returns the model's perplexity on a fresh training batch.")
         start = self.policy.initial_state()
         # every block starts with the weights it was built with, so the optimizer holds them all; the start
         # state is applied once the optimizer is attached, so tied blocks leave it

@@ -16,13 +16,13 @@ import sys
 from dyntie_cli.commands.options import TrainingOptions
 from dyntie_cli.core.loop import resolve_device
 from dyntie_cli.core.plan import plan_memory
-from dyntie_cli.runner import new_settings
+from dyntie_cli.runner.settings_source import new_settings
 
 
 def plan(preset: str, device: str, width: int, variant: str, budget: int, sets: list[str]) -> dict:
     opts = TrainingOptions({"preset": preset, "device": device, "max_independent": budget,
                             "sets": [*sets, f"model.n_embd={width}", f"model.n_head={max(1, width // 64)}"]})
-    backbone, cfg = new_settings("gpt2", opts)
+    backbone, cfg = new_settings("gpt2", opts.sources())
     data = backbone.load_data(cfg)
     return plan_memory(backbone, cfg, data, resolve_device(device), [variant])[0].to_dict()
 

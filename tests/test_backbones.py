@@ -292,10 +292,9 @@ def test_gpt2_uses_gpt2s_gelu_fused_and_it_saves_activation_memory():
 
     from transformers import GPT2LMHeadModel
 
-    from dyntie_cli.commands.options import TrainingOptions
-    from dyntie_cli.runner import new_settings
+    from dyntie_cli.runner.settings_source import SettingsSource, new_settings
 
-    backbone, cfg = new_settings("gpt2", TrainingOptions({"preset": "gpt2-tiny"}))
+    backbone, cfg = new_settings("gpt2", SettingsSource("gpt2-tiny"))
     fused = backbone.build_model(cfg, types.SimpleNamespace(vocab_size=512, tokenizer=None))
     assert fused.config.activation_function == "gelu_pytorch_tanh"
     reference = GPT2LMHeadModel(fused.config.__class__(**{**fused.config.to_dict(), "activation_function": "gelu_new"}))
@@ -325,10 +324,9 @@ def test_gpt2_uses_gpt2s_gelu_fused_and_it_saves_activation_memory():
 def test_loading_the_model_code_draws_no_random_numbers(name):
     """Before measuring the memory baseline the loop has the backbone load its model code (by default a build on
     the meta device); that must leave the seeded initialisation of the real model exactly as it was."""
-    from dyntie_cli.commands.options import TrainingOptions
-    from dyntie_cli.runner import new_settings
+    from dyntie_cli.runner.settings_source import SettingsSource, new_settings
 
-    backbone, cfg = new_settings(name, TrainingOptions({"preset": _tiny_preset(all_backbones()[name].cls)}))
+    backbone, cfg = new_settings(name, SettingsSource(_tiny_preset(all_backbones()[name].cls)))
     data = backbone.load_data(cfg)
     torch.manual_seed(0)
     reference = backbone.build_model(cfg, data).state_dict()

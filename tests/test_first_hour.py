@@ -22,7 +22,7 @@ from dyntie_cli.backbones.glue_splits import load_glue_splits, read_glue_tsv
 from dyntie_cli.backbones.glue_tasks import get_task
 from dyntie_cli.report.tables import render
 from dyntie_cli.results.queries import QUERIES, run_query
-from dyntie_cli.runner import ProgressView
+from dyntie_cli.runner.view import ProgressView
 from tests.conftest import SHARED, invoke
 from tests.conftest import rows as _rows
 from tests.test_registry import left_out

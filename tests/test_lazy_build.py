@@ -9,11 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from dyntie_cli.commands.options import TrainingOptions
 from dyntie_cli.core.lazy_build import build_lazily
 from dyntie_cli.core.memory import parameter_bytes
 from dyntie_cli.core.ties import TieManager
-from dyntie_cli.runner import new_settings
+from dyntie_cli.runner.settings_source import SettingsSource, new_settings
 from tests.conftest import invoke
 from tests.conftest import rows as _rows
 
@@ -24,7 +23,7 @@ CASES = {"gpt2": ("gpt2-tiny", {}), "vit": ("vit-tiny", {}),
 
 def _setup(name):
     preset, extra = CASES[name]
-    backbone, cfg = new_settings(name, TrainingOptions({"preset": preset, **extra}))
+    backbone, cfg = new_settings(name, SettingsSource(preset, flags=tuple(extra.items())))
     data = backbone.load_data(cfg)
     probe = backbone.blocks(backbone.load_model_code(cfg, data))
     return backbone, cfg, data, probe

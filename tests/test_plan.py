@@ -9,11 +9,10 @@ import sys
 import pytest
 import torch
 
-from dyntie_cli.commands.options import TrainingOptions
 from dyntie_cli.core import plan as planner
 from dyntie_cli.core.lazy_build import build_lazily
 from dyntie_cli.core.ties import TieManager
-from dyntie_cli.runner import new_settings
+from dyntie_cli.runner.settings_source import SettingsSource, new_settings
 from tests.conftest import invoke
 from tests.conftest import rows as _rows
 
@@ -58,7 +57,7 @@ def test_a_run_with_room_to_spare_does_not_measure_its_activations(runner, tmp_p
 def test_planned_activations_are_what_a_training_step_saves(independent):
     """The plan measures activations at one and two independent blocks and extrapolates; a real forward at any
     count saves exactly that."""
-    backbone, cfg = new_settings("gpt2", TrainingOptions({"preset": "gpt2-tiny"}))
+    backbone, cfg = new_settings("gpt2", SettingsSource("gpt2-tiny"))
     data = backbone.load_data(cfg)
     meta = backbone.load_model_code(cfg, data)
     probe = backbone.blocks(meta)
@@ -75,7 +74,7 @@ def test_planned_activations_are_what_a_training_step_saves(independent):
 
 
 def test_measuring_draws_no_number_from_the_run(monkeypatch):
-    backbone, cfg = new_settings("gpt2", TrainingOptions({"preset": "gpt2-tiny"}))
+    backbone, cfg = new_settings("gpt2", SettingsSource("gpt2-tiny"))
     data = backbone.load_data(cfg)
     torch.manual_seed(0)
     before = torch.get_rng_state()

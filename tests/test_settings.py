@@ -6,7 +6,7 @@ import pytest
 
 from dyntie_cli.commands.options import TrainingOptions
 from dyntie_cli.errors import UsageError
-from dyntie_cli.runner import new_settings
+from dyntie_cli.runner.settings_source import new_settings
 from dyntie_cli.settings import (
     AgentSettings,
     RunSettings,
@@ -25,7 +25,7 @@ def _opts(**values) -> TrainingOptions:
 
 
 def _cfg(backbone: str = "gpt2", **values) -> RunSettings:
-    return new_settings(backbone, _opts(**values))[1]
+    return new_settings(backbone, _opts(**values).sources())[1]
 
 
 def test_precedence_preset_recipe_options_set(tmp_path):
@@ -85,6 +85,18 @@ def test_a_flag_error_names_the_flag():
         _cfg(max_steps=-3)
 
 
+def test_a_flag_error_names_the_flag_without_the_command_line_loaded():
+    """The flags of settings are declared in the schema: the sentence is the same from the Python side."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom dyntie_cli.plugins import get_backbone\nfrom dyntie_cli.settings import resolve\n"
+            "b = get_backbone('gpt2')\ntry:\n    resolve(type(b), b.presets['gpt2-tiny'], sources=[[('train.max_steps', -3)]])\n"
+            "except Exception as e:\n    print(e)\nprint('dyntie_cli.commands.options' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["train.max_steps (--max-steps) must be at least 1, not -3.", "False"]
+
+
 def test_bad_settings_exit_with_one_sentence_before_any_data_loads(runner, tmp_path, monkeypatch):
     """The checks run on the settings alone: a backbone whose data loader would fail never gets called."""
     from dyntie_cli.plugins import get_backbone
@@ -108,6 +120,22 @@ def test_bad_settings_exit_with_one_sentence_before_any_data_loads(runner, tmp_p
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and all(w in lines[0] for w in words), (args, r.stderr)
     assert not (tmp_path / "x.duckdb").exists()
+
+
+def test_settings_are_frozen_and_a_value_resolved_later_makes_new_settings():
+    from pydantic import ValidationError
+
+    from dyntie_cli.settings import revised
+
+    cfg = _cfg(preset="gpt2-tiny")
+    for section, key in [(cfg.train, "lr"), (cfg.ties, "independent"), (cfg.agent, "use_q"), (cfg, "dataset")]:
+        with pytest.raises(ValidationError, match="frozen"):
+            setattr(section, key, getattr(section, key))
+    again = revised(cfg, [("ties.independent", 3)])
+    assert again.ties.independent == 3 and cfg.ties.independent == 0 and type(again) is type(cfg)
+    assert again.to_dict() == {**cfg.to_dict(), "ties": {**cfg.to_dict()["ties"], "independent": 3}}
+    with pytest.raises(UsageError, match=r"ties.independent \(--independent\) must be at least 0"):
+        revised(cfg, [("ties.independent", -1)])
 
 
 def test_dataset_names_match_loosely_and_are_stored_canonically():

@@ -304,7 +304,9 @@ def test_resume_of_a_warm_started_run_is_bit_exact(twelve_block_runs, tmp_path, 
     run uninterrupted logs: every tie, decision and metric (timings aside). The shared agent also starts from a
     saved network; the advantage agent (its own network shape) from the transitions alone."""
     from dyntie_cli.commands.options import TrainingOptions
-    from dyntie_cli.runner import Job, Launch, new_settings, resume_recorded, run_job
+    from dyntie_cli.core.loop import Job
+    from dyntie_cli.runner.jobs import Launch, resume_recorded, run_job
+    from dyntie_cli.runner.settings_source import new_settings
     from tests.test_reproducible import logged
 
     src_db, _, ids = twelve_block_runs
@@ -314,7 +316,7 @@ def test_resume_of_a_warm_started_run_is_bit_exact(twelve_block_runs, tmp_path, 
     weights = {"agent_weights": ids[0]} if qnet == "shared" else {}
     opts = TrainingOptions({"preset": "gpt2-tiny", "max_steps": 40, "decide_every": 4, "sets": sets, "agent": qnet,
                             "agent_from": ids[1], "quiet": True, **weights})
-    backbone, settings = new_settings("gpt2", opts)
+    backbone, settings = new_settings("gpt2", opts.sources())
     launch = Launch(db, tmp_path / "runs", quiet=True)
     whole = run_job(backbone, Job(settings, "train"), launch, print_summary=False)
 
@@ -322,7 +324,7 @@ def test_resume_of_a_warm_started_run_is_bit_exact(twelve_block_runs, tmp_path, 
         if event["type"] == "eval" and event["step"] == 20:
             os.kill(os.getpid(), signal.SIGTERM)  # the loop stops at this step boundary and checkpoints
 
-    _, settings = new_settings("gpt2", opts)
+    _, settings = new_settings("gpt2", opts.sources())
     with pytest.raises(DyntieError, match="resume it with"):
         run_job(backbone, Job(settings, "train"), launch, print_summary=False, listen=stop_after_second_validation)
     killed = rows(db, "SELECT run_id FROM runs WHERE status = 'killed'")[0][0]

@@ -21,7 +21,7 @@ from dyntie_cli.backbones.image_data import ImageData, complete_splits, load_ima
 from dyntie_cli.backbones.image_datasets import Split
 from dyntie_cli.backbones.vit import PRESETS, ViTBackbone, auto_patch_size
 from dyntie_cli.errors import DyntieError
-from dyntie_cli.settings import resolve
+from dyntie_cli.settings import resolve, revised
 from tests.conftest import SHARED, invoke
 from tests.conftest import rows as _rows
 
@@ -295,9 +295,8 @@ def test_model_shape_patches_and_blocks():
     assert backbone.blocks(model) == list(model.blocks) and len(model.blocks) == 4
     assert model.patch_embed.patch_size == (4, 4) and model.head.out_features == 10
     assert [auto_patch_size(s) for s in (8, 28, 32, 224)] == [4, 4, 4, 16]
-    cfg.model.patch_size = 3
     with pytest.raises(DyntieError, match="model.patch_size"):
-        backbone.build_model(cfg, data)
+        backbone.build_model(revised(cfg, [("model.patch_size", 3)]), data)
     depth = {name: p.model["depth"] for name, p in PRESETS.items()}
     assert depth == {"vit-tiny": 4, "vit-cpu": 12, "vit-paper": 32}
 

@@ -6,14 +6,14 @@ from typing import Annotated
 
 import typer
 
+from ..variants import ABLATIONS
 from .options import TrainingOptions, examples, training_options
 
 
 @training_options(exclude=("variant",))
 def ablate(
     opts: TrainingOptions,
-    variant: Annotated[str, typer.Option("--variant", help="final-arch, replay, no-tying, random, static-all, "
-                                         "static-sequence, static-cycle, static-cycle-rev, grow, q-off.")],
+    variant: Annotated[str, typer.Option("--variant", help=f"{', '.join(ABLATIONS)}.")],
     from_run: Annotated[str | None, typer.Option("--from-run", help="The dynamic run to ablate: its "
                                                     "data, seed, steps and hyperparameters are reused "
                                                     "\\[default: the newest finished dynamic run].")] = None,
@@ -32,16 +32,17 @@ def ablate(
     rounded half up, else L/4), grow's target (--independent N, default the source run's final count, else the
     agent's budget) and the replay permutation's seed (ties.perm_seed).
     """
-    from ..ablation import ablation_job, check_ablation_arguments, choose_source
+    from ..core.loop import Job
     from ..errors import UsageError
-    from ..runner import Job, Launch, new_settings, run_job
+    from ..experiments.ablation import ablation_job, check_ablation_arguments, choose_source
+    from ..runner.jobs import run_job
+    from ..runner.settings_source import new_settings
 
     check_ablation_arguments(variant, opts.independent)
-    launch = Launch.from_options(opts)
+    launch = opts.launch()
     source = choose_source(launch.db, variant, from_run, backbone)
     if source is None:
-        opts.extra.append(("variant", variant))
-        bb, settings = new_settings(backbone, opts)
+        bb, settings = new_settings(backbone, opts.sources(("variant", variant)))
         run_job(bb, Job(settings, "ablate"), launch)
         return
     if source != from_run and not opts.quiet:

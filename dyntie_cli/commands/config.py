@@ -22,11 +22,11 @@ def show(
     """Print every setting of a run as these options would resolve them (schema defaults < preset < recipe <
     flags < --set), validated as training would validate them, without loading data or building a model."""
     from ..errors import UsageError
-    from ..runner import new_settings
+    from ..runner.settings_source import new_settings
 
     if fmt not in ("toml", "json"):
         raise UsageError(f"Unknown format {fmt!r}; use toml or json.")
-    _, settings = new_settings(backbone, opts)
+    _, settings = new_settings(backbone, opts.sources())
     tree = settings.to_dict()
     typer.echo(json.dumps(tree, indent=2) if fmt == "json" else to_toml(tree), nl=fmt == "json")
 

@@ -22,12 +22,13 @@ def finetune(
     RTE, the default task, ships with dyntie and runs offline. Other tasks read --data-dir DIR (the folders
     download_glue_data.py writes: DIR/MRPC/train.tsv, DIR/MRPC/dev.tsv) or, online, the Hugging Face hub.
     """
-    from ..runner import Job, Launch, new_settings, run_job
+    from ..core.loop import Job
+    from ..runner.jobs import run_job
+    from ..runner.settings_source import new_settings
 
-    if task is not None:
-        opts.extra.append(("dataset", task))
-    bb, settings = new_settings(benchmark, opts, expect="finetune")
-    run_job(bb, Job(settings, "finetune"), Launch.from_options(opts))
+    extra = [("dataset", task)] if task is not None else []
+    bb, settings = new_settings(benchmark, opts.sources(*extra), expect="finetune")
+    run_job(bb, Job(settings, "finetune"), opts.launch())
 
 
 def register(app: typer.Typer) -> None:

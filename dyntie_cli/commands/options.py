@@ -2,8 +2,8 @@
 
 ``train``, ``finetune``, ``ablate``, ``bench``, ``study``, ``plan`` and ``config show`` take them through
 ``@training_options``, which adds them to the command's signature (Typer reads it) and hands the command one
-``TrainingOptions`` object. A flag that names a setting (``--max-steps`` sets ``train.max_steps``) takes its help
-from the settings schema, so the two cannot disagree.
+``TrainingOptions`` object. A flag that names a setting (``--max-steps`` sets ``train.max_steps``) takes its name
+and its help from the settings schema, so the two cannot disagree.
 """
 
 from __future__ import annotations
@@ -11,12 +11,17 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Annotated, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from ..errors import UsageError
 from ..settings import FLAG_OF, RunSettings, parse_sets, section_fields
+
+if TYPE_CHECKING:  # both import torch: a command imports them when it runs, so `dyntie --help` stays quick
+    from ..runner.jobs import Launch
+    from ..runner.settings_source import SettingsSource
 
 
 @dataclass(frozen=True)
@@ -28,33 +33,39 @@ class Flag:
     help: str = ""  # for a setting: added after the schema's help
 
 
+def _setting(key: str, kind: Any, *aliases: str, help: str = "") -> Flag:
+    """The flag the schema names for setting ``key`` (``settings.FLAG_OF``), with its short ``aliases``."""
+    flag = FLAG_OF[key]
+    return Flag(flag.removeprefix("--").replace("-", "_"), (flag, *aliases), kind, key, help)
+
+
 FLAGS: tuple[Flag, ...] = (
-    Flag("dataset", ("--dataset", "-d"), str, "dataset", "See `dyntie backbones`."),
+    _setting("dataset", str, "-d", help="See `dyntie backbones`."),
     Flag("preset", ("--preset", "-p"), str, None, "Named model + training preset (`dyntie backbones` lists them)."),
     Flag("recipe", ("--recipe",), str, None, "A TOML recipe file, or a packaged recipe name."),
     Flag("sets", ("--set",), list[str], None, "Override any setting: --set train.lr=3e-4 (repeatable; "
                                               "`dyntie config show` prints them all)."),
     Flag("db", ("--db",), str, None, "DuckDB registry file (or DYNTIE_DB) \\[default: ./dyntie.duckdb]."),
     Flag("out", ("--out",), str, None, "Folder for checkpoints \\[default: ./runs]."),
-    Flag("seed", ("--seed",), int, "seed"),
-    Flag("device", ("--device",), str, "device"),
-    Flag("max_steps", ("--max-steps",), int, "train.max_steps"),
-    Flag("decide_every", ("--decide-every", "-k"), int, "ties.decide_every"),
-    Flag("variant", ("--variant",), str, "variant"),
-    Flag("independent", ("--independent",), int, "ties.independent"),
-    Flag("agent", ("--agent",), str, "agent.preset", "default, lean (fewer blocks, worse perplexity), paper "
-                                                     "(the paper's exact agent), shared (the shared per-block "
-                                                     "Q-network) or advantage (the shared network moving a row "
-                                                     "only where its bootstrap heads agree the move is better)."),
-    Flag("agent_from", ("--agent-from",), str, "agent.warm_from"),
-    Flag("agent_weights", ("--agent-weights",), str, "agent.warm_weights"),
-    Flag("reward", ("--reward",), str, "agent.reward"),
-    Flag("max_independent", ("--max-independent",), int, "agent.max_independent"),
-    Flag("param_penalty", ("--param-penalty",), float, "agent.param_penalty"),
-    Flag("tied_grad", ("--tied-grad",), str, "ties.tied_grad"),
-    Flag("init", ("--init",), str, "init"),
-    Flag("initial_state", ("--initial-state",), str, "ties.initial_state"),
-    Flag("data_dir", ("--data-dir",), str, "data_dir"),
+    _setting("seed", int),
+    _setting("device", str),
+    _setting("train.max_steps", int),
+    _setting("ties.decide_every", int, "-k"),
+    _setting("variant", str),
+    _setting("ties.independent", int),
+    _setting("agent.preset", str, help="default, lean (fewer blocks, worse perplexity), paper (the paper's exact "
+                                       "agent), shared (the shared per-block Q-network) or advantage (the shared "
+                                       "network moving a row only where its bootstrap heads agree the move is "
+                                       "better)."),
+    _setting("agent.warm_from", str),
+    _setting("agent.warm_weights", str),
+    _setting("agent.reward", str),
+    _setting("agent.max_independent", int),
+    _setting("agent.param_penalty", float),
+    _setting("ties.tied_grad", str),
+    _setting("init", str),
+    _setting("ties.initial_state", str),
+    _setting("data_dir", str),
     Flag("threads", ("--threads",), int, None, "CPU threads of the run (OMP_NUM_THREADS also sets them) "
                                               "\\[default: the cores other processes leave free, at most "
                                               "one per core]."),
@@ -63,7 +74,6 @@ FLAGS: tuple[Flag, ...] = (
                                             "device (`dyntie plan` shows the prediction)."),
 )
 BY_NAME = {f.name: f for f in FLAGS}
-FLAG_OF.update({f.key: f.decls[0] for f in FLAGS if f.key})
 
 
 def _schema_help(key: str) -> str:
@@ -88,13 +98,12 @@ def _parameter(flag: Flag) -> inspect.Parameter:
     return inspect.Parameter(flag.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainingOptions:
-    """The shared options of one command line, and the settings pairs they give."""
+    """The shared options of one command line: the settings they give (``sources``) and where the run's results
+    go (``launch``)."""
 
     values: dict[str, Any]
-    #: settings a command sets from its own options (``finetune --task`` sets ``dataset``), after the flags
-    extra: list[tuple[str, Any]] = field(default_factory=list)
 
     def __getattr__(self, name: str) -> Any:
         if name in BY_NAME:
@@ -105,10 +114,27 @@ class TrainingOptions:
         """(settings key, value) of every flag given; the named agent first, so flags and --set refine it."""
         pairs = [(f.key, self.values[f.name]) for f in FLAGS
                  if f.key and self.values.get(f.name) is not None]
-        return sorted(pairs, key=lambda pair: pair[0] != "agent.preset") + self.extra
+        return sorted(pairs, key=lambda pair: pair[0] != "agent.preset")
 
     def set_pairs(self) -> list[tuple[str, Any]]:
         return parse_sets(self.values.get("sets"))
+
+    def sources(self, *extra: tuple[str, Any]) -> SettingsSource:
+        """Where the run's settings come from: the preset and recipe named, the flags, then ``extra`` (settings a
+        command sets from its own options: ``finetune --task`` sets ``dataset``), then ``--set``."""
+        from ..runner.settings_source import SettingsSource
+
+        return SettingsSource(self.preset, self.recipe, (*self.flag_pairs(), *extra), tuple(self.set_pairs()))
+
+    def launch(self) -> Launch:
+        """Where the run's results go and how it is shown."""
+        from ..results.db import resolve_db_path
+        from ..runner.jobs import Launch, default_out_dir
+
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"--threads must be at least 1, not {self.threads}.")
+        return Launch(resolve_db_path(self.db), default_out_dir(self.out), bool(self.quiet), bool(self.force),
+                      self.threads)
 
     def given(self, name: str) -> bool:
         return self.values.get(name) not in (None, False, [])

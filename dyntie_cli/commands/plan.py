@@ -16,15 +16,16 @@ VariantsOpt = Annotated[str | None, typer.Option(
                        "--variant says otherwise).")]
 
 
-def _plan(backbone: str, opts: TrainingOptions, variants: str | None, fmt: str, expect: str) -> None:
+def _plan(backbone: str, opts: TrainingOptions, variants: str | None, fmt: str, expect: str,
+          *extra: tuple[str, str]) -> None:
     import pandas as pd
 
     from ..core.loop import resolve_device, seed_everything
     from ..core.plan import plan_memory
     from ..report.tables import render
-    from ..runner import new_settings
+    from ..runner.settings_source import new_settings
 
-    bb, settings = new_settings(backbone, opts, expect=expect)
+    bb, settings = new_settings(backbone, opts.sources(*extra), expect=expect)
     names = [v.strip() for v in variants.split(",") if v.strip()] if variants else \
         list(dict.fromkeys(["no-tying", settings.variant]))
     device = resolve_device(settings.device)
@@ -72,9 +73,7 @@ def plan_finetune(
 
     Example: dyntie plan finetune glue --task rte --preset bert-cpu
     """
-    if task is not None:
-        opts.extra.append(("dataset", task))
-    _plan(benchmark, opts, variants, fmt, "finetune")
+    _plan(benchmark, opts, variants, fmt, "finetune", *([("dataset", task)] if task is not None else []))
 
 
 def register(app: typer.Typer) -> None:

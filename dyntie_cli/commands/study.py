@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from ..variants import DEFAULT_STUDY
 from .options import Format, TrainingOptions, training_options
 
 
@@ -18,7 +19,7 @@ def study(
     variants: Annotated[str, typer.Option("--variants", help="Comma-separated variants: dynamic, no-tying, "
                                           "final-arch, replay, random, grow, q-off, static-*. final-arch, replay "
                                           "and grow (without --independent) are trained from the seed's dynamic "
-                                          "run.")] = "dynamic,no-tying,final-arch,replay,random,grow,q-off",
+                                          "run.")] = ",".join(DEFAULT_STUDY),
     name: Annotated[str | None, typer.Option("--name", help="The study's name in the registry \\[default: "
                                              "PRESET-STEPS-HASH of the shared settings]: run the same command "
                                              "again to continue it.")] = None,
@@ -39,16 +40,19 @@ def study(
     """
     from ..core.distributed import Group
     from ..errors import DyntieError, UsageError
+    from ..experiments.study import Study, echo_to_stderr, parse_seeds, parse_variants, summary
     from ..report.tables import FORMATS, render
     from ..results.queries import run_query
     from ..results.study import study_run_ids, study_title
-    from ..study import Study, echo_to_stderr, parse_seeds, parse_variants, summary
 
     if fmt not in FORMATS:
         raise UsageError(f"Unknown format {fmt!r}; use {', '.join(FORMATS)}.")
     if Group.from_env().active:
         raise UsageError("Run `dyntie study` as one process, without torchrun.")
-    one = Study(backbone, opts, variants=parse_variants(variants), seeds=parse_seeds(seeds), name=name, jobs=jobs,
+    independent_given = opts.given("independent") or any(k in ("ties.independent", "independent")
+                                                          for k, _ in opts.set_pairs())
+    one = Study(backbone, opts.sources(), opts.launch(), independent_given=independent_given,
+                variants=parse_variants(variants), seeds=parse_seeds(seeds), name=name, jobs=jobs,
                 say=echo_to_stderr(bool(opts.quiet)))
     tasks = one.run()
     left = summary(one, tasks)

@@ -21,13 +21,17 @@ def train(
     With no options, `dyntie train gpt2` trains the gpt2-cpu preset (12 x 128) on the embedded WikiText-2
     copy: offline, on a CPU, in minutes.
     """
-    from ..runner import Job, Launch, new_settings, resume_run, run_job
+    from ..core.loop import Job
+    from ..runner.jobs import resume_recorded, run_job
+    from ..runner.settings_source import new_settings
 
+    launch = opts.launch()
     if resume:
-        resume_run(resume, opts)
+        resume_recorded(launch.db, resume, max_steps=opts.max_steps, quiet=launch.quiet, force=launch.force,
+                        threads=launch.threads)
         return
-    bb, settings = new_settings(backbone, opts, expect="train")
-    run_job(bb, Job(settings, "train"), Launch.from_options(opts))
+    bb, settings = new_settings(backbone, opts.sources(), expect="train")
+    run_job(bb, Job(settings, "train"), launch)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,8 +1,8 @@
 """Algorithm 1 over any backbone: train, decide every k steps, reward on fresh batches, learn, log.
 
 The loop knows a backbone only through the contract (``dyntie_cli.backbone.Backbone``); it owns the tie
-manager, the policy, the optimizer, memory probes, checkpoints and the results writer. Commands build a
-``Trainer`` and listen to its events (for the progress bar); they hold no training logic.
+manager, the policy, the optimizer, memory probes, checkpoints and the results writer. A ``Trainer`` trains one
+``Job``; runner/jobs.py builds it and listens to its events (for the progress bar), and holds no training logic.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import nn
 
 from ..backbone import perplexity
 from ..errors import DyntieError
-from ..settings import RunSettings
+from ..settings import RunSettings, revised
 from . import checkpoint as ckpt
 from .checkpoint import LoopState
 from .decisions import TieDecisions
@@ -33,7 +33,23 @@ from .lazy_build import BuildReport, build_lazily
 from .memory import MemoryProbe, base_bytes, gradient_bytes, release_memory_at_once, trainable_parameters
 from .plan import DoesNotFit, MemoryPlan, measure_on, model_counts, near_limit, plan_memory
 from .policies import DynamicPolicy, Policy, make_policy
-from .ties import TieManager, independent_count
+from .ties import TieManager
+
+
+@dataclass(frozen=True)
+class Job:
+    """A run to train: its settings and what the registry records beside them."""
+
+    settings: RunSettings
+    command: str = "train"  # how the registry records it: train, finetune, ablate, bench, study
+    parent_run_id: str | None = None
+    source: dict[str, Any] | None = None  # what a run-dependent variant takes from its source run
+    labels: dict[str, Any] = field(default_factory=dict)  # kept in runs.config: a bench round, a study
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: how a job is handed to another process."""
+        return {"settings": self.settings.to_dict(), "command": self.command, "parent_run_id": self.parent_run_id,
+                "source": self.source, "labels": self.labels}
 
 
 @dataclass
@@ -50,9 +66,6 @@ class RunResult:
     end_trainable: int = 0
     conventional_params: int = 0  # trainable parameters of the same model with every block independent
     checkpoint: str | None = None
-    command: str = "train"
-    variant: str = "dynamic"
-    parent_run_id: str | None = None
     wall_time_s: float = 0.0  # the training loop, evaluations and checkpoints (a resumed run's earlier parts too)
 
 
@@ -138,26 +151,22 @@ def _stop_on_signals(trainer: Trainer):
 
 
 class Trainer:
-    """One run. ``source`` carries what an ablation takes from another run (final state, schedule)."""
+    """One run: ``job`` says what to train, ``writer`` records it, its checkpoints go under ``out_dir``;
+    ``resume``: continue the job's run from its last checkpoint."""
 
-    def __init__(self, backbone, cfg: RunSettings, writer, *, command: str = "train", out_dir: Path,
-                 source: dict[str, Any] | None = None, parent_run_id: str | None = None,
-                 resume: bool = False, events: Callable[[Event], None] | None = None,
-                 labels: dict[str, Any] | None = None, group: Group | None = None,
+    def __init__(self, backbone, job: Job, writer, *, out_dir: Path, resume: bool = False,
+                 events: Callable[[Event], None] | None = None, group: Group | None = None,
                  check_memory: bool = True) -> None:
         self.backbone = backbone
+        self.job = job
         self.group = group or Group()  # the ranks of a torchrun launch; one process by default
-        # what the registry keeps beside the settings in runs.config (a bench round, a study): labels only
-        self.labels = labels or {}
         self.check_memory = check_memory  # refuse a run the memory plan predicts will not fit (--force: try)
         self.plan: MemoryPlan | None = None  # the full prediction, when the run measured its activations
         self.state_plan: MemoryPlan | None = None  # the stored state's, before the build
-        self.cfg = cfg
+        self.cfg = job.settings  # the job's settings with what the run resolves (_make_policy)
         self.writer = writer
-        self.command = command
         self.out_dir = Path(out_dir)
-        self.source = source or {}
-        self.parent_run_id = parent_run_id
+        self.source = job.source or {}  # what a variant takes from another run (final state, schedule)
         self.resume = resume
         self.events = events or (lambda e: None)
         self.stop_signal: int | None = None
@@ -285,10 +294,8 @@ class Trainer:
                 if weights is None:
                     raise DyntieError(f"Run {knowledge['weights_run']} has no agent in its checkpoint to start from.")
             self.policy.agent.warm_start(knowledge.get("transitions", []), weights)
-        if cfg.variant.startswith("static-") and not cfg.ties.independent:
-            cfg.ties.independent = independent_count(self.policy.initial_state())  # what the scheme resolved to
-        if cfg.variant == "grow" and not cfg.ties.independent:
-            cfg.ties.independent = self.policy.target
+        if self.policy.resolved:  # what the policy settled (a static scheme's count) is the run's setting from here on
+            self.cfg = revised(cfg, self.policy.resolved)
 
     def _resumables(self) -> dict[str, tuple[Callable[[], Any], Callable[[Any], Any]]]:
         """Every part of the run a checkpoint saves and a resume restores by name (besides the loop state,
@@ -343,11 +350,11 @@ class Trainer:
             # a decision still waiting for its reward at the checkpoint is logged again once it is scored
             w.truncate_after(self.loop.step, decisions_from=self.loop.pending.decision if self.loop.pending else None)
         else:
-            config = cfg.to_dict() | self.labels | {"setup": self.build_report.label()}
+            config = cfg.to_dict() | self.job.labels | {"setup": self.build_report.label()}
             if self.group.active:
                 config["world_size"] = self.group.world
-            w.start(self.command, cfg.backbone, cfg.dataset, cfg.variant, config,
-                    parent_run_id=self.parent_run_id, preset=cfg.preset, seed=cfg.seed,
+            w.start(self.job.command, cfg.backbone, cfg.dataset, cfg.variant, config,
+                    parent_run_id=self.job.parent_run_id, preset=cfg.preset, seed=cfg.seed,
                     out_dir=str(self.out_dir / w.run_id), test_split=self.data.test_split,
                     headline=self.backbone.headline(cfg))
             self.decisions.log_state(action=self.ties.state, changed=0)  # decision 0: the initial state
@@ -358,7 +365,7 @@ class Trainer:
             w.flush()
         self.events({"type": "start", "run_id": w.run_id, "total": cfg.train.max_steps, "step": self.loop.step,
                      "blocks": self.num_blocks, "source": getattr(self.data, "source", ""),
-                     "command": self.command, "variant": cfg.variant, "parent_run_id": self.parent_run_id})
+                     "command": self.job.command, "variant": cfg.variant, "parent_run_id": self.job.parent_run_id})
         try:
             with _stop_on_signals(self):
                 result = self._loop()
@@ -442,8 +449,7 @@ class Trainer:
             test_split=self.data.test_split, mean_independent=self.loop.indep_steps / n,
             end_independent=self.ties.independent_layers, mean_trainable=self._mean_trainable(n),
             end_trainable=trainable_parameters(self.model), conventional_params=self.conventional_params,
-            checkpoint=str(path), command=self.command, variant=cfg.variant, parent_run_id=self.parent_run_id,
-            wall_time_s=self._wall_time(),
+            checkpoint=str(path), wall_time_s=self._wall_time(),
         )
 
     def _phase(self, name: str, *, final: bool = False) -> None:

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..errors import DyntieError
 from ..settings import RunSettings
+from ..variants import spec
 from .lazy_build import build_lazily
 from .memory import current_rss_bytes, release_freed_memory
 from .ties import TieManager, independent_count
@@ -181,19 +182,7 @@ def available_bytes(device: torch.device) -> int | None:
 
 def planned_independent(cfg: RunSettings, blocks: int, variant: str) -> tuple[int, str]:
     """The most blocks ``variant`` can have independent at once, and how that was decided."""
-    if variant == "no-tying":
-        return blocks, "every block independent"
-    if variant in ("dynamic", "random", "grow", "q-off"):
-        cap = cfg.agent.max_independent if variant != "random" else 0
-        if variant == "grow" and cfg.ties.independent:
-            return min(blocks, cfg.ties.independent), "the grow target (ties.independent)"
-        if cap:
-            return min(blocks, cap), f"the budget (--max-independent {cap})"
-        return blocks, "no budget (--max-independent 0): it may untie every block"
-    if variant.startswith("static-"):
-        n = cfg.ties.independent or max(1, blocks // 4)
-        return (1 if variant == "static-all" else min(blocks, n)), "the scheme's independent blocks"
-    return blocks, "a schedule from another run: planned at every block independent"
+    return spec(variant).most_independent(cfg, blocks)
 
 
 def plan_memory(backbone, cfg: RunSettings, data, device: torch.device, variants: list[str], *,
@@ -255,9 +244,10 @@ def gib(n: int | None) -> str:
 def refusal(plan: MemoryPlan, cfg: RunSettings) -> str:
     """One sentence for a run predicted not to fit, naming the fixes."""
     fixes = []
-    if plan.variant != "no-tying" and plan.independent > 1:
+    ties = spec(plan.variant).ties
+    if ties and plan.independent > 1:
         fixes.append(f"a smaller budget (--max-independent {max(1, plan.independent // 2)})")
-    elif plan.variant == "no-tying":
+    elif not ties:
         fixes.append("dynamic tying with a budget (--variant dynamic --max-independent 8)")
     batch = cfg.data.get("batch_size")
     if batch and batch > 1:

@@ -12,12 +12,16 @@
 Every policy returns an *action*; the loop turns it into the next state with Eq. 1, so every state in the
 registry follows from the logged action. A canonical state used as an action maps to itself under Eq. 1,
 which is how fixed and replayed schedules are expressed.
+
+Each variant of the table in dyntie_cli/variants.py has its policy built by the factory registered under its name
+(``@builds``); ``make_policy`` looks it up.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,6 +37,8 @@ class Policy:
     name = "policy"
     learns = False
     wants_reward = False  # compute the reward batch's perplexity at each decision
+    #: settings the policy settled when it was built, recorded with the run: (dotted key, value) pairs
+    resolved: tuple[tuple[str, Any], ...] = ()
 
     def initial_state(self) -> list[int]:
         raise NotImplementedError
@@ -291,38 +297,102 @@ def initial_tie_state(spec: str, num_blocks: int, *, pretrained: bool = False,
     return validate_state(state)
 
 
+@dataclass(frozen=True)
+class PolicyInputs:
+    """What a variant's policy is built from. ``source`` carries what a variant takes from another run:
+    ``final_state`` (final-arch, grow), ``initial``/``schedule`` (replay), ``mean_independent`` (static schemes),
+    ``initial_state`` (the state of ``final-arch-of:RUN``). Dynamic and random runs start from ``initial_state``
+    (``initial_tie_state``; resolved when the loop asks, so a resume, which starts from its checkpoint's state,
+    never needs it); ``pretrained``: the model starts from ``--init`` weights."""
+
+    variant: str
+    blocks: int
+    agent: AgentSettings
+    total_decisions: int
+    seed: int
+    independent: int = 0
+    source: dict[str, Any] = field(default_factory=dict)
+    perm_seed: int = 0
+    initial_state: str = "auto"
+    pretrained: bool = False
+    grow_until: float = 0.2
+
+    def start(self) -> list[int]:
+        return initial_tie_state(self.initial_state, self.blocks, pretrained=self.pretrained, source=self.source)
+
+
+Factory = Callable[[PolicyInputs], Policy]
+#: the factory of each variant of the table (dyntie_cli/variants.py), by name
+FACTORIES: dict[str, Factory] = {}
+
+
+def builds(*variants: str) -> Callable[[Factory], Factory]:
+    """Register the decorated function as the factory of the policy of ``variants``."""
+
+    def register(factory: Factory) -> Factory:
+        for variant in variants:
+            FACTORIES[variant] = factory
+        return factory
+
+    return register
+
+
 def make_policy(variant: str, num_blocks: int, *, agent: AgentSettings, total_decisions: int, seed: int,
                 independent: int = 0, source: dict[str, Any] | None = None, perm_seed: int = 0,
                 initial_state: str = "auto", pretrained: bool = False, grow_until: float = 0.2) -> Policy:
-    """Build the policy of a variant. ``source`` carries what a variant takes from another run:
-    ``final_state`` (final-arch, grow), ``initial``/``schedule`` (replay), ``mean_independent`` (static schemes),
-    ``initial_state`` (the state of ``final-arch-of:RUN``). Dynamic and random runs start from
-    ``initial_state`` (``initial_tie_state``; resolved when the loop asks, so a resume, which starts from its
-    checkpoint's state, never needs it); ``pretrained``: the model starts from ``--init`` weights."""
-    source = source or {}
-    L = num_blocks
+    """Build the policy of a variant with its registered factory (``PolicyInputs`` says what each input is)."""
+    if variant not in FACTORIES:
+        raise DyntieError(f"Unknown variant {variant!r}.")
+    return FACTORIES[variant](PolicyInputs(
+        variant, num_blocks, agent, total_decisions, seed, independent=independent, source=source or {},
+        perm_seed=perm_seed, initial_state=initial_state, pretrained=pretrained, grow_until=grow_until))
 
-    def start() -> list[int]:
-        return initial_tie_state(initial_state, L, pretrained=pretrained, source=source)
 
-    if variant in ("dynamic", "q-off"):  # q-off: the settings say agent.use_q=false
-        return DynamicPolicy(L, agent, total_decisions, start)
-    if variant == "grow":
-        return GrowPolicy(L, grow_target(L, independent, source, agent), grow_until, agent)
-    if variant == "random":
-        return RandomPolicy(L, seed, agent, start)
-    if variant == "no-tying":
-        return FixedPolicy(all_independent(L), "no-tying")
-    if variant == "final-arch":
-        if "final_state" not in source:
-            raise DyntieError("final-arch needs a source run: pass --from-run RUN (a dynamic run).")
-        return FixedPolicy(source["final_state"], "final-arch")
-    if variant == "replay":
-        if "schedule" not in source:
-            raise DyntieError("replay needs a source run: pass --from-run RUN (a dynamic run).")
-        return ReplayPolicy(source.get("initial", all_tied(L)), source["schedule"], random_permutation(L, perm_seed))
-    if variant.startswith("static-"):
-        n = independent or int(source.get("mean_independent", 0) + 0.5) or max(1, L // 4)
-        return FixedPolicy(static_state(variant, L, n), variant)
-    raise DyntieError(f"Unknown variant {variant!r}.")
+def _settles_independent(policy: Policy, p: PolicyInputs, count: int) -> Policy:
+    """``policy``, recording the number of independent blocks it settled on when ``ties.independent`` left it open."""
+    if not p.independent:
+        policy.resolved = (("ties.independent", count),)
+    return policy
 
+
+@builds("dynamic", "q-off")  # q-off: the settings fix agent.use_q=false
+def _agent_policy(p: PolicyInputs) -> Policy:
+    return DynamicPolicy(p.blocks, p.agent, p.total_decisions, p.start)
+
+
+@builds("random")
+def _random_policy(p: PolicyInputs) -> Policy:
+    return RandomPolicy(p.blocks, p.seed, p.agent, p.start)
+
+
+@builds("grow")
+def _grow_policy(p: PolicyInputs) -> Policy:
+    policy = GrowPolicy(p.blocks, grow_target(p.blocks, p.independent, p.source, p.agent), p.grow_until, p.agent)
+    return _settles_independent(policy, p, policy.target)
+
+
+@builds("no-tying")
+def _no_tying_policy(p: PolicyInputs) -> Policy:
+    return FixedPolicy(all_independent(p.blocks), p.variant)
+
+
+@builds("final-arch")
+def _final_arch_policy(p: PolicyInputs) -> Policy:
+    if "final_state" not in p.source:
+        raise DyntieError("final-arch needs a source run: pass --from-run RUN (a dynamic run).")
+    return FixedPolicy(p.source["final_state"], p.variant)
+
+
+@builds("replay")
+def _replay_policy(p: PolicyInputs) -> Policy:
+    if "schedule" not in p.source:
+        raise DyntieError("replay needs a source run: pass --from-run RUN (a dynamic run).")
+    return ReplayPolicy(p.source.get("initial", all_tied(p.blocks)), p.source["schedule"],
+                        random_permutation(p.blocks, p.perm_seed))
+
+
+@builds("static-all", "static-sequence", "static-cycle", "static-cycle-rev")
+def _static_policy(p: PolicyInputs) -> Policy:
+    n = p.independent or int(p.source.get("mean_independent", 0) + 0.5) or max(1, p.blocks // 4)
+    policy = FixedPolicy(static_state(p.variant, p.blocks, n), p.variant)
+    return _settles_independent(policy, p, independent_count(policy.state))

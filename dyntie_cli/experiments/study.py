@@ -31,14 +31,16 @@ from typing import Any
 
 import typer
 
-from .ablation import COUNTED, ablation_job
-from .core.loop import Event, stop_signals_to
-from .errors import DyntieError, UsageError
-from .results.study import read_study_runs
-from .runner import STOPPED_EXIT, ChildRun, Job, Launch, new_settings, resume_recorded, run_job
-from .settings import NEEDS_SOURCE, RUN_LABELS, VARIANTS, RunSettings
+from ..core.loop import Event, Job, stop_signals_to
+from ..errors import DyntieError, UsageError
+from ..results.study import read_study_runs
+from ..runner.children import STOPPED_EXIT, ChildRun
+from ..runner.jobs import Launch, resume_recorded, run_job
+from ..runner.settings_source import SettingsSource, new_settings
+from ..settings import RUN_LABELS, VARIANTS, RunSettings
+from ..variants import METHOD, spec
+from .ablation import ablation_job
 
-DEFAULT_VARIANTS = "dynamic,no-tying,final-arch,replay,random,grow,q-off"
 _CHECKPOINT_FILES = ("ties.json", "trainer.pt", "model.safetensors")
 
 
@@ -76,7 +78,7 @@ def parse_variants(text: str) -> list[str]:
     if unknown or not names:
         raise UsageError(f"Unknown variant {unknown[0] if unknown else text!r} in --variants; choose from "
                          f"{', '.join(VARIANTS)}.")
-    return sorted(names, key=lambda v: v != "dynamic")
+    return sorted(names, key=lambda v: v != METHOD)
 
 
 def default_name(settings: RunSettings) -> str:
@@ -128,19 +130,20 @@ class _Done:
 
 
 class Study:
-    """The plan and the runs of one ``dyntie study`` command."""
+    """The plan and the runs of one ``dyntie study`` command: every variant of ``variants`` on every seed of
+    ``seeds``, with the settings of ``source`` (``independent_given``: it gives the static schemes' and grow's
+    number of independent blocks, so they need no dynamic run), recorded as ``launch`` says."""
 
-    def __init__(self, backbone: str, opts: Any, *, variants: list[str], seeds: list[int], name: str | None,
-                 jobs: int, say: Callable[[str], None]) -> None:
+    def __init__(self, backbone: str, source: SettingsSource, launch: Launch, *, independent_given: bool,
+                 variants: list[str], seeds: list[int], name: str | None, jobs: int,
+                 say: Callable[[str], None]) -> None:
         if jobs < 1:
             raise UsageError("--jobs must be at least 1 (the number of runs trained at once).")
-        self.opts, self.backbone, self.variants, self.seeds, self.jobs = opts, backbone, variants, seeds, jobs
-        self.launch = Launch.from_options(opts)
+        self.source, self.backbone, self.variants, self.seeds, self.jobs = source, backbone, variants, seeds, jobs
+        self.launch = launch
         self.say = say
-        independent_given = opts.given("independent") or any(k in ("ties.independent", "independent")
-                                                              for k, _ in opts.set_pairs())
-        self.dependent = {v for v in variants if v in NEEDS_SOURCE or (v in COUNTED and not independent_given)}
-        if self.dependent and "dynamic" not in variants:
+        self.dependent = {v for v in variants if spec(v).reads_source(independent_given)}
+        if self.dependent and METHOD not in variants:
             raise UsageError(f"--variants {', '.join(sorted(self.dependent))} needs dynamic in the list: each is "
                              "trained from that seed's dynamic run.")
         # every run's settings are resolved (and refused if wrong) before the first run starts
@@ -149,7 +152,7 @@ class Study:
             for v in variants:
                 if v not in self.dependent:
                     self.settings[v, s] = self._new_settings(v, s)[1]
-        base = self._new_settings("dynamic", seeds[0])[1]
+        base = self._new_settings(METHOD, seeds[0])[1]
         self.name = name or default_name(base)
         self.labels = {"study": {"name": self.name}}
         self.stop: int | None = None
@@ -157,10 +160,7 @@ class Study:
         self._running: dict[int, tuple[Task, Any]] = {}
 
     def _new_settings(self, variant: str, seed: int) -> tuple[Any, RunSettings]:
-        from .commands.options import TrainingOptions
-
-        return new_settings(self.backbone, TrainingOptions(self.opts.values, extra=[("variant", variant),
-                                                                                    ("seed", seed)]))
+        return new_settings(self.backbone, self.source.with_flags(("variant", variant), ("seed", seed)))
 
     # -- the plan ----------------------------------------------------------------------------------
 
@@ -204,11 +204,11 @@ class Study:
                               "it another --name.")
 
     def _dynamic(self, task: Task, tasks: list[Task]) -> Task | None:
-        return next((t for t in tasks if t.variant == "dynamic" and t.seed == task.seed), None)
+        return next((t for t in tasks if t.variant == METHOD and t.seed == task.seed), None)
 
     def _dependent_job(self, task: Task, source_run: str, notes: list[str] | None = None) -> Job:
         _, job = ablation_job(self.launch.db, source_run, task.variant,
-                              [self.opts.flag_pairs(), self.opts.set_pairs()], command="study", labels=self.labels,
+                              [list(self.source.flags), list(self.source.sets)], command="study", labels=self.labels,
                               notes=notes)
         return job
 
@@ -275,7 +275,7 @@ class Study:
                 result = resume_recorded(self.launch.db, task.resume_id, quiet=self.launch.quiet,
                                          print_summary=False, listen=listen)
             else:
-                from .plugins import get_backbone
+                from ..plugins import get_backbone
 
                 job = self._job(task, tasks)
                 result = run_job(get_backbone(job.settings.backbone), job, self.launch, print_summary=False,

@@ -1,0 +1,96 @@
+"""A job in a process of its own: the parent's side (``ChildRun``: `dyntie bench` and `dyntie study --jobs N` start
+each run this way, so its peak memory is its own) and the child's (``train_job_file``, the hidden `dyntie job`
+command). The child reads the job from a file and writes what it did to another; nothing is parsed from its
+output."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ..errors import DyntieError
+
+#: exit statuses of a child whose run was stopped by a signal at a step boundary (checkpointed, marked killed)
+STOPPED_EXIT = (128 + signal.SIGINT, 128 + signal.SIGTERM)
+
+
+class ChildRun:
+    """One job trained by ``dyntie job`` (``train_job_file``) in a fresh interpreter. ``payload`` is
+    ``{"job": Job.to_dict(), "db", "out"}`` for a new run or ``{"resume": run id, "db"}`` to continue a killed one,
+    either with ``"force"`` and ``"threads"`` as ``Launch`` has them.
+    ``own_session``: the child does not get the terminal's Ctrl-C; the parent stops it with ``stop()``."""
+
+    def __init__(self, payload: dict[str, Any], label: str, *, own_session: bool = False) -> None:
+        self.label = label
+        self._tmp = Path(tempfile.mkdtemp(prefix="dyntie-job-"))
+        job_file, self._result_file, self._log = (self._tmp / n for n in ("job.json", "result.json", "log.txt"))
+        job_file.write_text(json.dumps(payload))
+        cmd = [sys.executable, "-m", "dyntie_cli", "job", str(job_file), "--result", str(self._result_file)]
+        with open(self._log, "w") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+                                         start_new_session=own_session)
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def wait(self) -> int:
+        return self.proc.wait()
+
+    def stop(self) -> None:
+        """Ask the child to stop at its next step boundary (it checkpoints and marks its run killed)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    @property
+    def stopped(self) -> bool:
+        """Stopped by a signal: at a step boundary (its exit status says so), or before training began."""
+        code = self.proc.returncode
+        return code in STOPPED_EXIT or code in (-signal.SIGTERM, -signal.SIGINT)
+
+    def result(self) -> dict[str, Any]:
+        """The finished run's result (``RunResult`` as a dict); a ``DyntieError`` naming the child's last line if
+        it did not finish. Removes the child's files."""
+        try:
+            if self.proc.returncode == 0 and self._result_file.exists():
+                return json.loads(self._result_file.read_text())
+            last = (self._log.read_text().strip().splitlines() or ["(no output)"])[-1]
+            raise DyntieError(f"{self.label} failed: {last}")
+        finally:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def run_in_child(payload: dict[str, Any], label: str) -> dict[str, Any]:
+    """Train one job in a child process and wait for its result."""
+    child = ChildRun(payload, label)
+    child.wait()
+    return child.result()
+
+
+def train_job_file(job_file: Path, result_file: Path) -> None:
+    """The child's side: train the job of ``job_file`` (a ``ChildRun`` payload), or continue the killed run it names,
+    and write the run's result to ``result_file``; a run the memory plan refuses is written there as a finding."""
+    from ..core.plan import DoesNotFit
+    from .jobs import Launch, job_from_dict, resume_recorded, run_job
+
+    data = json.loads(job_file.read_text())
+    force, threads = bool(data.get("force")), data.get("threads")
+    try:
+        if "resume" in data:
+            run = resume_recorded(Path(data["db"]), data["resume"], quiet=True, print_summary=False, force=force,
+                                  threads=threads)
+        else:
+            backbone, job = job_from_dict(data["job"])
+            launch = Launch(Path(data["db"]), Path(data["out"]), quiet=True, force=force, threads=threads)
+            run = run_job(backbone, job, launch, print_summary=False)
+    except DoesNotFit as refused:  # not an error of the run's command: a finding, reported as such
+        result_file.write_text(json.dumps({"refused": str(refused), "plan": refused.plan.to_dict()}))
+        return
+    result_file.write_text(json.dumps(asdict(run)))

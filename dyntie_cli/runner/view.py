@@ -1,0 +1,193 @@
+"""What a person sees of a run: the progress view on stderr while it trains, the summary on stdout when it ends."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..core.loop import Job, RunResult
+from ..results.db import resolve_db_path
+from ..variants import METHOD
+
+err_console = Console(stderr=True)
+
+#: what the end of a run is doing, as the progress view says it
+PHASE_TEXT = {"validation": "final validation", "test": "computing the final score (on the {split} split)",
+              "checkpoint": "writing the checkpoint"}
+#: the widths the progress line keeps for its fixed parts: elapsed and ETA (h:mm:ss, one spare) and the gaps
+_TIME_WIDTH = 8
+_MIN_BAR = 5
+
+
+def run_kind(command: str, variant: str, parent_run_id: str | None) -> str:
+    """What a run is, in a few words: 'ablation final-arch of RUN', 'variant no-tying', '' for dynamic tying."""
+    if parent_run_id:
+        return f"ablation {variant} of {parent_run_id}"
+    if command == "ablate":
+        return f"ablation {variant} (no source run)"
+    return f"variant {variant}" if variant != METHOD else ""
+
+
+def progress_info(ppl: float, independent: int, blocks: int, peak_bytes: int, width: int) -> str:
+    """The progress line's figures, as many as fit in ``width`` characters: perplexity, independent blocks,
+    peak memory (dropped first)."""
+    parts = [f"ppl {ppl:.1f}", f"indep {independent}/{blocks}", f"mem {peak_bytes / 2**30:.2f} GiB"
+             if peak_bytes >= 2**30 else f"mem {peak_bytes / 2**20:.0f} MiB"]
+    while parts and len(" ".join(parts)) > width:
+        parts.pop()
+    return " ".join(parts)
+
+
+class ProgressView:
+    """What a person sees of a run on stderr: a header line; a Rich progress bar (step, perplexity, independent
+    blocks, memory, elapsed, ETA) that fits the terminal; what the end of the run is doing (a spinner on a
+    terminal, a line otherwise); warnings. Without a terminal a line per validation and per end phase instead
+    of the bar; --quiet shows only warnings."""
+
+    def __init__(self, quiet: bool, console: Console | None = None) -> None:
+        self.console = console or err_console
+        self.quiet = quiet
+        self.live = not quiet and self.console.is_terminal
+        self.progress: Progress | None = None
+        self.bar: BarColumn | None = None
+        self.step_text = ""
+        self.task = None
+        self.status = None
+        self.info = ""
+
+    def __call__(self, e: dict[str, Any]) -> None:
+        kind = e["type"]
+        if kind == "start":
+            self._start(e)
+        elif kind == "log" and self.progress is not None:
+            self._fit(e)
+            self.progress.update(self.task, completed=e["step"], info=self.info)
+        elif kind == "eval" and not self.quiet:
+            shown = " ".join(f"{k} {v:.4g}" for k, v in e["metrics"].items())
+            self._say(f"step {e['step']}: validation {shown}")
+        elif kind == "phase":
+            self._phase(e)
+        elif kind == "end":
+            self.close()
+
+    def _start(self, e: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        what = run_kind(e.get("command", ""), e.get("variant", METHOD), e.get("parent_run_id"))
+        parts = [f"run [bold]{escape(e['run_id'])}[/]", *([escape(what)] if what else []),
+                 f"{e['blocks']} blocks", f"data: {escape(str(e['source']))}"]
+        self._say(" - ".join(parts), markup=True)
+        if not self.live:
+            return
+        total = e["total"]
+        self.step_text = f"step {total}/{total}"
+        self.bar = BarColumn(bar_width=_MIN_BAR)
+        self.progress = Progress(
+            TextColumn("step {task.completed}/{task.total}"), self.bar, TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console,
+            transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=total, completed=e["step"], info="")
+
+    def _fit(self, e: dict[str, Any]) -> None:
+        """Share the terminal's width between the bar and the figures; step, elapsed and ETA always fit."""
+        fixed = len(self.step_text) + 2 * _TIME_WIDTH + len("ETA") + 5  # the five gaps between six columns
+        room = self.console.width - fixed - 1  # one column spare: a full last column wraps on some terminals
+        self.info = progress_info(e["ppl"], e["independent"], e["blocks"], e["peak_bytes"], room - _MIN_BAR - 1)
+        assert self.bar is not None
+        self.bar.bar_width = max(_MIN_BAR, min(40, room - len(self.info) - 1))
+
+    def _phase(self, e: dict[str, Any]) -> None:
+        text = PHASE_TEXT[e["phase"]].format(split=e.get("split", "test"))
+        if self.quiet:
+            return
+        if not e["final"]:  # a validation or checkpoint during training: the bar says so until the next step
+            if self.progress is not None:
+                self.progress.update(self.task, info=f"{text.replace('final ', '')}...")
+            return
+        if not self.live:
+            self._say(f"step {e['step']}: {text}...")
+            return
+        self._stop_bar()
+        if self.status is None:
+            self.status = self.console.status(f"{text}...")
+            self.status.start()
+        else:
+            self.status.update(f"{text}...")
+
+    def warn(self, text: str) -> None:
+        """A warning on stderr, above the bar when there is one (shown with --quiet too)."""
+        self._say(text, style="yellow" if self.console.is_terminal else None)
+
+    def _say(self, text: str, *, markup: bool = False, style: str | None = None) -> None:
+        """One message on stderr: wrapped at words on a terminal, one line per message in a pipe or a log."""
+        self.console.print(text, style=style, highlight=False, markup=markup,
+                           soft_wrap=not self.console.is_terminal)
+
+    def _stop_bar(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def close(self) -> None:
+        self._stop_bar()
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+
+
+def duration_text(seconds: float) -> str:
+    """42s, 10m 32s, 2h 05m 10s."""
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m {secs:02d}s"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def next_commands(job: Job, result: RunResult, db: Path) -> list[str]:
+    """What to run after this run, as it can be pasted: ``--db`` added where the registry is not the default."""
+    on_db = "" if db == resolve_db_path(None) else f" --db {_quoted(db)}"
+    rid = result.run_id
+    commands = [f"dyntie report --run {rid} --table paper{on_db}"]
+    if job.parent_run_id:
+        commands.append(f"dyntie report --compare {job.parent_run_id} {rid}{on_db}")
+    commands += [f"dyntie report --plot ties --run {rid}{on_db}", f"dyntie export {rid} --out DIR{on_db}"]
+    return commands
+
+
+def _quoted(path: Path) -> str:
+    import shlex
+
+    return shlex.quote(str(path))
+
+
+def print_result(job: Job, result: RunResult, db: Path, elapsed_s: float) -> None:
+    """The outcome of ``job``'s run on stdout (data), one line per fact, easy to grep; then the commands to run
+    next."""
+    out = sys.stdout
+    split = "test" if result.test_split == "test" else f"{result.test_split} (no labelled test split)"
+    metrics = " ".join(f"{k}={v:.4f}" if not math.isnan(v) else f"{k}=nan" for k, v in result.final.items())
+    print(f"run_id: {result.run_id}", file=out)
+    what = run_kind(job.command, job.settings.variant, job.parent_run_id)
+    if what:
+        print(f"run: {what}", file=out)
+    print(f"final {split}: {metrics}", file=out)
+    print(f"independent layers: mean {result.mean_independent:.2f}, end {result.end_independent}", file=out)
+    full = f" of {result.conventional_params:,} in the full model (every block its own weights)" \
+        if result.conventional_params else ""
+    print(f"trainable params: mean {result.mean_trainable:,.0f}, end {result.end_trainable:,}{full}", file=out)
+    print(f"checkpoint: {result.checkpoint}", file=out)
+    print(f"registry: {db}", file=out)
+    print(f"wall time: {duration_text(elapsed_s)} (setup, training, evaluation and the checkpoint)", file=out)
+    print("next:", file=out)
+    for command in next_commands(job, result, db):
+        print(f"  {command}", file=out)
