@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import duckdb
+import pandas as pd
 
 from tests.conftest import invoke
 
@@ -55,6 +56,9 @@ def test_bench_runs_each_variant_and_reports_ratios(runner, tmp_path):
     assert rows["step_time_s"]["dynamic / final-arch"] == step_time[dynamic] / step_time[twin]
     assert rows["trainable_params_end"]["dynamic / final-arch"] == 1  # the same independent blocks at the end
     assert "final-arch / dynamic" not in rows["steps"]
+    # the CPU threads each run trained with, beside its step time (runs.config records them)
+    threads = dict(con_rows(db, "SELECT variant, CAST(json_extract(config, '$.threads') AS INTEGER) FROM runs"))
+    assert all(rows["threads"][v] == threads[v] >= 1 for v in ("no-tying", "dynamic", "final-arch"))
     # on CPU the device peak is the process's peak RSS: each variant has its own process, so its own peak
     assert rows["device"]["dynamic"] == "cpu"
     assert 0 < rows["process_peak_bytes"]["dynamic / no-tying"]
@@ -99,6 +103,9 @@ def test_bench_repeat_alternates_the_order_and_reports_medians_over_rounds(runne
     assert [v for _, v in runs] == ["no-tying", "dynamic", "final-arch", "dynamic", "no-tying", "final-arch"]
     (nt1, _), (dy1, _), (fa1, _), (dy2, _), (nt2, _), (fa2, _) = runs
     assert rows["rounds"]["dynamic"] == 2
+    threads = [t for (t,) in con_rows(db, "SELECT CAST(json_extract(config, '$.threads') AS INTEGER) FROM runs "
+                                        "WHERE variant = 'dynamic' ORDER BY started_at")]
+    assert rows["threads"]["dynamic"] == (threads[0] if len(set(threads)) == 1 else ", ".join(map(str, threads)))
     assert rows["step_time_s"]["dynamic"] == (step_time[dy1] + step_time[dy2]) / 2  # the median of two
     per_round = sorted([step_time[dy1] / step_time[nt1], step_time[dy2] / step_time[nt2]])
     assert rows["step_time_s ratio, lowest round"]["dynamic / no-tying"] == per_round[0]
@@ -142,6 +149,14 @@ def test_bench_repeat_alternates_the_order_and_reports_medians_over_rounds(runne
     assert f"dynamic / no-tying ({nt1[-4:]})" in report_runs(nt1, dy1, nt2, dy2, single["dynamic"])["steps"]
     # a round picked without its other runs is not pooled: the runs are shown one by one
     assert "rounds" not in report_runs(nt1, dy1, nt2)
+
+
+def test_pooled_bench_names_each_rounds_threads_when_they_differ():
+    from dyntie_cli.results.bench import _threads
+
+    assert _threads(pd.Series([2, 2])) == 2
+    assert _threads(pd.Series([2, 1])) == "2, 1"  # rounds at different counts: their step times are not alike
+    assert _threads(pd.Series([None, None])) is None  # runs from before the count was recorded
 
 
 def test_bench_refuses_a_repeat_below_one(runner, tmp_path):

@@ -27,6 +27,9 @@ BENCH_COLUMNS = [
 ]
 # a repeated bench's lowest and highest per-round step-time ratio: how far one round could have been off
 _ROUND_RANGE = ("step_time_s ratio, lowest round", "step_time_s ratio, highest round")
+# the rows above the quantities: what each run ran on. threads: the CPU threads it trained with (runs.config), which
+# a step time depends on as much as on the variant, so runs compared at different counts show it
+_HEAD = ("device", "threads", "steps")
 # the variant a dynamic run is also compared with: its final state, fixed from step 0 (parent_run_id: the dynamic run)
 TWIN = "final-arch"
 
@@ -57,9 +60,10 @@ def _bench_rows(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
         val AS (
             SELECT run_id, arg_max(value, step) AS validation_ppl
             FROM metrics WHERE {IN_RUNS} AND split = 'validation' AND name = 'ppl' GROUP BY run_id)
-        SELECT r.run_id, r.variant, r.preset, r.seed, r.parent_run_id, r.device_steps AS steps, mem.*, train.*,
-            val.validation_ppl
+        SELECT r.run_id, r.variant, r.preset, r.seed, r.parent_run_id, r.threads, r.device_steps AS steps, mem.*,
+            train.*, val.validation_ppl
         FROM (SELECT run_id, variant, preset, seed, parent_run_id,
+                     TRY_CAST(json_extract(config, '$.threads') AS INTEGER) AS threads,
                      (SELECT max(step) FROM memory m WHERE m.run_id = runs.run_id) AS device_steps
               FROM runs WHERE {IN_RUNS}) r
         LEFT JOIN mem USING (run_id) LEFT JOIN train USING (run_id) LEFT JOIN val USING (run_id)
@@ -67,6 +71,7 @@ def _bench_rows(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     """
     df = con.execute(sql, {"ids": ids}).df()
     df = df.loc[:, ~df.columns.duplicated()]
+    df["threads"] = [None if pd.isna(t) else int(t) for t in df["threads"]]  # runs from before it was recorded: None
     df["agent_share"] = df["agent_time_s"] / df["wall_time_s"]
     df["process_peak_bytes"] = df[["process_peak_rows", "process_peak_end"]].max(axis=1)
     df["process_peak_above_base_bytes"] = df["process_peak_bytes"] - df["base_bytes"]  # what the run added
@@ -100,7 +105,7 @@ def bench_table(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     for group, rounds in groups.items():
         t = pooled_table(rows, rounds)
         parts.append(t.rename(columns={c: f"{c} [{group}]" for c in t.columns if c != "quantity"}))
-    order = ["run_id", "rounds", "device", "steps", *BENCH_COLUMNS, *_ROUND_RANGE]
+    order = ["run_id", "rounds", *_HEAD, *BENCH_COLUMNS, *_ROUND_RANGE]
     merged = pd.concat([p.set_index("quantity") for p in parts], axis=1)
     return merged.reindex([q for q in order if q in merged.index]).rename_axis("quantity").reset_index()
 
@@ -136,10 +141,10 @@ def pooled_table(rows: pd.DataFrame, rounds: list[dict[str, str]]) -> pd.DataFra
     one bench could have been off. ``rows``: the runs' ``_bench_rows`` (more runs may be in it)."""
     df = rows.set_index("run_id")
     variants = list(rounds[0])
-    out = pd.DataFrame({"quantity": ["rounds", "device", "steps", *BENCH_COLUMNS, *_ROUND_RANGE]})
+    out = pd.DataFrame({"quantity": ["rounds", *_HEAD, *BENCH_COLUMNS, *_ROUND_RANGE]})
     for v in variants:
         runs = df.loc[[r[v] for r in rounds]]
-        out[v] = [len(rounds), runs["device"].iloc[0], runs["steps"].iloc[0],
+        out[v] = [len(rounds), runs["device"].iloc[0], _threads(runs["threads"]), runs["steps"].iloc[0],
                   *(runs[c].median() for c in BENCH_COLUMNS), None, None]
         bases = [] if v == "no-tying" else ["no-tying"]
         if v == "dynamic" and TWIN in variants:
@@ -158,8 +163,17 @@ def _pooled_ratios(df: pd.DataFrame, rounds: list[dict[str, str]], v: str, base:
             if c != "agent_share" and base_row[c]:
                 ratios[c].append(row[c] / base_row[c])
     steps = ratios["step_time_s"]
-    return [None, None, None, *(float(pd.Series(ratios[c]).median()) if ratios[c] else None for c in BENCH_COLUMNS),
+    return [None, *(None for _ in _HEAD), *(float(pd.Series(ratios[c]).median()) if ratios[c] else None
+                                            for c in BENCH_COLUMNS),
             min(steps) if steps else None, max(steps) if steps else None]
+
+
+def _threads(per_round: pd.Series) -> int | str | None:
+    """A pooled variant's thread count: the one every round used, else each round's in order ("2, 1")."""
+    known = [int(t) for t in per_round if pd.notna(t)]
+    if not known:
+        return None
+    return known[0] if len(set(known)) == 1 else ", ".join(str(t) for t in known)
 
 
 def _baseline(df: pd.DataFrame, row: pd.Series, more: pd.DataFrame | None = None) -> pd.Series:
@@ -194,16 +208,16 @@ def _side_by_side(df: pd.DataFrame, baselines: pd.DataFrame | None = None) -> pd
     run with its final-arch twin a ratio column to that twin. ``baselines``: more runs a baseline (or twin) may
     come from when ``df`` has none that matches; one not shown is named by its id's end."""
     names = dict(zip(df["run_id"], _column_names(df)))
-    out = pd.DataFrame({"quantity": ["run_id", "device", "steps", *BENCH_COLUMNS]})
+    out = pd.DataFrame({"quantity": ["run_id", *_HEAD, *BENCH_COLUMNS]})
     for _, row in df.iterrows():
         name = names[row["run_id"]]
-        out[name] = [row["run_id"], row["device"], row["steps"], *(row[c] for c in BENCH_COLUMNS)]
+        out[name] = [row["run_id"], *(row[c] for c in _HEAD), *(row[c] for c in BENCH_COLUMNS)]
         for base in (_baseline(df, row, baselines), _twin(df, row, baselines)):
             if base is None or row["run_id"] == base["run_id"]:
                 continue
             base_name = names.get(base["run_id"], f"{base['variant']} ({base['run_id'][-4:]})")
             # agent_share is already a share of wall time; a ratio to no-tying's (near zero) share means nothing
-            out[f"{name} / {base_name}"] = [None, None, None, *(
+            out[f"{name} / {base_name}"] = [None, *(None for _ in _HEAD), *(
                 row[c] / base[c] if c != "agent_share" and base[c] else None for c in BENCH_COLUMNS)]
     return out
 
