@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import duckdb
+import pandas as pd
 
 from dyntie_cli.report.tables import render
 from dyntie_cli.results.queries import run_query
@@ -18,6 +19,14 @@ def _bench(runner, tmp_path, *args) -> dict:
                tmp_path / "runs", *args, "--format", "json", "--quiet")
     assert r.exit_code == 0, r.stderr
     return _rows(r.stdout)
+
+
+def con_rows(db, sql: str) -> list[tuple]:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
 
 
 def _rows(stdout: str) -> dict:
@@ -44,6 +53,15 @@ def test_bench_runs_each_variant_and_reports_ratios(runner, tmp_path):
     assert rows["trainable_params_mean"]["dynamic / no-tying"] < 1
     assert rows["state_bytes_mean"]["dynamic / no-tying"] < 1
     assert 0 < rows["agent_share"]["dynamic"] < 1
+    # the dynamic run against its fixed-layout twin (its final state from step 0): the tie machinery's own cost
+    step_time = dict(con_rows(db, "SELECT run_id, median(value) FROM metrics WHERE name = 'step_time_s' GROUP BY run_id"))
+    dynamic, twin = by_variant["dynamic"][0], by_variant["final-arch"][0]
+    assert rows["step_time_s"]["dynamic / final-arch"] == step_time[dynamic] / step_time[twin]
+    assert rows["trainable_params_end"]["dynamic / final-arch"] == 1  # the same independent blocks at the end
+    assert "final-arch / dynamic" not in rows["steps"]
+    # the CPU threads each run trained with, beside its step time (runs.config records them)
+    threads = dict(con_rows(db, "SELECT variant, CAST(json_extract(config, '$.threads') AS INTEGER) FROM runs"))
+    assert all(rows["threads"][v] == threads[v] >= 1 for v in ("no-tying", "dynamic", "final-arch"))
     # on CPU the device peak is the process's peak RSS: each variant has its own process, so its own peak
     assert rows["device"]["dynamic"] == "cpu"
     assert 0 < rows["process_peak_bytes"]["dynamic / no-tying"]
@@ -70,7 +88,8 @@ def test_bench_runs_each_variant_and_reports_ratios(runner, tmp_path):
     steps = dict(con.execute("SELECT run_id, max(step) FROM memory GROUP BY run_id").fetchall())
     con.close()
     ratio_columns = [c for c in rows["steps"] if " / " in c]
-    assert len(ratio_columns) == 3  # two dynamic runs and one final-arch, each against its own no-tying
+    # two dynamic runs and one final-arch, each against its own no-tying; the first dynamic run against its twin
+    assert len(ratio_columns) == 4
     for column in ratio_columns:
         run, base = (rows["run_id"][part] for part in column.split(" / "))
         assert steps[run] == steps[base]
@@ -86,15 +105,22 @@ def test_bench_repeat_alternates_the_order_and_reports_medians_over_rounds(runne
     ppl = dict(con.execute("SELECT run_id, arg_max(value, step) FROM metrics WHERE name = 'ppl' "
                            "AND split = 'validation' GROUP BY run_id").fetchall())
     con.close()
-    # round 1 runs no-tying then dynamic, round 2 the reverse, so the rounds' pairs are adjacent
-    assert [v for _, v in runs] == ["no-tying", "dynamic", "dynamic", "no-tying"]
-    (nt1, _), (dy1, _), (dy2, _), (nt2, _) = runs
+    # round 1 runs no-tying then dynamic, round 2 the reverse, so the rounds' pairs are adjacent; each round's
+    # dynamic run is then trained again with its final state fixed from step 0 (its twin, final-arch)
+    assert [v for _, v in runs] == ["no-tying", "dynamic", "final-arch", "dynamic", "no-tying", "final-arch"]
+    (nt1, _), (dy1, _), (fa1, _), (dy2, _), (nt2, _), (fa2, _) = runs
     assert rows["rounds"]["dynamic"] == 2
+    threads = [t for (t,) in con_rows(db, "SELECT CAST(json_extract(config, '$.threads') AS INTEGER) FROM runs "
+                                        "WHERE variant = 'dynamic' ORDER BY started_at")]
+    assert rows["threads"]["dynamic"] == (threads[0] if len(set(threads)) == 1 else ", ".join(map(str, threads)))
     assert rows["step_time_s"]["dynamic"] == (step_time[dy1] + step_time[dy2]) / 2  # the median of two
     per_round = sorted([step_time[dy1] / step_time[nt1], step_time[dy2] / step_time[nt2]])
     assert rows["step_time_s ratio, lowest round"]["dynamic / no-tying"] == per_round[0]
     assert rows["step_time_s ratio, highest round"]["dynamic / no-tying"] == per_round[1]
     assert rows["step_time_s"]["dynamic / no-tying"] == sum(per_round) / 2
+    twin_rounds = sorted([step_time[dy1] / step_time[fa1], step_time[dy2] / step_time[fa2]])
+    assert rows["step_time_s"]["dynamic / final-arch"] == sum(twin_rounds) / 2
+    assert rows["step_time_s ratio, lowest round"]["dynamic / final-arch"] == twin_rounds[0]
     # the same seed and steps train the same model in every round: only the timings differ
     assert ppl[dy1] == ppl[dy2] and ppl[nt1] == ppl[nt2]
     assert rows["validation_ppl"]["dynamic / no-tying"] == ppl[dy1] / ppl[nt1]
@@ -110,9 +136,9 @@ def test_bench_repeat_alternates_the_order_and_reports_medians_over_rounds(runne
     labels = [json.loads(c)["bench"] for (c,) in con.execute("SELECT config FROM runs ORDER BY started_at").fetchall()]
     con.close()
     group = labels[0]["group"]
-    assert [(x["group"], x["round"], x["rounds"]) for x in labels] == [(group, 1, 2)] * 2 + [(group, 2, 2)] * 2
+    assert [(x["group"], x["round"], x["rounds"]) for x in labels] == [(group, 1, 2)] * 3 + [(group, 2, 2)] * 3
     # beside a single bench: that bench side by side, the repeated one still pooled, its columns named by group
-    _bench(runner, tmp_path, "--max-steps", "10")
+    _bench(runner, tmp_path, "--max-steps", "10", "--variants", "dynamic")
     both = report()
     assert both["rounds"][f"dynamic [{group}]"] == 2
     assert both["step_time_s"][f"dynamic / no-tying [{group}]"] == rows["step_time_s"]["dynamic / no-tying"]
@@ -130,6 +156,14 @@ def test_bench_repeat_alternates_the_order_and_reports_medians_over_rounds(runne
     assert f"dynamic / no-tying ({nt1[-4:]})" in report_runs(nt1, dy1, nt2, dy2, single["dynamic"])["steps"]
     # a round picked without its other runs is not pooled: the runs are shown one by one
     assert "rounds" not in report_runs(nt1, dy1, nt2)
+
+
+def test_pooled_bench_names_each_rounds_threads_when_they_differ():
+    from dyntie_cli.results.bench import _threads
+
+    assert _threads(pd.Series([2, 2])) == 2
+    assert _threads(pd.Series([2, 1])) == "2, 1"  # rounds at different counts: their step times are not alike
+    assert _threads(pd.Series([None, None])) is None  # runs from before the count was recorded
 
 
 def test_bench_refuses_a_repeat_below_one(runner, tmp_path):

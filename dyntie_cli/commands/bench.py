@@ -9,7 +9,9 @@ import typer
 from ..variants import BASELINE, METHOD
 from .options import Format, TrainingOptions, examples, training_options
 
-DEFAULT_VARIANTS = f"{BASELINE},{METHOD}"
+# final-arch: the dynamic run's final state fixed from step 0, its twin at equal steps; dynamic / final-arch shows
+# what the tie machinery itself costs per step
+DEFAULT_VARIANTS = f"{BASELINE},{METHOD},final-arch"
 
 
 @training_options(exclude=("variant",))
@@ -17,7 +19,8 @@ def bench(
     opts: TrainingOptions,
     backbone: Annotated[str, typer.Argument(help="Backbone to benchmark.")] = "gpt2",
     variants: Annotated[str, typer.Option("--variants", help="Comma-separated: no-tying, dynamic, final-arch, "
-                                          "random, static-*. no-tying is the baseline of the ratios.")]
+                                          "random, static-*. no-tying is the baseline of the ratios; final-arch, "
+                                          "the dynamic run's final state from step 0, its twin.")]
     = DEFAULT_VARIANTS,
     repeat: Annotated[int, typer.Option("--repeat", help="Run the set N times, the order reversed every other "
                                         "round (no-tying, dynamic, dynamic, no-tying, ...), and report medians: "

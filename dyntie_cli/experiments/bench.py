@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.loop import Job
+from ..core.threads import plan_threads
 from ..errors import UsageError
 from ..runner.children import run_in_child
 from ..runner.jobs import Launch
@@ -50,7 +51,10 @@ def run_bench(backbone: str, source: SettingsSource, launch: Launch, names: list
     # every variant's settings are resolved (and refused if wrong) before the first process starts
     settings = {v: new_settings(backbone, source.with_flags(("variant", v)))[1] for v in trained}
     group = uuid.uuid4().hex[:8]  # recorded in each run's config, so `report --table bench` pools the rounds too
-    child_launch = {"db": str(launch.db), "out": str(launch.out), "force": launch.force, "threads": launch.threads}
+    # one thread count for every run, chosen before the first: a child choosing its own from the load average would
+    # see the previous child's load and time the variants at different thread counts
+    threads = launch.threads or plan_threads(None).threads
+    child_launch = {"db": str(launch.db), "out": str(launch.out), "force": launch.force, "threads": threads}
     out = Bench()
     for r in range(repeat):
         order = (trained if r % 2 == 0 else trained[::-1]) + sourced

@@ -1,6 +1,8 @@
 """The `bench` table: each run's speed and memory, with ratios to the no-tying run of its set (same preset,
-steps and seed; a registry may hold several benches). The runs of a repeated bench (`dyntie bench --repeat N`,
-each run's config says its group and round) are pooled: medians over rounds, as the bench printed them."""
+steps and seed; a registry may hold several benches), and a dynamic run's also to its fixed-layout twin (the
+final-arch run made from it: the same independent blocks from step 0, at equal steps), where the tie machinery's
+own cost shows as a step-time ratio above 1. The runs of a repeated bench (`dyntie bench --repeat N`, each run's
+config says its group and round) are pooled: medians over rounds, as the bench printed them."""
 
 from __future__ import annotations
 
@@ -25,6 +27,11 @@ BENCH_COLUMNS = [
 ]
 # a repeated bench's lowest and highest per-round step-time ratio: how far one round could have been off
 _ROUND_RANGE = ("step_time_s ratio, lowest round", "step_time_s ratio, highest round")
+# the rows above the quantities: what each run ran on. threads: the CPU threads it trained with (runs.config), which
+# a step time depends on as much as on the variant, so runs compared at different counts show it
+_HEAD = ("device", "threads", "steps")
+# the variant a dynamic run is also compared with: its final state, fixed from step 0 (parent_run_id: the dynamic run)
+TWIN = "final-arch"
 
 
 def _bench_rows(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
@@ -53,8 +60,10 @@ def _bench_rows(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
         val AS (
             SELECT run_id, arg_max(value, step) AS validation_ppl
             FROM metrics WHERE {IN_RUNS} AND split = 'validation' AND name = 'ppl' GROUP BY run_id)
-        SELECT r.run_id, r.variant, r.preset, r.seed, r.device_steps AS steps, mem.*, train.*, val.validation_ppl
-        FROM (SELECT run_id, variant, preset, seed,
+        SELECT r.run_id, r.variant, r.preset, r.seed, r.parent_run_id, r.threads, r.device_steps AS steps, mem.*,
+            train.*, val.validation_ppl
+        FROM (SELECT run_id, variant, preset, seed, parent_run_id,
+                     TRY_CAST(json_extract(config, '$.threads') AS INTEGER) AS threads,
                      (SELECT max(step) FROM memory m WHERE m.run_id = runs.run_id) AS device_steps
               FROM runs WHERE {IN_RUNS}) r
         LEFT JOIN mem USING (run_id) LEFT JOIN train USING (run_id) LEFT JOIN val USING (run_id)
@@ -62,6 +71,7 @@ def _bench_rows(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     """
     df = con.execute(sql, {"ids": ids}).df()
     df = df.loc[:, ~df.columns.duplicated()]
+    df["threads"] = [None if pd.isna(t) else int(t) for t in df["threads"]]  # runs from before it was recorded: None
     df["agent_share"] = df["agent_time_s"] / df["wall_time_s"]
     df["process_peak_bytes"] = df[["process_peak_rows", "process_peak_end"]].max(axis=1)
     df["process_peak_above_base_bytes"] = df["process_peak_bytes"] - df["base_bytes"]  # what the run added
@@ -71,10 +81,11 @@ def _bench_rows(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
 def bench_title(repeat: int | None = None) -> str:
     """The bench table's title: for a bench of ``repeat`` rounds, or (None) for whatever the registry holds."""
     if repeat is None:
-        return "bench (ratios: variant / no-tying; a repeated bench: medians over its rounds)"
+        return "bench (ratios: variant / no-tying, dynamic / final-arch; a repeated bench: medians over its rounds)"
     if repeat == 1:
-        return "bench (ratios: variant / no-tying)"
-    return f"bench, {repeat} rounds (medians; ratios: median over rounds of variant / that round's no-tying)"
+        return "bench (ratios: variant / no-tying, dynamic / final-arch)"
+    return (f"bench, {repeat} rounds (medians; ratios: median over rounds of variant / that round's no-tying, "
+            "dynamic / that round's final-arch)")
 
 
 def bench_table(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
@@ -94,7 +105,7 @@ def bench_table(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     for group, rounds in groups.items():
         t = pooled_table(rows, rounds)
         parts.append(t.rename(columns={c: f"{c} [{group}]" for c in t.columns if c != "quantity"}))
-    order = ["run_id", "rounds", "device", "steps", *BENCH_COLUMNS, *_ROUND_RANGE]
+    order = ["run_id", "rounds", *_HEAD, *BENCH_COLUMNS, *_ROUND_RANGE]
     merged = pd.concat([p.set_index("quantity") for p in parts], axis=1)
     return merged.reindex([q for q in order if q in merged.index]).rename_axis("quantity").reset_index()
 
@@ -124,31 +135,46 @@ def _repeated_groups(con: duckdb.DuckDBPyConnection, ids: list[str]) -> dict[str
 
 def pooled_table(rows: pd.DataFrame, rounds: list[dict[str, str]]) -> pd.DataFrame:
     """A bench repeated in rounds (``rounds[r]``: variant -> run id): per variant the median of each quantity
-    over its rounds, and per quantity the median over rounds of the ratio to that round's no-tying run, so a
-    machine that slows down for a while shifts one round's pair, not the comparison. ``step_time_s`` also gets
-    the lowest and highest of the per-round ratios: how far one bench could have been off. ``rows``: the runs'
-    ``_bench_rows`` (more runs may be in it)."""
+    over its rounds, and per quantity the median over rounds of the ratio to that round's no-tying run (and, for
+    dynamic, to that round's final-arch twin), so a machine that slows down for a while shifts one round's pair,
+    not the comparison. ``step_time_s`` ratios also get the lowest and highest of the per-round ratios: how far
+    one bench could have been off. ``rows``: the runs' ``_bench_rows`` (more runs may be in it)."""
     df = rows.set_index("run_id")
     variants = list(rounds[0])
-    out = pd.DataFrame({"quantity": ["rounds", "device", "steps", *BENCH_COLUMNS, *_ROUND_RANGE]})
+    out = pd.DataFrame({"quantity": ["rounds", *_HEAD, *BENCH_COLUMNS, *_ROUND_RANGE]})
     for v in variants:
         runs = df.loc[[r[v] for r in rounds]]
-        out[v] = [len(rounds), runs["device"].iloc[0], runs["steps"].iloc[0],
+        out[v] = [len(rounds), runs["device"].iloc[0], _threads(runs["threads"]), runs["steps"].iloc[0],
                   *(runs[c].median() for c in BENCH_COLUMNS), None, None]
-        if v == "no-tying":
-            continue
-        ratios = {c: [] for c in BENCH_COLUMNS}
-        for r in rounds:
-            row, base = df.loc[r[v]], df.loc[r["no-tying"]]
-            for c in BENCH_COLUMNS:
-                ratio = _ratio(row, base, c)
-                if ratio is not None:
-                    ratios[c].append(ratio)
-        steps = ratios["step_time_s"]
-        out[f"{v} / no-tying"] = [None, None, None, *(float(pd.Series(ratios[c]).median()) if ratios[c] else None
-                                                      for c in BENCH_COLUMNS),
-                                  min(steps) if steps else None, max(steps) if steps else None]
+        bases = [] if v == "no-tying" else ["no-tying"]
+        if v == "dynamic" and TWIN in variants:
+            bases.append(TWIN)
+        for base in bases:
+            out[f"{v} / {base}"] = _pooled_ratios(df, rounds, v, base)
     return out
+
+
+def _pooled_ratios(df: pd.DataFrame, rounds: list[dict[str, str]], v: str, base: str) -> list[float | None]:
+    """A ratio column of ``pooled_table``: per quantity the median over rounds of variant ``v`` / ``base``."""
+    ratios: dict[str, list[float]] = {c: [] for c in BENCH_COLUMNS}
+    for r in rounds:
+        row, base_row = df.loc[r[v]], df.loc[r[base]]
+        for c in BENCH_COLUMNS:
+            ratio = _ratio(row, base_row, c)
+            if ratio is not None:
+                ratios[c].append(ratio)
+    steps = ratios["step_time_s"]
+    return [None, *(None for _ in _HEAD), *(float(pd.Series(ratios[c]).median()) if ratios[c] else None
+                                            for c in BENCH_COLUMNS),
+            min(steps) if steps else None, max(steps) if steps else None]
+
+
+def _threads(per_round: pd.Series) -> int | str | None:
+    """A pooled variant's thread count: the one every round used, else each round's in order ("2, 1")."""
+    known = [int(t) for t in per_round if pd.notna(t)]
+    if not known:
+        return None
+    return known[0] if len(set(known)) == 1 else ", ".join(str(t) for t in known)
 
 
 def _baseline(df: pd.DataFrame, row: pd.Series, more: pd.DataFrame | None = None) -> pd.Series:
@@ -166,19 +192,32 @@ def _baseline(df: pd.DataFrame, row: pd.Series, more: pd.DataFrame | None = None
     return (base if not base.empty else df).iloc[0]
 
 
+def _twin(df: pd.DataFrame, row: pd.Series, more: pd.DataFrame | None = None) -> pd.Series | None:
+    """A dynamic run's fixed-layout twin: the final-arch run made from it, among ``df``'s runs or ``more``."""
+    if row["variant"] != "dynamic":
+        return None
+    for frame in (df, more):
+        if frame is not None:
+            twins = frame[(frame["variant"] == TWIN) & (frame["parent_run_id"] == row["run_id"])]
+            if not twins.empty:
+                return twins.iloc[0]
+    return None
+
+
 def _side_by_side(df: pd.DataFrame, baselines: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Quantities as rows; per run a value column and (but for a baseline) a ratio column. ``baselines``: more
-    runs a baseline may come from when ``df`` has none that matches; one not shown is named by its id's end."""
+    """Quantities as rows; per run a value column and (but for a baseline) a ratio column, and for a dynamic
+    run with its final-arch twin a ratio column to that twin. ``baselines``: more runs a baseline (or twin) may
+    come from when ``df`` has none that matches; one not shown is named by its id's end."""
     names = dict(zip(df["run_id"], _column_names(df)))
-    out = pd.DataFrame({"quantity": ["run_id", "device", "steps", *BENCH_COLUMNS]})
+    out = pd.DataFrame({"quantity": ["run_id", *_HEAD, *BENCH_COLUMNS]})
     for _, row in df.iterrows():
         name = names[row["run_id"]]
-        out[name] = [row["run_id"], row["device"], row["steps"], *(row[c] for c in BENCH_COLUMNS)]
-        base = _baseline(df, row, baselines)
-        if row["run_id"] == base["run_id"]:
-            continue
-        base_name = names.get(base["run_id"], f"{base['variant']} ({base['run_id'][-4:]})")
-        out[f"{name} / {base_name}"] = [None, None, None, *(_ratio(row, base, c) for c in BENCH_COLUMNS)]
+        out[name] = [row["run_id"], *(row[c] for c in _HEAD), *(row[c] for c in BENCH_COLUMNS)]
+        for base in (_baseline(df, row, baselines), _twin(df, row, baselines)):
+            if base is None or row["run_id"] == base["run_id"]:
+                continue
+            base_name = names.get(base["run_id"], f"{base['variant']} ({base['run_id'][-4:]})")
+            out[f"{name} / {base_name}"] = [None, *(None for _ in _HEAD), *(_ratio(row, base, c) for c in BENCH_COLUMNS)]
     return out
 
 
