@@ -339,7 +339,7 @@ class _Backoff:
 def _prepare_location(path: Path, read_only: bool) -> None:
     """Fail early, without touching the file (or creating the lock file beside it), for the cases DuckDB
     reports poorly."""
-    if path.is_dir() or not _may_be_duckdb(path):
+    if path.is_dir() or not (_holds_lock(path) or _may_be_duckdb(path)):
         raise DyntieError(f"{path} is not a DuckDB file; pass --db with another path.")
     if read_only:
         if not path.exists():
@@ -354,7 +354,9 @@ def _prepare_location(path: Path, read_only: bool) -> None:
 
 
 def _may_be_duckdb(path: Path) -> bool:
-    """False for a file that is surely no DuckDB database (DuckDB's magic bytes follow an 8-byte checksum)."""
+    """False for a file that is surely no DuckDB database (DuckDB's magic bytes follow an 8-byte checksum).
+    Not while this process has the file open in DuckDB: closing any descriptor of a file drops the process's
+    POSIX locks on it, DuckDB's among them."""
     try:
         with path.open("rb") as file:
             head = file.read(12)
@@ -378,6 +380,11 @@ def _check_empty_file(path: Path, read_only: bool) -> None:
 # and an open nested in another (same process, same file) must not wait for itself.
 _held_locks: dict[Path, list[int]] = {}
 _held_guard = threading.Lock()
+
+
+def _holds_lock(path: Path) -> bool:
+    with _held_guard:
+        return lock_path(path).absolute() in _held_locks
 
 
 def _open_lock_file(path: Path, read_only: bool) -> int | None:
@@ -430,15 +437,36 @@ def _registry_lock(path: Path, read_only: bool, backoff: _Backoff) -> Iterator[N
 
 def _flock(fd: int, path: Path, read_only: bool, backoff: _Backoff) -> None:
     mode = fcntl.LOCK_SH if read_only else fcntl.LOCK_EX
-    while True:
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        pass
+    except OSError:
+        return  # a file system without flock: DuckDB's own lock still applies
+    if not _wait_for_flock(fd, mode, backoff.deadline - time.monotonic()):
+        raise _lock_timeout(path, _holder(path), backoff.waited)
+
+
+def _wait_for_flock(fd: int, mode: int, timeout_s: float) -> bool:
+    """Block until the lock is ours, up to ``timeout_s``. A blocked waiter gets the lock when it is let go,
+    where one that polls could wait for ever behind runs that flush back to back (or that it sleeps past)."""
+    # The waiting thread locks a duplicate of ``fd``: both share one open file, which the lock belongs to. If the
+    # wait is given up, the caller closes ``fd``, and a lock taken later dies with the thread's duplicate.
+    waiter = os.dup(fd)
+    taken = threading.Event()
+
+    def wait() -> None:
         try:
-            fcntl.flock(fd, mode | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if not backoff.sleep():
-                raise _lock_timeout(path, _holder(path), backoff.waited) from None
+            fcntl.flock(waiter, mode)
+            taken.set()
         except OSError:
-            return  # a file system without flock: DuckDB's own lock still applies
+            pass
+        finally:
+            os.close(waiter)
+
+    threading.Thread(target=wait, name="dyntie-registry-lock", daemon=True).start()
+    return taken.wait(max(timeout_s, 0.0))
 
 
 def _open_duckdb(path: Path, read_only: bool, backoff: _Backoff) -> duckdb.DuckDBPyConnection:
