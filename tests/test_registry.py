@@ -119,7 +119,7 @@ def test_oldest_schema_is_migrated_and_keeps_its_rows(tmp_path):
     migrate(raw, db, target=1)
     raw.execute(
         "INSERT INTO runs (run_id, command, backbone, dataset, variant, status, config, started_at) "
-        "VALUES ('old-run', 'train', 'gpt2', 'wikitext-2', 'dynamic', 'finished', '{}', now()::TIMESTAMP)"
+        "VALUES ('old-run', 'train', 'gpt2', 'wikitext-2', 'dynamic', 'killed', '{}', now()::TIMESTAMP)"
     )
     raw.execute("INSERT INTO ties VALUES ('old-run', 1, 10, [0, 0, 2], [0, 0, 2], 2, 2)")
     raw.execute("INSERT INTO decisions VALUES ('old-run', 1, 10, 0.9, true, -1.5, 0.1, 0.2, 0.01)")
