@@ -122,7 +122,7 @@ def test_oldest_schema_is_migrated_and_keeps_its_rows(tmp_path):
     migrate(raw, db, target=1)
     raw.execute(
         "INSERT INTO runs (run_id, command, backbone, dataset, variant, status, config, started_at) "
-        "VALUES ('old-run', 'train', 'gpt2', 'wikitext-2', 'dynamic', 'finished', '{}', now()::TIMESTAMP)"
+        "VALUES ('old-run', 'train', 'gpt2', 'wikitext-2', 'dynamic', 'killed', '{}', now()::TIMESTAMP)"
     )
     raw.execute("INSERT INTO ties VALUES ('old-run', 1, 10, [0, 0, 2], [0, 0, 2], 2, 2)")
     raw.execute("INSERT INTO decisions VALUES ('old-run', 1, 10, 0.9, true, -1.5, 0.1, 0.2, 0.01)")
@@ -338,8 +338,10 @@ def test_locked_file_is_waited_for_and_maybe_flush_defers(tmp_path, monkeypatch)
     release = threading.Timer(0.5, lambda: (holder.stdin.write("\n"), holder.stdin.flush()))
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(RegistryLockedError, match="locked by another process"), connect(db, timeout_s=0.2):
+        with pytest.raises(RegistryLockedError, match=rf"stayed locked by pid {holder.pid} \(python") as locked, \
+                connect(db, timeout_s=0.2):
             pass
+        assert "https" not in str(locked.value)  # the holder is named, not DuckDB's advice cut at a colon
         monkeypatch.setattr(writer, "MAYBE_FLUSH_TIMEOUT_S", 0.1)
         w.flush_every_s = 0.0
         assert w.maybe_flush() is False  # training goes on; the row waits

@@ -8,7 +8,10 @@ A checkpoint folder holds
 * ``trainer.pt`` -- the loop's state (``LoopState``: step and decision counters, timers, a decision still
   waiting for its reward), the optimizer (with the *names* of its parameters in order, since the tie manager
   changes the parameter set), and every other resumable part the trainer lists (LR schedule, policy/agent,
-  batch generators), and the RNG states.
+  batch generators), and the RNG states;
+* ``registry_rows.json`` -- the registry rows the run had logged but not yet written when the checkpoint was
+  taken (``RunWriter.pending``): a process killed before its next flush loses none of them, since a resume
+  writes them (those the registry does not hold yet).
 The folder is written under a temporary name and renamed, so a kill mid-write leaves the last good one.
 """
 
@@ -92,8 +95,11 @@ def optimizer_param_names(model: nn.Module, optimizer: torch.optim.Optimizer) ->
     return [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
 
 
+REGISTRY_ROWS = "registry_rows.json"
+
+
 def save_checkpoint(path: Path, *, model: nn.Module, ties_map: dict, optimizer: torch.optim.Optimizer,
-                    trainer: dict[str, Any]) -> Path:
+                    trainer: dict[str, Any], registry_rows: dict[str, Any] | None = None) -> Path:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
@@ -102,6 +108,8 @@ def save_checkpoint(path: Path, *, model: nn.Module, ties_map: dict, optimizer: 
     tensors, aliases = dedupe(model.state_dict())
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"aliases": json.dumps(aliases)})
     (tmp / "ties.json").write_text(json.dumps(ties_map))
+    if registry_rows is not None:
+        save_registry_rows(tmp, registry_rows)
     torch.save({
         **trainer,
         "optimizer": optimizer.state_dict(),
@@ -115,6 +123,30 @@ def save_checkpoint(path: Path, *, model: nn.Module, ties_map: dict, optimizer: 
     if old.exists():
         shutil.rmtree(old)
     return path
+
+
+def save_registry_rows(path: Path, rows: dict[str, Any]) -> None:
+    """The rows a run has not yet written to the registry (``RunWriter.pending``), into checkpoint folder
+    ``path``; replaced in one step, so a kill leaves the old file or the new one. A NaN value (a diverged loss)
+    is kept as JSON's NaN extension."""
+    file = Path(path) / REGISTRY_ROWS
+    partial = file.with_name(file.name + ".tmp")
+    partial.write_text(json.dumps(rows))
+    os.replace(partial, file)
+
+
+def load_registry_rows(path: Path) -> dict[str, Any] | None:
+    """The rows checkpoint folder ``path`` carries for the registry, or None (a checkpoint without them)."""
+    file = Path(path) / REGISTRY_ROWS
+    if not file.exists():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise DyntieError(
+            f"The checkpoint's {file} is corrupt; delete it to resume without the registry rows it carries "
+            "(the registry then lacks the rows logged between its last flush and this checkpoint)."
+        ) from None
 
 
 def load_tie_map(path: Path) -> dict:

@@ -4,6 +4,14 @@ DuckDB lets one process at a time hold the file open for writing, and while it d
 it at all, not even read-only (and a read-only holder blocks writers too). So nothing in dyntie keeps a
 connection: every user opens, does one short piece of work and closes, and opening retries with backoff while
 another process holds the lock.
+
+DuckDB's own lock is not enough to keep every row, though: it reads the file's headers before it takes its lock
+and uses them afterwards, so a writer that opens while another process writes its last checkpoint starts from
+the state before that checkpoint, and its own checkpoint then erases the other process's last transaction (a
+whole flush of a training run, seen with three runs and readers sharing one file). dyntie therefore takes a lock
+of its own on a file beside the registry (``<registry>.lock``: shared to read, exclusive to write) before DuckDB
+touches the registry, and keeps it until DuckDB has closed it. Other programs that only read the registry (the
+DuckDB CLI, pandas) need not take it; a program other than dyntie must not write the registry while runs train.
 """
 
 from __future__ import annotations
@@ -11,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
@@ -21,12 +31,17 @@ import duckdb
 
 from dyntie_cli.errors import DyntieError
 
+try:
+    import fcntl
+except ImportError:  # Windows: DuckDB's own lock only
+    fcntl = None  # type: ignore[assignment]
+
 DB_ENV_VAR = "DYNTIE_DB"
 DEFAULT_DB_NAME = "dyntie.duckdb"
 LOCK_TIMEOUT_S = 30.0
+LOCK_SUFFIX = ".lock"
 
-# Backoff between open attempts: starts short because flushes take tens of milliseconds, and is capped so a
-# waiting writer notices a released lock quickly.
+# Backoff between open attempts (see _Backoff).
 _FIRST_BACKOFF_S = 0.01
 _MAX_BACKOFF_S = 0.5
 
@@ -253,24 +268,110 @@ def _missing_registry(path: Path) -> DyntieError:
 
 
 class RegistryLockedError(DyntieError):
-    """Another process kept the registry locked past the wait limit; the caller may defer and try later."""
+    """Another process kept the registry locked past the wait limit; the caller may defer and try later.
+    ``holder`` says which process, as well as it can be known."""
+
+    def __init__(self, message: str, *, path: Path, holder: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.holder = holder
 
 
-def _lock_timeout(path: Path, error: BaseException, waited_s: float) -> DyntieError:
+def _lock_timeout(path: Path, holder: str, waited_s: float) -> RegistryLockedError:
     return RegistryLockedError(
-        f"The registry {path} stayed locked by another process for {waited_s:.0f} s ({_reason(str(error))}); "
-        "wait for it to finish or pass --db with another path."
+        f"The registry {path} stayed locked by {holder} for {seconds(waited_s)}; "
+        "wait for it to finish or pass --db with another path.",
+        path=path, holder=holder,
     )
 
 
+def seconds(value: float) -> str:
+    return f"{value:.1f} s" if value < 10 else f"{value:.0f} s"
+
+
+def lock_path(path: Path) -> Path:
+    """The file dyntie locks around every open of the registry at ``path``."""
+    return path.with_name(path.name + LOCK_SUFFIX)
+
+
+def lock_holders(path: Path) -> str:
+    """Which other processes lock the registry or its lock file, e.g. 'pid 812 (dyntie report)', from the
+    kernel's lock table (Linux); '' where it cannot be known."""
+    inodes = set()
+    for file in (path, lock_path(path)):
+        with contextlib.suppress(OSError):
+            inodes.add(file.stat().st_ino)
+    try:
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return ""
+    pids: list[int] = []
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) < 6 or "->" in fields:  # '->' marks a process waiting for the lock, not holding it
+            continue
+        pid, inode = fields[4], fields[5].rsplit(":", 1)[-1]
+        if inode.isdigit() and int(inode) in inodes and pid.isdigit() and int(pid) != os.getpid():
+            pids.append(int(pid))
+    return ", ".join(_describe_process(pid) for pid in dict.fromkeys(pids))
+
+
+def _describe_process(pid: int) -> str:
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return f"pid {pid}"
+    words = [a.decode(errors="replace") for a in args if a]
+    if not words:
+        return f"pid {pid}"
+    # the program, and the script it runs (python .../bin/dyntie report), by their names only
+    script = 1 if len(words) > 1 and not words[1].startswith("-") else 0
+    words[: script + 1] = [Path(word).name for word in words[: script + 1]]
+    command = " ".join(" ".join(words).split())
+    return f"pid {pid} ({command[:80]}{'...' if len(command) > 80 else ''})"
+
+
+def _holder(path: Path, error: BaseException | None = None) -> str:
+    found = lock_holders(path)
+    if found:
+        return found
+    # DuckDB names the holder of its own lock: 'Conflicting lock is held in /usr/bin/python3 (PID 812) by user x'
+    match = re.search(r"Conflicting lock is held in (.+?)(?:\. |$)", str(error or ""))
+    return match.group(1) if match else "another process"
+
+
+class _Backoff:
+    """Jittered exponential backoff up to a deadline: starts short because flushes take tens of milliseconds,
+    is capped so a waiting writer notices a released lock quickly, and jitter keeps two waiting writers from
+    retrying in lockstep."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.start = time.monotonic()
+        self.deadline = self.start + timeout_s
+        self.delay = _FIRST_BACKOFF_S
+
+    @property
+    def waited(self) -> float:
+        return time.monotonic() - self.start
+
+    def sleep(self) -> bool:
+        """Wait before the next try; False once the deadline has passed."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(self.delay * random.uniform(0.5, 1.5), left))
+        self.delay = min(self.delay * 2, _MAX_BACKOFF_S)
+        return True
+
+
 def _prepare_location(path: Path, read_only: bool) -> None:
-    """Fail early, without touching the file, for the cases DuckDB reports poorly."""
+    """Fail early, without touching the file (or creating the lock file beside it), for the cases DuckDB
+    reports poorly."""
+    if path.is_dir() or not (_holds_lock(path) or _may_be_duckdb(path)):
+        raise DyntieError(f"{path} is not a DuckDB file; pass --db with another path.")
     if read_only:
         if not path.exists():
             raise _missing_registry(path)
-        if path.is_file() and path.stat().st_size == 0:
-            # An empty file (e.g. from `touch`) is not a database yet; DuckDB calls it invalid.
-            raise DyntieError(f"The registry {path} is empty; run a training first or pass --db.")
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -278,30 +379,152 @@ def _prepare_location(path: Path, read_only: bool) -> None:
         raise DyntieError(
             f"Cannot create the registry's folder {path.parent} ({error.strerror}); pass --db with a writable path."
         ) from None
-    if path.is_file() and path.stat().st_size == 0:
-        # A zero-byte file holds nothing to lose, and DuckDB refuses to initialise one; replace it.
-        path.unlink()
 
 
-def open_with_retry(
-    path: Path, read_only: bool = False, timeout_s: float = LOCK_TIMEOUT_S
-) -> duckdb.DuckDBPyConnection:
-    """Open the file, waiting with jittered exponential backoff while another process holds its lock."""
-    _prepare_location(path, read_only)
-    start = time.monotonic()
-    delay = _FIRST_BACKOFF_S
+def _may_be_duckdb(path: Path) -> bool:
+    """False for a file that is surely no DuckDB database (DuckDB's magic bytes follow an 8-byte checksum).
+    Not while this process has the file open in DuckDB: closing any descriptor of a file drops the process's
+    POSIX locks on it, DuckDB's among them."""
+    try:
+        with path.open("rb") as file:
+            head = file.read(12)
+    except OSError:
+        return True  # missing or unreadable: DuckDB says which
+    return len(head) < 12 or head[8:12] == b"DUCK"
+
+
+def _check_empty_file(path: Path, read_only: bool) -> None:
+    # Under the lock: a registry another writer is creating must not look empty to this one.
+    if not (path.is_file() and path.stat().st_size == 0):
+        return
+    if read_only:
+        # An empty file (e.g. from `touch`) is not a database yet; DuckDB calls it invalid.
+        raise DyntieError(f"The registry {path} is empty; run a training first or pass --db.")
+    # A zero-byte file holds nothing to lose, and DuckDB refuses to initialise one; replace it.
+    path.unlink()
+
+
+# Lock files this process holds, and how many opens use each: DuckDB shares one open database within a process,
+# and an open nested in another (same process, same file) must not wait for itself.
+_held_locks: dict[Path, list[int]] = {}
+_held_guard = threading.Lock()
+
+
+def _holds_lock(path: Path) -> bool:
+    with _held_guard:
+        return lock_path(path).absolute() in _held_locks
+
+
+def _open_lock_file(path: Path, read_only: bool) -> int | None:
+    lock = lock_path(path)
+    cloexec = getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(lock, os.O_RDWR | os.O_CREAT | cloexec, 0o666)
+    except OSError as error:
+        if not read_only:
+            raise DyntieError(
+                f"Cannot create the registry's lock file {lock} ({error.strerror}); pass --db with a writable path."
+            ) from None
+    try:
+        return os.open(lock, os.O_RDONLY | cloexec)
+    except OSError:
+        return None  # a registry in a folder this user cannot write: reading it cannot lose anything
+
+
+@contextlib.contextmanager
+def _registry_lock(path: Path, read_only: bool, backoff: _Backoff) -> Iterator[None]:
+    """Hold the lock file beside the registry (shared to read, exclusive to write) for one open."""
+    key = lock_path(path).absolute()
+    with _held_guard:
+        if key in _held_locks:
+            _held_locks[key][1] += 1
+            fd = None
+        else:
+            fd = _open_lock_file(path, read_only) if fcntl is not None else None
+            if fd is not None:
+                _held_locks[key] = [fd, 1]
+    if fd is not None:
+        try:
+            _flock(fd, path, read_only, backoff)
+        except BaseException:
+            with _held_guard:
+                del _held_locks[key]
+            os.close(fd)
+            raise
+    try:
+        yield
+    finally:
+        with _held_guard:
+            entry = _held_locks.get(key)
+            if entry is not None:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del _held_locks[key]
+                    os.close(entry[0])  # closing the file releases the lock
+
+
+def _flock(fd: int, path: Path, read_only: bool, backoff: _Backoff) -> None:
+    mode = fcntl.LOCK_SH if read_only else fcntl.LOCK_EX
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        pass
+    except OSError:
+        return  # a file system without flock: DuckDB's own lock still applies
+    if not _wait_for_flock(fd, mode, backoff.deadline - time.monotonic()):
+        raise _lock_timeout(path, _holder(path), backoff.waited)
+
+
+def _wait_for_flock(fd: int, mode: int, timeout_s: float) -> bool:
+    """Block until the lock is ours, up to ``timeout_s``. A blocked waiter gets the lock when it is let go,
+    where one that polls could wait for ever behind runs that flush back to back (or that it sleeps past)."""
+    # The waiting thread locks a duplicate of ``fd``: both share one open file, which the lock belongs to. If the
+    # wait is given up, the caller closes ``fd``, and a lock taken later dies with the thread's duplicate.
+    waiter = os.dup(fd)
+    taken = threading.Event()
+
+    def wait() -> None:
+        try:
+            fcntl.flock(waiter, mode)
+            taken.set()
+        except OSError:
+            pass
+        finally:
+            os.close(waiter)
+
+    threading.Thread(target=wait, name="dyntie-registry-lock", daemon=True).start()
+    return taken.wait(max(timeout_s, 0.0))
+
+
+def _open_duckdb(path: Path, read_only: bool, backoff: _Backoff) -> duckdb.DuckDBPyConnection:
+    """Open the file, waiting while a process that does not take dyntie's lock holds DuckDB's."""
     while True:
         try:
             return duckdb.connect(str(path), read_only=read_only)
         except duckdb.Error as error:
             if not is_lock_conflict(error):
                 raise _friendly_open_error(error, path, read_only) from None
-            waited = time.monotonic() - start
-            if waited >= timeout_s:
-                raise _lock_timeout(path, error, waited) from None
-            # Jitter keeps two waiting writers from retrying in lockstep.
-            time.sleep(min(delay * random.uniform(0.5, 1.5), max(timeout_s - waited, 0.0)))
-            delay = min(delay * 2, _MAX_BACKOFF_S)
+            if not backoff.sleep():
+                raise _lock_timeout(path, _holder(path, error), backoff.waited) from None
+
+
+@contextlib.contextmanager
+def open_registry(
+    path: Path, read_only: bool = False, timeout_s: float = LOCK_TIMEOUT_S
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """The file opened under dyntie's lock, waiting with jittered exponential backoff while another process
+    holds it; closed (and the lock released) on exit."""
+    path = Path(path)
+    _prepare_location(path, read_only)
+    backoff = _Backoff(timeout_s)
+    with _registry_lock(path, read_only, backoff):
+        _check_empty_file(path, read_only)
+        con = _open_duckdb(path, read_only, backoff)
+        try:
+            yield con
+        finally:
+            con.close()
 
 
 @contextlib.contextmanager
@@ -314,15 +537,12 @@ def connect(
     is reported as a ``DyntieError``.
     """
     db_path = Path(path)
-    con = open_with_retry(db_path, read_only=read_only, timeout_s=timeout_s)
-    try:
+    with open_registry(db_path, read_only=read_only, timeout_s=timeout_s) as con:
         if read_only:
             _require_current_schema(con, db_path)
         else:
             migrate(con, db_path)
         yield con
-    finally:
-        con.close()
 
 
 @contextlib.contextmanager
@@ -339,11 +559,8 @@ def read_registry(path: str | os.PathLike[str]) -> Iterator[duckdb.DuckDBPyConne
 def _upgrade_if_older(path: Path) -> None:
     if not (path.is_file() and path.stat().st_size > 0 and os.access(path, os.W_OK)):
         return
-    con = open_with_retry(path, read_only=True)
-    try:
+    with open_registry(path, read_only=True) as con:
         version = _check_is_registry(con, path)
-    finally:
-        con.close()
     if 0 < version < SCHEMA_VERSION:
         with connect(path):
             pass
