@@ -79,7 +79,7 @@ def test_bench_runs_each_variant_and_reports_ratios(runner, tmp_path):
     # at 80 columns every ratio to no-tying stays
     table = run_query("bench", db)
     ratios = {str(c) for c in table.columns if " / " in str(c)}
-    assert len(ratios) == 2 and not left_out(render(table, "table", width=80)) & ratios
+    assert len(ratios) == 3 and not left_out(render(table, "table", width=80)) & ratios
 
     # a second bench in the same registry (other steps): each run is compared with the no-tying run of its own set
     _bench(runner, tmp_path, "--max-steps", "10", "--variants", "dynamic")
