@@ -97,6 +97,19 @@ class _Log:
 STATE_FORMAT = 1
 
 
+def refuse_sharded(blocks: Sequence[nn.Module]) -> None:
+    """FSDP and DeepSpeed ZeRO-3 shard the blocks' parameters over the parameter set they found when they wrapped
+    the model, and a tie decision changes that set: refused, naming what works instead."""
+    # by name: importing FSDP after the process group exists would tie the group's life to the interpreter's
+    wrapped = {"FSDPModule", "FullyShardedDataParallel"}
+    params = [p for b in blocks for p in b.parameters()]
+    sharded = (any(c.__name__ in wrapped for b in blocks for c in type(b).__mro__)
+               or any(type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in params))
+    if sharded:
+        raise UsageError("DynamicTying cannot tie blocks that FSDP or DeepSpeed shard (they fix the parameter set a "
+                         "tie decision changes); train with plain data parallel: every rank a whole, unwrapped model.")
+
+
 class DynamicTying:
     """Dynamic layer tying for a model's ordered ``blocks`` (identical modules: GPT-2's ``transformer.h``, a
     ViT's ``blocks`` ...) trained by ``optimizer``, which must already hold every block's parameters.
@@ -141,6 +154,7 @@ class DynamicTying:
         agent_cfg = AgentSettings.from_preset(agent, **{**(agent_options or {}), "seed": seed,
                                                         **kind.fixed_in("agent")})
         blocks = list(blocks)
+        refuse_sharded(blocks)
         self.total_steps, self.decide_every, self.variant = total_steps, decide_every, variant
         self.log_every = log_every
         self.policy = make_policy(variant, len(blocks), agent=agent_cfg, seed=seed, independent=independent,

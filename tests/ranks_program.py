@@ -59,7 +59,7 @@ def _write(out: Path, tying, losses: list[float], model, **extra) -> None:
     out.mkdir(parents=True, exist_ok=True)
     record = {"rank": rank, "world": world, "states": [row.state for row in tying.history],
               "actions": [row.action for row in tying.history], "losses": losses, "digest": _digest(model),
-              "step": tying.loop.step, **extra}
+              "rewards": [row.get("reward") for row in tying.log.decisions], "step": tying.loop.step, **extra}
     (out / f"rank-{rank}.json").write_text(json.dumps(record))
 
 
@@ -109,7 +109,8 @@ class _Counting(torch.utils.data.Dataset):
         return {"input_ids": tokens, "labels": tokens}
 
 
-def run_trainer(out: Path, variant: str, steps: int, stop_after: int | None = None, resume: bool = False) -> None:
+def run_trainer(out: Path, variant: str, steps: int, stop_after: int | None = None, resume: bool = False,
+                accumulate: int = 1) -> None:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from dyntie_cli import DynamicTyingCallback
@@ -125,7 +126,8 @@ def run_trainer(out: Path, variant: str, steps: int, stop_after: int | None = No
                 raise SystemExit(0)
 
     args = TrainingArguments(
-        output_dir=str(out / "trainer"), max_steps=steps, per_device_train_batch_size=GLOBAL_BATCH // world,
+        output_dir=str(out / "trainer"), max_steps=steps, per_device_train_batch_size=GLOBAL_BATCH // world // accumulate,
+        gradient_accumulation_steps=accumulate,
         learning_rate=3e-3, save_strategy="steps", save_steps=6, report_to="none", use_cpu=True,
         disable_tqdm=True, logging_steps=1, train_sampling_strategy="sequential", dataloader_num_workers=0,
         seed=0, data_seed=1)
@@ -145,12 +147,13 @@ def main() -> None:
     parser.add_argument("--save")
     parser.add_argument("--resume", nargs="?", const="yes")
     parser.add_argument("--db")
+    parser.add_argument("--accumulate", type=int, default=1)
     a = parser.parse_args()
     torch.set_num_threads(1)
     if a.mode == "loop":
         run_loop(a.out, a.variant, a.steps, a.stop_after, a.save, a.resume, a.db)
     else:
-        run_trainer(a.out, a.variant, a.steps, a.stop_after, bool(a.resume))
+        run_trainer(a.out, a.variant, a.steps, a.stop_after, bool(a.resume), a.accumulate)
 
 
 if __name__ == "__main__":

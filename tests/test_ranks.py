@@ -107,6 +107,25 @@ def test_a_trainer_resumed_from_its_checkpoint_makes_the_decisions_of_one_never_
     assert resumed["digest"] == whole["digest"], "bit-identical weights after the resume"
 
 
+def test_a_trainer_accumulating_gradients_rewards_the_mean_loss_of_the_whole_step(tmp_path, monkeypatch):
+    # with num_items_in_batch each micro-batch's loss is its share of the step's: the reward adds the shares
+    pytest.importorskip("accelerate")
+    whole = _one_process(run_trainer, tmp_path / "whole", monkeypatch, "random", 8)
+    halves = _one_process(run_trainer, tmp_path / "halves", monkeypatch, "random", 8, accumulate=2)
+    assert halves["rewards"] == pytest.approx(whole["rewards"], rel=1e-5, abs=1e-6)
+    assert halves["losses"] == pytest.approx(whole["losses"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_ranks_of_a_trainer_accumulating_gradients_train_as_one_process(tmp_path, monkeypatch):
+    _torchrun("trainer", tmp_path / "two", "--steps", 16, "--accumulate", 2)
+    first = _same_on_every_rank(_ranks(tmp_path / "two"))
+    one = _one_process(run_trainer, tmp_path / "one", monkeypatch, "random", 16)
+    assert first["states"] == one["states"]
+    assert first["rewards"] == pytest.approx(one["rewards"], rel=1e-5, abs=1e-6)
+    assert first["losses"] == pytest.approx(one["losses"], rel=1e-5)
+
+
 @pytest.mark.slow
 def test_two_ranks_of_a_trainer_killed_after_a_checkpoint_resume_as_never_stopped(tmp_path):
     _torchrun("trainer", tmp_path / "whole", "--steps", 16)
@@ -114,3 +133,53 @@ def test_two_ranks_of_a_trainer_killed_after_a_checkpoint_resume_as_never_stoppe
     _torchrun("trainer", tmp_path / "cut", "--steps", 16, "--resume")
     whole, resumed = _same_on_every_rank(_ranks(tmp_path / "whole")), _same_on_every_rank(_ranks(tmp_path / "cut"))
     assert (resumed["states"], resumed["digest"]) == (whole["states"], whole["digest"])
+
+
+_FSDP_BLOCKS = """
+import os, torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from dyntie_cli import DynamicTying
+from dyntie_cli.errors import UsageError
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
+dist.init_process_group("gloo", rank=0, world_size=1)
+blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+optimizer = __import__("torch").optim.SGD(blocks.parameters(), lr=0.1)
+for block in blocks:
+    fully_shard(block)
+try:
+    DynamicTying(blocks, optimizer, total_steps=10)
+except UsageError as refused:
+    print(refused)
+dist.destroy_process_group()
+"""
+
+
+def test_blocks_sharded_by_fsdp_are_refused_in_one_sentence(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([sys.executable, "-c", _FSDP_BLOCKS], capture_output=True, text=True, timeout=120,
+                       env=os.environ | {"PORT": str(port)}, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().startswith("DynamicTying cannot tie blocks that FSDP or DeepSpeed shard")
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+def test_a_trainer_made_for_fsdp_or_deepspeed_is_refused_when_it_is_made(tmp_path, monkeypatch, engine):
+    pytest.importorskip("accelerate")
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from dyntie_cli import DynamicTyingCallback
+    from dyntie_cli.errors import UsageError
+    from tests.ranks_program import _model
+
+    if engine == "fsdp":  # what TrainingArguments(fsdp=...) gives; the Trainer itself needs several ranks for it
+        args = TrainingArguments(output_dir=str(tmp_path), fsdp=True, use_cpu=True, report_to="none")
+    else:  # accelerate launch with a DeepSpeed config says so in the environment (DeepSpeed is not installed here)
+        args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(UsageError, match=f"does not work with {'FSDP' if engine == 'fsdp' else 'DeepSpeed'}"):
+        DynamicTyingCallback().on_init_end(args, TrainerState(), TrainerControl(), model=_model())

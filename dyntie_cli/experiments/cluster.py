@@ -145,14 +145,14 @@ def _cell_result(folder: Path, label: str, code: int | None) -> dict[str, Any]:
 
 
 def latest_run(folder: Path) -> dict[str, Any] | None:
-    """The last run of the cell's registry (status, pid, host, out_dir), or None."""
+    """The last run of the cell's registry (status, pid, host, out_dir, config), or None."""
     db = folder / REGISTRY
     if not db.exists():
         return None
     with read_registry(db) as con:
-        row = con.execute("SELECT run_id, status, pid, host, out_dir FROM runs ORDER BY started_at DESC, run_id "
-                          "LIMIT 1").fetchone()
-    return dict(zip(("run_id", "status", "pid", "host", "out_dir"), row)) if row else None
+        row = con.execute("SELECT run_id, status, pid, host, out_dir, config FROM runs ORDER BY started_at DESC, "
+                          "run_id LIMIT 1").fetchone()
+    return dict(zip(("run_id", "status", "pid", "host", "out_dir", "config"), row)) if row else None
 
 
 class RayExecutor:
@@ -184,19 +184,19 @@ class RayExecutor:
                 merged.append(run["run_id"])
         return merged
 
-    def recover(self, variant: str, seed: int) -> tuple[str | None, dict[str, Any] | None]:
-        """What an unfinished cell left: (a killed run's id to continue from its checkpoint, a run still
-        training); an empty folder for anything else."""
+    def recover(self, variant: str, seed: int) -> tuple[dict[str, Any] | None, bool]:
+        """What an unfinished cell left: (its run, whether that run still trains) for a run still training or
+        killed with a checkpoint to continue from; (None, False) and an empty folder for anything else."""
         folder = self.folder(variant, seed)
         run = latest_run(folder)
         if run is None:
-            return None, None
+            return None, False
         if running_here(run["status"], run["pid"], run["host"]):
-            return None, run
+            return run, True
         if run["status"] != "finished" and has_checkpoint(run["out_dir"]):
-            return run["run_id"], None
+            return run, False
         shutil.rmtree(folder, ignore_errors=True)  # failed, or killed before its first checkpoint: train again
-        return None, None
+        return None, False
 
     def start(self, variant: str, seed: int, payload: dict[str, Any], label: str,
               found: dict[str, Any] | None = None) -> RayCell | FoundCell:

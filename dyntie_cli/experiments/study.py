@@ -197,7 +197,10 @@ class Study:
                 task.resume_id = killed[-1]["run_id"]
                 self._check(task, killed[-1], tasks)
             elif self.cells is not None:
-                task.resume_id, task.found = self.cells.recover(task.variant, task.seed)
+                left, training = self.cells.recover(task.variant, task.seed)
+                if left is not None:
+                    self._check(task, left, tasks)
+                    task.found, task.resume_id = (left, None) if training else (None, left["run_id"])
         return tasks
 
     def _check(self, task: Task, run: dict[str, Any], tasks: list[Task]) -> None:
