@@ -78,9 +78,10 @@ class DynamicTyingCallback(TrainerCallback):
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         _refuse_sharded(args)
-        if _world_size(args) > 1 and model is not None:
+        if model is not None:
             # DDP registers its gradient hooks over the parameters it finds when it wraps the model; a tie decision
-            # changes the blocks' parameters, so DDP leaves them to dyntie's own averaging
+            # changes the blocks' parameters, so DDP (if the Trainer wraps the model in it, even for one rank)
+            # leaves them to dyntie's own averaging
             from torch.nn.parallel import DistributedDataParallel
 
             path = _blocks_path(model, self.blocks_path)
