@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -59,12 +60,13 @@ def _write(out: Path, tying, losses: list[float], model, **extra) -> None:
     out.mkdir(parents=True, exist_ok=True)
     record = {"rank": rank, "world": world, "states": [row.state for row in tying.history],
               "actions": [row.action for row in tying.history], "losses": losses, "digest": _digest(model),
-              "rewards": [row.get("reward") for row in tying.log.decisions], "step": tying.loop.step, **extra}
+              "rewards": [row.get("reward") for row in tying.log.decisions], "step": tying.loop.step,
+              "averaged": tying.averaging.averaged if tying.averaging else 0, **extra}
     (out / f"rank-{rank}.json").write_text(json.dumps(record))
 
 
 def run_loop(out: Path, variant: str, steps: int, stop_after: int | None = None, save: str | None = None,
-             resume: str | None = None, db: str | None = None) -> None:
+             resume: str | None = None, db: str | None = None, accumulate: int = 1) -> None:
     from dyntie_cli import DynamicTying
 
     rank, world = _rank_world()
@@ -83,8 +85,13 @@ def run_loop(out: Path, variant: str, steps: int, stop_after: int | None = None,
     share = GLOBAL_BATCH // world
     for step in range(first, steps):
         batch = torch.stack([_tokens(step * GLOBAL_BATCH + rank * share + i) for i in range(share)])
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
+        micro = share // accumulate
+        for part in range(accumulate):  # the passes before the last only accumulate: averaged once, by the last
+            with tying.no_sync() if part < accumulate - 1 else nullcontext():
+                piece = batch[part * micro:(part + 1) * micro]
+                (model(input_ids=piece, labels=piece).loss / accumulate).backward()
+        with torch.no_grad():
+            loss = model(input_ids=batch, labels=batch).loss  # the step's loss, before the update
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # on averaged gradients: the same on every rank
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -151,7 +158,7 @@ def main() -> None:
     a = parser.parse_args()
     torch.set_num_threads(1)
     if a.mode == "loop":
-        run_loop(a.out, a.variant, a.steps, a.stop_after, a.save, a.resume, a.db)
+        run_loop(a.out, a.variant, a.steps, a.stop_after, a.save, a.resume, a.db, a.accumulate)
     else:
         run_trainer(a.out, a.variant, a.steps, a.stop_after, bool(a.resume), a.accumulate)
 

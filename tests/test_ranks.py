@@ -57,6 +57,7 @@ def test_two_ranks_of_a_plain_loop_train_as_one_process_on_the_same_global_batch
     _torchrun("loop", tmp_path / "two", "--steps", 16)
     two = _ranks(tmp_path / "two")
     first = _same_on_every_rank(two)
+    assert first["averaged"] == 16  # one average per backward pass
     one = _one_process(run_loop, tmp_path / "one", monkeypatch, "random", 16)
     assert first["states"] == one["states"]
     assert _mean_losses(two) == pytest.approx(one["losses"], rel=1e-5)
@@ -114,6 +115,17 @@ def test_a_trainer_accumulating_gradients_rewards_the_mean_loss_of_the_whole_ste
     halves = _one_process(run_trainer, tmp_path / "halves", monkeypatch, "random", 8, accumulate=2)
     assert halves["rewards"] == pytest.approx(whole["rewards"], rel=1e-5, abs=1e-6)
     assert halves["losses"] == pytest.approx(whole["losses"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_ranks_of_a_plain_loop_accumulating_under_no_sync_average_once_a_step(tmp_path, monkeypatch):
+    _torchrun("loop", tmp_path / "two", "--steps", 16, "--accumulate", 2)
+    two = _ranks(tmp_path / "two")
+    first = _same_on_every_rank(two)
+    assert first["averaged"] == 16, "the pass under no_sync accumulates without averaging"
+    one = _one_process(run_loop, tmp_path / "one", monkeypatch, "random", 16)
+    assert first["states"] == one["states"]
+    assert _mean_losses(two) == pytest.approx(one["losses"], rel=1e-5)
 
 
 @pytest.mark.slow

@@ -215,6 +215,7 @@ class BackwardAverage:
     def __init__(self, group: Group, trigger: nn.Module, params: Callable[[], Iterable[torch.Tensor]],
                  wanted: Callable[[], bool] = lambda: True) -> None:
         self.group, self.params, self.wanted = group, params, wanted
+        self.averaged = 0  # backward passes whose gradients were averaged
         self._queued = False
         self._handle = trigger.register_forward_hook(self._on_forward)
 
@@ -233,6 +234,7 @@ class BackwardAverage:
     def _average(self) -> None:
         self._queued = False
         self.group.average_gradients(self.params())
+        self.averaged += 1
 
     def remove(self) -> None:
         self._handle.remove()
