@@ -25,6 +25,10 @@ def study(
                                              "again to continue it.")] = None,
     jobs: Annotated[int, typer.Option("--jobs", help="Runs trained at once, each in its own process (1: one "
                                       "after another in this process).")] = 1,
+    executor: Annotated[str, typer.Option("--executor", help="Where the runs train: local (this machine, as --jobs "
+                                          "says) or ray (each run a task of a Ray cluster with a registry of its "
+                                          "own, merged into --db as runs finish; RAY_ADDRESS names a running "
+                                          "cluster, else a local one starts).")] = "local",
     fmt: Format = "table",
 ) -> None:
     """Train every variant on every seed with the same settings and steps, record them in the registry as one
@@ -53,7 +57,7 @@ def study(
                                                           for k, _ in opts.set_pairs())
     one = Study(backbone, opts.sources(), opts.launch(), independent_given=independent_given,
                 variants=parse_variants(variants), seeds=parse_seeds(seeds), name=name, jobs=jobs,
-                say=echo_to_stderr(bool(opts.quiet)))
+                say=echo_to_stderr(bool(opts.quiet)), executor=executor)
     tasks = one.run()
     left = summary(one, tasks)
     if left:

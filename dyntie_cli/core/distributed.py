@@ -10,6 +10,7 @@ identical, which the end of the run checks. Without ``WORLD_SIZE`` (one process)
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -20,6 +21,13 @@ from torch import nn
 from ..errors import DyntieError
 
 _BUCKET = 1 << 24  # gradient elements per all-reduce (64 MiB in fp32): bounds the extra copy it needs
+
+Parameters = nn.Module | Iterable[torch.Tensor]
+
+
+def _tensors(params: Parameters) -> list[torch.Tensor]:
+    """A module's parameters (each stored tensor once, as ``parameters()`` yields them), or the given ones."""
+    return list(params.parameters() if isinstance(params, nn.Module) else params)
 
 
 def _import_before_joining() -> None:
@@ -46,6 +54,20 @@ class Group:
             return cls(world, int(os.environ.get("RANK") or 0), int(os.environ.get("LOCAL_RANK") or 0))
         except ValueError:
             raise DyntieError("WORLD_SIZE, RANK and LOCAL_RANK must be integers; launch with torchrun.") from None
+
+    @classmethod
+    def joined(cls, device: torch.device) -> Group:
+        """The ranks of the process group this process is in (one a user's launcher, such as accelerate, already
+        started), else the one torchrun describes, joined now; one process without either."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            group = cls(dist.get_world_size(), dist.get_rank(), int(os.environ.get("LOCAL_RANK") or 0))
+            group.device = device
+            return group
+        group = cls.from_env()
+        group.start(device)
+        return group
 
     @property
     def active(self) -> bool:
@@ -120,23 +142,23 @@ class Group:
         dist.all_gather_object(out, obj)
         return out
 
-    def broadcast_parameters(self, model: nn.Module) -> None:
+    def broadcast_parameters(self, params: Parameters) -> None:
         """Rank 0's weights on every rank (each stored tensor once: a tied block's tensors are its root's)."""
         if not self.active:
             return
         import torch.distributed as dist
 
-        for p in model.parameters():
+        for p in _tensors(params):
             dist.broadcast(p.data, src=0)
 
-    def average_gradients(self, model: nn.Module) -> None:
+    def average_gradients(self, params: Parameters) -> None:
         """Average every gradient over the ranks, in flat buckets (one all-reduce per bucket)."""
         if not self.active:
             return
         import torch.distributed as dist
 
         buckets: list[list[torch.Tensor]] = []
-        for g in (p.grad for p in model.parameters() if p.grad is not None):
+        for g in (p.grad for p in _tensors(params) if p.grad is not None):
             last = buckets[-1] if buckets else None
             if last and last[0].dtype == g.dtype and sum(b.numel() for b in last) + g.numel() <= _BUCKET:
                 last.append(g)
@@ -171,12 +193,59 @@ class Group:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t[0] > 0)
 
-    def check_identical(self, model: nn.Module) -> None:
+    def check_identical(self, params: Parameters) -> None:
         """Raise if the ranks' weights differ (they must not: same start, same averaged gradients, same ties)."""
         if not self.active:
             return
         # each tensor's sum as its float64 bytes: NaN weights (a diverged run, not a bug) compare equal to NaN
-        sums = [p.detach().double().sum().cpu().numpy().tobytes() for p in model.parameters()]
+        sums = [p.detach().double().sum().cpu().numpy().tobytes() for p in _tensors(params)]
         if any(other != sums for other in self.gather(sums)):
             raise DyntieError("The ranks' weights diverged; this is a bug in dyntie's multi-process training, "
                               "please report it with the command you ran.")
+
+
+class BackwardAverage:
+    """Averages gradients over the ranks once a backward pass ends, as DDP's reducer does, but over the
+    parameters that train *now* (``params()``, asked at every pass): a tie decision changes that set, which DDP
+    fixes when it wraps a model. A hook on ``trigger``'s output (a module every forward runs through: block 0,
+    independent in every tie state) queues the all-reduce on autograd's engine when the pass reaches it, so it
+    runs after every gradient of the pass exists and before the caller clips or steps. ``wanted()`` false: this
+    pass accumulates without averaging (DDP's ``no_sync``)."""
+
+    def __init__(self, group: Group, trigger: nn.Module, params: Callable[[], Iterable[torch.Tensor]],
+                 wanted: Callable[[], bool] = lambda: True) -> None:
+        self.group, self.params, self.wanted = group, params, wanted
+        self.averaged = 0  # backward passes whose gradients were averaged
+        self._queued = False
+        self._handle = trigger.register_forward_hook(self._on_forward)
+
+    def _on_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not (module.training and torch.is_grad_enabled() and self.wanted()):
+            return
+        tensor = _first_tensor_with_grad(output)
+        if tensor is not None:
+            tensor.register_hook(self._on_gradient)
+
+    def _on_gradient(self, grad: torch.Tensor) -> None:
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._average)
+
+    def _average(self) -> None:
+        self._queued = False
+        self.group.average_gradients(self.params())
+        self.averaged += 1
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def _first_tensor_with_grad(output: Any) -> torch.Tensor | None:
+    if torch.is_tensor(output):
+        return output if output.requires_grad else None
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (list, tuple)) else ()
+    for value in values:
+        found = _first_tensor_with_grad(value)
+        if found is not None:
+            return found
+    return None

@@ -14,6 +14,8 @@ With ``jobs == 1`` the runs are trained in this process one after another: a run
 or `dyntie ablate` run of its settings, and Ctrl-C or SIGTERM reaches the trainer's own handler, which checkpoints
 at the next step boundary. With ``jobs > 1`` each run is a child process (`dyntie job`, as `dyntie bench` starts
 its variants), ``jobs`` at a time; a stop signal is passed on to every child, which checkpoints the same way.
+With ``executor == "ray"`` each run is a task of a Ray cluster with a registry of its own, merged into the study's
+when it finishes (experiments/cluster.py).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import typer
@@ -40,8 +41,7 @@ from ..runner.settings_source import SettingsSource, new_settings
 from ..settings import RUN_LABELS, VARIANTS, RunSettings
 from ..variants import METHOD, spec
 from .ablation import ablation_job
-
-_CHECKPOINT_FILES = ("ties.json", "trainer.pt", "model.safetensors")
+from .cluster import EXECUTORS, has_checkpoint
 
 
 @dataclass
@@ -55,6 +55,7 @@ class Task:
     run_id: str | None = None  # its finished run
     resume_id: str | None = None  # a killed run with a checkpoint, to continue
     error: str | None = None
+    found: dict[str, Any] | None = None  # a cluster cell's run still training (started by an earlier driver)
 
     @property
     def label(self) -> str:
@@ -136,9 +137,11 @@ class Study:
 
     def __init__(self, backbone: str, source: SettingsSource, launch: Launch, *, independent_given: bool,
                  variants: list[str], seeds: list[int], name: str | None, jobs: int,
-                 say: Callable[[str], None]) -> None:
+                 say: Callable[[str], None], executor: str = "local") -> None:
         if jobs < 1:
             raise UsageError("--jobs must be at least 1 (the number of runs trained at once).")
+        if executor not in EXECUTORS:
+            raise UsageError(f"Unknown executor {executor!r}; use {' or '.join(EXECUTORS)}.")
         self.source, self.backbone, self.variants, self.seeds, self.jobs = source, backbone, variants, seeds, jobs
         self.launch = launch
         self.say = say
@@ -158,6 +161,12 @@ class Study:
         self.stop: int | None = None
         self._in_setup = False
         self._running: dict[int, tuple[Task, Any]] = {}
+        self.cells = None
+        if executor == "ray":
+            from .cluster import RayExecutor
+
+            self.cells = RayExecutor(launch.out / "study-cells" / self.name, launch.db, cpus=launch.threads or 1,
+                                     gpus=1 if base.device.startswith("cuda") else 0)
 
     def _new_settings(self, variant: str, seed: int) -> tuple[Any, RunSettings]:
         return new_settings(self.backbone, self.source.with_flags(("variant", variant), ("seed", seed)))
@@ -165,7 +174,10 @@ class Study:
     # -- the plan ----------------------------------------------------------------------------------
 
     def plan(self) -> list[Task]:
-        """Every (variant, seed), seed by seed and dynamic first, with what the registry already holds of it."""
+        """Every (variant, seed), seed by seed and dynamic first, with what the registry already holds of it (and,
+        on a cluster, what the cells' own registries hold of the cells not merged yet)."""
+        if self.cells is not None:
+            self.cells.collect()
         recorded = read_study_runs(self.launch.db, self.name)
         tasks = [Task(v, s, v in self.dependent) for s in self.seeds for v in self.variants]
         for task in tasks:
@@ -180,10 +192,15 @@ class Study:
                 task.outcome, task.run_id = "finished", finished[0]["run_id"]
                 self._check(task, finished[0], tasks)
                 continue
-            killed = [r for r in runs if r["status"] == "killed" and _has_checkpoint(r["out_dir"])]
+            killed = [r for r in runs if r["status"] == "killed" and has_checkpoint(r["out_dir"])]
             if killed:
                 task.resume_id = killed[-1]["run_id"]
                 self._check(task, killed[-1], tasks)
+            elif self.cells is not None:
+                left, training = self.cells.recover(task.variant, task.seed)
+                if left is not None:
+                    self._check(task, left, tasks)
+                    task.found, task.resume_id = (left, None) if training else (None, left["run_id"])
         return tasks
 
     def _check(self, task: Task, run: dict[str, Any], tasks: list[Task]) -> None:
@@ -221,9 +238,12 @@ class Study:
         done = len(tasks) - len(todo)
         if done:
             self.say(f"study {self.name}: {done} of {len(tasks)} runs already finished")
+        # on a cluster every ready run is handed over at once (the cluster's resources decide what trains), unless
+        # --jobs caps it
+        limit = len(tasks) if self.cells is not None and self.jobs == 1 else self.jobs
         with self._signals():
             while True:
-                while self.stop is None and len(self._running) < self.jobs:
+                while self.stop is None and len(self._running) < limit:
                     task = self._next_ready(todo, tasks)
                     if task is None:
                         break
@@ -256,11 +276,17 @@ class Study:
         return job
 
     def _start(self, task: Task, tasks: list[Task]) -> Any:
-        verb = f"continuing {task.resume_id}" if task.resume_id else "starting"
+        verb = (f"waiting for {task.found['run_id']}, still training" if task.found else
+                f"continuing {task.resume_id}" if task.resume_id else "starting")
         self.say(f"study {self.name}: {task.label}: {verb}")
-        if self.jobs > 1:
+        if self.jobs > 1 or self.cells is not None:
             payload = ({"resume": task.resume_id, "db": str(self.launch.db)} if task.resume_id else
-                       {"job": self._job(task, tasks).to_dict(), "db": str(self.launch.db), "out": str(self.launch.out)})
+                       {"job": self._job(task, tasks).to_dict(), "db": str(self.launch.db), "out": str(self.launch.out)}
+                       if not task.found else {})
+            if self.launch.threads:
+                payload["threads"] = self.launch.threads
+            if self.cells is not None:
+                return self.cells.start(task.variant, task.seed, payload, task.label, found=task.found)
             return ChildRun(payload, task.label, own_session=True)
         return self._train_here(task, tasks)
 
@@ -303,11 +329,13 @@ class Study:
             return
         try:
             result = handle.result()
+            if self.cells is not None:
+                self.cells.settle(task.variant, task.seed)
         except DyntieError as e:
             task.outcome, task.error = "failed", str(e)
             self.say(f"study {self.name}: {e}")
             return
-        task.outcome, task.run_id, task.resume_id = "finished", result["run_id"], None
+        task.outcome, task.run_id, task.resume_id, task.found = "finished", result["run_id"], None, None
         finished = sum(t.outcome == "finished" for t in tasks)
         shown = " ".join(f"{k} {v:.4g}" for k, v in result.get("validation", {}).items())
         self.say(f"study {self.name}: {task.label} finished ({finished} of {len(tasks)}): {result['run_id']}, "
@@ -321,7 +349,7 @@ class Study:
         def handler(signum, frame):
             self.stop = signum
             for _, handle in self._running.values():
-                if isinstance(handle, ChildRun):
+                if not isinstance(handle, _Done):
                     handle.stop()
             if self._in_setup:
                 raise KeyboardInterrupt
@@ -335,11 +363,6 @@ def _discard(child: ChildRun) -> None:
         child.result()
     except DyntieError:
         pass
-
-
-def _has_checkpoint(out_dir: str | None) -> bool:
-    folder = Path(out_dir or "") / "checkpoint"
-    return bool(out_dir) and all((folder / name).is_file() for name in _CHECKPOINT_FILES)
 
 
 def summary(study: Study, tasks: list[Task]) -> str | None:
