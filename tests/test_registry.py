@@ -176,7 +176,7 @@ def test_a_run_records_its_headline_and_a_resume_fills_one_recorded_without(tmp_
     db = tmp_path / "r.duckdb"
     w = RunWriter(db, run_id="new", flush_every_s=3600)
     w.start("finetune", "glue", "cola", "dynamic", {}, headline=("mcc", True))
-    w.finish()
+    w.finish("killed")  # a finished run is not resumed
     with connect(db) as con:
         con.execute("INSERT INTO runs (run_id, status) VALUES ('earlier', 'killed')")
     for run_id, headline in (("earlier", ("accuracy", True)), ("new", ("ppl", False))):
