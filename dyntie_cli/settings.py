@@ -116,6 +116,13 @@ class TrainSettings(Section):
                                          "the starting model, such as --init weights.")
     precision: Precision = setting("fp32", "Autocast precision: fp32, bf16 or fp16 (bf16/fp16 for GPUs).")
     flush_every_s: float = setting(10.0, "Registry writes are buffered this many seconds at most.", ge=0)
+    registry_wait_s: float = setting(
+        600.0, "How long a run waits for a registry another process holds where it must write (its start, its end, "
+               "a full buffer of unwritten rows) before it fails, every row kept; other writes wait for a later "
+               "flush and training goes on.", ge=0)
+    max_bad_steps: int = setting(
+        3, "A run stops as diverged at a non-finite training loss, or after this many steps in a row whose gradient "
+           "norm is not finite (each such step is skipped: the weights stay as they were).", ge=1, le=INT32_MAX)
     release_memory: ReleaseMemory = setting(
         "auto", "CPU, glibc: hand every freed tensor of 128 KiB or more back to the OS at once, so the process "
                 "peak is the live peak (7-10% lower on gpt2-wide-cpu; the main job's steps about 20% slower): on, off, "

@@ -31,6 +31,7 @@ from typing import Any
 
 import typer
 
+from ..core.checkpoint import recover
 from ..core.loop import Event, Job, stop_signals_to
 from ..errors import DyntieError, UsageError
 from ..results.study import read_study_runs
@@ -338,7 +339,10 @@ def _discard(child: ChildRun) -> None:
 
 
 def _has_checkpoint(out_dir: str | None) -> bool:
+    """Whether a killed run left a checkpoint to resume from."""
     folder = Path(out_dir or "") / "checkpoint"
+    if out_dir:
+        recover(folder)  # one left under its old name by a kill in the middle of a swap
     return bool(out_dir) and all((folder / name).is_file() for name in _CHECKPOINT_FILES)
 
 
