@@ -23,7 +23,7 @@ from torch import nn
 
 from dyntie_cli.backbone import Backbone, Batch, EvalStep, Headline, Preset, TaskData
 from dyntie_cli.errors import DyntieError
-from dyntie_cli.settings import RunSettings, Section, setting
+from dyntie_cli.settings import MAX_BATCH, MAX_BLOCKS, RunSettings, Section, setting
 
 from .common import described_model, no_progress_bars, read_json_config, save_hf_tokenizer
 from .glue_tasks import TASKS, GlueTask, get_task
@@ -33,7 +33,7 @@ from .metrics import accuracy, f1_binary, matthews_corrcoef, pearson, spearman
 class BertModel(Section):
     """The BERT shape (``--set model.KEY=VALUE``)."""
 
-    num_hidden_layers: int = setting(12, "Transformer blocks.", ge=1)
+    num_hidden_layers: int = setting(12, "Transformer blocks.", ge=1, le=MAX_BLOCKS)
     hidden_size: int = setting(128, "Hidden width.", ge=1)
     num_attention_heads: int = setting(4, "Attention heads (hidden_size must be a multiple).", ge=1)
     intermediate_size: int = setting(512, "Feed-forward width.", ge=1)
@@ -46,8 +46,8 @@ class GlueDataSettings(Section):
     tokenizer: str = setting("auto", "auto (the --init folder's, else bert-base-uncased), a local folder or "
                                      "file, or a hub id.")
     max_seq_len: int = setting(128, "Tokens per example (pairs trimmed longest first).", ge=8)
-    batch_size: int = setting(32, "Examples per training step.", ge=1)
-    eval_batch_size: int = setting(128, "Examples per evaluation batch.", ge=1)
+    batch_size: int = setting(32, "Examples per training step.", ge=1, le=MAX_BATCH)
+    eval_batch_size: int = setting(128, "Examples per evaluation batch.", ge=1, le=MAX_BATCH)
     max_train_samples: int = setting(0, "Train on N random rows of train (0: all).", ge=0)
     val_fraction: float = setting(0.1, "Share of train held out for validation.", gt=0, lt=1)
 

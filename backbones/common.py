@@ -108,6 +108,14 @@ def no_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def require_data_dir(path: Path, holding: str) -> None:
+    """One sentence for a --data-dir that is no folder: missing, or a file."""
+    if path.is_dir():
+        return
+    problem = "is a file, not a folder" if path.exists() else "does not exist"
+    raise DyntieError(f"Data folder {path} {problem}: pass --data-dir DIR {holding}.")
+
+
 def init_location(init: str, library: str) -> Path | str:
     """``--init`` as a local path (must exist), or a hub id when the hub is reachable; else one sentence."""
     path = Path(init).expanduser()

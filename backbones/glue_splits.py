@@ -19,7 +19,7 @@ import numpy as np
 
 from dyntie_cli.errors import DyntieError, UsageError
 
-from .common import carve, hub_reachable
+from .common import carve, hub_reachable, require_data_dir
 from .glue_tasks import TASKS, GlueTask, fold_task_name
 
 #: the hold-out is the same rows whatever the run's --seed, so validation numbers compare across seeds
@@ -116,10 +116,7 @@ def _parse_label(raw: str, task: GlueTask) -> float | None:
 
 def find_task_folder(data_dir: Path, task: GlueTask) -> Path:
     """``DIR/RTE`` (any spelling: rte, SST2, sst-2), or ``DIR`` itself when it holds the task's files."""
-    if not data_dir.is_dir():
-        raise DyntieError(
-            f"Data folder {data_dir} does not exist: pass --data-dir DIR holding {task.folder}/."
-        )
+    require_data_dir(data_dir, f"holding {task.folder}/")
     for child in sorted(data_dir.iterdir()):
         if child.is_dir() and fold_task_name(child.name) == task.name:
             return child

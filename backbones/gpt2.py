@@ -17,7 +17,7 @@ from torch import nn
 
 from dyntie_cli.backbone import Backbone, Batch, Preset, TaskData
 from dyntie_cli.errors import DyntieError
-from dyntie_cli.settings import RunSettings, Section, setting
+from dyntie_cli.settings import MAX_BATCH, MAX_BLOCKS, RunSettings, Section, setting
 
 from .common import described_model, init_location, no_progress_bars, read_json_config, save_hf_tokenizer
 from .text_corpora import EOS_TOKEN
@@ -27,7 +27,7 @@ from .text_tokenizers import DEFAULT_BPE_TRAIN_CHARS
 class GPT2Model(Section):
     """The GPT-2 shape (``--set model.KEY=VALUE``)."""
 
-    n_layer: int = setting(12, "Transformer blocks.", ge=1)
+    n_layer: int = setting(12, "Transformer blocks.", ge=1, le=MAX_BLOCKS)
     n_embd: int = setting(128, "Hidden width.", ge=1)
     n_head: int = setting(4, "Attention heads (n_embd must be a multiple).", ge=1)
     dropout: float = setting(0.0, "Residual, embedding and attention dropout.", ge=0, lt=1)
@@ -39,8 +39,8 @@ class GPT2Data(Section):
     tokenizer: str = setting("bpe:8192", "bpe:N (a byte-level BPE trained on train), a local tokenizer folder, "
                                          "or a hub id such as gpt2.")
     seq_len: int = setting(128, "Tokens per training window (and the model's positions).", ge=1)
-    batch_size: int = setting(8, "Windows per training step.", ge=1)
-    eval_batch_size: int = setting(16, "Windows per evaluation batch.", ge=1)
+    batch_size: int = setting(8, "Windows per training step.", ge=1, le=MAX_BATCH)
+    eval_batch_size: int = setting(16, "Windows per evaluation batch.", ge=1, le=MAX_BATCH)
     max_train_tokens: int = setting(0, "Train on the first N tokens of train (0: all).", ge=0)
     bpe_train_chars: int = setting(DEFAULT_BPE_TRAIN_CHARS, "Characters of train a bpe:N tokenizer learns from.",
                                    ge=1)

@@ -26,7 +26,7 @@ import torch
 
 from dyntie_cli.errors import DyntieError, UsageError
 
-from .common import hub_reachable
+from .common import hub_reachable, require_data_dir
 from .image_augment import Augment
 from .image_files import decode_class_images
 
@@ -226,8 +226,7 @@ def _decoded(source: Path, image_size: int, classes: list[str] | None) -> tuple[
 
 
 def _require_dir(path: Path, what: str) -> None:
-    if not path.is_dir():
-        raise DyntieError(f"Data folder {path} does not exist: pass --data-dir DIR holding {what}.")
+    require_data_dir(path, f"holding {what}")
 
 
 def _find(folder: Path | None, names: Sequence[str]) -> Path | None:

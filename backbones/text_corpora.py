@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dyntie_cli.errors import DyntieError, UsageError
 
-from .common import carve, hub_reachable
+from .common import carve, hub_reachable, require_data_dir
 
 SPLITS = ("train", "validation", "test")
 #: the document separator: GPT-2's end-of-text token, which separates passages in the text itself
@@ -150,10 +150,7 @@ def _local_corpus(
     reader: Callable[[Path], list[str]],
     unit: str,
 ) -> Corpus:
-    if not data_dir.is_dir():
-        raise DyntieError(
-            f"Data folder {data_dir} does not exist: pass --data-dir DIR with the {name} files."
-        )
+    require_data_dir(data_dir, f"with the {name} files")
     found = {split: path for split, names in files.items() if (path := _find_file(data_dir, names))}
     if not found:
         expected = "/".join(names[0] for names in files.values())

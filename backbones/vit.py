@@ -22,7 +22,7 @@ from torch import nn
 
 from dyntie_cli.backbone import Backbone, Batch, EvalStep, Preset, TaskData
 from dyntie_cli.errors import DyntieError
-from dyntie_cli.settings import RunSettings, Section, setting
+from dyntie_cli.settings import MAX_BATCH, MAX_BLOCKS, RunSettings, Section, setting
 
 from .common import described_model, hub_reachable, read_json_config
 from .image_data import ImageData
@@ -33,7 +33,7 @@ from .metrics import accuracy
 class ViTModel(Section):
     """The ViT shape (``--set model.KEY=VALUE``)."""
 
-    depth: int = setting(12, "Transformer blocks.", ge=1)
+    depth: int = setting(12, "Transformer blocks.", ge=1, le=MAX_BLOCKS)
     embed_dim: int = setting(128, "Hidden width.", ge=1)
     num_heads: int = setting(4, "Attention heads (embed_dim must be a multiple).", ge=1)
     mlp_ratio: float = setting(4.0, "Feed-forward width / embed_dim.", gt=0)
@@ -46,8 +46,8 @@ class ImageDataSettings(Section):
     """Images and batches (``--set data.KEY=VALUE``)."""
 
     image_size: int = setting(0, "Resize images to NxN (0: native size).", ge=0)
-    batch_size: int = setting(64, "Images per training step.", ge=1)
-    eval_batch_size: int = setting(256, "Images per evaluation batch.", ge=1)
+    batch_size: int = setting(64, "Images per training step.", ge=1, le=MAX_BATCH)
+    eval_batch_size: int = setting(256, "Images per evaluation batch.", ge=1, le=MAX_BATCH)
     augment: bool = setting(True, "Random translations (and flips where a mirror keeps the class).")
 
 

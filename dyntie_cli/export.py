@@ -60,7 +60,9 @@ class RunModel:
 def checkpoint_dir(run: RecordedRun) -> Path:
     """Where a run keeps its last checkpoint, or one sentence saying it has none."""
     folder = Path(run.out_dir) / "checkpoint" if run.out_dir else None
-    if folder is None or not (folder / "ties.json").is_file() or not (folder / "model.safetensors").is_file():
+    # a run killed in the middle of a checkpoint swap left its last checkpoint under the old name
+    found = folder if folder is None or folder.exists() else folder.with_name(folder.name + ".old")
+    if found is None or not (found / "ties.json").is_file() or not (found / "model.safetensors").is_file():
         where = f" (looked in {folder})" if folder else ""
         raise DyntieError(f"Run {run.run_id} ({run.status}) has no checkpoint yet{where}: a run saves one at each "
                           "validation and at its end, so wait for its first validation (or train with --set "
@@ -70,26 +72,26 @@ def checkpoint_dir(run: RecordedRun) -> Path:
 
 def load_run_model(db: Path, run_id: str) -> RunModel:
     """The model of run ``run_id`` (a finished, killed or running one) from its last checkpoint, on the CPU,
-    in eval mode. A running run may replace its checkpoint while it is read: the read is repeated until the
-    checkpoint folder it began with is still the one in place."""
+    in eval mode. A running run may move a newer checkpoint into place while this one is read: the tie map and the
+    weights are read from one checkpoint (``checkpoint.snapshot``), the one in place when the read began."""
     from .runner.settings_source import recorded_settings
 
     run = load_run(db, run_id)
+    if run.status == "diverged":
+        raise DyntieError(f"Run {run.run_id} diverged (`dyntie report --table runs --run {run.run_id}` says where), so "
+                          "it has no trained model: train it again with a lower train.lr.")
     folder = checkpoint_dir(run)
     backbone, settings = recorded_settings(run.config, [])
     data = backbone.load_data(settings)
-    for _ in range(5):
-        before = os.stat(folder).st_ino
-        try:
-            state = ckpt.load_tie_map(folder)
-            model = backbone.build_model(settings, data)
-            ties = TieManager(backbone.blocks(model), state["state"], tied_grad=state.get("tied_grad", "follow"))
-            ckpt.load_model_weights(folder, model)
-        except OSError:
-            continue  # the folder was being swapped for a newer checkpoint
-        if os.stat(folder).st_ino == before:
-            return RunModel(run, backbone, settings, data, model.eval(), ties)
-    raise DyntieError(f"Run {run.run_id} kept replacing its checkpoint while it was read; try again.")
+    with ckpt.snapshot(folder) as files:
+        state = ckpt.load_tie_map(files)
+        model = backbone.build_model(settings, data)
+        ties = TieManager(backbone.blocks(model), state["state"], tied_grad=state.get("tied_grad", "follow"))
+        ckpt.load_model_weights(files, model)
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # a run that diverged unnoticed
+        raise DyntieError(f"Run {run.run_id}'s checkpoint holds weights that are not finite numbers: the run "
+                          "diverged, so there is no trained model; train it again with a lower train.lr.")
+    return RunModel(run, backbone, settings, data, model.eval(), ties)
 
 
 def fixed_batch(data: TaskData) -> Batch:
@@ -128,6 +130,10 @@ def check_destination(out: Path, overwrite: bool) -> None:
         raise UsageError(f"--out {out} is a file; pass a folder.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"--out {out} is not empty; pass --overwrite to replace it, or choose another folder.")
+    from .runner.jobs import check_writable_folder
+
+    # the export is staged beside --out and renamed into place: that folder must take new files
+    check_writable_folder(out.parent, "--out", shown=out)
 
 
 def export_run(db: Path, run_id: str, out: Path, *, fmt: str = "full", overwrite: bool = False) -> ExportResult:

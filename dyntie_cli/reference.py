@@ -23,7 +23,8 @@ COLUMNS: dict[str, dict[str, str]] = {
         "backbone": "the backbone's name (`dyntie backbones`)",
         "dataset": "dataset name, GLUE task, or kind:PATH",
         "variant": "dynamic, no-tying, final-arch, replay, random, static-*, ...",
-        "status": "running, finished, failed or killed (a run whose process is gone reads as killed)",
+        "status": "running, finished, failed, killed (a run whose process is gone reads as killed) or diverged (a "
+                  "non-finite training loss or gradient norm stopped it; error says at which step)",
         "config": "the run's resolved settings (docs/settings.md) plus labels: `setup` (how the model was built), "
                   "`bench` (round of a repeated bench), `study`, `world_size`, `agent_sources` (what a warm-started agent "
                   "learned from: the run ids of its transitions, their count, the updates, the run whose network it "
@@ -38,7 +39,7 @@ COLUMNS: dict[str, dict[str, str]] = {
         "host": "the machine it ran on",
         "test_split": "which official split the final `test` metrics scored: test, or validation where test labels "
                       "are hidden (GLUE)",
-        "error": "why a run failed or was killed",
+        "error": "why a run failed, was killed or diverged",
         "heartbeat_at": "the last flush (UTC): when a killed run last wrote",
         "dyntie_version": "the dyntie that recorded it",
         "metric": "the metric the run is judged by, named by its backbone (`ppl`, `accuracy`, `mcc` for CoLA, "

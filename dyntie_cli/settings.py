@@ -39,6 +39,15 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 _NO_LEGACY = object()
+#: the registry's INTEGER columns (a step, a decision, a seed) hold 32-bit numbers: the settings that reach them stop
+#: there
+INT32_MAX = 2**31 - 1
+#: the most rows of one batch: far past what any device holds, and refused before data loads, not by a MemoryError
+MAX_BATCH = 2**16
+#: the widest layer a setting may ask for (a Q-network's, a model's): past it, the allocation fails outright
+MAX_WIDTH = 2**16
+#: the most transformer blocks (the paper's deepest model has 48): the agent's Q-network scores L(L+1)/2 entries
+MAX_BLOCKS = 1024
 
 
 def setting(default: Any, help: str, *, flag: str | None = None, legacy: Any = _NO_LEGACY,
@@ -53,12 +62,12 @@ def setting(default: Any, help: str, *, flag: str | None = None, legacy: Any = _
 
 
 class Section(BaseModel):
-    """A group of settings. Strict: a number is never a bool, a whole number never a fraction; unknown keys are
-    refused. Frozen: settings are validated once and never written to afterwards (a value resolved later makes new
+    """A group of settings. Strict: a number is never a bool, a whole number never a fraction, and never infinite
+    or NaN; unknown keys are refused. Frozen: settings are validated once and never written to afterwards (a value resolved later makes new
     settings, :func:`revised`). Mapping-style reads (``cfg.data["batch_size"]``) work too, for backbones written
     against dicts."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, protected_namespaces=(), allow_inf_nan=False)
 
     def __getitem__(self, key: str) -> Any:
         if key not in type(self).model_fields:
@@ -90,7 +99,7 @@ ReleaseMemory = Literal["auto", "on", "off"]
 class TrainSettings(Section):
     """Optimisation and bookkeeping. Defaults suit the CPU presets; presets and recipes override them."""
 
-    max_steps: int = setting(1000, "Training steps.", flag="--max-steps", ge=1)
+    max_steps: int = setting(1000, "Training steps.", flag="--max-steps", ge=1, le=INT32_MAX)
     lr: float = setting(1e-3, "Peak learning rate (AdamW).", gt=0)
     min_lr_ratio: float = setting(0.1, "Cosine decay ends at lr x this.", ge=0, le=1)
     warmup_steps: int = setting(100, "Linear warm-up steps.", ge=0)
@@ -107,6 +116,13 @@ class TrainSettings(Section):
                                          "the starting model, such as --init weights.")
     precision: Precision = setting("fp32", "Autocast precision: fp32, bf16 or fp16 (bf16/fp16 for GPUs).")
     flush_every_s: float = setting(10.0, "Registry writes are buffered this many seconds at most.", ge=0)
+    registry_wait_s: float = setting(
+        600.0, "How long a run waits for a registry another process holds where it must write (its start, its end, "
+               "a full buffer of unwritten rows) before it fails, every row kept; other writes wait for a later "
+               "flush and training goes on.", ge=0)
+    max_bad_steps: int = setting(
+        3, "A run stops as diverged at a non-finite training loss, or after this many steps in a row whose gradient "
+           "norm is not finite (each such step is skipped: the weights stay as they were).", ge=1, le=INT32_MAX)
     release_memory: ReleaseMemory = setting(
         "auto", "CPU, glibc: hand every freed tensor of 128 KiB or more back to the OS at once, so the process "
                 "peak is the live peak (7-10% lower on gpt2-wide-cpu; the main job's steps about 20% slower): on, off, "
@@ -133,7 +149,7 @@ class TieSettings(Section):
     independent: int = setting(0, "Independent blocks of a static scheme (0: the source run's mean, else L/4), "
                                   "or grow's target (0: the source run's final count, else agent.max_independent, "
                                   "else L/4).", flag="--independent", ge=0)
-    perm_seed: int = setting(0, "Replay: seed of the permutation of block indices.", ge=0)
+    perm_seed: int = setting(0, "Replay: seed of the permutation of block indices.", ge=0, le=INT32_MAX)
     initial_state: str = setting(
         "auto", "Tie state at step 0 of a dynamic or random run: auto (all tied from scratch, independent from "
                 "--init weights), all-tied, independent, final-arch-of:RUN, static-all, static-sequence:N, "
@@ -171,7 +187,7 @@ class AgentSettings(Section):
     the shared and advantage networks."""
 
     preset: AgentPreset = setting("default", "The named agent these settings started from.", flag="--agent")
-    hidden: int = setting(128, "Width of the Q-network's two hidden layers.", ge=1)
+    hidden: int = setting(128, "Width of the Q-network's two hidden layers.", ge=1, le=MAX_WIDTH)
     lr: float = setting(1e-3, "Adam learning rate of the Q-network.", gt=0)
     gamma: float = setting(0.9, "Discount of the TD target.", ge=0, le=1)
     encoding: Encoding = setting("normalized", "State input: normalized (s[i] / (L-1)) or onehot (lower "
@@ -203,8 +219,8 @@ class AgentSettings(Section):
                                                 "choices, the paper) or local (keep its tie, untie, or join the "
                                                 "group before: the moves exploration makes).", legacy="any")
     rows_per_decision: int = setting(0, "0: every row is re-decided; n: only n random rows.", ge=0)
-    replay_size: int = setting(512, "Replay buffer size (1: the newest transition only).", ge=1)
-    batch_size: int = setting(32, "Transitions per Q update.", ge=1)
+    replay_size: int = setting(512, "Replay buffer size (1: the newest transition only).", ge=1, le=INT32_MAX)
+    batch_size: int = setting(32, "Transitions per Q update.", ge=1, le=MAX_BATCH)
     updates_per_decision: int = setting(8, "Q updates per decision.", ge=1)
     target_sync: int = setting(5, "Decisions between target-network syncs (0: no target network).", ge=0)
     td_target: TdTarget = setting("greedy", "Value of the next state: max (each row's best entry, the paper) "
@@ -249,7 +265,7 @@ class AgentSettings(Section):
                                 legacy="")
     warm_updates: int = setting(200, "Minibatch updates on the warm_from transitions before the first "
                                      "decision.", ge=0, legacy=200)
-    seed: int = setting(0, "The agent's seed (the run's --seed).", ge=0)
+    seed: int = setting(0, "The agent's seed (the run's --seed).", ge=0, le=INT32_MAX)
 
     #: the named starting points; ``default`` is the schema's own defaults
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
@@ -302,7 +318,7 @@ class RunSettings(Section):
     dataset: str = setting("", "Dataset name, GLUE task, or kind:PATH.", flag="--dataset")
     variant: Variant = setting("dynamic", "dynamic, or a baseline: " + ", ".join(VARIANTS[1:]) + ".",
                                flag="--variant")
-    seed: int = setting(0, "Random seed (data order, initialisation, agent).", flag="--seed", ge=0)
+    seed: int = setting(0, "Random seed (data order, initialisation, agent).", flag="--seed", ge=0, le=INT32_MAX)
     device: str = setting("auto", "cpu, cuda, cuda:N or auto.", flag="--device", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     data_dir: str | None = setting(None, "Local copy of the dataset (offline use).", flag="--data-dir")
     init: str = setting("", "Start from these weights: a local transformers folder (GPT-2, BERT; a dyntie full "
@@ -462,6 +478,8 @@ def _sentence(error: dict[str, Any], cls: type[BaseModel], where: str) -> str:
         return f"{key} must be {words} {error['ctx'][ctx_key]}, not {value!r}."
     if kind in _TYPE_WORDS:
         return f"{key} takes {_TYPE_WORDS[kind]}, not {value!r}."
+    if kind == "finite_number":
+        return f"{key} must be a finite number, not {value!r}."
     if kind == "value_error":  # a field's own check, which words its sentence itself
         return f"{error['ctx']['error']}."
     if kind == "string_pattern_mismatch":

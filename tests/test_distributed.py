@@ -87,7 +87,13 @@ def test_two_processes_record_one_run_with_twice_the_batch(tmp_path):
         return {round(v["tokens_per_s"] * v["step_time_s"]) for v in by_step.values()}
 
     assert items_per_step(two) == {2 * n for n in items_per_step(one)}
-    # a run trained by two processes resumes only with two
+    # a run trained by two processes resumes only with two (the run is marked killed: a finished run is refused
+    # before its checkpoint is read)
+    import duckdb
+
+    con = duckdb.connect(str(db))
+    con.execute("UPDATE runs SET status = 'killed' WHERE run_id = ?", [two])
+    con.close()
     r = subprocess.run([sys.executable, "-m", "dyntie_cli", "train", "--resume", two, "--db", db, "--quiet"],
                        capture_output=True, text=True, check=False)
     assert r.returncode != 0 and "trained by 2 process(es)" in r.stderr and "Traceback" not in r.stderr

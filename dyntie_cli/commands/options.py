@@ -74,6 +74,10 @@ FLAGS: tuple[Flag, ...] = (
                                             "device (`dyntie plan` shows the prediction)."),
 )
 BY_NAME = {f.name: f for f in FLAGS}
+#: the flags a resume takes: where the registry is, how the run is shown and on how many CPU threads, the memory
+#: plan overridden, and a new length (--max-steps, recorded in runs.config). Any other would make the resumed run
+#: differ from the one recorded, so it is refused.
+RESUME_FLAGS = ("max_steps", "threads", "quiet", "db", "force")
 
 
 def _schema_help(key: str) -> str:
@@ -138,6 +142,19 @@ class TrainingOptions:
 
     def given(self, name: str) -> bool:
         return self.values.get(name) not in (None, False, [])
+
+    def check_resume(self, run_id: str) -> None:
+        """Refuse, in one sentence, the flags that a resume of ``run_id`` cannot honour (``RESUME_FLAGS``)."""
+        refused = [f.decls[0] for f in FLAGS if f.name not in RESUME_FLAGS and self.given(f.name)]
+        if refused:
+            allowed = _listed([BY_NAME[name].decls[0] for name in RESUME_FLAGS])
+            raise UsageError(f"--resume {run_id} continues the run with the settings it was recorded with, so "
+                             f"{_listed(refused)} cannot change it; drop {'it' if len(refused) == 1 else 'them'} or "
+                             f"train a new run (a resume takes {allowed}).")
+
+
+def _listed(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
 
 
 def training_options(*, exclude: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -13,8 +13,10 @@ from .options import TrainingOptions, examples, training_options
 def train(
     opts: TrainingOptions,
     backbone: Annotated[str, typer.Argument(help="Backbone to train (gpt2, vit, ...).")] = "gpt2",
-    resume: Annotated[str | None, typer.Option("--resume", help="Resume a killed run from its last "
-                                                  "checkpoint.")] = None,
+    resume: Annotated[str | None, typer.Option("--resume", help="Resume a killed run from its last checkpoint, "
+                                                  "with the settings it was recorded with (it takes --max-steps, "
+                                                  "--threads, --quiet, --db and --force; a finished run is "
+                                                  "refused).")] = None,
 ) -> None:
     """Train BACKBONE with dynamic layer tying and record the run in the registry.
 
@@ -25,8 +27,10 @@ def train(
     from ..runner.jobs import resume_recorded, run_job
     from ..runner.settings_source import new_settings
 
+    if resume is not None:
+        opts.check_resume(resume)
     launch = opts.launch()
-    if resume:
+    if resume is not None:
         resume_recorded(launch.db, resume, max_steps=opts.max_steps, quiet=launch.quiet, force=launch.force,
                         threads=launch.threads)
         return

@@ -12,7 +12,9 @@ A checkpoint folder holds
 * ``registry_rows.json`` -- the registry rows the run had logged but not yet written when the checkpoint was
   taken (``RunWriter.pending``): a process killed before its next flush loses none of them, since a resume
   writes them (those the registry does not hold yet).
-The folder is written under a temporary name and renamed, so a kill mid-write leaves the last good one.
+The folder is written under a temporary name and renamed, so a kill mid-write leaves the last good one. A reader
+that must see one checkpoint whole while a run may replace it (an export of a running run) opens its files
+through ``snapshot``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ import json
 import os
 import random
 import shutil
+import time
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -31,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import DyntieError
+from ..kill_points import kill_point
 
 
 @dataclass
@@ -62,6 +69,7 @@ class LoopState:
     agent_time: float = 0.0  # seconds spent choosing, applying and rewarding decisions
     wall_time: float = 0.0  # loop seconds of the earlier processes of this run (before a resume)
     indep_steps: float = 0.0  # step-weighted sum of independent blocks, for the mean over training
+    bad_grad_steps: int = 0  # steps in a row whose gradient norm was not finite (each skipped)
     pending: PendingDecision | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -101,12 +109,15 @@ REGISTRY_ROWS = "registry_rows.json"
 def save_checkpoint(path: Path, *, model: nn.Module, ties_map: dict, optimizer: torch.optim.Optimizer,
                     trainer: dict[str, Any], registry_rows: dict[str, Any] | None = None) -> Path:
     path = Path(path)
+    recover(path)
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     tensors, aliases = dedupe(model.state_dict())
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"aliases": json.dumps(aliases)})
+    # the step in the weights' header too, where a resume reads it before it loads anything
+    save_file(tensors, str(tmp / "model.safetensors"),
+              metadata={"aliases": json.dumps(aliases), "step": str(trainer.get("step", ""))})
     (tmp / "ties.json").write_text(json.dumps(ties_map))
     if registry_rows is not None:
         save_registry_rows(tmp, registry_rows)
@@ -116,13 +127,33 @@ def save_checkpoint(path: Path, *, model: nn.Module, ties_map: dict, optimizer: 
         "optimizer_param_names": optimizer_param_names(model, optimizer),
         "rng": rng_state(),
     }, tmp / "trainer.pt")
-    old = path.with_name(path.name + ".old")
+    kill_point("checkpoint-rows")
+    old = _old(path)
     if path.exists():
         os.replace(path, old)
+        kill_point("checkpoint-swapping")
     os.replace(tmp, path)
+    kill_point("checkpoint-renamed")
     if old.exists():
         shutil.rmtree(old)
     return path
+
+
+def _old(path: Path) -> Path:
+    return path.with_name(path.name + ".old")
+
+
+def recover(path: Path) -> None:
+    """A process killed between the two renames of a checkpoint swap left the previous checkpoint under its old
+    name and none in place: put it back. Killed after them, it left that old one beside the new: remove it. Only
+    for a folder no live process is writing."""
+    old = _old(Path(path))
+    if not old.is_dir():
+        return
+    if Path(path).exists():
+        shutil.rmtree(old)
+    else:
+        os.replace(old, path)
 
 
 def save_registry_rows(path: Path, rows: dict[str, Any]) -> None:
@@ -149,28 +180,73 @@ def load_registry_rows(path: Path) -> dict[str, Any] | None:
         ) from None
 
 
+class CorruptCheckpoint(DyntieError):
+    """A checkpoint file that cannot be read as what it should be (truncated, overwritten, edited)."""
+
+    def __init__(self, file: Path, problem: str) -> None:
+        super().__init__(f"The checkpoint file {file} is corrupt ({problem}); the run cannot continue from it: "
+                         "restore the file from a copy, or train the run again without --resume.")
+        self.file = file
+
+
+def _short(error: BaseException) -> str:
+    return str(error).split("\n")[0].split(". ")[0].rstrip(".") or type(error).__name__
+
+
 def load_tie_map(path: Path) -> dict:
     f = Path(path) / "ties.json"
     if not f.exists():
         raise DyntieError(f"No checkpoint in {path}; the run cannot be resumed (was it started with --out?).")
-    return json.loads(f.read_text())
+    try:
+        tie_map = json.loads(f.read_text())
+        state = tie_map["state"]
+        if not isinstance(state, list) or not all(isinstance(x, int) for x in state):
+            raise TypeError("its state is not a list of block indices")
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CorruptCheckpoint(f, "not a tie map: " + _short(e)) from None
+    return tie_map
+
+
+def _weights_header(file: Path) -> dict[str, str]:
+    """The metadata of a checkpoint's weights file; refused if the file is not whole."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), "pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise CorruptCheckpoint(file, _short(e)) from None
 
 
 def load_model_weights(path: Path, model: nn.Module) -> None:
     """Load weights into a model whose tie manager already holds the checkpoint's tie state."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError
 
     file = Path(path) / "model.safetensors"
-    tensors = load_file(str(file))
-    with safe_open(str(file), "pt") as f:
-        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    aliases = json.loads(_weights_header(file).get("aliases", "{}"))
+    try:
+        tensors = load_file(str(file))
+    except SafetensorError as e:
+        raise CorruptCheckpoint(file, _short(e)) from None
     for alias, name in aliases.items():
         tensors[alias] = tensors[name]
-    model.load_state_dict(tensors, strict=True)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise CorruptCheckpoint(file, "its tensors do not match the model its tie map and settings build: "
+                                + _short(e).replace("Error(s) in loading state_dict for ", "")) from None
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
-    return torch.load(Path(path) / "trainer.pt", weights_only=False)
+    file = Path(path) / "trainer.pt"
+    try:
+        return torch.load(file, weights_only=False)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- a damaged file raises pickle, zip and runtime errors alike
+        raise CorruptCheckpoint(file, _short(e)) from None
 
 
 def restore_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, trainer: dict[str, Any]) -> None:
@@ -198,3 +274,71 @@ def restore_rng(trainer: dict[str, Any]) -> None:
     np.random.set_state(rng["numpy"])
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def check_checkpoint(path: Path) -> int | None:
+    """A checkpoint's files checked before a resume loads anything (the tie map read, the weights' header and
+    the trainer state's archive directory checked whole), and the step it was taken at (None: a checkpoint
+    from before the weights recorded it). Cheap: no tensor is read."""
+    path = Path(path)
+    recover(path)
+    load_tie_map(path)
+    for name in ("model.safetensors", "trainer.pt"):
+        if not (path / name).is_file():
+            raise CorruptCheckpoint(path / name, "the file is missing")
+    header = _weights_header(path / "model.safetensors")
+    if not zipfile.is_zipfile(path / "trainer.pt"):
+        raise CorruptCheckpoint(path / "trainer.pt", "not a whole torch archive")
+    step = header.get("step", "")
+    return int(step) if step.isdigit() else None
+
+
+@contextmanager
+def snapshot(path: Path, needed: tuple[str, ...] = ("ties.json", "model.safetensors")) -> Iterator[Path]:
+    """``path``, a checkpoint folder, as one checkpoint: a folder whose files are those of the checkpoint in place
+    when it was opened, even if a run moves a newer one into place meanwhile (every file is opened at once and
+    read through its descriptor, so a file the swap deletes stays readable). Linux: through /proc/self/fd;
+    elsewhere the folder itself."""
+    import tempfile
+
+    proc = Path("/proc/self/fd")
+    if not proc.is_dir():
+        yield Path(path)
+        return
+    for _ in range(20):
+        # a run killed between the two renames of a swap left its last checkpoint under the old name
+        opened = _open_files(Path(path)) if Path(path).exists() else _open_files(_old(Path(path)))
+        if opened is None or not all(name in opened for name in needed):
+            for fd in (opened or {}).values():
+                os.close(fd)
+            time.sleep(0.05)  # caught between the two renames of a swap, or in the old folder as it was removed
+            continue
+        try:
+            with tempfile.TemporaryDirectory(prefix="dyntie-checkpoint-") as links:
+                for name, fd in opened.items():
+                    os.symlink(proc / str(fd), Path(links) / name)
+                yield Path(links)
+        finally:
+            for fd in opened.values():
+                os.close(fd)
+        return
+    raise DyntieError(f"The checkpoint {path} kept being replaced while it was opened; try again.")
+
+
+def _open_files(path: Path) -> dict[str, int] | None:
+    """Each file of folder ``path``, opened for reading; None if the folder or one of its files went away."""
+    try:
+        folder = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return None
+    opened: dict[str, int] = {}
+    try:
+        for name in os.listdir(folder):
+            opened[name] = os.open(name, os.O_RDONLY, dir_fd=folder)
+    except FileNotFoundError:
+        for fd in opened.values():
+            os.close(fd)
+        return None
+    finally:
+        os.close(folder)
+    return opened

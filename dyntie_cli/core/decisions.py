@@ -10,6 +10,7 @@ caller computes (``fresh_ppl``).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -92,6 +93,9 @@ class TieDecisions:
         self._reward(p, perplexity(mean))
 
     def _reward(self, p: PendingDecision, ppl: float) -> None:
+        if not math.isfinite(ppl):  # a NaN taught to the agent would spoil its network for the rest of the run
+            self._log_decision(p, ppl, {})
+            return
         t0 = time.perf_counter()
         info = self.policy.observe(p.state, p.action, ppl, p.next_state, independent_count(p.next_state),
                                    p.progress, p.next_progress)
@@ -105,7 +109,8 @@ class TieDecisions:
             td_loss=info.get("td_loss"), greedy_agreement=p.greedy_agreement, q_spread=p.q_spread, ppl=ppl,
             greedy_moves=p.greedy_moves,
         )
-        if ppl is not None:  # at the step the reward was measured (the end of its interval for "interval")
+        # at the step the reward was measured (the end of its interval for "interval"); none for a reward not taught
+        if ppl is not None and "reward" in info:
             self.writer.metric(self.loop.step, "reward", "ppl", ppl)
             self.writer.metric(self.loop.step, "reward", "reward", info["reward"])
 

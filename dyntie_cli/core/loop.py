@@ -24,6 +24,9 @@ from torch import nn
 
 from ..backbone import perplexity
 from ..errors import DyntieError
+from ..kill_points import kill_point
+from ..results.db import RegistryLockedError
+from ..results.writer import MAYBE_FLUSH_TIMEOUT_S
 from ..settings import RunSettings, revised
 from . import checkpoint as ckpt
 from .checkpoint import LoopState
@@ -45,6 +48,7 @@ class Job:
     parent_run_id: str | None = None
     source: dict[str, Any] | None = None  # what a run-dependent variant takes from its source run
     labels: dict[str, Any] = field(default_factory=dict)  # kept in runs.config: a bench round, a study
+    record: dict[str, Any] | None = None  # a resume that changes the run (a longer --max-steps): its runs.config
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: how a job is handed to another process."""
@@ -73,6 +77,17 @@ Event = dict[str, Any]
 
 
 _RANK_SEED_STRIDE = 1_000_003  # rank r of a torchrun launch draws its batches from seed + r * stride
+
+
+class Diverged(DyntieError):
+    """Training produced a loss (or, ``train.max_bad_steps`` steps in a row, a gradient norm) that is not a finite
+    number: the run stops as ``diverged`` and its last checkpoint, taken before, is kept."""
+
+    def __init__(self, run_id: str, step: int, what: str, fix: str, checkpoint: int | None) -> None:
+        self.reason = f"diverged at step {step}: {what}"
+        kept = (f"its last checkpoint (step {checkpoint}) is kept" if checkpoint is not None
+                else "it had no checkpoint yet")
+        super().__init__(f"Run {run_id} {self.reason}; {fix}; {kept}.")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -114,6 +129,12 @@ def lr_lambda(cfg: RunSettings) -> Callable[[int], float]:
         return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
+
+
+def _finite(model: nn.Module) -> bool:
+    """Whether every weight of ``model`` is a finite number (one device sync)."""
+    checks = [torch.isfinite(p).all() for p in model.parameters()]
+    return bool(torch.stack(checks).all()) if checks else True
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -170,6 +191,7 @@ class Trainer:
         self.resume = resume
         self.events = events or (lambda e: None)
         self.stop_signal: int | None = None
+        self.checkpoint_at: int | None = None  # the step of the run's checkpoint in place, if any
 
     # -- setup -------------------------------------------------------------------------------------
 
@@ -319,6 +341,10 @@ class Trainer:
         for name, (_, load) in self._resumables().items():
             load(saved[name])
         self.loop = LoopState.from_dict(saved)
+        self.checkpoint_at = self.loop.step
+        if self.loop.step > self.cfg.train.max_steps:
+            raise DyntieError(f"Run {self.writer.run_id}'s checkpoint is at step {self.loop.step}, past --max-steps "
+                              f"{self.cfg.train.max_steps}; give at least {self.loop.step}.")
         if not self.group.is_main:
             self.loop.pending = None  # only rank 0's policy learns
         ckpt.restore_rng(saved)
@@ -346,9 +372,11 @@ class Trainer:
         cfg = self.cfg
         w = self.writer
         if self.resume:
-            w.resume(w.run_id, headline=self.backbone.headline(cfg))
-            # a decision still waiting for its reward at the checkpoint is logged again once it is scored
-            w.truncate_after(self.loop.step, decisions_from=self.loop.pending.decision if self.loop.pending else None)
+            w.resume(w.run_id, headline=self.backbone.headline(cfg), config=self.job.record)
+            # a decision still waiting for its reward at the checkpoint is logged again once it is scored; the
+            # rows the checkpoint carries (not yet written when it was taken) are written where they are missing
+            w.truncate_after(self.loop.step, decisions_from=self.loop.pending.decision if self.loop.pending else None,
+                             carried=ckpt.load_registry_rows(self.checkpoint_dir))
         else:
             config = cfg.to_dict() | self.job.labels | {"setup": self.build_report.label()}
             if self.group.active:
@@ -370,24 +398,39 @@ class Trainer:
             with _stop_on_signals(self):
                 result = self._loop()
         except KeyboardInterrupt:
-            w.finish("killed")
-            raise DyntieError(f"Run {w.run_id} was interrupted at step {self.loop.step}; its last checkpoint is kept.",
+            self._finish("killed")
+            kept = (f"its last checkpoint (step {self.checkpoint_at}) is kept" if self.checkpoint_at is not None
+                    else "it has no checkpoint yet, so it cannot be resumed: start it again")
+            raise DyntieError(f"Run {w.run_id} was interrupted at step {self.loop.step}; {kept}.",
                               exit_code=130) from None
+        except Diverged as e:
+            self._finish("diverged", error=e.reason)
+            raise
         except BaseException as e:
-            w.finish("failed", error=f"{type(e).__name__}: {e}")
+            self._finish("failed", error=f"{type(e).__name__}: {e}")
             raise
         finally:
             self.probe.close()
         if result is None:  # stopped by a signal at a step boundary, checkpointed
-            w.finish("killed")
+            self._finish("killed")
             self.group.wait_for_all()  # no rank exits (torchrun would then end the rest) before rank 0 has recorded it
             raise DyntieError(
                 f"Run {w.run_id} was stopped at step {self.loop.step}; resume it with `--resume {w.run_id}`.",
                 exit_code=128 + int(self.stop_signal or signal.SIGTERM),
             )
-        w.finish("finished")
+        self._finish("finished")
         self.group.wait_for_all()
         return result
+
+    def _finish(self, status: str, error: str | None = None) -> None:
+        """Record how the run ended. A registry that another process held past ``train.registry_wait_s`` fails
+        this with every row kept: they go into the checkpoint folder, where a resume writes them."""
+        try:
+            self.writer.finish(status, error=error)
+        except RegistryLockedError:
+            if self.checkpoint_at is not None:
+                ckpt.save_registry_rows(self.checkpoint_dir, self.writer.pending())
+            raise
 
     def _loop(self) -> RunResult | None:
         cfg, t, w = self.cfg, self.cfg.train, self.writer
@@ -399,10 +442,15 @@ class Trainer:
         if t.eval_at_start and self.loop.step == 0:
             self._validate()  # the starting model's score, at step 0
         self.model.train()
+        if self.resume and self.loop.step >= t.max_steps:
+            # resumed from a checkpoint at the end of training: the killed process may have logged (and written)
+            # some of the end's rows at this step already, and the end now logs them again
+            w.write_missing_only()
         while self.loop.step < t.max_steps:
             loss, dt = self._train_step()
             loss = self.group.mean(loss)  # the ranks' mean loss, for the logs and the rewards
             self.loop.step += 1
+            kill_point("step")
             losses.append(loss)
             step_times.append(dt)
             self.loop.indep_steps += self.ties.independent_layers
@@ -467,8 +515,17 @@ class Trainer:
         self.group.average_gradients(self.model)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
         if self.cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        # the step's one device sync, before the optimizer: a non-finite loss or gradient never reaches the weights
+        value, norm_value = torch.stack([loss.detach().float(), norm.detach().float()]).tolist()
+        if self._step_is_bad(value, norm_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            return value, time.perf_counter() - t0
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -478,8 +535,29 @@ class Trainer:
             self.grad_bytes = gradient_bytes(self.model)  # gradients exist only until zero_grad, just below
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        value = float(loss.detach())  # the one device sync per step, needed for logging anyway
         return value, time.perf_counter() - t0
+
+    def _step_is_bad(self, loss: float, grad_norm: float) -> bool:
+        """Whether this step must leave the weights as they are: its gradient norm is not finite (counted;
+        ``train.max_bad_steps`` in a row stop the run). A loss that is not finite stops the run at once: the
+        model or the data already holds NaN. Every rank decides alike. With an fp16 gradient scaler, an
+        overflowing gradient is the scaler's to skip (it lowers its scale)."""
+        step = self.loop.step + 1
+        if self.group.any(not math.isfinite(loss)):
+            raise self._diverged(step, f"the training loss is {loss}",
+                                 f"lower train.lr (now {self.cfg.train.lr:g}) or check the data for NaN")
+        if self.scaler is not None or not self.group.any(not math.isfinite(grad_norm)):
+            self.loop.bad_grad_steps = 0
+            return False
+        self.loop.bad_grad_steps += 1
+        if self.loop.bad_grad_steps >= self.cfg.train.max_bad_steps:
+            clip = " or set train.grad_clip" if not self.cfg.train.grad_clip else ""
+            raise self._diverged(step, f"the gradient norm was not finite for {self.loop.bad_grad_steps} steps in a row",
+                                 f"lower train.lr (now {self.cfg.train.lr:g}){clip}")
+        return True
+
+    def _diverged(self, step: int, what: str, fix: str) -> Diverged:
+        return Diverged(self.writer.run_id, step, what, fix, self.checkpoint_at)
 
     def _fresh_ppl(self) -> float:
         """The paper's reward: perplexity on one extra fresh training batch, after the change (never test)."""
@@ -529,6 +607,9 @@ class Trainer:
         return out
 
     def _save_checkpoint(self) -> Path:
+        if not _finite(self.model):  # a checkpoint of NaN weights would replace the last good one (every rank alike)
+            raise self._diverged(self.loop.step, "the weights are no longer finite numbers",
+                                 f"lower train.lr (now {self.cfg.train.lr:g})")
         # every rank's batch stream and RNG, gathered on all ranks (a collective: every rank calls this)
         ranks = self.group.gather({"train_gen": self.train_gen.get_state(), "rng": ckpt.rng_state()})
         if not self.group.is_main:
@@ -539,9 +620,11 @@ class Trainer:
             "config": self.cfg.to_dict(), "world_size": self.group.world,
             **({"ranks": ranks} if self.group.active else {}),
         }
+        # the rows not yet written travel with the checkpoint: a kill before they reach the registry loses none
         path = ckpt.save_checkpoint(self.checkpoint_dir, model=self.model, ties_map=self.ties.tie_map(),
-                                    optimizer=self.optimizer, trainer=trainer)
-        self.writer.flush()
+                                    optimizer=self.optimizer, trainer=trainer, registry_rows=self.writer.pending())
+        self.checkpoint_at = self.loop.step
+        self.writer.flush(timeout_s=MAYBE_FLUSH_TIMEOUT_S)  # a held registry: the rows wait, training goes on
         return path
 
     def _wall_time(self) -> float:

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..core.checkpoint import recover
 from ..errors import DyntieError, UsageError
 from ..results.db import read_registry
 from ..results.liveness import running_here
@@ -38,7 +39,10 @@ _CHECKPOINT_FILES = ("ties.json", "trainer.pt", "model.safetensors")
 
 
 def has_checkpoint(out_dir: str | None) -> bool:
+    """Whether a killed run left a checkpoint to resume from."""
     folder = Path(out_dir or "") / "checkpoint"
+    if out_dir:
+        recover(folder)  # one left under its old name by a kill in the middle of a swap
     return bool(out_dir) and all((folder / name).is_file() for name in _CHECKPOINT_FILES)
 
 

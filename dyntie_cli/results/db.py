@@ -54,6 +54,9 @@ RUN_ORDER = "list_position($ids::TEXT[], run_id)"
 
 def resolve_db_path(db: str | os.PathLike[str] | None) -> Path:
     """The registry path: ``--db`` if given, else ``$DYNTIE_DB``, else ``./dyntie.duckdb``."""
+    if db is not None and not str(db).strip():
+        raise DyntieError("--db is empty; pass the registry's file path (or leave --db out for ./dyntie.duckdb).",
+                          exit_code=2)
     chosen = db if db else os.environ.get(DB_ENV_VAR) or DEFAULT_DB_NAME
     return Path(chosen).expanduser().absolute()
 
@@ -252,8 +255,15 @@ def _friendly_open_error(error: duckdb.Error, path: Path, read_only: bool) -> Dy
         )
     if "does not exist" in text and read_only:
         return _missing_registry(path)
+    if path.is_file() and any(sign in text.lower() for sign in _CORRUPT_SIGNS):
+        return DyntieError(f"The registry {path} is truncated or corrupt ({_reason(text)}); restore it from a copy, "
+                           "or pass --db with another path to start a new one.")
     action = "read" if read_only else "write"
     return DyntieError(f"Cannot {action} the registry at {path} ({_reason(text)}); pass --db with a writable path.")
+
+
+#: how DuckDB words a database file that is cut short or damaged
+_CORRUPT_SIGNS = ("attempted to read", "corrupt", "checksum", "truncated")
 
 
 def _reason(text: str) -> str:
@@ -599,6 +609,9 @@ def _no_run(run_id: str, path: Path) -> DyntieError:
 
 def resolve_run_id(con: duckdb.DuckDBPyConnection, run_id: str, path: Path) -> str:
     """The full id for ``run_id`` or for a prefix of exactly one run's id."""
+    if not run_id.strip():
+        raise DyntieError("The run id is empty; pass a run id or a unique prefix of one (`dyntie report --table "
+                          "runs` lists them).", exit_code=2)
     rows = con.execute(
         "SELECT run_id FROM runs WHERE run_id = ? OR starts_with(run_id, ?) ORDER BY run_id", [run_id, run_id]
     ).fetchall()

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 
 from dyntie_cli.errors import DyntieError
+from dyntie_cli.kill_points import kill_point
 from dyntie_cli.results.db import (
     LOCK_TIMEOUT_S,
     RegistryLockedError,
@@ -73,7 +74,7 @@ ROW_KEYS: dict[str, tuple[str, ...]] = {
 RunChange = Callable[[duckdb.DuckDBPyConnection], None]
 Rows = dict[str, list[tuple[Any, ...]]]
 SPLITS = ("train", "validation", "test", "reward")
-FINAL_STATUSES = ("finished", "failed", "killed")
+FINAL_STATUSES = ("finished", "failed", "killed", "diverged")
 
 # maybe_flush runs inside the training loop: it waits only briefly for a busy file and tries again later,
 # rather than stalling training for the full lock timeout.
@@ -145,7 +146,13 @@ def _print_notice(message: str) -> None:
 def _resumable(con: duckdb.DuckDBPyConnection, run_id: str, db_path: Path) -> str:
     """The full id of a run that may be resumed: not finished, and not training in another live process."""
     full_id = resolve_run_id(con, run_id, db_path)
-    status, pid, host = con.execute("SELECT status, pid, host FROM runs WHERE run_id = ?", [full_id]).fetchone()
+    status, pid, host, error = con.execute(
+        "SELECT status, pid, host, error FROM runs WHERE run_id = ?", [full_id]).fetchone()
+    if status == "diverged":
+        raise DyntieError(
+            f"Run {full_id} {error or 'diverged'}; a resume keeps its settings and would diverge again: train a new "
+            "run with a lower train.lr (or data without NaN)."
+        )
     if status == "finished":
         last = con.execute(
             "SELECT max(step) FROM (SELECT step FROM metrics WHERE run_id = $id "
@@ -195,6 +202,7 @@ class RunWriter:
         self._finished = False
         self._busy = False
         self._gave_up = False  # a wait for the registry ran out: later writes try briefly, not for minutes again
+        self._once = False  # rows logged from now on may be in the registry already (write_missing_only)
         self._last_flush = time.monotonic()
         self.dropped_rows = 0
         #: runs of dead processes this writer marked killed when it started or resumed its run
@@ -276,10 +284,12 @@ class RunWriter:
         with read_registry(self.db_path) as con:
             return _resumable(con, run_id, self.db_path)
 
-    def resume(self, run_id: str, headline: tuple[str, bool] | None = None) -> str:
+    def resume(self, run_id: str, headline: tuple[str, bool] | None = None,
+               config: dict[str, Any] | None = None) -> str:
         """Mark an existing run (id or unique prefix) ``running`` again, keeping its rows; returns its full id.
         A finished run is refused: resuming it would only write its end-of-run rows a second time. ``headline``
-        is recorded where the run has none (a run recorded before runs named their metric)."""
+        is recorded where the run has none (a run recorded before runs named their metric); ``config``, where
+        given, replaces ``runs.config`` (a resume that changed what the run is, such as a longer --max-steps)."""
         if self._active:
             raise RuntimeError("This writer already has an active run.")
 
@@ -296,6 +306,9 @@ class RunWriter:
             if headline:
                 con.execute("UPDATE runs SET metric = ?, higher_is_better = ? WHERE run_id = ? AND metric IS NULL",
                             [headline[0], headline[1], full_id])
+            if config is not None:
+                con.execute("UPDATE runs SET config = ? WHERE run_id = ?",
+                            [json.dumps(config, sort_keys=True, default=str), full_id])
             self._run_id = full_id
 
         self._commit_waiting(lambda con: self._mark_stale_then(con, reopen))
@@ -333,6 +346,12 @@ class RunWriter:
 
         self._commit_waiting(delete)
         return deleted
+
+    def write_missing_only(self) -> None:
+        """Rows logged from now on are written only where the registry lacks their key (``ROW_KEYS``): for a
+        resume that repeats work a killed process may have logged after its last checkpoint at the same step
+        (the end of a run: its final validation, test and summary rows)."""
+        self._once = True
 
     def _carried_rows(self, carried: dict[str, Any]) -> Rows:
         """``pending()``'s rows as buffer rows, by column name (a checkpoint may predate a column)."""
@@ -395,7 +414,7 @@ class RunWriter:
             return
         if not self._active:
             raise RuntimeError("Call start() or resume() before logging rows.")
-        self._rows[table].append(row)
+        (self._uncertain if self._once else self._rows)[table].append(row)
 
     def metric(self, step: int, split: str, name: str, value: float) -> None:
         if split not in SPLITS:
@@ -574,15 +593,18 @@ class RunWriter:
             self._last_flush = time.monotonic()
 
     def _write(self, batch: _Batch, timeout_s: float, run_change: RunChange | None) -> None:
-        with connect(self.db_path, timeout_s=timeout_s) as con, transaction(con):
-            if run_change is not None:
-                run_change(con)
-            for table in ROW_COLUMNS:
-                self._insert_rows(con, table, batch.rows[table])
-                self._insert_missing(con, table, batch.uncertain[table])
-            if self._active or batch.final is not None:
-                self._update_run(con, batch)
-            batch.committing = True
+        with connect(self.db_path, timeout_s=timeout_s) as con:
+            with transaction(con):
+                if run_change is not None:
+                    run_change(con)
+                for table in ROW_COLUMNS:
+                    self._insert_rows(con, table, batch.rows[table])
+                    self._insert_missing(con, table, batch.uncertain[table])
+                if self._active or batch.final is not None:
+                    self._update_run(con, batch)
+                kill_point("flush")
+                batch.committing = True
+            kill_point("flush-committed")
 
     def _insert_rows(
         self, con: duckdb.DuckDBPyConnection, table: str, rows: list[tuple[Any, ...]], into: str | None = None
@@ -646,11 +668,14 @@ class RankWriter:
     def check_resumable(self, run_id: str) -> str:
         return self.run_id
 
-    def resume(self, run_id: str, headline: tuple[str, bool] | None = None) -> str:
+    def resume(self, run_id: str, headline: tuple[str, bool] | None = None, config: Any = None) -> str:
         return self.run_id
 
     def truncate_after(self, step: int, decisions_from: int | None = None, carried: Any = None) -> int:
         return 0
+
+    def write_missing_only(self) -> None:
+        pass
 
     def pending(self) -> dict[str, Any]:
         return {"format": PENDING_FORMAT, "run_id": self.run_id, "tables": {}}

@@ -80,17 +80,38 @@ def train_job_file(job_file: Path, result_file: Path) -> None:
     from ..core.plan import DoesNotFit
     from .jobs import Launch, job_from_dict, resume_recorded, run_job
 
-    data = json.loads(job_file.read_text())
+    data = read_job_file(job_file)
     force, threads = bool(data.get("force")), data.get("threads")
     try:
         if "resume" in data:
             run = resume_recorded(Path(data["db"]), data["resume"], quiet=True, print_summary=False, force=force,
                                   threads=threads)
         else:
-            backbone, job = job_from_dict(data["job"])
-            launch = Launch(Path(data["db"]), Path(data["out"]), quiet=True, force=force, threads=threads)
+            try:
+                backbone, job = job_from_dict(data["job"])
+                launch = Launch(Path(data["db"]), Path(data["out"]), quiet=True, force=force, threads=threads)
+            except (KeyError, TypeError, AttributeError) as e:
+                raise _not_a_job(job_file, f"no {e}" if isinstance(e, KeyError) else str(e)) from None
             run = run_job(backbone, job, launch, print_summary=False)
     except DoesNotFit as refused:  # not an error of the run's command: a finding, reported as such
         result_file.write_text(json.dumps({"refused": str(refused), "plan": refused.plan.to_dict()}))
         return
     result_file.write_text(json.dumps(asdict(run)))
+
+
+def read_job_file(job_file: Path) -> dict[str, Any]:
+    """A ``ChildRun`` payload, or one sentence saying the file is not one."""
+    try:
+        data = json.loads(job_file.read_text())
+    except OSError as e:
+        raise _not_a_job(job_file, e.strerror or type(e).__name__) from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _not_a_job(job_file, f"not JSON: {e}") from None
+    if not isinstance(data, dict) or "db" not in data or ("job" not in data and "resume" not in data):
+        raise _not_a_job(job_file, "it names no job to train or run to resume, and no registry")
+    return data
+
+
+def _not_a_job(job_file: Path, reason: str) -> DyntieError:
+    return DyntieError(f"{job_file} is not a dyntie job file ({reason}); dyntie writes them itself when `dyntie "
+                       "bench` or `dyntie study --jobs N` trains a run in a process of its own.")

@@ -11,10 +11,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..core.checkpoint import check_checkpoint
 from ..core.distributed import Group
 from ..core.loop import Event, Job, RunResult, Trainer, resolve_device
 from ..core.threads import ThreadWatch, plan_threads
-from ..errors import UsageError
+from ..errors import DyntieError, UsageError
 from ..results.lineage import load_run, load_source_run
 from ..results.writer import RankWriter, RunWriter
 from ..settings import revised
@@ -48,13 +49,31 @@ def run_job(backbone, job: Job, launch: Launch, *, print_summary: bool = True,
             listen: Callable[[Event], None] | None = None) -> RunResult:
     """Train ``job``, recorded in ``launch.db``; prints the summary on stdout unless told not to. ``listen``
     hears the trainer's events (start, log, eval, end) besides the progress view."""
+    check_writable_folder(launch.out, "--out")
     job = with_initial_state(with_agent_knowledge(job, launch.db), launch.db)
     settings = job.settings
     return _run_trainer(
         backbone, job, launch,
-        lambda: RunWriter(launch.db, flush_every_s=settings.train.flush_every_s, backbone=settings.backbone),
+        lambda on_wait: RunWriter(launch.db, flush_every_s=settings.train.flush_every_s, backbone=settings.backbone,
+                                  registry_wait_s=settings.train.registry_wait_s, on_wait=on_wait),
         print_summary=print_summary, listen=listen,
     )
+
+
+def check_writable_folder(folder: Path, flag: str, *, shown: Path | None = None) -> None:
+    """Refuse, before any data loads, a folder that cannot take new files (a run's checkpoints, an export);
+    the sentence names ``flag`` and ``shown`` (default: ``folder``)."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".dyntie-write-check-"):
+            pass
+    except OSError as e:
+        reason = ("a file is in its path" if isinstance(e, (NotADirectoryError, FileExistsError))
+                  else e.strerror or type(e).__name__)
+        raise UsageError(f"{flag} {shown or folder} cannot be written ({reason}); pass a folder this user can "
+                         "write.") from None
 
 
 def with_initial_state(job: Job, db: Path) -> Job:
@@ -93,21 +112,37 @@ def resume_recorded(db: Path, run_id: str, *, max_steps: int | None = None, quie
                     print_summary: bool = True, listen: Callable[[Event], None] | None = None,
                     force: bool = False, threads: int | None = None) -> RunResult:
     """Continue the killed run ``run_id`` of registry ``db`` from its last checkpoint, with its recorded settings
-    (``max_steps`` may extend it)."""
-    run = load_run(db, run_id)
+    (``max_steps`` may extend it, and ``runs.config`` then records it). Refused before anything loads: a run that
+    finished or diverged, or is training in another process, a checkpoint that is missing or corrupt, a
+    ``max_steps`` below the checkpoint's step."""
+    run = load_run(db, RunWriter(db).check_resumable(run_id))
+    if not run.out_dir:
+        raise DyntieError(f"Run {run.run_id} has no checkpoint folder recorded, so it cannot be resumed.")
+    at = check_checkpoint(Path(run.out_dir) / "checkpoint")
+    backbone, recorded = recorded_settings(run.config, [])
+    settings = recorded if max_steps is None else revised(recorded, [("train.max_steps", max_steps)])
+    if max_steps is not None and at is not None and max_steps != recorded.train.max_steps:
+        if max_steps < at:
+            raise UsageError(f"Run {run.run_id}'s checkpoint is at step {at}; --max-steps {max_steps} would end it "
+                             f"before that: give at least {at}.")
+        if at == recorded.train.max_steps:  # its test split is scored already: a longer run would score it twice
+            raise UsageError(f"Run {run.run_id} had trained all its {at} steps when it was killed; resume it "
+                             "without --max-steps to record its end, and train a new run for more steps.")
     launch = Launch(db, Path(run.out_dir).parent, quiet, force, threads)
-    extend = [("train.max_steps", max_steps)] if max_steps is not None else []
-    backbone, settings = recorded_settings(run.config, [extend])
-    return _run_trainer(backbone, Job(settings, run.command, run.parent_run_id), launch,
-                        lambda: RunWriter(db, run_id=run.run_id, flush_every_s=settings.train.flush_every_s),
+    changed = settings.train.max_steps != recorded.train.max_steps
+    record = {**run.config, "train": settings.to_dict()["train"]} if changed else None
+    return _run_trainer(backbone, Job(settings, run.command, run.parent_run_id, record=record), launch,
+                        lambda on_wait: RunWriter(db, run_id=run.run_id, flush_every_s=settings.train.flush_every_s,
+                                                  registry_wait_s=settings.train.registry_wait_s, on_wait=on_wait),
                         print_summary=print_summary, listen=listen, resume=True)
 
 
-def _run_trainer(backbone, job: Job, launch: Launch, new_writer: Callable[[], RunWriter], *,
+def _run_trainer(backbone, job: Job, launch: Launch, new_writer: Callable[[Callable[[str], None]], RunWriter], *,
                  resume: bool = False, print_summary: bool = True,
                  listen: Callable[[Event], None] | None = None) -> RunResult:
     """Run a Trainer in every process of a torchrun launch (one process without torchrun) and print the result.
-    Rank 0 records the run with ``new_writer()``; the other ranks only learn its id."""
+    Rank 0 records the run with ``new_writer(on_wait)``, which tells the progress view when the run waits for the
+    registry; the other ranks only learn its id."""
     started = time.perf_counter()
     group = Group.from_env()
     device = resolve_device(job.settings.device)
@@ -118,7 +153,7 @@ def _run_trainer(backbone, job: Job, launch: Launch, new_writer: Callable[[], Ru
     plan = plan_threads(launch.threads)
     watch = ThreadWatch(plan, view.warn if device.type == "cpu" and group.is_main else _ignore)
     try:
-        writer = new_writer() if group.is_main else None
+        writer = new_writer(view.warn) if group.is_main else None
         rid = group.broadcast(writer.run_id if writer else None)
 
         def events(e: Event) -> None:
