@@ -101,7 +101,7 @@ def test_ablate_final_arch_without_a_run_uses_the_newest_dynamic_run(registry):
     db, train, ablate = registry
     source = _run_id(train.stdout)
     notes = [line for line in ablate.stderr.splitlines() if line.startswith("ablate: ")]
-    assert notes == [(f"ablate: from {source}, the newest finished dynamic run in {db} (--from-run RUN picks "
+    assert notes == [(f"ablate: from {source}, the newest finished dynamic gpt2 run in {db} (--from-run RUN picks "
                       "another)")]
     run_id = _run_id(ablate.stdout)
     assert _rows(db, "SELECT variant, parent_run_id, command FROM runs WHERE run_id = ?", run_id) == [

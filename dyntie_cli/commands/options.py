@@ -169,3 +169,6 @@ def examples(*commands: str) -> str:
 
 Db = Annotated[str | None, typer.Option("--db", envvar="DYNTIE_DB", help=_help(BY_NAME["db"]))]
 Format = Annotated[str, typer.Option("--format", "-f", help="table, csv, json or markdown.")]
+Resume = Annotated[str | None, typer.Option("--resume", help="Continue a stopped (killed) run from its last "
+                                            "checkpoint with its recorded settings, as its stop message says "
+                                            "(--max-steps may extend it).", show_default=False)]

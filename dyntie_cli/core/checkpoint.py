@@ -9,6 +9,9 @@ A checkpoint folder holds
   waiting for its reward), the optimizer (with the *names* of its parameters in order, since the tie manager
   changes the parameter set), and every other resumable part the trainer lists (LR schedule, policy/agent,
   batch generators), and the RNG states;
+* ``run.json`` -- where the run stands and what it is built from, small enough for a report to read: the step
+  of the checkpoint, and what a variant took from its source run (final-arch's state, replay's schedule), so a
+  resume rebuilds the same policy without the source run;
 * ``registry_rows.json`` -- the registry rows the run had logged but not yet written when the checkpoint was
   taken (``RunWriter.pending``): a process killed before its next flush loses none of them, since a resume
   writes them (those the registry does not hold yet).
@@ -31,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import DyntieError
+from .checkpoint_info import RUN_FILE
 
 
 @dataclass
@@ -63,6 +67,9 @@ class LoopState:
     wall_time: float = 0.0  # loop seconds of the earlier processes of this run (before a resume)
     indep_steps: float = 0.0  # step-weighted sum of independent blocks, for the mean over training
     pending: PendingDecision | None = None
+    # the steps since the last train row: a run stopped between two rows logs the same mean after its resume
+    losses: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,7 +106,8 @@ REGISTRY_ROWS = "registry_rows.json"
 
 
 def save_checkpoint(path: Path, *, model: nn.Module, ties_map: dict, optimizer: torch.optim.Optimizer,
-                    trainer: dict[str, Any], registry_rows: dict[str, Any] | None = None) -> Path:
+                    trainer: dict[str, Any], registry_rows: dict[str, Any] | None = None,
+                    run: dict[str, Any] | None = None) -> Path:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
@@ -108,6 +116,8 @@ def save_checkpoint(path: Path, *, model: nn.Module, ties_map: dict, optimizer: 
     tensors, aliases = dedupe(model.state_dict())
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"aliases": json.dumps(aliases)})
     (tmp / "ties.json").write_text(json.dumps(ties_map))
+    if run is not None:
+        (tmp / RUN_FILE).write_text(json.dumps(run))
     if registry_rows is not None:
         save_registry_rows(tmp, registry_rows)
     torch.save({

@@ -32,7 +32,7 @@ from .distributed import Group
 from .lazy_build import BuildReport, build_lazily
 from .memory import MemoryProbe, base_bytes, gradient_bytes, release_memory_at_once, trainable_parameters
 from .plan import DoesNotFit, MemoryPlan, measure_on, model_counts, near_limit, plan_memory
-from .policies import DynamicPolicy, Policy, make_policy
+from .policies import SOURCE_KEYS, DynamicPolicy, Policy, make_policy
 from .ties import TieManager
 
 
@@ -70,6 +70,21 @@ class RunResult:
 
 
 Event = dict[str, Any]
+
+
+class RunStopped(DyntieError):
+    """A run stopped by a signal at a step boundary, checkpointed there, or interrupted by a second Ctrl-C (its last
+    checkpoint kept); marked killed either way. ``resume_with`` names the command that continues it."""
+
+    def __init__(self, run_id: str, step: int, command: str, *, exit_code: int, interrupted: bool = False) -> None:
+        self.run_id, self.step, self.command, self.interrupted = run_id, step, command, interrupted
+        super().__init__(self.resume_with(f"dyntie train --resume {run_id}"), exit_code=exit_code)
+
+    def resume_with(self, resume: str) -> str:
+        """The message, naming ``resume`` as the command that continues the run."""
+        if self.interrupted:
+            return f"Run {self.run_id} was interrupted at step {self.step}; resume it from its last checkpoint with `{resume}`."
+        return f"Run {self.run_id} was stopped at step {self.step}; resume it with `{resume}`."
 
 
 _RANK_SEED_STRIDE = 1_000_003  # rank r of a torchrun launch draws its batches from seed + r * stride
@@ -371,8 +386,7 @@ class Trainer:
                 result = self._loop()
         except KeyboardInterrupt:
             w.finish("killed")
-            raise DyntieError(f"Run {w.run_id} was interrupted at step {self.loop.step}; its last checkpoint is kept.",
-                              exit_code=130) from None
+            raise RunStopped(w.run_id, self.loop.step, self.job.command, interrupted=True, exit_code=130) from None
         except BaseException as e:
             w.finish("failed", error=f"{type(e).__name__}: {e}")
             raise
@@ -381,10 +395,8 @@ class Trainer:
         if result is None:  # stopped by a signal at a step boundary, checkpointed
             w.finish("killed")
             self.group.wait_for_all()  # no rank exits (torchrun would then end the rest) before rank 0 has recorded it
-            raise DyntieError(
-                f"Run {w.run_id} was stopped at step {self.loop.step}; resume it with `--resume {w.run_id}`.",
-                exit_code=128 + int(self.stop_signal or signal.SIGTERM),
-            )
+            raise RunStopped(w.run_id, self.loop.step, self.job.command,
+                             exit_code=128 + int(self.stop_signal or signal.SIGTERM))
         w.finish("finished")
         self.group.wait_for_all()
         return result
@@ -392,8 +404,6 @@ class Trainer:
     def _loop(self) -> RunResult | None:
         cfg, t, w = self.cfg, self.cfg.train, self.writer
         k = cfg.ties.decide_every
-        losses: list[float] = []
-        step_times: list[float] = []
         items = self.data.items_per_batch() * self.group.world  # tokens (examples) per step over all ranks
         self.loop_start = time.perf_counter()
         if t.eval_at_start and self.loop.step == 0:
@@ -403,13 +413,14 @@ class Trainer:
             loss, dt = self._train_step()
             loss = self.group.mean(loss)  # the ranks' mean loss, for the logs and the rewards
             self.loop.step += 1
-            losses.append(loss)
-            step_times.append(dt)
+            self.loop.losses.append(loss)
+            self.loop.step_times.append(dt)
             self.loop.indep_steps += self.ties.independent_layers
             self.decisions.collect_reward(loss)
+            self.events({"type": "step", "step": self.loop.step, "loss": loss})
             if self.loop.step % t.log_every == 0 or self.loop.step == t.max_steps:
-                self._log_train(losses, step_times, items)
-                losses, step_times = [], []
+                self._log_train(self.loop.losses, self.loop.step_times, items)
+                self.loop.losses, self.loop.step_times = [], []
             if self.loop.step % k == 0 and self.loop.step < t.max_steps:
                 self.decisions.decide()
             eval_now = t.eval_every and self.loop.step % t.eval_every == 0 and self.loop.step < t.max_steps
@@ -539,8 +550,10 @@ class Trainer:
             "config": self.cfg.to_dict(), "world_size": self.group.world,
             **({"ranks": ranks} if self.group.active else {}),
         }
+        source = {key: self.source[key] for key in SOURCE_KEYS if key in self.source}
         path = ckpt.save_checkpoint(self.checkpoint_dir, model=self.model, ties_map=self.ties.tie_map(),
-                                    optimizer=self.optimizer, trainer=trainer)
+                                    optimizer=self.optimizer, trainer=trainer,
+                                    run={"step": self.loop.step, "source": source})
         self.writer.flush()
         return path
 

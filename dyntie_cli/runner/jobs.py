@@ -11,16 +11,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..core.checkpoint_info import load_run_file
 from ..core.distributed import Group
-from ..core.loop import Event, Job, RunResult, Trainer, resolve_device
+from ..core.loop import Event, Job, RunResult, RunStopped, Trainer, resolve_device
 from ..core.threads import ThreadWatch, plan_threads
-from ..errors import UsageError
-from ..results.lineage import load_run, load_source_run
+from ..errors import DyntieError, UsageError
+from ..results.lineage import RecordedRun, load_run, load_source_run
 from ..results.writer import RankWriter, RunWriter
 from ..settings import revised
 from ..variants import spec
 from .settings_source import recorded_settings
-from .view import ProgressView, print_result
+from .view import ProgressView, print_result, resume_command
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,22 @@ def resume_recorded(db: Path, run_id: str, *, max_steps: int | None = None, quie
     launch = Launch(db, Path(run.out_dir).parent, quiet, force, threads)
     extend = [("train.max_steps", max_steps)] if max_steps is not None else []
     backbone, settings = recorded_settings(run.config, [extend])
-    return _run_trainer(backbone, Job(settings, run.command, run.parent_run_id), launch,
+    job = Job(settings, run.command, run.parent_run_id, source=recorded_source(db, run))
+    return _run_trainer(backbone, job, launch,
                         lambda: RunWriter(db, run_id=run.run_id, flush_every_s=settings.train.flush_every_s),
                         print_summary=print_summary, listen=listen, resume=True)
+
+
+def recorded_source(db: Path, run: RecordedRun) -> dict[str, Any] | None:
+    """What killed run ``run`` took from its source run (final-arch's state, replay's schedule): kept in its
+    checkpoint, so the source run need not exist any more; read from the registry (``parent_run_id``) for a
+    checkpoint written before checkpoints kept it. None for a variant that takes nothing from another run."""
+    saved = load_run_file(Path(run.out_dir or "") / "checkpoint") if run.out_dir else None
+    if saved is not None and saved.get("source"):
+        return saved["source"]
+    if spec(run.variant).needs_source and run.parent_run_id:
+        return load_source_run(db, run.parent_run_id)
+    return None
 
 
 def _run_trainer(backbone, job: Job, launch: Launch, new_writer: Callable[[], RunWriter], *,
@@ -133,6 +147,9 @@ def _run_trainer(backbone, job: Job, launch: Launch, new_writer: Callable[[], Ru
                 trainer = Trainer(backbone, labelled, writer or RankWriter(rid), out_dir=launch.out, resume=resume,
                                   events=events, group=group, check_memory=not launch.force)
                 result = trainer.run()
+        except RunStopped as stopped:  # the command that continues it, as this run was launched
+            message = stopped.resume_with(resume_command(job.command, stopped.run_id, launch.db))
+            raise DyntieError(message, exit_code=stopped.exit_code) from None
         finally:
             view.close()
     finally:

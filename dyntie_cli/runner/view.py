@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -153,21 +154,30 @@ def duration_text(seconds: float) -> str:
     return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
 
 
+def db_option(db: Path) -> str:
+    """`` --db PATH`` for a command that is to be pasted, where registry ``db`` is not the default one."""
+    return "" if db == resolve_db_path(None) else f" --db {shlex.quote(str(db))}"
+
+
+#: the recorded commands whose own command line continues a stopped run; a bench or study run continued on its own
+#: continues with `dyntie train --resume`
+_RESUMED_BY = ("train", "finetune", "ablate")
+
+
+def resume_command(command: str, run_id: str, db: Path) -> str:
+    """The command line that continues stopped run ``run_id`` (recorded with ``command``) of registry ``db``."""
+    return f"dyntie {command if command in _RESUMED_BY else 'train'} --resume {run_id}{db_option(db)}"
+
+
 def next_commands(job: Job, result: RunResult, db: Path) -> list[str]:
     """What to run after this run, as it can be pasted: ``--db`` added where the registry is not the default."""
-    on_db = "" if db == resolve_db_path(None) else f" --db {_quoted(db)}"
+    on_db = db_option(db)
     rid = result.run_id
     commands = [f"dyntie report --run {rid} --table paper{on_db}"]
     if job.parent_run_id:
         commands.append(f"dyntie report --compare {job.parent_run_id} {rid}{on_db}")
     commands += [f"dyntie report --plot ties --run {rid}{on_db}", f"dyntie export {rid} --out DIR{on_db}"]
     return commands
-
-
-def _quoted(path: Path) -> str:
-    import shlex
-
-    return shlex.quote(str(path))
 
 
 def print_result(job: Job, result: RunResult, db: Path, elapsed_s: float) -> None:
