@@ -132,6 +132,107 @@ def test_ablate_picks_the_newest_finished_dynamic_run_of_the_backbone(registry, 
     assert newest_finished_run(tmp_path / "missing.duckdb") is None
 
 
+# --- "the newest run" is the user's run ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def user_registry(tmp_path_factory):
+    """A first hour as the issue found it: the main job, an RTE run after it, then an ablation stopped after a few
+    steps (not at a logging step)."""
+    from typer.testing import CliRunner
+
+    from tests.conftest import FIXTURES
+    from tests.test_resume import stop_at
+
+    tmp = tmp_path_factory.mktemp("user")
+    env = {"DYNTIE_DB": str(tmp / "dyntie.duckdb"), "DYNTIE_OUT": str(tmp / "runs")}
+    runner = CliRunner(env=env)
+    main = invoke(runner, "train", "gpt2", *TINY_GPT2)
+    rte = invoke(runner, "finetune", "glue", "--task", "rte", "--preset", "bert-tiny", "--data-dir",
+                 FIXTURES / "glue", "--max-steps", "8")
+    with pytest.MonkeyPatch.context() as patch:
+        stop_at(patch, 7)
+        stopped = invoke(runner, "ablate", "--variant", "replay")
+    assert (main.exit_code, rte.exit_code, stopped.exit_code) == (0, 0, 143), stopped.output
+    db = tmp / "dyntie.duckdb"
+    (stopped_id,) = _rows(db, "SELECT run_id FROM runs WHERE status = 'killed'")[0]
+    return db, runner, _run_id(main.stdout), _run_id(rte.stdout), stopped_id
+
+
+def test_ablate_without_a_run_ablates_the_main_job_not_the_newer_rte_run(user_registry):
+    db, runner, main, rte, _ = user_registry
+    r = invoke(runner, "ablate", "--variant", "final-arch", "--max-steps", "4")
+    assert r.exit_code == 0, r.output
+    assert f"ablate: from {main}, the newest finished dynamic gpt2 run in {db}" in r.stderr
+    assert _rows(db, "SELECT parent_run_id FROM runs WHERE run_id = ?", _run_id(r.stdout)) == [(main,)]
+    # told the backbone, it takes that backbone's newest
+    r = invoke(runner, "ablate", "--variant", "final-arch", "--backbone", "glue", "--max-steps", "4")
+    assert r.exit_code == 0, r.output
+    assert _rows(db, "SELECT parent_run_id FROM runs WHERE run_id = ?", _run_id(r.stdout)) == [(rte,)]
+
+
+def test_the_ties_plot_draws_the_main_job(user_registry, tmp_path):
+    _, runner, main, _, _ = user_registry
+    r = invoke(runner, "report", "--plot", "ties", "--out", tmp_path / "ties.png")
+    assert r.exit_code == 0, r.output
+    assert r.stderr.strip() == f"ties plot of {main}, the newest finished dynamic run (--run R draws another)"
+    assert (tmp_path / "ties.png").stat().st_size > 0
+
+
+def test_the_paper_table_shows_the_main_job_and_its_ablations_in_80_columns(user_registry, monkeypatch):
+    db, runner, main, rte, stopped = user_registry
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setenv("COLUMNS", "80")
+    r = invoke(runner, "report", "--table", "paper")
+    assert r.exit_code == 0, r.output
+    assert max(len(line) for line in r.stdout.splitlines()) <= 80
+    chosen = run_query("paper", db).attrs["chosen"]
+    assert main not in left_out(r.stdout) and len(left_out(r.stdout)) == len(chosen) - 2  # the main job's column
+    assert chosen[0] == main and stopped in chosen and rte not in chosen
+    assert r.stderr.startswith(f"paper: {main}, the newest finished dynamic run and the")
+    table = run_query("paper", db).set_index("quantity")
+    # a stopped run's validation is not its result, and its status says why
+    assert table.at["status", stopped] == "killed" and table.at["result", stopped] is None
+    assert table.at["metric", stopped] == "ppl (no result: killed)"
+    assert table.at["status", main] == "finished" and table.at["result", main] is not None
+
+
+def test_every_table_that_lists_runs_marks_the_stopped_one(user_registry):
+    db, _, _, _, stopped = user_registry
+    for name in ("runs", "ppl", "params", "layers", "memory", "agent"):
+        table = run_query(name, db)
+        assert dict(zip(table.run_id, table.status, strict=True))[stopped] == "killed", name
+        fitted = render(table, "table", title=name, width=80)
+        assert max(len(line) for line in fitted.splitlines()) <= 80, name
+        lines = fitted.splitlines()
+        row = next(line for line in lines if stopped in line)
+        assert "killed" in row or (f"{stopped} *" in row and any(line.startswith("* did not finish") for line in lines)), \
+            (name, fitted)
+
+
+def test_the_runs_table_shows_the_step_a_stopped_run_reached_and_each_finished_runs_result(user_registry,
+                                                                                         monkeypatch):
+    db, runner, main, rte, stopped = user_registry
+    table = run_query("runs", db).set_index("run_id")
+    assert table.at[stopped, "checkpoint_step"] == 7  # stopped at step 7; its last logged row is step 5
+    assert table.at[stopped, "last_logged_step"] == 5
+    assert pd_isna(table.at[stopped, "result"])
+    test_ppl = _rows(db, "SELECT value FROM metrics WHERE run_id = ? AND split = 'test' AND name = 'ppl'", main)
+    assert table.at[main, "result"] == test_ppl[0][0] and table.at[main, "checkpoint_step"] == 12
+    assert table.at[rte, "metric"] == "accuracy"
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setenv("COLUMNS", "80")
+    r = invoke(runner, "report", "--table", "runs")
+    assert max(len(line) for line in r.stdout.splitlines()) <= 80
+    assert not left_out(r.stdout) & {"status", "variant", "checkpoint_step", "result"}
+
+
+def pd_isna(value) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(value))
+
+
 # --- the end of a run -----------------------------------------------------------------------------------------
 
 
