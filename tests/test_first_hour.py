@@ -11,6 +11,7 @@ import io
 import itertools
 import lzma
 import re
+import threading
 from importlib import resources
 from pathlib import Path
 
@@ -283,6 +284,67 @@ def test_the_progress_line_keeps_elapsed_and_eta_visible(width):
     assert "…" not in last and last.startswith("step 3333/10000")
     if width >= 80:
         assert "ppl 12345.6 indep 47/48" in last
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _piped_view(clock: FakeClock, quiet: bool = False) -> tuple[ProgressView, io.StringIO]:
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=80, force_terminal=False, color_system=None)
+    return ProgressView(quiet, console=console, clock=clock, watch=False), buffer
+
+
+def test_a_piped_run_prints_progress_at_most_every_30s_and_never_stays_silent_a_minute():
+    clock = FakeClock()
+    view, buffer = _piped_view(clock)
+    clock.now += 61  # a slow setup: said as such
+    view.tick()
+    assert buffer.getvalue().splitlines()[-1] == "setting up (data, model)... (1m 01s elapsed)"
+    view({"type": "start", "run_id": "gpt2-20260101-000000-abcd", "total": 100, "step": 0, "blocks": 12,
+          "source": "wikitext-2", "command": "train", "variant": "dynamic", "parent_run_id": None})
+    for step in range(1, 41):  # a step every 2 s, a log row every 10 steps
+        clock.now += 2
+        if step % 10 == 0:
+            view({"type": "log", "step": step, "loss": 5.5, "ppl": 244.7, "independent": 3, "blocks": 12,
+                  "peak_bytes": 300 * 2**20, "trainable": 1})
+        view({"type": "step", "step": step, "loss": 5.5})
+    progress = [line for line in buffer.getvalue().splitlines() if line.startswith("step ")]
+    # 80 s of training after the header: a line at 30 s and at 60 s, none between
+    assert progress == [
+        "step 15/100, loss 5.5 ppl 244.7 indep 3/12 mem 300 MiB, 1m 31s elapsed, about 2m 50s left",
+        "step 30/100, loss 5.5 ppl 244.7 indep 3/12 mem 300 MiB, 2m 01s elapsed, about 2m 20s left"]
+    lines = len(buffer.getvalue().splitlines())
+    clock.now += 39  # step 41 takes a while: 59 s since the last line, nothing yet ...
+    view.tick()
+    assert len(buffer.getvalue().splitlines()) == lines
+    clock.now += 1  # ... a minute: the watcher says where the run is
+    view.tick()
+    assert buffer.getvalue().splitlines()[-1].startswith("step 40/100, loss 5.5")
+    view({"type": "phase", "phase": "test", "final": True, "step": 100, "split": "test"})
+    clock.now += 60
+    view.tick()  # a long final evaluation: said as such
+    assert buffer.getvalue().splitlines()[-1] == ("step 100: computing the final score (on the test split)... "
+                                                  "(4m 01s elapsed)")
+    quiet, buffer = _piped_view(clock, quiet=True)
+    clock.now += 600
+    quiet.tick()
+    assert buffer.getvalue() == ""
+
+
+def test_the_watcher_thread_ends_with_the_view():
+    view, _ = _piped_view(FakeClock())
+    assert any(t.name == "dyntie-progress" for t in threading.enumerate()) is False  # watch=False: no thread
+    threaded = ProgressView(False, console=Console(file=io.StringIO(), force_terminal=False), silence_s=0.04)
+    watcher = next(t for t in threading.enumerate() if t.name == "dyntie-progress")
+    threaded.close()
+    watcher.join(timeout=5)
+    assert not watcher.is_alive()
 
 
 # --- help text ------------------------------------------------------------------------------------------------

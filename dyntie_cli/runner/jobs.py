@@ -131,6 +131,8 @@ def _run_trainer(backbone, job: Job, launch: Launch, new_writer: Callable[[], Ru
     # only a CPU run is slowed down by threads that wait for busy cores
     plan = plan_threads(launch.threads)
     watch = ThreadWatch(plan, view.warn if device.type == "cpu" and group.is_main else _ignore)
+    if device.type == "cpu":
+        view.say(plan.describe())  # a run's speed depends on it, and the default depends on the machine's load
     try:
         writer = new_writer() if group.is_main else None
         rid = group.broadcast(writer.run_id if writer else None)
