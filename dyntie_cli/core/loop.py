@@ -67,6 +67,9 @@ class RunResult:
     conventional_params: int = 0  # trainable parameters of the same model with every block independent
     checkpoint: str | None = None
     wall_time_s: float = 0.0  # the training loop, evaluations and checkpoints (a resumed run's earlier parts too)
+    baseline: dict[str, float] = field(default_factory=dict)  # a trivial predictor's score on the same items
+    baseline_how: str = ""  # how that predictor answers, in words
+    notes: list[str] = field(default_factory=list)  # what the backbone says of how the run started
 
 
 Event = dict[str, Any]
@@ -380,7 +383,8 @@ class Trainer:
             w.flush()
         self.events({"type": "start", "run_id": w.run_id, "total": cfg.train.max_steps, "step": self.loop.step,
                      "blocks": self.num_blocks, "source": getattr(self.data, "source", ""),
-                     "command": self.job.command, "variant": cfg.variant, "parent_run_id": self.job.parent_run_id})
+                     "command": self.job.command, "variant": cfg.variant, "parent_run_id": self.job.parent_run_id,
+                     "notes": self.backbone.start_notes(cfg)})
         try:
             with _stop_on_signals(self):
                 result = self._loop()
@@ -446,6 +450,7 @@ class Trainer:
         final = self._evaluate("test", t.test_items)
         for name, value in final.items():
             w.metric(self.loop.step, "test", name, value)
+        baseline = self.backbone.baseline(cfg, self.data, t.test_items or None) if self.group.is_main else None
         n = max(self.loop.step, 1)
         w.metric(self.loop.step, "train", "independent_layers_mean", self.loop.indep_steps / n)
         w.metric(self.loop.step, "train", "trainable_params_mean", self._mean_trainable(n))
@@ -461,6 +466,8 @@ class Trainer:
             end_independent=self.ties.independent_layers, mean_trainable=self._mean_trainable(n),
             end_trainable=trainable_parameters(self.model), conventional_params=self.conventional_params,
             checkpoint=str(path), wall_time_s=self._wall_time(),
+            baseline=dict(baseline.metrics) if baseline else {}, baseline_how=baseline.how if baseline else "",
+            notes=self.backbone.start_notes(cfg),
         )
 
     def _phase(self, name: str, *, final: bool = False) -> None:

@@ -137,6 +137,8 @@ class ProgressView:
         parts = [f"run [bold]{escape(e['run_id'])}[/]", *([escape(what)] if what else []),
                  f"{e['blocks']} blocks", f"data: {escape(str(e['source']))}"]
         self._say(" - ".join(parts), markup=True)
+        for note in e.get("notes", ()):
+            self._say(note)
         self.doing, self.total = "training", e["total"]
         self.step = self.first_step = e["step"]
         self.first_time = self.clock()
@@ -256,6 +258,11 @@ def print_result(job: Job, result: RunResult, db: Path, elapsed_s: float) -> Non
     if what:
         print(f"run: {what}", file=out)
     print(f"final {split}: {metrics}", file=out)
+    if result.baseline:  # beside the score: the floor of a predictor that learned nothing
+        floor = " ".join(f"{k}={v:.4f}" for k, v in result.baseline.items())
+        print(f"majority class: {floor} ({result.baseline_how})", file=out)
+    for note in result.notes:
+        print(f"note: {note}", file=out)
     print(f"independent layers: mean {result.mean_independent:.2f}, end {result.end_independent}", file=out)
     full = f" of {result.conventional_params:,} in the full model (every block its own weights)" \
         if result.conventional_params else ""
