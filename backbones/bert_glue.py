@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dyntie_cli.backbone import Backbone, Batch, EvalStep, Headline, Preset, TaskData
+from dyntie_cli.backbone import Backbone, Baseline, Batch, EvalStep, Headline, Preset, TaskData
 from dyntie_cli.errors import DyntieError
 from dyntie_cli.settings import MAX_BATCH, MAX_BLOCKS, RunSettings, Section, setting
 
@@ -146,6 +146,24 @@ class GlueBackbone(Backbone):
 
     def headline(self, cfg: RunSettings) -> Headline:
         return _HEADLINES.get(get_task(cfg.dataset).name, Headline(self.metric, self.higher_is_better))
+
+    def start_notes(self, cfg: RunSettings) -> list[str]:
+        if cfg.init.strip():
+            return []
+        note = ("BERT starts from random weights (no --init), as in the paper: on a task as small as RTE that "
+                "scores about what always answering the most frequent label does. To fine-tune pretrained BERT, "
+                "pass --init DIR, a local BERT folder (`hf download bert-base-uncased --local-dir DIR` fetches one "
+                "where the hub is reachable; its config sets the model's shape).")
+        return [note]
+
+    def baseline(self, cfg: RunSettings, data: TaskData, max_items: int | None) -> Baseline | None:
+        task = get_task(cfg.dataset)
+        labels = data.splits["test"].labels[:max_items]  # the rows eval_batches("test", max_items) serves
+        if task.regression or not len(labels):
+            return None
+        majority = int(torch.bincount(labels, minlength=task.num_labels).argmax())
+        metrics = task_metrics(task, torch.full_like(labels, majority), labels)
+        return Baseline(metrics, f"always {task.labels[majority]!r}, the most frequent label of the dev split")
 
     # -- models in and out -------------------------------------------------------------------------
 

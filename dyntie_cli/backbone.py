@@ -79,6 +79,14 @@ class Headline(NamedTuple):
     higher_is_better: bool
 
 
+class Baseline(NamedTuple):
+    """What a trivial predictor scores on the final split: its metrics, and how it predicts in words ('always
+    'entailment', the most frequent label of GLUE's dev split')."""
+
+    metrics: dict[str, float]
+    how: str
+
+
 @dataclass
 class EvalStep:
     """One evaluation batch: its mean loss, its item count, and (for classifiers) predictions and labels."""
@@ -147,6 +155,17 @@ class Backbone:
     def headline(self, cfg: RunSettings) -> Headline:
         """The metric run ``cfg`` is judged by; the default is the class's ``metric`` and ``higher_is_better``."""
         return Headline(self.metric, self.higher_is_better)
+
+    def start_notes(self, cfg: RunSettings) -> list[str]:
+        """What a person should know of how run ``cfg`` starts, said when it starts and in its summary (GLUE: BERT
+        from random weights, and how to start from pretrained ones). None by default."""
+        return []
+
+    def baseline(self, cfg: RunSettings, data: TaskData, max_items: int | None) -> Baseline | None:
+        """What always answering the same thing scores on the final split's first ``max_items`` items, the ones
+        the run's final score is computed on (a classifier: its most frequent label), shown beside the run's own
+        score: a floor any model that learned something clears. None (the default): no such floor."""
+        return None
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterator[Batch]) -> dict[str, float]:

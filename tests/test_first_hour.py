@@ -11,6 +11,7 @@ import io
 import itertools
 import lzma
 import re
+import threading
 from importlib import resources
 from pathlib import Path
 
@@ -71,6 +72,17 @@ def test_finetune_glue_rte_runs_offline_from_the_shipped_copy(runner, tmp_path, 
     assert r.exit_code == 0, r.stderr
     assert "embedded copy of GLUE RTE: train.tsv 2,490 rows, dev.tsv 277 rows" in r.stderr
     assert "final validation (no labelled test split): loss=" in r.stdout
+    # that BERT starts from random weights, and how to start from pretrained ones, is said at the start and in the
+    # summary; beside its accuracy, what always answering the most frequent label of the same dev rows scores
+    for out in (r.stderr, r.stdout):
+        assert "BERT starts from random weights (no --init)" in out and "pass --init DIR, a local BERT folder" in out
+    dev = load_glue_splits(get_task("rte"), None)[0]["dev"].labels[:256]  # bert-tiny scores 256 dev rows
+    entailment = dev.count(0) / len(dev)
+    assert entailment > 0.5
+    lines = r.stdout.splitlines()
+    final = next(i for i, line in enumerate(lines) if line.startswith("final validation"))
+    assert lines[final + 1] == (f"majority class: accuracy={entailment:.4f} (always 'entailment', the most "
+                                "frequent label of the dev split)")
     run_id = _run_id(r.stdout)
     assert _rows(tmp_path / "dyntie.duckdb", "SELECT dataset, status FROM runs WHERE run_id = ?", run_id) == [
         ("rte", "finished")]
@@ -101,7 +113,7 @@ def test_ablate_final_arch_without_a_run_uses_the_newest_dynamic_run(registry):
     db, train, ablate = registry
     source = _run_id(train.stdout)
     notes = [line for line in ablate.stderr.splitlines() if line.startswith("ablate: ")]
-    assert notes == [(f"ablate: from {source}, the newest finished dynamic run in {db} (--from-run RUN picks "
+    assert notes == [(f"ablate: from {source}, the newest finished dynamic gpt2 run in {db} (--from-run RUN picks "
                       "another)")]
     run_id = _run_id(ablate.stdout)
     assert _rows(db, "SELECT variant, parent_run_id, command FROM runs WHERE run_id = ?", run_id) == [
@@ -130,6 +142,107 @@ def test_ablate_picks_the_newest_finished_dynamic_run_of_the_backbone(registry, 
     assert newest_finished_run(db) == _run_id(train.stdout)  # not the newer final-arch run
     assert newest_finished_run(db, backbone="vit") is None
     assert newest_finished_run(tmp_path / "missing.duckdb") is None
+
+
+# --- "the newest run" is the user's run ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def user_registry(tmp_path_factory):
+    """A first hour as the issue found it: the main job, an RTE run after it, then an ablation stopped after a few
+    steps (not at a logging step)."""
+    from typer.testing import CliRunner
+
+    from tests.conftest import FIXTURES
+    from tests.test_resume import stop_at
+
+    tmp = tmp_path_factory.mktemp("user")
+    env = {"DYNTIE_DB": str(tmp / "dyntie.duckdb"), "DYNTIE_OUT": str(tmp / "runs")}
+    runner = CliRunner(env=env)
+    main = invoke(runner, "train", "gpt2", *TINY_GPT2)
+    rte = invoke(runner, "finetune", "glue", "--task", "rte", "--preset", "bert-tiny", "--data-dir",
+                 FIXTURES / "glue", "--max-steps", "8")
+    with pytest.MonkeyPatch.context() as patch:
+        stop_at(patch, 7)
+        stopped = invoke(runner, "ablate", "--variant", "replay")
+    assert (main.exit_code, rte.exit_code, stopped.exit_code) == (0, 0, 143), stopped.output
+    db = tmp / "dyntie.duckdb"
+    (stopped_id,) = _rows(db, "SELECT run_id FROM runs WHERE status = 'killed'")[0]
+    return db, runner, _run_id(main.stdout), _run_id(rte.stdout), stopped_id
+
+
+def test_ablate_without_a_run_ablates_the_main_job_not_the_newer_rte_run(user_registry):
+    db, runner, main, rte, _ = user_registry
+    r = invoke(runner, "ablate", "--variant", "final-arch", "--max-steps", "4")
+    assert r.exit_code == 0, r.output
+    assert f"ablate: from {main}, the newest finished dynamic gpt2 run in {db}" in r.stderr
+    assert _rows(db, "SELECT parent_run_id FROM runs WHERE run_id = ?", _run_id(r.stdout)) == [(main,)]
+    # told the backbone, it takes that backbone's newest
+    r = invoke(runner, "ablate", "--variant", "final-arch", "--backbone", "glue", "--max-steps", "4")
+    assert r.exit_code == 0, r.output
+    assert _rows(db, "SELECT parent_run_id FROM runs WHERE run_id = ?", _run_id(r.stdout)) == [(rte,)]
+
+
+def test_the_ties_plot_draws_the_main_job(user_registry, tmp_path):
+    _, runner, main, _, _ = user_registry
+    r = invoke(runner, "report", "--plot", "ties", "--out", tmp_path / "ties.png")
+    assert r.exit_code == 0, r.output
+    assert r.stderr.strip() == f"ties plot of {main}, the newest finished dynamic run (--run R draws another)"
+    assert (tmp_path / "ties.png").stat().st_size > 0
+
+
+def test_the_paper_table_shows_the_main_job_and_its_ablations_in_80_columns(user_registry, monkeypatch):
+    db, runner, main, rte, stopped = user_registry
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setenv("COLUMNS", "80")
+    r = invoke(runner, "report", "--table", "paper")
+    assert r.exit_code == 0, r.output
+    assert max(len(line) for line in r.stdout.splitlines()) <= 80
+    chosen = run_query("paper", db).attrs["chosen"]
+    assert main not in left_out(r.stdout) and len(left_out(r.stdout)) == len(chosen) - 2  # the main job's column
+    assert chosen[0] == main and stopped in chosen and rte not in chosen
+    assert r.stderr.startswith(f"paper: {main}, the newest finished dynamic run and the")
+    table = run_query("paper", db).set_index("quantity")
+    # a stopped run's validation is not its result, and its status says why
+    assert table.at["status", stopped] == "killed" and table.at["result", stopped] is None
+    assert table.at["metric", stopped] == "ppl (no result: killed)"
+    assert table.at["status", main] == "finished" and table.at["result", main] is not None
+
+
+def test_every_table_that_lists_runs_marks_the_stopped_one(user_registry):
+    db, _, _, _, stopped = user_registry
+    for name in ("runs", "ppl", "params", "layers", "memory", "agent"):
+        table = run_query(name, db)
+        assert dict(zip(table.run_id, table.status, strict=True))[stopped] == "killed", name
+        fitted = render(table, "table", title=name, width=80)
+        assert max(len(line) for line in fitted.splitlines()) <= 80, name
+        lines = fitted.splitlines()
+        row = next(line for line in lines if stopped in line)
+        assert "killed" in row or (f"{stopped} *" in row and any(line.startswith("* did not finish") for line in lines)), \
+            (name, fitted)
+
+
+def test_the_runs_table_shows_the_step_a_stopped_run_reached_and_each_finished_runs_result(user_registry,
+                                                                                         monkeypatch):
+    db, runner, main, rte, stopped = user_registry
+    table = run_query("runs", db).set_index("run_id")
+    assert table.at[stopped, "checkpoint_step"] == 7  # stopped at step 7; its last logged row is step 5
+    assert table.at[stopped, "last_logged_step"] == 5
+    assert pd_isna(table.at[stopped, "result"])
+    test_ppl = _rows(db, "SELECT value FROM metrics WHERE run_id = ? AND split = 'test' AND name = 'ppl'", main)
+    assert table.at[main, "result"] == test_ppl[0][0] and table.at[main, "checkpoint_step"] == 12
+    assert table.at[rte, "metric"] == "accuracy"
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setenv("COLUMNS", "80")
+    r = invoke(runner, "report", "--table", "runs")
+    assert max(len(line) for line in r.stdout.splitlines()) <= 80
+    assert not left_out(r.stdout) & {"status", "variant", "checkpoint_step", "result"}
+
+
+def pd_isna(value) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(value))
 
 
 # --- the end of a run -----------------------------------------------------------------------------------------
@@ -182,6 +295,67 @@ def test_the_progress_line_keeps_elapsed_and_eta_visible(width):
     assert "…" not in last and last.startswith("step 3333/10000")
     if width >= 80:
         assert "ppl 12345.6 indep 47/48" in last
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _piped_view(clock: FakeClock, quiet: bool = False) -> tuple[ProgressView, io.StringIO]:
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=80, force_terminal=False, color_system=None)
+    return ProgressView(quiet, console=console, clock=clock, watch=False), buffer
+
+
+def test_a_piped_run_prints_progress_at_most_every_30s_and_never_stays_silent_a_minute():
+    clock = FakeClock()
+    view, buffer = _piped_view(clock)
+    clock.now += 61  # a slow setup: said as such
+    view.tick()
+    assert buffer.getvalue().splitlines()[-1] == "setting up (data, model)... (1m 01s elapsed)"
+    view({"type": "start", "run_id": "gpt2-20260101-000000-abcd", "total": 100, "step": 0, "blocks": 12,
+          "source": "wikitext-2", "command": "train", "variant": "dynamic", "parent_run_id": None})
+    for step in range(1, 41):  # a step every 2 s, a log row every 10 steps
+        clock.now += 2
+        if step % 10 == 0:
+            view({"type": "log", "step": step, "loss": 5.5, "ppl": 244.7, "independent": 3, "blocks": 12,
+                  "peak_bytes": 300 * 2**20, "trainable": 1})
+        view({"type": "step", "step": step, "loss": 5.5})
+    progress = [line for line in buffer.getvalue().splitlines() if line.startswith("step ")]
+    # 80 s of training after the header: a line at 30 s and at 60 s, none between
+    assert progress == [
+        "step 15/100, loss 5.5 ppl 244.7 indep 3/12 mem 300 MiB, 1m 31s elapsed, about 2m 50s left",
+        "step 30/100, loss 5.5 ppl 244.7 indep 3/12 mem 300 MiB, 2m 01s elapsed, about 2m 20s left"]
+    lines = len(buffer.getvalue().splitlines())
+    clock.now += 39  # step 41 takes a while: 59 s since the last line, nothing yet ...
+    view.tick()
+    assert len(buffer.getvalue().splitlines()) == lines
+    clock.now += 1  # ... a minute: the watcher says where the run is
+    view.tick()
+    assert buffer.getvalue().splitlines()[-1].startswith("step 40/100, loss 5.5")
+    view({"type": "phase", "phase": "test", "final": True, "step": 100, "split": "test"})
+    clock.now += 60
+    view.tick()  # a long final evaluation: said as such
+    assert buffer.getvalue().splitlines()[-1] == ("step 100: computing the final score (on the test split)... "
+                                                  "(4m 01s elapsed)")
+    quiet, buffer = _piped_view(clock, quiet=True)
+    clock.now += 600
+    quiet.tick()
+    assert buffer.getvalue() == ""
+
+
+def test_the_watcher_thread_ends_with_the_view():
+    view, _ = _piped_view(FakeClock())
+    assert any(t.name == "dyntie-progress" for t in threading.enumerate()) is False  # watch=False: no thread
+    threaded = ProgressView(False, console=Console(file=io.StringIO(), force_terminal=False), silence_s=0.04)
+    watcher = next(t for t in threading.enumerate() if t.name == "dyntie-progress")
+    threaded.close()
+    watcher.join(timeout=5)
+    assert not watcher.is_alive()
 
 
 # --- help text ------------------------------------------------------------------------------------------------

@@ -160,3 +160,11 @@ def test_vit_weights_of_another_task_are_adapted_by_timm(runner, tmp_path):
     assert _ties(db, run_id)[0][1] == [0, 1, 2]
     assert rows(db, "SELECT count(*) FROM metrics WHERE run_id = ? AND split = 'test' AND name = 'accuracy'",
                 run_id)[0][0] == 1
+
+
+def test_only_a_scratch_bert_is_said_to_start_from_random_weights(exports):
+    scratch = from_saved(GlueBackbone, {"backbone": "glue", "dataset": "rte", "preset": "bert-tiny"}, [])
+    assert "random weights (no --init)" in GlueBackbone().start_notes(scratch)[0]
+    pretrained = from_saved(GlueBackbone, {"backbone": "glue", "dataset": "rte", "preset": "bert-tiny",
+                                           "init": str(exports["glue"])}, [])
+    assert GlueBackbone().start_notes(pretrained) == []

@@ -54,17 +54,21 @@ def test_a_run_with_room_to_spare_does_not_measure_its_activations(runner, tmp_p
 
 
 @pytest.mark.parametrize("independent", [1, 2, 4])
-def test_planned_activations_are_what_a_training_step_saves(independent):
-    """The plan measures activations at one and two independent blocks and extrapolates; a real forward at any
-    count saves exactly that."""
-    backbone, cfg = new_settings("gpt2", SettingsSource("gpt2-tiny"))
+@pytest.mark.parametrize(("name", "preset", "dataset"), [("gpt2", "gpt2-tiny", "wikitext-2"),
+                                                         ("glue", "bert-tiny", "rte"), ("vit", "vit-tiny", "digits")])
+def test_planned_activations_are_what_a_training_step_saves(independent, name, preset, dataset):
+    """The plan measures activations at one and two independent blocks, on a copy whose tied blocks were never
+    initialised, and extrapolates; a real forward at any count, on the run's own lazily built model, saves exactly
+    that."""
+    backbone, cfg = new_settings(name, SettingsSource(preset, flags=(("dataset", dataset),)))
     data = backbone.load_data(cfg)
     meta = backbone.load_model_code(cfg, data)
     probe = backbone.blocks(meta)
+    blocks = len(probe)
     activations, _ = planner.measure_activations(backbone, cfg, data, torch.device("cpu"), probe)
-    state = list(range(independent)) + [independent - 1] * (4 - independent)
-    model, _ = build_lazily(lambda: backbone.build_model(cfg, data), backbone.blocks, [0] * 4, probe)
-    ties = TieManager(backbone.blocks(model), [0] * 4)
+    state = list(range(independent)) + [independent - 1] * (blocks - independent)
+    model, _ = build_lazily(lambda: backbone.build_model(cfg, data), backbone.blocks, [0] * blocks, probe)
+    ties = TieManager(backbone.blocks(model), [0] * blocks)
     ties.apply(state)
     model.train()
     batch = data.train_batch(torch.Generator().manual_seed(cfg.seed))
@@ -149,3 +153,30 @@ def test_a_run_releases_freed_memory_when_told_or_near_the_limit(runner, tmp_pat
                "--quiet")
     assert r.exit_code == 0, r.stderr
     assert bool(calls) == released
+
+
+def test_the_plan_says_what_it_does_and_its_title_judges_each_variant(runner):
+    r = invoke(runner, "plan", "train", "gpt2", "--preset", "gpt2-tiny", "--max-independent", "2")
+    assert r.exit_code == 0, r.stderr
+    said = [line.split("... (")[0] for line in r.stderr.splitlines()]
+    assert said == [
+        "plan: loading the data (wikitext-2)",
+        "plan: counting parameters on a copy built on the meta device (no memory, no initialisation)",
+        "plan: building a copy with one block of 4 materialised, to measure activations on",
+        ("plan: measuring activations at 1 independent block (a forward pass of one training batch through all 4 "
+        "blocks)"),
+        "plan: measuring activations at 2 independent blocks (another forward pass)"]
+    assert "memory plan: gpt2 gpt2-tiny on cpu (dynamic fits, no-tying fits)" in r.stdout
+    quiet = invoke(runner, "plan", "train", "gpt2", "--preset", "gpt2-tiny", "--quiet", "--format", "json")
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+
+
+def test_a_budgeted_run_that_fits_is_not_titled_as_one_that_does_not():
+    from dyntie_cli.commands.plan import fit_words
+
+    def plan(variant: str, fits: bool | None) -> planner.MemoryPlan:
+        return planner.MemoryPlan(variant, 48, 8, "cpu", 0, 0, 0, 0, 0, 0, 0, None, fits)
+
+    huge = [plan("no-tying", False), plan("dynamic", True)]
+    assert fit_words(huge, "dynamic") == "dynamic fits, no-tying does not fit"
+    assert fit_words([plan("no-tying", None), plan("grow", True)], "no-tying") == "no-tying fit unknown, grow fits"

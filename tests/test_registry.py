@@ -598,7 +598,7 @@ def test_runs_lists_most_recent_first_and_accepts_prefixes(registry):
     assert run_query("runs", registry).run_id.tolist() == ["glue-rte", "base", "dyn"]
     table = run_query("runs", registry, ["dy", "glue"])
     assert table.run_id.tolist() == ["dyn", "glue-rte"]  # the order asked for
-    assert table.steps.tolist() == [35, 30]
+    assert table.last_logged_step.tolist() == [35, 30]
     assert table.status.tolist() == ["finished", "finished"]
 
 
@@ -720,11 +720,11 @@ def test_render_table_and_markdown_are_for_people(registry):
     table = run_query("memory", registry, ["dyn", "base"])
     markdown = render(table, "markdown", title="Memory").splitlines()
     assert markdown[0] == "### Memory"
-    assert markdown[2].startswith("| run_id | variant |")
-    assert markdown[3].startswith("|---|---|---|---:|---|---:|")  # no process peak in these rows: text column
+    assert markdown[2].startswith("| run_id | status | variant |")
+    assert markdown[3].startswith("|---|---|---|---|---:|---|---:|")  # no process peak in these rows: text column
     assert len(markdown) == 4 + 2
     cells = [cell.strip() for cell in markdown[4].strip("|").split("|")]
-    assert cells[:6] == ["dyn", "dynamic", "cpu", "4", "-", "3.9 KiB"]
+    assert cells[:7] == ["dyn", "finished", "dynamic", "cpu", "4", "-", "3.9 KiB"]
     rich_text = render(table, "table", title="Memory")
     assert "Memory" in rich_text and "7.8 KiB" in rich_text and "dynamic" in rich_text
     assert "…" not in rich_text and "4000" not in rich_text

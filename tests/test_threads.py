@@ -120,6 +120,33 @@ def test_a_run_with_more_threads_than_free_cores_warns_once_with_the_fix(runner,
     assert len(warnings) == 1 and "--threads 1" in warnings[0] and "OMP_NUM_THREADS=1" in warnings[0]
 
 
+@pytest.mark.parametrize(("plan", "variable", "line"), [
+    (ThreadPlan(1, "free cores", 2, 1.6), None,
+     "CPU threads: 1 (the load average, 1.6, leaves 1 of 2 cores free; --threads N chooses)"),
+    (ThreadPlan(2, "free cores", 2, 0.1), None,
+     "CPU threads: 2 (the load average, 0.1, leaves all 2 cores free; --threads N chooses)"),
+    (ThreadPlan(8, "free cores", 16, 0.3), None,
+     "CPU threads: 8 (torch's default; the load average, 0.3, leaves all 16 cores free; --threads N chooses)"),
+    (ThreadPlan(4, "free cores", 4, None), None,
+     "CPU threads: 4 (torch's default; the load average is unknown here; --threads N chooses)"),
+    (ThreadPlan(3, "--threads", 2, 0.0), None, "CPU threads: 3 (--threads)"),
+    (ThreadPlan(1, "OMP_NUM_THREADS", 2, 0.0), "1", "CPU threads: 1 (OMP_NUM_THREADS=1)"),
+])
+def test_the_choice_is_said_in_one_line(plan, variable, line, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", variable or "")
+    assert plan.describe() == line
+
+
+def test_a_cpu_run_says_its_threads_first_and_quiet_says_nothing(runner, tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    args = (*TINY, "--db", tmp_path / "r.duckdb", "--out", tmp_path / "runs")
+    r = invoke(runner, *args, "--threads", "1")
+    assert r.exit_code == 0, r.stderr
+    assert r.stderr.splitlines()[0] == "CPU threads: 1 (--threads)"
+    r = invoke(runner, *args, "--quiet")
+    assert r.exit_code == 0 and "CPU threads" not in r.stderr
+
+
 def test_bad_thread_counts_are_refused(runner, tmp_path):
     r = invoke(runner, *TINY, "--threads", "0", "--db", tmp_path / "r.duckdb")
     assert r.exit_code == 2 and "--threads must be at least 1" in r.stderr

@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from .options import TrainingOptions, examples, training_options
+from .options import Resume, TrainingOptions, examples, training_options
+from .train import resume_run
 
 
 @training_options(exclude=("dataset",))
@@ -15,6 +16,7 @@ def finetune(
     benchmark: Annotated[str, typer.Argument(help="Backbone / benchmark (glue).")] = "glue",
     task: Annotated[str | None, typer.Option("--task", "-t", help="GLUE task: rte, mrpc, cola, sst2, qnli, "
                                                 "wnli, stsb, mnli, qqp.")] = None,
+    resume: Resume = None,
 ) -> None:
     """Train a GLUE classifier with dynamic layer tying; the final score is on the dev split (GLUE's test
     labels are hidden; the report names the split).
@@ -26,6 +28,9 @@ def finetune(
     from ..runner.jobs import run_job
     from ..runner.settings_source import new_settings
 
+    if resume is not None:
+        resume_run(opts, resume)
+        return
     extra = [("dataset", task)] if task is not None else []
     bb, settings = new_settings(benchmark, opts.sources(*extra), expect="finetune")
     run_job(bb, Job(settings, "finetune"), opts.launch())

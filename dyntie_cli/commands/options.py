@@ -186,3 +186,7 @@ def examples(*commands: str) -> str:
 
 Db = Annotated[str | None, typer.Option("--db", envvar="DYNTIE_DB", help=_help(BY_NAME["db"]))]
 Format = Annotated[str, typer.Option("--format", "-f", help="table, csv, json or markdown.")]
+Resume = Annotated[str | None, typer.Option("--resume", help="Continue a stopped (killed) run from its last "
+                                            "checkpoint with its recorded settings, as its stop message says "
+                                            "(it takes --max-steps, --threads, --quiet, --db and --force; a "
+                                            "finished run is refused).", show_default=False)]

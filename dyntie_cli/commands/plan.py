@@ -30,16 +30,37 @@ def _plan(backbone: str, opts: TrainingOptions, variants: str | None, fmt: str, 
         list(dict.fromkeys(["no-tying", settings.variant]))
     device = resolve_device(settings.device)
     seed_everything(settings.seed)
+    say = _progress(bool(opts.quiet))
+    say(f"loading the data ({settings.dataset})")
     data = bb.load_data(settings)
-    plans = plan_memory(bb, settings, data, device, names)
+    plans = plan_memory(bb, settings, data, device, names, say=say)
     rows = pd.DataFrame([p.to_dict() for p in plans])
     if fmt in ("json", "csv"):
         typer.echo(render(rows, fmt))
         return
     table = rows.set_index("variant").T.reset_index().rename(columns={"index": "quantity"})
-    title = (f"memory plan: {settings.backbone} {settings.preset} on {device} "
-             f"({'fits' if all(p.fits for p in plans) else 'does not fit' if any(p.fits is False for p in plans) else 'unknown'})")
+    title = f"memory plan: {settings.backbone} {settings.preset} on {device} ({fit_words(plans, settings.variant)})"
     typer.echo(render(table, fmt, title=title))
+
+
+def fit_words(plans, own: str) -> str:
+    """Whether each variant fits, in words, the run's own variant ``own`` first: 'dynamic fits, no-tying does not
+    fit' (one verdict for the whole plan would call a run that fits under its budget one that does not)."""
+    words = {True: "fits", False: "does not fit", None: "fit unknown"}
+    return ", ".join(f"{p.variant} {words[p.fits]}" for p in sorted(plans, key=lambda p: p.variant != own))
+
+
+def _progress(quiet: bool):
+    """What the plan is doing, a line on stderr at each part (measuring a large model takes minutes on a CPU)."""
+    import time
+
+    started = time.perf_counter()
+
+    def say(text: str) -> None:
+        if not quiet:
+            typer.echo(f"plan: {text}... ({time.perf_counter() - started:.0f}s)", err=True)
+
+    return say
 
 
 @plan_app.command("train")

@@ -70,7 +70,9 @@ def report(
     if plot:
         from ..report.plots import make_plot
 
-        written = make_plot(plot, path, run or list(compare or []), out)
+        written, chosen = make_plot(plot, path, run or list(compare or []), out)
+        if chosen:
+            typer.echo(f"{plot} plot of {chosen} (--run R draws another)", err=True)
         typer.echo(str(written))
         return
     if compare_flag:
@@ -89,7 +91,13 @@ def report(
     if name not in REPORT_TABLES:
         raise UsageError(f"No report table '{name}'; choose one of: {', '.join(REPORT_TABLES)}.")
     title = {"bench": bench_title(), "study": study_title()}.get(name, name)
-    typer.echo(render(run_query(name, path, run or None), fmt, title=title, width=width))
+    table = run_query(name, path, run or None)
+    chosen = table.attrs.get("chosen")
+    if chosen:
+        more = f" and the {len(chosen) - 1} run{'s' if len(chosen) > 2 else ''} trained from it" \
+            if len(chosen) > 1 else ""
+        typer.echo(f"{name}: {chosen[0]}, the newest finished dynamic run{more} (--run R picks others)", err=True)
+    typer.echo(render(table, fmt, title=title, width=width))
 
 
 def register(app: typer.Typer) -> None:

@@ -6,17 +6,14 @@ from typing import Annotated
 
 import typer
 
-from .options import TrainingOptions, examples, training_options
+from .options import Resume, TrainingOptions, examples, training_options
 
 
 @training_options()
 def train(
     opts: TrainingOptions,
     backbone: Annotated[str, typer.Argument(help="Backbone to train (gpt2, vit, ...).")] = "gpt2",
-    resume: Annotated[str | None, typer.Option("--resume", help="Resume a killed run from its last checkpoint, "
-                                                  "with the settings it was recorded with (it takes --max-steps, "
-                                                  "--threads, --quiet, --db and --force; a finished run is "
-                                                  "refused).")] = None,
+    resume: Resume = None,
 ) -> None:
     """Train BACKBONE with dynamic layer tying and record the run in the registry.
 
@@ -24,18 +21,25 @@ def train(
     copy: offline, on a CPU, in minutes.
     """
     from ..core.loop import Job
-    from ..runner.jobs import resume_recorded, run_job
+    from ..runner.jobs import run_job
     from ..runner.settings_source import new_settings
 
     if resume is not None:
-        opts.check_resume(resume)
-    launch = opts.launch()
-    if resume is not None:
-        resume_recorded(launch.db, resume, max_steps=opts.max_steps, quiet=launch.quiet, force=launch.force,
-                        threads=launch.threads)
+        resume_run(opts, resume)
         return
     bb, settings = new_settings(backbone, opts.sources(), expect="train")
-    run_job(bb, Job(settings, "train"), launch)
+    run_job(bb, Job(settings, "train"), opts.launch())
+
+
+def resume_run(opts: TrainingOptions, run_id: str) -> None:
+    """Continue killed run ``run_id`` from its last checkpoint with its recorded settings (``--max-steps`` may
+    extend it): `dyntie train`, `finetune` and `ablate` take ``--resume RUN``, and each continues any run."""
+    from ..runner.jobs import resume_recorded
+
+    opts.check_resume(run_id)
+    launch = opts.launch()
+    resume_recorded(launch.db, run_id, max_steps=opts.max_steps, quiet=launch.quiet, force=launch.force,
+                    threads=launch.threads)
 
 
 def register(app: typer.Typer) -> None:

@@ -9,6 +9,9 @@ A checkpoint folder holds
   waiting for its reward), the optimizer (with the *names* of its parameters in order, since the tie manager
   changes the parameter set), and every other resumable part the trainer lists (LR schedule, policy/agent,
   batch generators), and the RNG states;
+* ``run.json`` -- where the run stands and what it is built from, small enough for a report to read: the step
+  of the checkpoint, and what a variant took from its source run (final-arch's state, replay's schedule), so a
+  resume rebuilds the same policy without the source run;
 * ``registry_rows.json`` -- the registry rows the run had logged but not yet written when the checkpoint was
   taken (``RunWriter.pending``): a process killed before its next flush loses none of them, since a resume
   writes them (those the registry does not hold yet).
@@ -38,6 +41,7 @@ from torch import nn
 
 from ..errors import DyntieError
 from ..kill_points import kill_point
+from .checkpoint_info import RUN_FILE
 
 
 @dataclass
@@ -71,6 +75,9 @@ class LoopState:
     indep_steps: float = 0.0  # step-weighted sum of independent blocks, for the mean over training
     bad_grad_steps: int = 0  # steps in a row whose gradient norm was not finite (each skipped)
     pending: PendingDecision | None = None
+    # the steps since the last train row: a run stopped between two rows logs the same mean after its resume
+    losses: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,7 +114,8 @@ REGISTRY_ROWS = "registry_rows.json"
 
 
 def save_checkpoint(path: Path, *, model: nn.Module, ties_map: dict, optimizer: torch.optim.Optimizer,
-                    trainer: dict[str, Any], registry_rows: dict[str, Any] | None = None) -> Path:
+                    trainer: dict[str, Any], registry_rows: dict[str, Any] | None = None,
+                    run: dict[str, Any] | None = None) -> Path:
     path = Path(path)
     recover(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -119,6 +127,8 @@ def save_checkpoint(path: Path, *, model: nn.Module, ties_map: dict, optimizer: 
     save_file(tensors, str(tmp / "model.safetensors"),
               metadata={"aliases": json.dumps(aliases), "step": str(trainer.get("step", ""))})
     (tmp / "ties.json").write_text(json.dumps(ties_map))
+    if run is not None:
+        (tmp / RUN_FILE).write_text(json.dumps(run))
     if registry_rows is not None:
         save_registry_rows(tmp, registry_rows)
     torch.save({

@@ -38,10 +38,12 @@ class BuildReport:
 
 class _Scratch:
     """One flat buffer per (dtype, device), as large as the block's largest parameter (``sizes``, read from the
-    meta-device probe); every skipped parameter is a view of its start."""
+    meta-device probe); every skipped parameter is a view of its start. ``meta``: a skipped parameter is a
+    parameter on the meta device instead, so an initialiser run on it costs nothing and draws no number."""
 
-    def __init__(self, sizes: dict[torch.dtype, int]) -> None:
+    def __init__(self, sizes: dict[torch.dtype, int], *, meta: bool = False) -> None:
         self.sizes = sizes
+        self.meta = meta
         self.buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
     def view(self, like: torch.Tensor) -> torch.Tensor:
@@ -56,11 +58,10 @@ class _Scratch:
 
 @contextmanager
 def _skipping(block_cls: type[nn.Module], skip: set[int], created: list[nn.Module],
-              sizes: dict[torch.dtype, int]) -> Iterator[None]:
+              scratch: _Scratch) -> Iterator[None]:
     """While a model is built: number the instances of ``block_cls`` in construction order (into ``created``)
-    and turn every parameter registered inside a skipped instance into a scratch view."""
+    and turn every parameter registered inside a skipped instance into a view of ``scratch``."""
     state = threading.local()
-    scratch = _Scratch(sizes)
     original_init = block_cls.__init__
     original_register = nn.Module.register_parameter
 
@@ -75,8 +76,11 @@ def _skipping(block_cls: type[nn.Module], skip: set[int], created: list[nn.Modul
             state.skipping = outer
 
     def register_parameter(self, name, param):
+        skipped = param is not None and getattr(state, "skipping", False)
+        if skipped and scratch.meta:  # a tensor's device cannot change in place: another parameter takes its name
+            param = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
         original_register(self, name, param)
-        if param is not None and getattr(state, "skipping", False):
+        if skipped and not scratch.meta:
             with torch.no_grad():
                 param.data = scratch.view(param.data)
 
@@ -90,10 +94,14 @@ def _skipping(block_cls: type[nn.Module], skip: set[int], created: list[nn.Modul
 
 
 def build_lazily(build: Callable[[], nn.Module], blocks_of: Callable[[nn.Module], Sequence[nn.Module]],
-                 initial_state: Sequence[int], probe_blocks: Sequence[nn.Module]) -> tuple[nn.Module, BuildReport]:
+                 initial_state: Sequence[int], probe_blocks: Sequence[nn.Module], *,
+                 same_draws: bool = True) -> tuple[nn.Module, BuildReport]:
     """``build()`` with the parameters of every block that starts tied (``initial_state[i] != i``) held in
     scratch views. ``probe_blocks``: the blocks of the same model built on the meta device. Falls back to a
-    plain ``build()`` when the blocks are not built the way this needs."""
+    plain ``build()`` when the blocks are not built the way this needs. ``same_draws=False``: the skipped
+    parameters live on the meta device, so their initialisers take no time (47 blocks of 2048 wide draw for most
+    of a minute on a CPU) but draw no number either: the other weights then differ from a full build's, which
+    only a throwaway copy may accept (the memory plan's measurement, where only tensor sizes count)."""
     skip = {i for i, root in enumerate(initial_state) if root != i}
     if not skip:
         return build(), BuildReport(False, 0, "every block starts independent")
@@ -105,7 +113,7 @@ def build_lazily(build: Callable[[], nn.Module], blocks_of: Callable[[nn.Module]
         sizes[p.dtype] = max(sizes.get(p.dtype, 0), p.numel())
     rng = torch.get_rng_state()
     created: list[nn.Module] = []
-    with _skipping(next(iter(block_types)), skip, created, sizes):
+    with _skipping(next(iter(block_types)), skip, created, _Scratch(sizes, meta=not same_draws)):
         model = build()
     if [id(b) for b in blocks_of(model)] != [id(b) for b in created]:
         # the blocks were not constructed in list order (or more instances were made): draw again, in full

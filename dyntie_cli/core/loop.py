@@ -35,7 +35,7 @@ from .distributed import Group
 from .lazy_build import BuildReport, build_lazily
 from .memory import MemoryProbe, base_bytes, gradient_bytes, release_memory_at_once, trainable_parameters
 from .plan import DoesNotFit, MemoryPlan, measure_on, model_counts, near_limit, plan_memory
-from .policies import DynamicPolicy, Policy, make_policy
+from .policies import SOURCE_KEYS, DynamicPolicy, Policy, make_policy
 from .ties import TieManager
 
 
@@ -71,9 +71,33 @@ class RunResult:
     conventional_params: int = 0  # trainable parameters of the same model with every block independent
     checkpoint: str | None = None
     wall_time_s: float = 0.0  # the training loop, evaluations and checkpoints (a resumed run's earlier parts too)
+    baseline: dict[str, float] = field(default_factory=dict)  # a trivial predictor's score on the same items
+    baseline_how: str = ""  # how that predictor answers, in words
+    notes: list[str] = field(default_factory=list)  # what the backbone says of how the run started
 
 
 Event = dict[str, Any]
+
+
+class RunStopped(DyntieError):
+    """A run stopped by a signal at a step boundary, checkpointed there, or interrupted by a second Ctrl-C (its last
+    checkpoint kept); marked killed either way. ``resume_with`` names the command that continues it."""
+
+    def __init__(self, run_id: str, step: int, command: str, *, exit_code: int, interrupted: bool = False,
+                 checkpoint: int | None = None) -> None:
+        self.run_id, self.step, self.command, self.interrupted = run_id, step, command, interrupted
+        self.checkpoint = checkpoint
+        super().__init__(self.resume_with(f"dyntie train --resume {run_id}"), exit_code=exit_code)
+
+    def resume_with(self, resume: str) -> str:
+        """The message, naming ``resume`` as the command that continues the run."""
+        if self.interrupted and self.checkpoint is None:
+            return (f"Run {self.run_id} was interrupted at step {self.step}; it has no checkpoint yet, so it cannot "
+                    "be resumed: start it again.")
+        if self.interrupted:
+            return (f"Run {self.run_id} was interrupted at step {self.step}; resume it from its last checkpoint "
+                    f"(step {self.checkpoint}) with `{resume}`.")
+        return f"Run {self.run_id} was stopped at step {self.step}; resume it with `{resume}`."
 
 
 _RANK_SEED_STRIDE = 1_000_003  # rank r of a torchrun launch draws its batches from seed + r * stride
@@ -393,16 +417,15 @@ class Trainer:
             w.flush()
         self.events({"type": "start", "run_id": w.run_id, "total": cfg.train.max_steps, "step": self.loop.step,
                      "blocks": self.num_blocks, "source": getattr(self.data, "source", ""),
-                     "command": self.job.command, "variant": cfg.variant, "parent_run_id": self.job.parent_run_id})
+                     "command": self.job.command, "variant": cfg.variant, "parent_run_id": self.job.parent_run_id,
+                     "notes": self.backbone.start_notes(cfg)})
         try:
             with _stop_on_signals(self):
                 result = self._loop()
         except KeyboardInterrupt:
             self._finish("killed")
-            kept = (f"its last checkpoint (step {self.checkpoint_at}) is kept" if self.checkpoint_at is not None
-                    else "it has no checkpoint yet, so it cannot be resumed: start it again")
-            raise DyntieError(f"Run {w.run_id} was interrupted at step {self.loop.step}; {kept}.",
-                              exit_code=130) from None
+            raise RunStopped(w.run_id, self.loop.step, self.job.command, interrupted=True, exit_code=130,
+                             checkpoint=self.checkpoint_at) from None
         except Diverged as e:
             self._finish("diverged", error=e.reason)
             raise
@@ -414,10 +437,8 @@ class Trainer:
         if result is None:  # stopped by a signal at a step boundary, checkpointed
             self._finish("killed")
             self.group.wait_for_all()  # no rank exits (torchrun would then end the rest) before rank 0 has recorded it
-            raise DyntieError(
-                f"Run {w.run_id} was stopped at step {self.loop.step}; resume it with `--resume {w.run_id}`.",
-                exit_code=128 + int(self.stop_signal or signal.SIGTERM),
-            )
+            raise RunStopped(w.run_id, self.loop.step, self.job.command,
+                             exit_code=128 + int(self.stop_signal or signal.SIGTERM))
         self._finish("finished")
         self.group.wait_for_all()
         return result
@@ -435,8 +456,6 @@ class Trainer:
     def _loop(self) -> RunResult | None:
         cfg, t, w = self.cfg, self.cfg.train, self.writer
         k = cfg.ties.decide_every
-        losses: list[float] = []
-        step_times: list[float] = []
         items = self.data.items_per_batch() * self.group.world  # tokens (examples) per step over all ranks
         self.loop_start = time.perf_counter()
         if t.eval_at_start and self.loop.step == 0:
@@ -451,13 +470,14 @@ class Trainer:
             loss = self.group.mean(loss)  # the ranks' mean loss, for the logs and the rewards
             self.loop.step += 1
             kill_point("step")
-            losses.append(loss)
-            step_times.append(dt)
+            self.loop.losses.append(loss)
+            self.loop.step_times.append(dt)
             self.loop.indep_steps += self.ties.independent_layers
             self.decisions.collect_reward(loss)
+            self.events({"type": "step", "step": self.loop.step, "loss": loss})
             if self.loop.step % t.log_every == 0 or self.loop.step == t.max_steps:
-                self._log_train(losses, step_times, items)
-                losses, step_times = [], []
+                self._log_train(self.loop.losses, self.loop.step_times, items)
+                self.loop.losses, self.loop.step_times = [], []
             if self.loop.step % k == 0 and self.loop.step < t.max_steps:
                 self.decisions.decide()
             eval_now = t.eval_every and self.loop.step % t.eval_every == 0 and self.loop.step < t.max_steps
@@ -483,6 +503,7 @@ class Trainer:
         final = self._evaluate("test", t.test_items)
         for name, value in final.items():
             w.metric(self.loop.step, "test", name, value)
+        baseline = self.backbone.baseline(cfg, self.data, t.test_items or None) if self.group.is_main else None
         n = max(self.loop.step, 1)
         w.metric(self.loop.step, "train", "independent_layers_mean", self.loop.indep_steps / n)
         w.metric(self.loop.step, "train", "trainable_params_mean", self._mean_trainable(n))
@@ -498,6 +519,8 @@ class Trainer:
             end_independent=self.ties.independent_layers, mean_trainable=self._mean_trainable(n),
             end_trainable=trainable_parameters(self.model), conventional_params=self.conventional_params,
             checkpoint=str(path), wall_time_s=self._wall_time(),
+            baseline=dict(baseline.metrics) if baseline else {}, baseline_how=baseline.how if baseline else "",
+            notes=self.backbone.start_notes(cfg),
         )
 
     def _phase(self, name: str, *, final: bool = False) -> None:
@@ -620,9 +643,11 @@ class Trainer:
             "config": self.cfg.to_dict(), "world_size": self.group.world,
             **({"ranks": ranks} if self.group.active else {}),
         }
+        source = {key: self.source[key] for key in SOURCE_KEYS if key in self.source}
         # the rows not yet written travel with the checkpoint: a kill before they reach the registry loses none
         path = ckpt.save_checkpoint(self.checkpoint_dir, model=self.model, ties_map=self.ties.tie_map(),
-                                    optimizer=self.optimizer, trainer=trainer, registry_rows=self.writer.pending())
+                                    optimizer=self.optimizer, trainer=trainer, registry_rows=self.writer.pending(),
+                                    run={"step": self.loop.step, "source": source})
         self.checkpoint_at = self.loop.step
         self.writer.flush(timeout_s=MAYBE_FLUSH_TIMEOUT_S)  # a held registry: the rows wait, training goes on
         return path

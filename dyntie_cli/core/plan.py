@@ -103,11 +103,19 @@ def saved_bytes(forward: Callable[[], Any], params: set[int]) -> tuple[int, int]
 Activations = Callable[[int], int]
 
 
-def measure_on(backbone, cfg: RunSettings, data, device: torch.device, model: nn.Module, ties: TieManager
-               ) -> tuple[Activations, int]:
+Say = Callable[[str], None]
+
+
+def _silent(text: str) -> None:
+    return None
+
+
+def measure_on(backbone, cfg: RunSettings, data, device: torch.device, model: nn.Module, ties: TieManager,
+               say: Say = _silent) -> tuple[Activations, int]:
     """Saved activation bytes as a function of the number of independent blocks, and the transient, measured
     with ``model`` on one training batch: at its tie state, and with one more block independent (then the state
-    is restored exactly). Draws no number from the run's generators, changes no weight."""
+    is restored exactly). Draws no number from the run's generators, changes no weight. ``say`` hears what it is
+    doing (each forward pass of a large model takes a while)."""
     state = list(ties.state)
     blocks = len(state)
     have = independent_count(state)
@@ -123,12 +131,15 @@ def measure_on(backbone, cfg: RunSettings, data, device: torch.device, model: nn
             with autocast:
                 return saved_bytes(lambda: backbone.loss(model, batch), params)
 
+        forward = f"a forward pass of one training batch through all {blocks} blocks"
+        say(f"measuring activations at {have} independent block{'s' if have > 1 else ''} ({forward})")
         at_state, largest = measure()
         per_block = 0
         if have < blocks:  # untie the first tied block, measure, tie it back
             first = next(i for i, r in enumerate(state) if r != i)
             more = [i if i == first else r for i, r in enumerate(state)]
             ties.apply(more)
+            say(f"measuring activations at {have + 1} independent blocks (another forward pass)")
             with_one_more, largest2 = measure()
             ties.apply(state)
             per_block, largest = with_one_more - at_state, max(largest, largest2)
@@ -136,16 +147,19 @@ def measure_on(backbone, cfg: RunSettings, data, device: torch.device, model: nn
     return (lambda n: at_state + (n - have) * per_block), largest
 
 
-def measure_activations(backbone, cfg: RunSettings, data, device: torch.device, probe: list[nn.Module]
-                        ) -> tuple[Activations, int]:
-    """``measure_on`` a model built lazily for the purpose, all blocks tied (nothing of the run's size is built)."""
+def measure_activations(backbone, cfg: RunSettings, data, device: torch.device, probe: list[nn.Module],
+                        say: Say = _silent) -> tuple[Activations, int]:
+    """``measure_on`` a model built lazily for the purpose, all blocks tied (nothing of the run's size is built,
+    and the tied blocks' weights are never initialised: only the sizes of what a forward pass saves count)."""
     blocks = len(probe)
+    say(f"building a copy with one block of {blocks} materialised, to measure activations on")
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        model, _ = build_lazily(lambda: backbone.build_model(cfg, data), backbone.blocks, [0] * blocks, probe)
+        model, _ = build_lazily(lambda: backbone.build_model(cfg, data), backbone.blocks, [0] * blocks, probe,
+                                same_draws=False)
         ties = TieManager(backbone.blocks(model), [0] * blocks, tied_grad=cfg.ties.tied_grad)
         model.to(device)
         ties.reinject()
-        measured = measure_on(backbone, cfg, data, device, model, ties)
+        measured = measure_on(backbone, cfg, data, device, model, ties, say)
         ties.remove_hooks()
         del model, ties
     gc.collect()
@@ -187,13 +201,14 @@ def planned_independent(cfg: RunSettings, blocks: int, variant: str) -> tuple[in
 
 def plan_memory(backbone, cfg: RunSettings, data, device: torch.device, variants: list[str], *,
                 baseline: int | None = None, probe: list[nn.Module] | None = None,
-                counts: ModelCounts | None = None, measured: tuple[Activations, int] | None = None
-                ) -> list[MemoryPlan]:
+                counts: ModelCounts | None = None, measured: tuple[Activations, int] | None = None,
+                say: Say = _silent) -> list[MemoryPlan]:
     """The predicted peak of ``cfg`` trained as each of ``variants`` on ``device``. ``baseline``: the process's
     memory before the model exists (default: what this process holds now); ``measured``: activations already
     measured (``measure_on``; default: measured on a lazily built copy); ``(lambda n: 0, 0)`` plans the stored
-    state alone."""
+    state alone. ``say`` hears what it is doing."""
     if probe is None:
+        say("counting parameters on a copy built on the meta device (no memory, no initialisation)")
         meta = backbone.load_model_code(cfg, data)
         probe = backbone.blocks(meta)
         counts = model_counts(meta, probe)
@@ -201,7 +216,7 @@ def plan_memory(backbone, cfg: RunSettings, data, device: torch.device, variants
     if baseline is None:
         release_freed_memory()
         baseline = int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else current_rss_bytes()
-    activations, largest = measured or measure_activations(backbone, cfg, data, device, probe)
+    activations, largest = measured or measure_activations(backbone, cfg, data, device, probe, say)
     available = available_bytes(device)
     plans = []
     for variant in variants:

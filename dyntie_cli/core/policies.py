@@ -297,6 +297,11 @@ def initial_tie_state(spec: str, num_blocks: int, *, pretrained: bool = False,
     return validate_state(state)
 
 
+#: the parts of ``PolicyInputs.source`` a policy reads (and the source run's id): a checkpoint keeps them, so a
+#: resumed final-arch or replay run rebuilds its policy from its own folder, whatever became of the source run
+SOURCE_KEYS = ("run_id", "final_state", "initial", "schedule", "mean_independent", "initial_state")
+
+
 @dataclass(frozen=True)
 class PolicyInputs:
     """What a variant's policy is built from. ``source`` carries what a variant takes from another run:

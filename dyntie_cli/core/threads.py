@@ -61,6 +61,22 @@ class ThreadPlan:
     cores: int
     load: float | None  # the load average it was chosen by (None: unknown)
 
+    def describe(self) -> str:
+        """The choice in one line, for the start of a run: 'CPU threads: 1 (the load average, 1.6, leaves 1 of 2
+        cores free; --threads N chooses)'."""
+        if self.chosen_by == "--threads":
+            why = "--threads"
+        elif self.chosen_by != "free cores":
+            why = f"{self.chosen_by}={os.environ.get(self.chosen_by, '').strip()}"
+        elif self.load is None:
+            why = "torch's default; the load average is unknown here; --threads N chooses"
+        else:
+            free = free_cores(self.cores, self.load)
+            default = "torch's default; " if self.threads < free else ""
+            left = f"all {self.cores}" if free == self.cores else f"{free} of {self.cores}"
+            why = f"{default}the load average, {self.load:.1f}, leaves {left} cores free; --threads N chooses"
+        return f"CPU threads: {self.threads} ({why})"
+
     def warning(self, busy: float | None = None) -> str | None:
         """One sentence when the threads exceed the cores left free by ``busy`` (default: the load at the
         start) cores of other work; None otherwise."""

@@ -39,7 +39,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from ..errors import DyntieError, UsageError
 from ..results.db import read_registry, resolve_run_ids
-from ..results.lineage import dense_schedule
+from ..results.lineage import dense_schedule, newest_finished
 from ..results.queries import query_rows
 
 _DPI = 100
@@ -55,34 +55,42 @@ class PlotKind:
     every_run: bool = True  # every run asked for must have rows (a study draws its finished runs only)
 
 
-def make_plot(kind: str, db_path: str | os.PathLike[str], run_ids: list[str] | None, out: str | None) -> Path:
-    """Draw ``kind`` for ``run_ids`` (default: the most recent run) into ``out`` (default:
-    ``<kind>-<first run>.png`` in the working directory); returns the path written."""
+def make_plot(kind: str, db_path: str | os.PathLike[str], run_ids: list[str] | None, out: str | None
+              ) -> tuple[Path, str | None]:
+    """Draw ``kind`` for ``run_ids`` (default: the main job, ``_chosen_runs``) into ``out`` (default:
+    ``<kind>-<first run>.png`` in the working directory); returns the path written and, when no run was named,
+    which run was drawn and why, in words."""
     plot = PLOTS.get(kind)
     if plot is None:
         raise UsageError(f"No plot '{kind}'; choose one of: {', '.join(PLOTS)}.")
     path = Path(db_path)
     with read_registry(path) as con:
-        ids = _chosen_runs(con, run_ids, path)
+        ids, chosen = _chosen_runs(con, run_ids, path)
         labels = _run_labels(con, ids)
         data = plot.load(con, ids)
     _require_rows(kind, data, ids if plot.every_run else ids[:0], plot.missing)
     target = _output_path(kind, ids[0], out)
     _save(plot.draw(data, labels), target)
-    return target
+    return target, chosen
 
 
 # --- runs, output, saving -----------------------------------------------------------------------------------
 
 
-def _chosen_runs(con: duckdb.DuckDBPyConnection, run_ids: list[str] | None, path: Path) -> list[str]:
+def _chosen_runs(con: duckdb.DuckDBPyConnection, run_ids: list[str] | None, path: Path
+                 ) -> tuple[list[str], str | None]:
+    """``run_ids``; else the main job -- the newest finished dynamic run, of gpt2 when there is one (not a newer
+    ablation, nor a run stopped after a few steps) -- or, without one, the most recent run, with why in words."""
     if run_ids:
-        return resolve_run_ids(con, run_ids, path)
+        return resolve_run_ids(con, run_ids, path), None
+    main = newest_finished(con)
+    if main is not None:
+        return [main], f"{main}, the newest finished dynamic run"
     latest = resolve_run_ids(con, None, path)[:1]
     if not latest:
         raise DyntieError(f"The registry {path} has no runs to plot; run a training first "
                           "(dyntie train gpt2).")
-    return latest
+    return latest, f"{latest[0]}, the most recent run (no dynamic run has finished)"
 
 
 def _run_labels(con: duckdb.DuckDBPyConnection, ids: list[str]) -> dict[str, str]:

@@ -206,6 +206,35 @@ def _rich_table(df: pd.DataFrame, title: str | None, width: int | None = None,
     if width is None:
         # Wide enough that no cell is cut or wrapped: a report read in a pipe or a file must keep every digit.
         return _table_text(columns, numeric, rows, title, range(len(columns)), headers=columns)
+    unfinished = _unfinished_rows(df)
+    if unfinished:  # laid out as if the status column were left out (the marks widen the first column) ...
+        marked = [[f"{row[0]} {UNFINISHED_MARK}", *row[1:]] if i in unfinished else row for i, row in enumerate(rows)]
+        text, shown = _fitted(columns, numeric, marked, title, width, headline)
+        if columns.index("status") not in shown:
+            return text + _wrapped(UNFINISHED_NOTE, width)
+    return _fitted(columns, numeric, rows, title, width, headline)[0]  # ... which shows it when it fits
+
+
+#: beside the run id of a run that did not finish, where the table has no room for its status column
+UNFINISHED_MARK = "*"
+UNFINISHED_NOTE = (f"{UNFINISHED_MARK} did not finish (stopped, failed or still running): its figures stop at the "
+                   "step it reached and are not its result (--wide shows its status).")
+
+
+def _unfinished_rows(df: pd.DataFrame) -> set[int]:
+    """Rows of runs that did not finish, in a table with a ``status`` column that has any."""
+    if "status" not in df.columns or not len(df.columns) or df.columns[0] == LABEL_COLUMN:
+        return set()
+    return {i for i, status in enumerate(df["status"]) if isinstance(status, str) and status != "finished"}
+
+
+def _wrapped(note: str, width: int) -> str:
+    return "\n".join(textwrap.wrap(note, width=max(20, width - 1))) + "\n"
+
+
+def _fitted(columns: list[str], numeric: list[bool], rows: list[list[str]], title: str | None, width: int,
+            headline: Sequence[str]) -> tuple[str, list[int]]:
+    """The table fitted to ``width`` characters, and the columns it shows."""
     cells = [max((len(row[i]) for row in rows), default=0) for i in range(len(columns))]
     always = _always_shown(columns, headline)
     rest = [i for i in range(len(columns)) if i not in always]
@@ -234,10 +263,9 @@ def _rich_table(df: pd.DataFrame, title: str | None, width: int | None = None,
     text = _table_text(columns, numeric, rows, title, shown, headers, limit=limit)
     left_out = [columns[i] for i in range(len(columns)) if i not in shown]
     if left_out:
-        note = (f"{len(left_out)} more column{'s' if len(left_out) > 1 else ''} (--wide shows all, --format csv "
-                f"every digit): {', '.join(left_out)}")
-        text += "\n".join(textwrap.wrap(note, width=max(20, width - 1))) + "\n"
-    return text
+        text += _wrapped(f"{len(left_out)} more column{'s' if len(left_out) > 1 else ''} (--wide shows all, "
+                         f"--format csv every digit): {', '.join(left_out)}", width)
+    return text, shown
 
 
 def _always_shown(columns: list[str], headline: Sequence[str]) -> list[int]:

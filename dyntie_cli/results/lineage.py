@@ -44,20 +44,32 @@ def load_run(db: Path, run_id: str) -> RecordedRun:
         return _recorded(con, resolve_run_id(con, run_id, db))
 
 
+#: the backbone of the main job (`dyntie train gpt2`, the README's first command): what "the newest run" prefers
+#: when a command is not told which backbone
+MAIN_BACKBONE = "gpt2"
+
+def newest_finished(con: duckdb.DuckDBPyConnection, variant: str = "dynamic", backbone: str | None = None
+                    ) -> str | None:
+    """``newest_finished_run`` on an open registry."""
+    row = con.execute(
+        "SELECT run_id FROM runs WHERE status = 'finished' AND variant = $variant "
+        "AND ($backbone IS NULL OR backbone = $backbone) "
+        "AND EXISTS (SELECT 1 FROM ties WHERE ties.run_id = runs.run_id) "
+        "ORDER BY backbone = $main DESC, started_at DESC NULLS LAST, run_id DESC LIMIT 1",
+        {"variant": variant, "backbone": backbone, "main": MAIN_BACKBONE},
+    ).fetchone()
+    return row[0] if row else None
+
+
 def newest_finished_run(db: Path, variant: str = "dynamic", backbone: str | None = None) -> str | None:
-    """The id of the newest finished run of ``variant`` (of ``backbone``, when given) that logged tie states:
-    what ``dyntie ablate`` uses when no ``--from-run`` is given. None when there is none, or no registry."""
+    """The id of the newest finished run of ``variant`` that logged tie states: of ``backbone`` when given, else of
+    gpt2 when the registry has one (the main job, however many GLUE or ViT runs came after it), else of any
+    backbone. What ``dyntie ablate`` starts from and ``dyntie report`` shows when no run is named. None when there
+    is none, or no registry."""
     if not db.is_file() or db.stat().st_size == 0:
         return None
     with read_registry(db) as con:
-        row = con.execute(
-            "SELECT run_id FROM runs WHERE status = 'finished' AND variant = $variant "
-            "AND ($backbone IS NULL OR backbone = $backbone) "
-            "AND EXISTS (SELECT 1 FROM ties WHERE ties.run_id = runs.run_id) "
-            "ORDER BY started_at DESC NULLS LAST, run_id DESC LIMIT 1",
-            {"variant": variant, "backbone": backbone},
-        ).fetchone()
-    return row[0] if row else None
+        return newest_finished(con, variant, backbone)
 
 
 def load_source_run(db: Path, run_id: str) -> dict[str, Any]:

@@ -19,19 +19,27 @@ from typing import Any
 
 import duckdb
 
+from dyntie_cli.core.checkpoint_info import load_run_file
 from dyntie_cli.errors import UsageError
 from dyntie_cli.lazy_import import pandas as pd
 from dyntie_cli.results.db import IN_RUNS, RUN_ORDER, read_registry, resolve_run_ids
+from dyntie_cli.results.lineage import newest_finished
 from dyntie_cli.results.liveness import stale_reason
 
 Builder = Callable[[duckdb.DuckDBPyConnection, list[str]], "pd.DataFrame"]
 
 
 
-def _query(db: str | os.PathLike[str], run_ids: Sequence[str] | None, build: Builder) -> pd.DataFrame:
+def _query(db: str | os.PathLike[str], run_ids: Sequence[str] | None, query: NamedQuery) -> pd.DataFrame:
+    """``query`` over ``run_ids``; None: the query's own choice of runs, where it has one (``attrs["chosen"]``
+    lists them), else every run."""
     path = Path(db)
     with read_registry(path) as con:
-        return build(con, resolve_run_ids(con, run_ids, path))
+        chosen = query.default(con) if run_ids is None and query.default is not None else None
+        table = query.build(con, chosen if chosen is not None else resolve_run_ids(con, run_ids, path))
+    if chosen is not None:
+        table.attrs["chosen"] = chosen
+    return table
 
 
 def _fetch(con: duckdb.DuckDBPyConnection, sql: str, ids: list[str]) -> pd.DataFrame:
@@ -39,8 +47,23 @@ def _fetch(con: duckdb.DuckDBPyConnection, sql: str, ids: list[str]) -> pd.DataF
 
 
 def _per_run(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
-    """The spine every per-run table joins onto: one row per requested run, in order."""
-    return _fetch(con, f"SELECT run_id, variant FROM runs WHERE {IN_RUNS} ORDER BY {RUN_ORDER}", ids)
+    """The spine every per-run table joins onto: one row per requested run, in order, with its status (a run
+    stopped or killed part-way shows as such beside its figures, which are then not its result)."""
+    table = _fetch(con, f"SELECT run_id, status, variant, pid, host FROM runs WHERE {IN_RUNS} ORDER BY {RUN_ORDER}",
+                   ids)
+    _mark_stale(table)
+    return table.drop(columns=["pid", "host"])
+
+
+def _mark_stale(table: pd.DataFrame) -> None:
+    """A run recorded as running whose process is gone reads as killed (its ``error`` says why, where the table
+    has one): reading never writes, so the registry still says running until the next run that writes."""
+    for i in table.index:
+        reason = stale_reason(table.at[i, "status"], table.at[i, "pid"], table.at[i, "host"])
+        if reason:
+            table.at[i, "status"] = "killed"
+            if "error" in table and not isinstance(table.at[i, "error"], str):
+                table.at[i, "error"] = reason
 
 
 # --- runs ------------------------------------------------------------------------------------------------
@@ -48,23 +71,39 @@ def _per_run(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
 
 def _runs(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     sql = f"""
-        SELECT run_id, status, command, backbone, dataset, variant, preset, seed, s.last_step AS steps,
-            started_at, coalesce(ended_at, heartbeat_at) AS ended_at, ended_at IS NULL AS open,
+        SELECT run_id, status, command, backbone, dataset, variant, preset, seed, s.last_step AS last_logged_step,
+            runs.metric, t.result, started_at, coalesce(ended_at, heartbeat_at) AS ended_at, ended_at IS NULL AS open,
             date_diff('millisecond', started_at, coalesce(ended_at, heartbeat_at)) / 1000.0 AS duration_s,
             parent_run_id, test_split, out_dir, error, pid, host
-        FROM runs LEFT JOIN (SELECT run_id, max(step) AS last_step FROM metrics GROUP BY run_id) s USING (run_id)
+        FROM runs
+        LEFT JOIN (SELECT run_id, max(step) AS last_step FROM metrics GROUP BY run_id) s USING (run_id)
+        LEFT JOIN (SELECT run_id, name, arg_max(value, step) AS result FROM metrics WHERE split = 'test'
+                   GROUP BY ALL) t ON t.run_id = runs.run_id AND t.name = runs.metric
         WHERE {IN_RUNS} ORDER BY {RUN_ORDER}
     """
     table = _fetch(con, sql, ids)
+    _mark_stale(table)
     for i in table.index:
-        reason = stale_reason(table.at[i, "status"], table.at[i, "pid"], table.at[i, "host"])
-        if reason:  # the process is gone: the run reads as killed, ended at its last flush
-            table.at[i, "status"] = "killed"
-            if not isinstance(table.at[i, "error"], str):
-                table.at[i, "error"] = reason
-        elif table.at[i, "open"]:  # still running: no end yet
+        if table.at[i, "open"] and table.at[i, "status"] == "running":  # still running: no end yet
             table.at[i, "ended_at"] = pd.NaT
+    # the final score is a finished run's alone: a stopped run has none, whatever it validated on the way
+    table.loc[table.status != "finished", "result"] = math.nan
+    table.insert(table.columns.get_loc("last_logged_step"), "checkpoint_step",
+                 pd.array([_checkpoint_step(run) for run in table.itertuples()], dtype="Int64"))
     return table.drop(columns=["open", "pid", "host"])
+
+
+def _checkpoint_step(run: Any) -> int | None:
+    """The step of the run's newest checkpoint, where a resume continues (a stopped run's own step, which its last
+    logged row can lie a few steps before): read from the checkpoint folder, or for a finished run whose folder is
+    not here, its last logged step (its final checkpoint is taken there). None when neither is known."""
+    if isinstance(run.out_dir, str):
+        saved = load_run_file(Path(run.out_dir) / "checkpoint")
+        if saved is not None and isinstance(saved.get("step"), int):
+            return saved["step"]
+    if run.status == "finished" and not pd.isna(run.last_logged_step):
+        return int(run.last_logged_step)
+    return None
 
 
 # --- ppl: the headline metric ----------------------------------------------------------------------------
@@ -87,19 +126,19 @@ def _last_metrics(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFram
 
 
 def _ppl(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
-    spine = _fetch(con, f"SELECT run_id, variant, test_split, metric, higher_is_better FROM runs WHERE {IN_RUNS} "
-                        f"ORDER BY {RUN_ORDER}", ids)
+    spine = _per_run(con, ids).merge(_fetch(con, f"SELECT run_id, test_split, metric, higher_is_better FROM runs "
+                                                 f"WHERE {IN_RUNS}", ids), on="run_id", how="left")
     last = _last_metrics(con, ids)
     rows = [_headline_row(run, last[last.run_id == run.run_id]) for run in spine.itertuples()]
-    columns = ["run_id", "variant", "metric", "validation", "validation_step", "best_validation", "test",
+    columns = ["run_id", "status", "variant", "metric", "validation", "validation_step", "best_validation", "test",
                "test_step", "test_split"]
-    return pd.DataFrame(rows, columns=columns)
+    return pd.DataFrame(rows, columns=columns).astype({"validation_step": "Int64", "test_step": "Int64"})
 
 
 def _headline_row(run: Any, last: pd.DataFrame) -> dict[str, Any]:
     """Final validation and final test values of the run's headline metric (NaN where not logged)."""
     name = run.metric if isinstance(run.metric, str) else None
-    row: dict[str, Any] = {"run_id": run.run_id, "variant": run.variant, "metric": name,
+    row: dict[str, Any] = {"run_id": run.run_id, "status": run.status, "variant": run.variant, "metric": name,
                            "test_split": run.test_split if isinstance(run.test_split, str) else "test"}
     for split in ("validation", "test"):
         hit = last[(last["split"] == split) & (last["name"] == name)]
@@ -267,7 +306,7 @@ def _agent(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
                  states.groupby("run_id", sort=False)}
     table["independent_lifetime_mean"] = table.run_id.map(lifetimes).astype(float)
     table["decisions"] = table.decisions.fillna(0).astype(int)
-    columns = ["run_id", "variant", "decisions", "changed_blocks_mean", "greedy_moved_share", "greedy_moves_mean",
+    columns = ["run_id", "status", "variant", "decisions", "changed_blocks_mean", "greedy_moved_share", "greedy_moves_mean",
                "greedy_agreement_mean", "q_spread_mean", "td_loss_mean", "independent_lifetime_mean"]
     return table[columns]
 
@@ -371,15 +410,17 @@ def _train_timing(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFram
 def _summary(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     """One row per run with every key figure, the source of ``paper`` and ``compare``."""
     table = _ppl(con, ids).drop(columns=["validation_step", "test_step", "best_validation"])
-    # The run's score: the final test row, or the last validation value when no test row was logged.
+    # The run's score: the final test row, or the last validation value when no test row was logged; a run that
+    # did not finish has none (its last validation is a step on the way, in the validation row of compare)
     has_test = table.test.notna()
-    table["result"] = table.test.where(has_test, table.validation)
-    result_split = table.test_split.where(has_test, "validation")
+    finished = table.status == "finished"
+    table["result"] = table.test.where(has_test, table.validation).where(finished)
+    result_split = table.test_split.where(has_test, "validation").where(finished, "no result: " + table.status)
     table["metric"] = [
         f"{m} ({s})" if isinstance(m, str) else None for m, s in zip(table.metric, result_split, strict=True)
     ]
     parts = [
-        _params(con, ids).drop(columns=["variant"]),
+        _params(con, ids).drop(columns=["variant", "status"]),
         _layers(con, ids)[["run_id", "independent_layers_mean", "independent_layers_end"]],
         _memory(con, ids)[["run_id", "process_peak_bytes", "training_peak_bytes", "avg_current_bytes",
                            "training_state_bytes_peak"]],
@@ -393,6 +434,7 @@ def _summary(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
 
 PAPER_ROWS = [
     ("variant", "variant"),
+    ("status", "status"),
     ("metric", "metric"),
     ("result", "result"),
     ("trainable_params_conventional", "trainable_params_conventional"),
@@ -434,6 +476,18 @@ def _plain(value: Any) -> Any:
 
 def _paper(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     return _transpose(_summary(con, ids), PAPER_ROWS)
+
+
+def main_job_and_ablations(con: duckdb.DuckDBPyConnection) -> list[str] | None:
+    """The runs the paper table shows when none is named: the main job -- the newest finished dynamic run, of gpt2
+    when there is one (``lineage.newest_finished``) -- then the runs trained from it, finished ones first, newest
+    first. None (every run) when the registry has no finished dynamic run."""
+    main = newest_finished(con)
+    if main is None:
+        return None
+    rows = con.execute("SELECT run_id FROM runs WHERE parent_run_id = ? "
+                       "ORDER BY status = 'finished' DESC, started_at DESC NULLS LAST, run_id DESC", [main]).fetchall()
+    return [main, *(row[0] for row in rows)]
 
 
 def _ratio(value: Any, base: Any) -> float | None:
@@ -509,6 +563,8 @@ class NamedQuery:
     #: the columns that answer the table's question, shown however narrow the terminal (the first column always
     #: is; names, or patterns such as "* / *" for every ratio column); the others fill what room is left
     headline: tuple[str, ...] = ()
+    #: the runs it shows when none is named (None: every run, most recent first)
+    default: Callable[[duckdb.DuckDBPyConnection], list[str] | None] | None = None
 
 
 def _bench(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
@@ -536,8 +592,10 @@ def _study_curves(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFram
 
 
 QUERIES: dict[str, NamedQuery] = {
-    "runs": NamedQuery(_runs, "One row per run: identity, status, steps, timing.",
-                       headline=("status", "backbone", "variant", "steps")),
+    "runs": NamedQuery(_runs, "One row per run: identity, status, the step of its newest checkpoint (where a "
+                               "resume continues) and of its last logged row, its final score (finished runs "
+                               "only), timing.",
+                       headline=("status", "variant", "checkpoint_step", "result")),
     "ppl": NamedQuery(_ppl, "Per run: the headline metric's final validation and test values, and the split "
                             "'test' means.", headline=("variant", "metric", "validation", "test")),
     "params": NamedQuery(_params, "Per run: trainable parameters mean over training, at the end, the maximum, "
@@ -565,7 +623,9 @@ QUERIES: dict[str, NamedQuery] = {
                         headline=("variant", "changed_blocks_mean", "greedy_agreement_mean")),
     # paper, compare and bench are transposed: their quantities are rows, which no width drops; of their run
     # columns the ratios come first
-    "paper": NamedQuery(_paper, "The paper's table: one column per run, one row per quantity."),
+    "paper": NamedQuery(_paper, "The paper's table: one column per run, one row per quantity; without --run, the "
+                                "main job (the newest finished dynamic run, of gpt2 when there is one) and the "
+                                "runs trained from it.", default=main_job_and_ablations),
     "compare": NamedQuery(_compare, "Key figures side by side, with each run's ratio to the first run. "
                                     "step_time_s is the median step; tokens_per_s the tokens per step over it "
                                     "(so their ratios are reciprocals); wall_s the whole run, evaluations and "
@@ -580,7 +640,7 @@ QUERIES: dict[str, NamedQuery] = {
                                       "squares with one level per decision, with standard errors, and the "
                                       "reward's noise: the evidence an agent can learn from.",
                            headline=("untie_effect", "untie_se", "tie_effect", "tie_se", "reward_noise_sd")),
-    "variants": NamedQuery(_per_run, "Run id and variant of each run.", table=False),
+    "variants": NamedQuery(_per_run, "Run id, status and variant of each run.", table=False),
     "headline-metrics": NamedQuery(_headline_metrics, "The metric each run is judged by and whether higher is "
                                                       "better.", table=False),
     "tie-rows": NamedQuery(_tie_rows, "Decision, step and state of every decision (the ties plot).", table=False),
@@ -604,7 +664,7 @@ def run_query(name: str, db: str | os.PathLike[str], run_ids: Sequence[str] | No
     query = QUERIES.get(name)
     if query is None:
         raise UsageError(f"No report table '{name}'; choose one of: {', '.join(REPORT_TABLES)}.")
-    table = _query(db, run_ids, query.build)
+    table = _query(db, run_ids, query)
     table.attrs["headline"] = query.headline  # what report.tables keeps at any width
     return table
 

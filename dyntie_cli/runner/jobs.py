@@ -12,16 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from ..core.checkpoint import check_checkpoint
+from ..core.checkpoint_info import load_run_file
 from ..core.distributed import Group
-from ..core.loop import Event, Job, RunResult, Trainer, resolve_device
+from ..core.loop import Event, Job, RunResult, RunStopped, Trainer, resolve_device
 from ..core.threads import ThreadWatch, plan_threads
 from ..errors import DyntieError, UsageError
-from ..results.lineage import load_run, load_source_run
+from ..results.lineage import RecordedRun, load_run, load_source_run
 from ..results.writer import RankWriter, RunWriter
 from ..settings import revised
 from ..variants import spec
 from .settings_source import recorded_settings
-from .view import ProgressView, print_result
+from .view import ProgressView, print_result, resume_command
 
 
 @dataclass(frozen=True)
@@ -131,10 +132,23 @@ def resume_recorded(db: Path, run_id: str, *, max_steps: int | None = None, quie
     launch = Launch(db, Path(run.out_dir).parent, quiet, force, threads)
     changed = settings.train.max_steps != recorded.train.max_steps
     record = {**run.config, "train": settings.to_dict()["train"]} if changed else None
-    return _run_trainer(backbone, Job(settings, run.command, run.parent_run_id, record=record), launch,
+    job = Job(settings, run.command, run.parent_run_id, record=record, source=recorded_source(db, run))
+    return _run_trainer(backbone, job, launch,
                         lambda on_wait: RunWriter(db, run_id=run.run_id, flush_every_s=settings.train.flush_every_s,
                                                   registry_wait_s=settings.train.registry_wait_s, on_wait=on_wait),
                         print_summary=print_summary, listen=listen, resume=True)
+
+
+def recorded_source(db: Path, run: RecordedRun) -> dict[str, Any] | None:
+    """What killed run ``run`` took from its source run (final-arch's state, replay's schedule): kept in its
+    checkpoint, so the source run need not exist any more; read from the registry (``parent_run_id``) for a
+    checkpoint written before checkpoints kept it. None for a variant that takes nothing from another run."""
+    saved = load_run_file(Path(run.out_dir or "") / "checkpoint") if run.out_dir else None
+    if saved is not None and saved.get("source"):
+        return saved["source"]
+    if spec(run.variant).needs_source and run.parent_run_id:
+        return load_source_run(db, run.parent_run_id)
+    return None
 
 
 def _run_trainer(backbone, job: Job, launch: Launch, new_writer: Callable[[Callable[[str], None]], RunWriter], *,
@@ -152,6 +166,8 @@ def _run_trainer(backbone, job: Job, launch: Launch, new_writer: Callable[[Calla
     # only a CPU run is slowed down by threads that wait for busy cores
     plan = plan_threads(launch.threads)
     watch = ThreadWatch(plan, view.warn if device.type == "cpu" and group.is_main else _ignore)
+    if device.type == "cpu":
+        view.say(plan.describe())  # a run's speed depends on it, and the default depends on the machine's load
     try:
         writer = new_writer(view.warn) if group.is_main else None
         rid = group.broadcast(writer.run_id if writer else None)
@@ -168,6 +184,9 @@ def _run_trainer(backbone, job: Job, launch: Launch, new_writer: Callable[[Calla
                 trainer = Trainer(backbone, labelled, writer or RankWriter(rid), out_dir=launch.out, resume=resume,
                                   events=events, group=group, check_memory=not launch.force)
                 result = trainer.run()
+        except RunStopped as stopped:  # the command that continues it, as this run was launched
+            message = stopped.resume_with(resume_command(job.command, stopped.run_id, launch.db))
+            raise DyntieError(message, exit_code=stopped.exit_code) from None
         finally:
             view.close()
     finally:
