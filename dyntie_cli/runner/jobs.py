@@ -16,6 +16,7 @@ from ..core.loop import Event, Job, RunResult, Trainer, resolve_device
 from ..core.threads import ThreadWatch, plan_threads
 from ..errors import UsageError
 from ..results.lineage import load_run, load_source_run
+from ..results.trackers import for_run
 from ..results.writer import RankWriter, RunWriter
 from ..settings import revised
 from ..variants import spec
@@ -52,7 +53,8 @@ def run_job(backbone, job: Job, launch: Launch, *, print_summary: bool = True,
     settings = job.settings
     return _run_trainer(
         backbone, job, launch,
-        lambda: RunWriter(launch.db, flush_every_s=settings.train.flush_every_s, backbone=settings.backbone),
+        lambda: RunWriter(launch.db, flush_every_s=settings.train.flush_every_s, backbone=settings.backbone,
+                          trackers=for_run(settings.train, launch.out)),
         print_summary=print_summary, listen=listen,
     )
 
@@ -99,7 +101,8 @@ def resume_recorded(db: Path, run_id: str, *, max_steps: int | None = None, quie
     extend = [("train.max_steps", max_steps)] if max_steps is not None else []
     backbone, settings = recorded_settings(run.config, [extend])
     return _run_trainer(backbone, Job(settings, run.command, run.parent_run_id), launch,
-                        lambda: RunWriter(db, run_id=run.run_id, flush_every_s=settings.train.flush_every_s),
+                        lambda: RunWriter(db, run_id=run.run_id, flush_every_s=settings.train.flush_every_s,
+                                          trackers=for_run(settings.train, launch.out)),
                         print_summary=print_summary, listen=listen, resume=True)
 
 
