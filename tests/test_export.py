@@ -183,8 +183,10 @@ def test_export_takes_a_running_or_killed_runs_last_checkpoint_and_refuses_one_w
     assert result.stderr.count("\n") == 1 and not (tmp_path / "z").exists()
 
 
-def test_generate_samples_continuations_from_a_gpt2_run_and_refuses_runs_that_do_not_generate(runner, tiny_runs):
-    db, run_id = tiny_runs["gpt2"]
+@pytest.mark.parametrize("backbone", ["gpt2", "llama"])
+def test_generate_samples_continuations_from_a_language_model_run_and_refuses_runs_that_do_not_generate(
+        runner, tiny_runs, backbone):
+    db, run_id = tiny_runs[backbone]
     args = ("generate", run_id, "--prompt", "The city of", "--samples", 2, "--max-new-tokens", 40, "--db", db)
     first, again = invoke(runner, *args, "--seed", 1), invoke(runner, *args, "--seed", 1)
     assert first.exit_code == 0, first.stderr or first.output
