@@ -1,4 +1,5 @@
-"""Language-modelling batches: the token arrays a causal LM trains on, and the GPT-2 backbone's data entry point.
+"""Language-modelling batches: the token arrays a causal LM trains on, and the causal LM backbones' data entry
+point.
 
 ``load_lm_data`` reads a corpus (``text_corpora``), builds or loads a tokenizer and tokenizes every split once
 (``text_tokenizers``), and wraps the token arrays in ``LMData``, which serves nanoGPT-style random training
@@ -121,7 +122,7 @@ def load_lm_data(
     bpe_train_chars: int | None = DEFAULT_BPE_TRAIN_CHARS,
     log: Log | None = None,
 ) -> LMData:
-    """Corpus -> tokenizer -> cached token arrays -> ``LMData``: the entry point of the GPT-2 backbone."""
+    """Corpus -> tokenizer -> cached token arrays -> ``LMData``: the entry point of the causal LM backbones."""
     corpus = load_corpus(dataset, data_dir)
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     lm_tokenizer = get_tokenizer(

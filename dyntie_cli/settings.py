@@ -94,6 +94,17 @@ VARIANTS: tuple[str, ...] = get_args(Variant)
 
 
 ReleaseMemory = Literal["auto", "on", "off"]
+#: the trackers ``train.report_to`` may name (results/trackers.py)
+REPORT_TO = ("tensorboard", "mlflow")
+
+
+def tracker_list(value: str) -> list[str]:
+    """The trackers a ``report_to`` value names, in order ("none": none), or a ValueError naming the choices."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names or any(n not in ("none", *REPORT_TO) for n in names):
+        raise ValueError(f"train.report_to (--set train.report_to=..., export-metrics --to) must be none, "
+                         f"{', '.join(REPORT_TO)} or several joined by commas, not {value!r}")
+    return list(dict.fromkeys(n for n in names if n != "none"))
 
 
 class TrainSettings(Section):
@@ -127,6 +138,15 @@ class TrainSettings(Section):
         "auto", "CPU, glibc: hand every freed tensor of 128 KiB or more back to the OS at once, so the process "
                 "peak is the live peak (7-10% lower on gpt2-wide-cpu; the main job's steps about 20% slower): on, off, "
                 "or auto (on for a run near the machine's memory, docs/memory.md).")
+    report_to: str = setting("none", "Trackers that get the run's metrics besides the registry: none, tensorboard, "
+                                     "mlflow, or several joined by commas (docs/trackers.md).")
+    tracker_dir: str = setting("", "Where the trackers write: TensorBoard under DIR/tensorboard, MLflow's store "
+                                   "DIR/mlruns unless MLFLOW_TRACKING_URI is set (empty: the --out folder).")
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers(cls, value: str) -> str:
+        return ",".join(tracker_list(value)) or "none"
 
 
 #: what ``ties.initial_state`` accepts (its meaning: core/policies.py ``initial_tie_state``)

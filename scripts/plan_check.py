@@ -19,6 +19,8 @@ import duckdb
 CASES = [
     ("train", "gpt2", ["--preset", "gpt2-wide-cpu"]),
     ("train", "gpt2", ["--preset", "gpt2-deep-cpu"]),
+    ("train", "llama", ["--preset", "llama-wide-cpu"]),
+    ("train", "llama", ["--preset", "llama-deep-cpu"]),
     ("train", "vit", ["--preset", "vit-cpu", "--dataset", "digits"]),
     ("finetune", "glue", ["--preset", "bert-cpu", "--task", "rte"]),
 ]

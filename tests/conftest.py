@@ -62,6 +62,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 #: the command line of a tiny run of each built-in backbone (4 blocks each), for tests that need a trained run
 TINY_RUNS = {
     "gpt2": ["train", "gpt2", "--preset", "gpt2-tiny"],
+    "llama": ["train", "llama", "--preset", "llama-tiny"],
     "glue": ["finetune", "glue", "--task", "rte", "--preset", "bert-tiny", "--data-dir", FIXTURES / "glue"],
     "vit": ["train", "vit", "--preset", "vit-tiny", "--dataset", "digits"],
 }

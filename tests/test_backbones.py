@@ -282,7 +282,7 @@ def test_a_plugin_without_the_export_init_and_text_hooks_says_so_in_one_sentence
     generated = invoke(runner, "generate", run_id, "--prompt", "x", "--db", db)
     assert generated.exit_code == 2
     assert generated.stderr == (f"Error: Run {run_id} is a toy run, which does not generate text; generate works "
-                                "with runs of: gpt2.\n")
+                                "with runs of: gpt2, llama.\n")
 
 
 def test_gpt2_uses_gpt2s_gelu_fused_and_it_saves_activation_memory():

@@ -49,7 +49,7 @@ with torch.no_grad():
     else:
         import transformers
         from transformers import AutoTokenizer
-        kind = "AutoModelForCausalLM" if backbone == "gpt2" else "AutoModelForSequenceClassification"
+        kind = "AutoModelForCausalLM" if backbone in ("gpt2", "llama") else "AutoModelForSequenceClassification"
         model = getattr(transformers, kind).from_pretrained(folder).eval()
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         out["from_pretrained"] = (model(**inputs).logits - want).abs().max().item()
@@ -65,7 +65,7 @@ def _case(exported: dict, tmp_path) -> tuple[Path, dict]:
     rm = exported["run_model"]
     text = "The quick brown fox, said she, jumped over 12 lazy dogs."
     case = {"batch": exported["batch"], "outputs": exported["outputs"], "backbone": rm.backbone.name, "text": text}
-    if rm.backbone.name == "gpt2":
+    if rm.backbone.name in ("gpt2", "llama"):
         case["ids"] = rm.data.tokenizer.encode(text).tolist()
     elif rm.backbone.name == "glue":
         case["ids"] = rm.data.tokenizer.tokenizer.encode(text).ids
@@ -183,8 +183,10 @@ def test_export_takes_a_running_or_killed_runs_last_checkpoint_and_refuses_one_w
     assert result.stderr.count("\n") == 1 and not (tmp_path / "z").exists()
 
 
-def test_generate_samples_continuations_from_a_gpt2_run_and_refuses_runs_that_do_not_generate(runner, tiny_runs):
-    db, run_id = tiny_runs["gpt2"]
+@pytest.mark.parametrize("backbone", ["gpt2", "llama"])
+def test_generate_samples_continuations_from_a_language_model_run_and_refuses_runs_that_do_not_generate(
+        runner, tiny_runs, backbone):
+    db, run_id = tiny_runs[backbone]
     args = ("generate", run_id, "--prompt", "The city of", "--samples", 2, "--max-new-tokens", 40, "--db", db)
     first, again = invoke(runner, *args, "--seed", 1), invoke(runner, *args, "--seed", 1)
     assert first.exit_code == 0, first.stderr or first.output
@@ -196,7 +198,7 @@ def test_generate_samples_continuations_from_a_gpt2_run_and_refuses_runs_that_do
     vit_db, vit_run = tiny_runs["vit"]
     refused = invoke(runner, "generate", vit_run, "--prompt", "x", "--db", vit_db)
     assert refused.exit_code == 2 and refused.stdout == ""
-    assert (f"Run {vit_run} is a vit run, which does not generate text; generate works with runs of: gpt2"
+    assert (f"Run {vit_run} is a vit run, which does not generate text; generate works with runs of: gpt2, llama"
             in refused.stderr.replace("\n", " "))
     assert refused.stderr.count("Error") == 1 and "Traceback" not in refused.stderr
 

@@ -17,7 +17,7 @@ from tests.conftest import invoke
 from tests.conftest import rows as _rows
 
 FIXTURES = Path(__file__).parent / "fixtures"
-CASES = {"gpt2": ("gpt2-tiny", {}), "vit": ("vit-tiny", {}),
+CASES = {"gpt2": ("gpt2-tiny", {}), "llama": ("llama-tiny", {}), "vit": ("vit-tiny", {}),
          "glue": ("bert-tiny", {"dataset": "rte", "data_dir": str(FIXTURES / "glue")})}
 
 

@@ -33,6 +33,8 @@ _MACHINE_METRICS = ("step_time_s", "tokens_per_s", "agent_time_s", "wall_time_s"
 
 CASES = {
     "gpt2-default": ["train", "gpt2", "--preset", "gpt2-tiny", "--max-steps", "40", "--decide-every", "4"],
+    "llama-paper": ["train", "llama", "--preset", "llama-tiny", "--max-steps", "40", "--decide-every", "4",
+                    "--agent", "paper"],
     "gpt2-paper": ["train", "gpt2", "--preset", "gpt2-tiny", "--max-steps", "40", "--decide-every", "4",
                    "--agent", "paper"],
     "glue-paper": ["finetune", "glue", "--task", "rte", "--preset", "bert-tiny", "--data-dir", FIXTURES / "glue",

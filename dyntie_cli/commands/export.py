@@ -1,4 +1,5 @@
-"""`dyntie export RUN --out DIR`: a run's last checkpoint as a plain transformers/timm folder, or compact."""
+"""`dyntie export RUN --out DIR`: a run's last checkpoint as a plain transformers/timm folder, or compact; and
+`dyntie export-metrics RUN --to tensorboard|mlflow`: a recorded run's figures sent to the trackers."""
 
 from __future__ import annotations
 
@@ -41,6 +42,32 @@ def export(
         typer.echo(f"weights: {r.weights_bytes / mib:.2f} MiB")
 
 
+def export_metrics(
+    run: Annotated[str, typer.Argument(help="The run (its id, or a unique prefix).")],
+    to: Annotated[str, typer.Option("--to", help="tensorboard, mlflow, or both joined by a comma.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where the trackers write: TensorBoard under "
+                                                                 "OUT/tensorboard, MLflow's store OUT/mlruns unless "
+                                                                 "MLFLOW_TRACKING_URI is set (default: where the "
+                                                                 "run's own trackers would have written).")] = None,
+    db: Db = None,
+) -> None:
+    """Send a recorded run to TensorBoard or MLflow as if it had trained with --set train.report_to=...: its
+    settings, every metric, memory, tie and decision row, its tie states as a picture and its status (a run still
+    training goes as far as the registry holds it; a run sent again replaces what was sent before).
+    """
+    from ..errors import UsageError
+    from ..results.db import resolve_db_path
+    from ..results.trackers import send_recorded, tracker_names
+
+    names = tracker_names(to)
+    if not names:
+        raise UsageError("--to none sends nothing: use --to tensorboard, --to mlflow or --to tensorboard,mlflow.")
+    run_id, count, folder = send_recorded(resolve_db_path(db), run, names, out)
+    typer.echo(f"sent: {run_id} ({count:,} rows) to {' and '.join(names)} under {folder}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("export", epilog="Examples: dyntie export RUN --out gpt2-out | dyntie export RUN --out tied "
                 "--format compact")(export)
+    app.command("export-metrics", epilog="Examples: dyntie export-metrics RUN --to tensorboard | dyntie "
+                "export-metrics RUN --to mlflow --out tracked")(export_metrics)

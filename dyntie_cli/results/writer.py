@@ -173,7 +173,8 @@ class RunWriter:
     ``registry_wait_s``: how long the run waits for a registry another process holds where it must write (its
     start, its end, a full buffer) before it fails; ``max_pending_rows``: how many rows it keeps while the
     registry is held before it waits; ``on_wait``: called once with a sentence when such a wait begins (by
-    default printed to stderr).
+    default printed to stderr); ``trackers``: the fan-out to TensorBoard and MLflow (results/trackers.py), told
+    every event -- the start or resume, each row as it is logged, each flush, the end -- beside the registry.
     """
 
     def __init__(
@@ -186,8 +187,10 @@ class RunWriter:
         registry_wait_s: float = REGISTRY_WAIT_S,
         max_pending_rows: int = MAX_PENDING_ROWS,
         on_wait: Callable[[str], None] | None = None,
+        trackers: Callable[..., None] | None = None,
     ) -> None:
         self.db_path = Path(db_path)
+        self.trackers = trackers
         self.flush_every_s = flush_every_s
         self.registry_wait_s = registry_wait_s
         self.max_pending_rows = max_pending_rows
@@ -252,7 +255,13 @@ class RunWriter:
         }
         self._commit_waiting(lambda con: self._mark_stale_then(con, self._insert_run, values))
         self._active = True
+        self._tell("start", {"run_id": self.run_id, "command": command, "backbone": backbone, "dataset": dataset,
+                             "variant": variant, "config": config, "metric": values["metric"]})
         return self.run_id
+
+    def _tell(self, event: str, *args: Any) -> None:
+        if self.trackers:
+            self.trackers(event, *args)
 
     def _mark_stale_then(self, con: duckdb.DuckDBPyConnection, change: Callable[..., None], *args: Any) -> None:
         self.marked_stale = mark_stale_runs(con)
@@ -328,6 +337,7 @@ class RunWriter:
         transaction where the registry does not hold them yet: the rows the killed process never flushed.
         """
         first = decisions_from if decisions_from is not None else 2**31 - 1
+        self._tell("resume", self.run_id, step, self.db_path)
         if carried is not None:
             for table, rows in self._carried_rows(carried).items():
                 self._uncertain[table].extend(rows)
@@ -388,7 +398,10 @@ class RunWriter:
             return
         # The status goes out in the same transaction as every row still buffered, or not at all: a run never
         # reads "finished" over rows it has not written.
-        self._commit_waiting()
+        try:
+            self._commit_waiting()
+        finally:
+            self._tell("finish", status)
 
     def __enter__(self) -> Self:
         return self
@@ -415,6 +428,8 @@ class RunWriter:
         if not self._active:
             raise RuntimeError("Call start() or resume() before logging rows.")
         (self._uncertain if self._once else self._rows)[table].append(row)
+        if self.trackers:
+            self._tell("row", table, dict(zip(ROW_COLUMNS[table], row, strict=True)))
 
     def metric(self, step: int, split: str, name: str, value: float) -> None:
         if split not in SPLITS:
@@ -524,6 +539,7 @@ class RunWriter:
             self._commit(timeout_s)
         except RegistryLockedError:
             return False
+        self._tell("flush")
         return True
 
     def _commit_waiting(self, run_change: RunChange | None = None) -> None:

@@ -18,6 +18,7 @@ from ..core.loop import Event, Job, RunResult, RunStopped, Trainer, resolve_devi
 from ..core.threads import ThreadWatch, plan_threads
 from ..errors import DyntieError, UsageError
 from ..results.lineage import RecordedRun, load_run, load_source_run
+from ..results.trackers import for_run
 from ..results.writer import RankWriter, RunWriter
 from ..settings import revised
 from ..variants import spec
@@ -56,7 +57,8 @@ def run_job(backbone, job: Job, launch: Launch, *, print_summary: bool = True,
     return _run_trainer(
         backbone, job, launch,
         lambda on_wait: RunWriter(launch.db, flush_every_s=settings.train.flush_every_s, backbone=settings.backbone,
-                                  registry_wait_s=settings.train.registry_wait_s, on_wait=on_wait),
+                                  registry_wait_s=settings.train.registry_wait_s, on_wait=on_wait,
+                                  trackers=for_run(settings.train, launch.out)),
         print_summary=print_summary, listen=listen,
     )
 
@@ -135,7 +137,8 @@ def resume_recorded(db: Path, run_id: str, *, max_steps: int | None = None, quie
     job = Job(settings, run.command, run.parent_run_id, record=record, source=recorded_source(db, run))
     return _run_trainer(backbone, job, launch,
                         lambda on_wait: RunWriter(db, run_id=run.run_id, flush_every_s=settings.train.flush_every_s,
-                                                  registry_wait_s=settings.train.registry_wait_s, on_wait=on_wait),
+                                                  registry_wait_s=settings.train.registry_wait_s, on_wait=on_wait,
+                                                  trackers=for_run(settings.train, launch.out)),
                         print_summary=print_summary, listen=listen, resume=True)
 
 
