@@ -55,6 +55,14 @@ PRESETS = {
                train=dict(CPU_TRAIN, max_steps=30, lr=3e-4, warmup_steps=5, eval_every=0, eval_items=1024,
                           test_items=1024, log_every=2),
                ties=dict(decide_every=3)),
+        Preset("gpt2-giant-cpu", "48 x 3072, 24 heads (about 5.5B parameters), 64-token windows, batch 2: the "
+               "largest that trains on a 24 GiB CPU machine, tied under a budget of 8 blocks with every block "
+               "checkpointed and Adafactor (conventional AdamW needs about 87 GB)",
+               model=dict(n_layer=48, n_embd=3072, n_head=24, dropout=0.0),
+               data=dict(CPU_DATA, seq_len=64, batch_size=2, eval_batch_size=4),
+               train=dict(CPU_TRAIN, max_steps=6, lr=1e-2, warmup_steps=2, eval_every=0, eval_items=512,
+                          test_items=512, log_every=1, checkpointing="all", optimizer="adafactor"),
+               ties=dict(decide_every=2)),
         Preset("gpt2-paper", "48 x 1600, 25 heads, GPT-2 BPE (about 1.6B parameters): the paper's shape, GPU",
                model=dict(n_layer=48, n_embd=1600, n_head=25, dropout=0.1),
                data=dict(tokenizer="gpt2", seq_len=1024, batch_size=8, eval_batch_size=8, max_train_tokens=0),

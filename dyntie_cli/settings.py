@@ -107,6 +107,12 @@ def tracker_list(value: str) -> list[str]:
     return list(dict.fromkeys(n for n in names if n != "none"))
 
 
+#: the optimizers a run can train with (core/optimizers.py: which library, what state each keeps)
+Optimizer = Literal["adamw", "adafactor", "adamw8bit", "galore", "apollo"]
+#: train.checkpointing: off, every block (all), or every n-th block
+Checkpointing = Literal["off", "all"] | int
+
+
 class TrainSettings(Section):
     """Optimisation and bookkeeping. Defaults suit the CPU presets; presets and recipes override them."""
 
@@ -142,11 +148,35 @@ class TrainSettings(Section):
                                      "mlflow, or several joined by commas (docs/trackers.md).")
     tracker_dir: str = setting("", "Where the trackers write: TensorBoard under DIR/tensorboard, MLflow's store "
                                    "DIR/mlruns unless MLFLOW_TRACKING_URI is set (empty: the --out folder).")
+    checkpointing: Checkpointing = setting(
+        "off", "Activation checkpointing: off, all (every block keeps only its input and recomputes the rest in the "
+               "backward pass) or N (every N-th block, from block 0); a tied block recomputes with its root's "
+               "tensors.")
+    optimizer: Optimizer = setting(
+        "adamw", "adamw (torch), adafactor (torch: factored second moments; train.lr is its relative step, about "
+                 "1e-2), adamw8bit (bitsandbytes: 8-bit moments), galore or apollo (galore-torch, apollo-torch: "
+                 "moments of the blocks' matrices in a low-rank projection); all but the torch ones need "
+                 "pip install 'dyntie[lowmem]'.")
+    low_rank: int = setting(128, "galore, apollo: rank of the projection of the blocks' matrices.", ge=1, le=65_536)
+    low_rank_gap: int = setting(200, "galore, apollo: steps between new projections of a matrix.", ge=1,
+                               le=INT32_MAX)
+    low_rank_scale: float = setting(0.0, "galore, apollo: scale of the projected update (0: the library's "
+                                         "default, galore 0.25, apollo 1.0).", ge=0)
 
     @field_validator("report_to")
     @classmethod
     def _trackers(cls, value: str) -> str:
         return ",".join(tracker_list(value)) or "none"
+
+    @field_validator("checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_form(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if value in ("off", "all") or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"train.checkpointing must be off, all, or a whole number N >= 1 (every N-th block), "
+                         f"not {value!r}")
 
 
 #: what ``ties.initial_state`` accepts (its meaning: core/policies.py ``initial_tie_state``)

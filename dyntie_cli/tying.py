@@ -24,7 +24,7 @@ from .core.distributed import BackwardAverage, Group
 from .core.policies import make_policy
 from .core.ties import TieManager, all_independent
 from .errors import DyntieError, UsageError
-from .settings import AgentSettings, TieSettings, Variant, validated
+from .settings import AgentSettings, TieSettings, TrainSettings, Variant, validated
 from .variants import spec
 
 if TYPE_CHECKING:
@@ -125,7 +125,8 @@ class DynamicTying:
     ``variant``: any variant that needs no source run: dynamic (the Q-agent), random, no-tying, a static scheme
     (static-all, static-sequence ... with ``independent`` blocks), grow or q-off. ``agent``: a named agent (default, lean, paper) and ``agent_options`` its
     field overrides (``AgentSettings``). ``initial_state``: as ``--initial-state`` (auto: all tied, or
-    independent when ``pretrained``). ``db``: a DuckDB registry file to record the run in, as ``dyntie train``
+    independent when ``pretrained``). ``checkpointing``: activation checkpointing of the blocks, off, all or
+    every n-th (``train.checkpointing``; a tied block recomputes with its root's tensors). ``db``: a DuckDB registry file to record the run in, as ``dyntie train``
     would (``dyntie report`` reads it); ``history`` always holds the tie log.
 
     Under torchrun (or any launcher that started a process group) every rank makes one: rank 0's weights go to
@@ -141,7 +142,7 @@ class DynamicTying:
                  independent: int = 0, tied_grad: str = "follow", untie_optim: str = "fresh", seed: int = 0,
                  db: str | Path | None = None, name: str = "custom", dataset: str = "",
                  fresh_ppl: Callable[[], float] | None = None, log_every: int = 0,
-                 _resume: Mapping[str, Any] | None = None) -> None:
+                 checkpointing: str | int = "off", _resume: Mapping[str, Any] | None = None) -> None:
         if total_steps < 1:
             raise UsageError(f"total_steps must be at least 1, not {total_steps}.")
         kind = spec(variant)
@@ -153,6 +154,7 @@ class DynamicTying:
             independent=independent, **kind.fixed_in("ties")), "ties")
         agent_cfg = AgentSettings.from_preset(agent, **{**(agent_options or {}), "seed": seed,
                                                         **kind.fixed_in("agent")})
+        every = validated(TrainSettings, {"checkpointing": checkpointing}, "train").checkpointing
         blocks = list(blocks)
         refuse_sharded(blocks)
         self.total_steps, self.decide_every, self.variant = total_steps, decide_every, variant
@@ -172,6 +174,7 @@ class DynamicTying:
         self.optimizer = optimizer
         #: the optimizer's parameters as built (every block its own), named as ``optimizer_layout`` names them
         self.built_layout = self.optimizer_layout()
+        self.ties.checkpoint(every)
         self.loop = LoopState()
         self._db, self._config = db, None
         writer = None

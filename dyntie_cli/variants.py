@@ -139,6 +139,35 @@ ABLATIONS: tuple[str, ...] = tuple(sorted((n for n in NAMES if n != METHOD), key
 DEFAULT_STUDY: tuple[str, ...] = tuple(n for n in NAMES if SPECS[n].in_default_study)
 
 
+#: the memory savers a bench variant can add to a variant, each the settings it sets (``dyntie bench --variants
+#: no-tying+checkpointing,dynamic+checkpointing+adamw8bit``): a saver is a setting any run can take, named here once
+#: so a comparison of tying with and against it is one word. adafactor's step is relative (torch's default 1e-2);
+#: galore's projected update gets AdamW's step size (scale 1) at the run's learning rate
+SAVERS: dict[str, tuple[tuple[str, Any], ...]] = {
+    "checkpointing": (("train.checkpointing", "all"),),
+    "adamw8bit": (("train.optimizer", "adamw8bit"),),
+    "adafactor": (("train.optimizer", "adafactor"), ("train.lr", 1e-2)),
+    "galore": (("train.optimizer", "galore"), ("train.low_rank_scale", 1.0)),
+    "apollo": (("train.optimizer", "apollo"),),
+}
+
+
+def with_savers(name: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
+    """A bench variant ``variant+saver+...`` as its variant and the settings its savers set, in order; a name the
+    table does not know raises ValueError with the sentence to show."""
+    variant, *savers = [part.strip() for part in name.split("+")]
+    if variant not in SPECS:
+        raise ValueError(f"Unknown variant {variant!r} in {name!r}; variants: {', '.join(NAMES)}.")
+    unknown = [s for s in savers if s not in SAVERS]
+    if unknown:
+        raise ValueError(f"Unknown memory saver {unknown[0]!r} in {name!r}; add any of {', '.join(SAVERS)} to a "
+                         "variant with + (dynamic+checkpointing+adamw8bit).")
+    if savers and SPECS[variant].needs_source:
+        raise ValueError(f"{variant} takes its settings from its source run; add savers to the run it comes from "
+                         f"instead of {name!r}.")
+    return variant, tuple(pair for s in savers for pair in SAVERS[s])
+
+
 def spec(name: str) -> VariantSpec:
     """The table entry of ``name``; a name the table does not know (a variant recorded by another version) gets the
     defaults: a schedule from elsewhere, planned at every block independent."""

@@ -176,3 +176,26 @@ def test_bench_refuses_to_run_under_torchrun(runner, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     r = invoke(runner, "bench", "gpt2", "--preset", "gpt2-tiny", "--db", tmp_path / "b.duckdb")
     assert r.exit_code != 0 and "without torchrun" in r.stderr
+
+
+def test_bench_variants_add_memory_savers_and_compare_with_plain_no_tying(runner, tmp_path):
+    db = tmp_path / "b.duckdb"
+    rows = _bench(runner, tmp_path, "--max-steps", "6", "--variants",
+                  "no-tying+checkpointing,dynamic+checkpointing+adafactor")
+    runs = con_rows(db, "SELECT variant, json_extract_string(config, '$.bench.variant'), "
+                        "json_extract_string(config, '$.train.checkpointing'), "
+                        "json_extract_string(config, '$.train.optimizer') FROM runs ORDER BY started_at")
+    assert runs == [("no-tying", None, "off", "adamw"), ("no-tying", "no-tying+checkpointing", "all", "adamw"),
+                    ("dynamic", "dynamic+checkpointing+adafactor", "all", "adafactor")]
+    peak = rows["process_peak_bytes"]
+    for name in ("no-tying+checkpointing", "dynamic+checkpointing+adafactor"):
+        assert peak[f"{name} / no-tying"] == peak[name] / peak["no-tying"]  # the baseline is plain no-tying
+    # checkpointing changes no number the run computes
+    assert rows["validation_ppl"]["no-tying+checkpointing / no-tying"] == 1
+
+
+def test_bench_refuses_an_unknown_saver_in_one_sentence(runner, tmp_path):
+    r = invoke(runner, "bench", "gpt2", "--preset", "gpt2-tiny", "--db", tmp_path / "b.duckdb", "--variants",
+               "dynamic+ram-doubler", "--quiet")
+    assert r.exit_code == 2 and "Unknown memory saver 'ram-doubler'" in r.stderr and "checkpointing" in r.stderr
+    assert not (tmp_path / "b.duckdb").exists()

@@ -180,3 +180,45 @@ def test_a_budgeted_run_that_fits_is_not_titled_as_one_that_does_not():
     huge = [plan("no-tying", False), plan("dynamic", True)]
     assert fit_words(huge, "dynamic") == "dynamic fits, no-tying does not fit"
     assert fit_words([plan("no-tying", None), plan("grow", True)], "no-tying") == "no-tying fit unknown, grow fits"
+
+
+@pytest.mark.parametrize("every", ["all", 2])
+def test_planned_activations_with_checkpointing_are_what_a_checkpointed_step_keeps(every):
+    """From a pass without checkpointing the plan replaces each checkpointed block's saved tensors by its inputs
+    and adds one independent block's for its recomputation; a checkpointed forward keeps exactly the rest."""
+    from dyntie_cli.core.recompute import checkpointed_blocks
+
+    backbone, cfg = new_settings("gpt2", SettingsSource("gpt2-tiny", sets=(("train.checkpointing", every),)))
+    data = backbone.load_data(cfg)
+    probe = backbone.blocks(backbone.load_model_code(cfg, data))
+    activations, _ = planner.measure_activations(backbone, cfg, data, torch.device("cpu"), probe)
+    model, _ = build_lazily(lambda: backbone.build_model(cfg, data), backbone.blocks, [0] * 4, probe)
+    ties = TieManager(backbone.blocks(model), [0, 1, 1, 1])
+    model.train()
+    batch = data.train_batch(torch.Generator().manual_seed(cfg.seed))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    plain = planner.saved_by_block(lambda: backbone.loss(model, batch), params, ties.blocks)
+    ties.checkpoint(every)
+    # a checkpoint saves its block's inputs through autograd's saved-tensor hooks, so they are counted here
+    kept = planner.saved_by_block(lambda: backbone.loss(model, batch), params, ties.blocks)
+    assert kept.total < plain.total
+    for i in checkpointed_blocks(4, every):
+        assert kept.blocks[i] <= kept.inputs[i] < plain.blocks[i]
+    assert activations(2) == pytest.approx(kept.total + plain.blocks[0], rel=0.01)
+    assert activations(2) < planner.measure_activations(backbone, new_settings("gpt2", SettingsSource("gpt2-tiny"))[1],
+                                                        data, torch.device("cpu"), probe)[0](2)
+
+
+def test_the_plan_counts_each_optimizers_state():
+    """Low-memory optimizers plan less state than AdamW's 8 bytes per parameter; the per-parameter counts are
+    checked against the optimizers themselves in test_optimizers.py."""
+    backbone, cfg = new_settings("gpt2", SettingsSource("gpt2-tiny"))
+    meta = backbone.load_model_code(cfg, backbone.load_data(cfg))
+    counts = planner.model_counts(meta, backbone.blocks(meta))
+    adamw = counts.optimizer_bytes(cfg.train, 4)
+    assert adamw == 2 * (counts.other_bytes + 4 * counts.block_bytes)
+    for name in ("adafactor", "adamw8bit", "galore", "apollo"):
+        t = new_settings("gpt2", SettingsSource("gpt2-tiny", sets=(("train.optimizer", name),
+                                                                   ("train.low_rank", 8))))[1].train
+        assert counts.optimizer_bytes(t, 4) < adamw, name
+        assert counts.optimizer_bytes(t, 1) < counts.optimizer_bytes(t, 4), name

@@ -19,8 +19,11 @@ def bench(
     opts: TrainingOptions,
     backbone: Annotated[str, typer.Argument(help="Backbone to benchmark.")] = "gpt2",
     variants: Annotated[str, typer.Option("--variants", help="Comma-separated: no-tying, dynamic, final-arch, "
-                                          "random, static-*. no-tying is the baseline of the ratios; final-arch, "
-                                          "the dynamic run's final state from step 0, its twin.")]
+                                          "random, static-*, each with any memory savers added with + "
+                                          "(checkpointing, adamw8bit, adafactor, galore, apollo: "
+                                          "dynamic+checkpointing+adamw8bit). Plain no-tying is the baseline of the "
+                                          "ratios; final-arch, the dynamic run's final state from step 0, its "
+                                          "twin.")]
     = DEFAULT_VARIANTS,
     repeat: Annotated[int, typer.Option("--repeat", help="Run the set N times, the order reversed every other "
                                         "round (no-tying, dynamic, dynamic, no-tying, ...), and report medians: "

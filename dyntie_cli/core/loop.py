@@ -34,6 +34,7 @@ from .decisions import TieDecisions
 from .distributed import Group
 from .lazy_build import BuildReport, build_lazily
 from .memory import MemoryProbe, base_bytes, gradient_bytes, release_memory_at_once, trainable_parameters
+from .optimizers import build_optimizer, check_optimizer, import_optimizer
 from .plan import DoesNotFit, MemoryPlan, measure_on, model_counts, near_limit, plan_memory
 from .policies import SOURCE_KEYS, DynamicPolicy, Policy, make_policy
 from .ties import TieManager
@@ -130,18 +131,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(model: nn.Module, cfg: RunSettings) -> torch.optim.Optimizer:
-    """AdamW over the de-duplicated parameters: matrices decayed, vectors (biases, norms) not."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    rest = [p for p in params if p.dim() < 2]
-    t = cfg.train
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-        lr=t.lr, betas=(t.beta1, t.beta2),
-    )
-
-
 def lr_lambda(cfg: RunSettings) -> Callable[[int], float]:
     t = cfg.train
 
@@ -223,6 +212,7 @@ class Trainer:
         cfg = self.cfg
         seed_everything(cfg.seed)
         self.device = self.group.device or resolve_device(cfg.device)
+        check_optimizer(cfg)  # before any data loads
         with self.group.main_first():  # rank 0 fills the token cache, the other ranks read it
             self.data = self.backbone.load_data(cfg)
         self.checkpoint_dir = self.out_dir / self.writer.run_id / "checkpoint"
@@ -234,7 +224,7 @@ class Trainer:
         self.conventional_params = self._conventional_params()
         if self.resume:
             ckpt.load_model_weights(self.checkpoint_dir, self.model)
-        self.optimizer = build_optimizer(self.model, cfg)
+        self.optimizer = build_optimizer(self.model, cfg, projected=self.ties.owned_parameters())
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         # each rank its own batches; rank 0 (and a single process) the run's seed
         self.train_gen = torch.Generator().manual_seed(cfg.seed + _RANK_SEED_STRIDE * self.group.rank)
@@ -266,6 +256,7 @@ class Trainer:
         with suppress(Exception):
             meta = self.backbone.load_model_code(cfg, self.data)
             probe = self.backbone.blocks(meta)
+        import_optimizer(cfg)  # a library, like transformers: part of the baseline
         self.base_bytes = base_bytes(self.device)
 
         def build() -> nn.Module:
@@ -289,6 +280,7 @@ class Trainer:
         self.model = model
         self.ties = TieManager(self.backbone.blocks(model), initial, tied_grad=cfg.ties.tied_grad,
                                untie_optim=cfg.ties.untie_optim)
+        self.ties.checkpoint(cfg.train.checkpointing)
         self.model.to(self.device)
         self.ties.reinject()  # .to() moved the roots' storage; the tied blocks' views must follow
         self._check_activations()

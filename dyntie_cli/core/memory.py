@@ -51,7 +51,14 @@ def gradient_bytes(model: nn.Module) -> int:
 
 
 def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return _unique_bytes(v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
+    """The optimizer's state, with the tensors an object in it holds (GaLore's and APOLLO's projections)."""
+    def tensors(value) -> Iterable[torch.Tensor]:
+        if torch.is_tensor(value):
+            yield value
+        else:
+            yield from (t for t in getattr(value, "__dict__", {}).values() if torch.is_tensor(t))
+
+    return _unique_bytes(t for state in optimizer.state.values() for v in state.values() for t in tensors(v))
 
 
 def trainable_parameters(model: nn.Module) -> int:

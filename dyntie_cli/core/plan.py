@@ -5,16 +5,21 @@ The peak of a training step is the sum of what lives through it:
 * the process **baseline**: what the process holds before the model exists (libraries, data; on CUDA the bytes
   allocated before the build, the CUDA context aside);
 * **parameters**, **gradients** and **optimizer state** of the blocks that are independent (a tied block has none)
-  and of the always-trained parts: exact byte counts from the model built on the meta device (AdamW keeps two
-  moments per parameter);
+  and of the always-trained parts: exact byte counts from the model built on the meta device, the state per
+  parameter as ``train.optimizer`` keeps it (core/optimizers.py: AdamW two fp32 moments, adamw8bit about two
+  bytes, adafactor a row and a column per matrix, galore and apollo rank-sized moments of the blocks' matrices);
 * **activations**: what autograd saves for the backward pass, measured, not modelled: a real training batch goes
   forward on the run's device and precision at the model's tie state and with one more block independent, and
   every saved tensor's storage is counted once. Saved bytes grow linearly with the number of independent blocks
   (a tied block under ``tied_grad=follow`` saves less than an independent one), so the two measurements give the
   activations at any count. ``dyntie plan`` measures on a copy built lazily for the purpose (the blocks that
   start tied cost nothing); a run near the device's limit measures on its own model after its lazy build;
+  With activation checkpointing a checkpointed block keeps only its inputs, and the backward pass holds one
+  block's saved tensors again while it recomputes it;
 * a **transient**: the gradient of the largest saved tensor, alive at the start of the backward pass (for a
-  language model, the logits).
+  language model, the logits), or what the optimizer step holds besides its state (bitsandbytes on CPU
+  dequantises a tensor's moments, galore takes an SVD), whichever is larger: the step comes after the backward
+  pass has freed the activations.
 
 On CPU the peak is resident memory, which also holds what the allocator keeps around; on CUDA it is allocated
 bytes. ``docs/memory.md`` compares predictions with measured peaks.
@@ -33,18 +38,17 @@ import torch
 from torch import nn
 
 from ..errors import DyntieError
-from ..settings import RunSettings
+from ..settings import RunSettings, TrainSettings
 from ..variants import spec
 from .lazy_build import build_lazily
 from .memory import current_rss_bytes, release_freed_memory
+from .optimizers import state_bytes, step_transient_bytes
+from .recompute import Every, checkpointed_blocks
 from .ties import TieManager, independent_count
 
 #: a run measures its activations before training only when its stored state alone needs more than this share of
 #: the memory available (``near_limit``)
 MEASURE_ABOVE = 0.5
-
-#: AdamW keeps exp_avg and exp_avg_sq, each the size of its parameter
-_OPTIMIZER_COPIES = 2
 
 
 @dataclass
@@ -59,6 +63,7 @@ class MemoryPlan:
     optimizer_bytes: int
     activation_bytes: int
     transient_bytes: int
+    step_transient_bytes: int  # what an optimizer step holds besides the state (after the activations are freed)
     peak_bytes: int
     available_bytes: int | None  # what the device can give this run; None: unknown
     fits: bool | None
@@ -74,30 +79,89 @@ class ModelCounts:
     block_bytes: int  # one block's parameters
     other_bytes: int  # embeddings, norms, head: always trained
     element_bytes: int
+    block_shapes: tuple[tuple[int, ...], ...] = ()  # one block's parameters, for the optimizer's state
+    other_shapes: tuple[tuple[int, ...], ...] = ()
+
+    def optimizer_bytes(self, t: TrainSettings, independent: int) -> int:
+        """The optimizer's state with ``independent`` blocks independent (core/optimizers.py ``state_bytes``)."""
+        def total(shapes, projected):
+            return sum(state_bytes(t, shape, self.element_bytes, projected) for shape in shapes)
+        return total(self.other_shapes, False) + independent * total(self.block_shapes, True)
+
+    def step_bytes(self, t: TrainSettings) -> int:
+        """What an optimizer step holds besides the stored state, at most (``step_transient_bytes``)."""
+        return step_transient_bytes(t, [*((s, False) for s in self.other_shapes),
+                                        *((s, True) for s in self.block_shapes)], self.element_bytes)
 
 
 def model_counts(meta_model: nn.Module, blocks: list[nn.Module]) -> ModelCounts:
-    """Parameter bytes of a model built on the meta device (a shared tensor counted once)."""
+    """Parameter bytes and shapes of a model built on the meta device (a shared tensor counted once)."""
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
     total = sum(p.numel() * p.element_size() for p in meta_model.parameters())
     block = sum(p.numel() * p.element_size() for p in blocks[0].parameters())
     element = next(iter(meta_model.parameters())).element_size()
-    return ModelCounts(len(blocks), block, total - block * len(blocks), element)
+    return ModelCounts(len(blocks), block, total - block * len(blocks), element,
+                       tuple(tuple(p.shape) for p in blocks[0].parameters()),
+                       tuple(tuple(p.shape) for p in meta_model.parameters() if id(p) not in in_blocks))
 
 
 def saved_bytes(forward: Callable[[], Any], params: set[int]) -> tuple[int, int]:
     """Bytes of the storages autograd saves during ``forward()`` (each once, parameters excluded), and the
     largest of them."""
+    saved = saved_by_block(forward, params, [])
+    return saved.total, saved.largest
+
+
+@dataclass
+class Saved:
+    """What autograd saves in one forward pass: in all, its largest storage, and per block what the block saved
+    first (``blocks``) and the bytes of its inputs (``inputs``: what a checkpointed block keeps instead)."""
+
+    total: int
+    largest: int
+    blocks: list[int]
+    inputs: list[int]
+
+
+def saved_by_block(forward: Callable[[], Any], params: set[int], blocks: list[nn.Module]) -> Saved:
+    """``forward()``'s saved storages (each once, parameters excluded), each counted for the block that saved it
+    first (a block's input is usually saved by its own first layer), and each block's tensor inputs."""
     seen: dict[int, int] = {}
+    owner: dict[int, int] = {}
+    inputs = [0] * len(blocks)
+    current: list[int] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
+        key = storage.data_ptr()
+        if key not in params and key not in seen:
+            seen[key] = storage.nbytes()
+            if current:
+                owner[key] = current[-1]
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        forward()
-    return sum(seen.values()), max(seen.values(), default=0)
+    def enter(i):
+        def hook(module, args, kwargs):
+            current.append(i)
+            inputs[i] = sum({a.untyped_storage().data_ptr(): a.untyped_storage().nbytes()
+                             for a in (*args, *kwargs.values()) if torch.is_tensor(a)}.values())
+        return hook
+
+    def leave(module, args, kwargs, output):
+        current.pop()
+
+    hooks = [h for i, b in enumerate(blocks) for h in (b.register_forward_pre_hook(enter(i), with_kwargs=True),
+                                                       b.register_forward_hook(leave, with_kwargs=True))]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            forward()
+    finally:
+        for h in hooks:
+            h.remove()
+    per_block = [0] * len(blocks)
+    for key, i in owner.items():
+        per_block[i] += seen[key]
+    return Saved(sum(seen.values()), max(seen.values(), default=0), per_block, inputs)
 
 
 Activations = Callable[[int], int]
@@ -110,41 +174,71 @@ def _silent(text: str) -> None:
     return None
 
 
+def checkpointed_activations(at_state: Saved, state: list[int], per_block: int, every: Every) -> Activations:
+    """Saved bytes with activation checkpointing, from a pass without it: a checkpointed block keeps only its inputs
+    (the segment's boundary) instead of what it saved, and the backward pass recomputes one block at a time, which
+    then holds one independent block's saved tensors again. Block 0, always independent, is always checkpointed;
+    the other independent blocks are counted among the blocks that are not checkpointed first (they save more), so
+    the bound holds wherever they are."""
+    blocks = len(state)
+    chosen = set(checkpointed_blocks(blocks, every))
+    tied = [at_state.blocks[i] for i, r in enumerate(state) if r != i]
+    independent = [at_state.blocks[i] for i, r in enumerate(state) if r == i]
+    s_tied = sum(tied) / len(tied) if tied else sum(independent) / len(independent) - per_block
+    s_indep = s_tied + per_block
+    outside = at_state.total - sum(at_state.blocks)
+    boundaries = sum(at_state.inputs[i] for i in chosen)
+    plain = blocks - len(chosen)
+
+    def activations(n: int) -> int:
+        return int(outside + boundaries + plain * s_tied + min(max(n - 1, 0), plain) * per_block + s_indep)
+
+    return activations
+
+
 def measure_on(backbone, cfg: RunSettings, data, device: torch.device, model: nn.Module, ties: TieManager,
                say: Say = _silent) -> tuple[Activations, int]:
     """Saved activation bytes as a function of the number of independent blocks, and the transient, measured
     with ``model`` on one training batch: at its tie state, and with one more block independent (then the state
-    is restored exactly). Draws no number from the run's generators, changes no weight. ``say`` hears what it is
-    doing (each forward pass of a large model takes a while)."""
+    is restored exactly), without activation checkpointing; with ``train.checkpointing`` the checkpointed blocks'
+    share is then replaced by their inputs (``checkpointed_activations``). Draws no number from the run's
+    generators, changes no weight. ``say`` hears what it is doing (each forward pass of a large model takes a
+    while)."""
     state = list(ties.state)
     blocks = len(state)
     have = independent_count(state)
+    every = cfg.train.checkpointing
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     was_training = model.training
+    ties.checkpoint("off")  # what each block saves; its recomputation is modelled from that
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         model.train()
         batch = {k: v.to(device) for k, v in data.train_batch(torch.Generator().manual_seed(cfg.seed)).items()}
 
-        def measure() -> tuple[int, int]:
+        def measure() -> Saved:
             params = {p.untyped_storage().data_ptr() for p in model.parameters()}
             with autocast:
-                return saved_bytes(lambda: backbone.loss(model, batch), params)
+                return saved_by_block(lambda: backbone.loss(model, batch), params, ties.blocks)
 
         forward = f"a forward pass of one training batch through all {blocks} blocks"
         say(f"measuring activations at {have} independent block{'s' if have > 1 else ''} ({forward})")
-        at_state, largest = measure()
+        at_state = measure()
+        largest = at_state.largest
         per_block = 0
         if have < blocks:  # untie the first tied block, measure, tie it back
             first = next(i for i, r in enumerate(state) if r != i)
             more = [i if i == first else r for i, r in enumerate(state)]
             ties.apply(more)
             say(f"measuring activations at {have + 1} independent blocks (another forward pass)")
-            with_one_more, largest2 = measure()
+            with_one_more = measure()
             ties.apply(state)
-            per_block, largest = with_one_more - at_state, max(largest, largest2)
+            per_block, largest = with_one_more.total - at_state.total, max(largest, with_one_more.largest)
+    ties.checkpoint(every)
     model.train(was_training)
-    return (lambda n: at_state + (n - have) * per_block), largest
+    if every != "off":
+        return checkpointed_activations(at_state, state, per_block, every), largest
+    return (lambda n: at_state.total + (n - have) * per_block), largest
 
 
 def measure_activations(backbone, cfg: RunSettings, data, device: torch.device, probe: list[nn.Module],
@@ -223,13 +317,15 @@ def plan_memory(backbone, cfg: RunSettings, data, device: torch.device, variants
         n, why = planned_independent(cfg, counts.blocks, variant)
         params = counts.other_bytes + n * counts.block_bytes
         grads = params
-        optimizer = _OPTIMIZER_COPIES * params
+        optimizer = counts.optimizer_bytes(cfg.train, n)
         acts = activations(n)
-        peak = baseline + params + grads + optimizer + acts + largest
+        step = counts.step_bytes(cfg.train)
+        # the backward pass's start (activations and the largest one's gradient) or the optimizer step, after it
+        peak = baseline + params + grads + optimizer + max(acts + largest, step)
         plans.append(MemoryPlan(
             variant=variant, blocks=counts.blocks, independent=n, device=str(device), baseline_bytes=baseline,
             parameter_bytes=params, gradient_bytes=grads, optimizer_bytes=optimizer, activation_bytes=acts,
-            transient_bytes=largest, peak_bytes=peak, available_bytes=available,
+            transient_bytes=largest, step_transient_bytes=step, peak_bytes=peak, available_bytes=available,
             fits=None if available is None else peak <= available, note=why,
         ))
     return plans

@@ -20,6 +20,8 @@ from torch import nn
 
 from ..errors import DyntieError
 from ..settings import TiedGrad, UntieOptim
+from .optimizers import copied_state, fresh_state
+from .recompute import Every, checkpoint_forward, checkpointed_blocks, uncheckpoint
 
 # --------------------------------------------------------------------------------------------------
 # The state vector and Eq. 1
@@ -205,15 +207,30 @@ class TieManager:
 
     def _make_refresh(self, i: int):
         def refresh(module, args):
-            if self.state[i] != i:
-                self._inject(i, forward=True)
+            self._before_forward(i)
         return refresh
 
     def _make_restore(self, i: int):
         def restore(module, args, output):
-            if self.state[i] != i and self._casts:
-                self._inject(i)
+            self._after_forward(i)
         return restore
+
+    def _before_forward(self, i: int) -> None:
+        if self.state[i] != i:
+            self._inject(i, forward=True)
+
+    def _after_forward(self, i: int) -> None:
+        if self.state[i] != i and self._casts:
+            self._inject(i)
+
+    def checkpoint(self, every: Every) -> list[int]:
+        """Activation checkpointing of the blocks ``every`` names (off, all, or every n-th: core/recompute.py);
+        a tied block's recomputation reads its root's tensors as its forward did. Returns the blocks."""
+        uncheckpoint(self.blocks)
+        chosen = checkpointed_blocks(len(self.blocks), every)
+        for i in chosen:
+            checkpoint_forward(self.blocks[i], lambda i=i: self._before_forward(i), lambda i=i: self._after_forward(i))
+        return chosen
 
     def _view(self, p: nn.Parameter) -> torch.Tensor:
         return p.detach() if self.tied_grad == "follow" else p
@@ -296,10 +313,12 @@ class TieManager:
             return
         for p, src, g in zip(params, source, self._group_of):
             opt.param_groups[g]["params"].append(p)
-            if self.untie_optim == "copy" and src in opt.state:
-                opt.state[p] = {
-                    k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in opt.state[src].items()
-                }
+            # the state of the optimizer's own kind: a copy of the source's, or what its constructor gives a
+            # parameter before any step (empty for most; APOLLO's projection seed)
+            state = copied_state(opt.state[src]) if self.untie_optim == "copy" and src in opt.state else \
+                fresh_state(opt, src)
+            if state:
+                opt.state[p] = state
 
     def _optimizer_remove(self, params: list[nn.Parameter]) -> None:
         opt = self.optimizer
@@ -347,3 +366,4 @@ class TieManager:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        uncheckpoint(self.blocks)

@@ -14,7 +14,7 @@ from ..errors import UsageError
 from ..runner.children import run_in_child
 from ..runner.jobs import Launch
 from ..runner.settings_source import SettingsSource, new_settings
-from ..variants import BASELINE, METHOD, spec
+from ..variants import BASELINE, METHOD, spec, with_savers
 from .ablation import ablation_job
 
 
@@ -29,7 +29,13 @@ class Bench:
 
 def bench_variants(names: list[str]) -> list[str]:
     """The variants to train: ``names`` with the baseline of the ratios first when it is missing; a variant that
-    needs a source run needs the dynamic run in the list (its source, trained in the same round)."""
+    needs a source run needs the dynamic run in the list (its source, trained in the same round). A name may add
+    memory savers to its variant (``dynamic+checkpointing+adamw8bit``: variants.SAVERS)."""
+    for name in names:
+        try:
+            with_savers(name)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     if BASELINE not in names:
         names.insert(0, BASELINE)
     sourced = [v for v in names if spec(v).needs_source]
@@ -49,7 +55,13 @@ def run_bench(backbone: str, source: SettingsSource, launch: Launch, names: list
     sourced = [v for v in names if spec(v).needs_source]
     trained = [v for v in names if v not in sourced]
     # every variant's settings are resolved (and refused if wrong) before the first process starts
-    settings = {v: new_settings(backbone, source.with_flags(("variant", v)))[1] for v in trained}
+    settings = {}
+    for v in trained:
+        variant, savers = with_savers(v)
+        # the savers before the command's own flags and --set pairs, which may still override them
+        settings[v] = new_settings(backbone, SettingsSource(source.preset, source.recipe,
+                                                            (*savers, *source.flags, ("variant", variant)),
+                                                            source.sets))[1]
     group = uuid.uuid4().hex[:8]  # recorded in each run's config, so `report --table bench` pools the rounds too
     # one thread count for every run, chosen before the first: a child choosing its own from the load average would
     # see the previous child's load and time the variants at different thread counts
@@ -58,9 +70,11 @@ def run_bench(backbone: str, source: SettingsSource, launch: Launch, names: list
     out = Bench()
     for r in range(repeat):
         order = (trained if r % 2 == 0 else trained[::-1]) + sourced
-        labels = {"bench": {"group": group, "round": r + 1, "rounds": repeat}} if repeat > 1 else {}
+        rounds = {"group": group, "round": r + 1, "rounds": repeat} if repeat > 1 else {}
         run_ids: dict[str, str] = {}
         for v in order:
+            # a variant with savers is recorded under its own name (runs.config bench.variant) for the bench table
+            labels = {"bench": rounds | ({"variant": v} if "+" in v else {})} if rounds or "+" in v else {}
             if v in sourced:
                 if METHOD not in run_ids:
                     continue

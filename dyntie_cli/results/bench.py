@@ -30,6 +30,9 @@ _ROUND_RANGE = ("step_time_s ratio, lowest round", "step_time_s ratio, highest r
 # the rows above the quantities: what each run ran on. threads: the CPU threads it trained with (runs.config), which
 # a step time depends on as much as on the variant, so runs compared at different counts show it
 _HEAD = ("device", "threads", "steps")
+# a bench variant with memory savers (no-tying+checkpointing) is recorded as its variant with the bench's name for
+# it in runs.config; the ratios' baseline is plain no-tying, and a dynamic run's twin is made from plain dynamic
+_VARIANT = "coalesce(json_extract_string(config, '$.bench.variant'), variant)"
 # the variant a dynamic run is also compared with: its final state, fixed from step 0 (parent_run_id: the dynamic run)
 TWIN = "final-arch"
 
@@ -62,7 +65,7 @@ def _bench_rows(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
             FROM metrics WHERE {IN_RUNS} AND split = 'validation' AND name = 'ppl' GROUP BY run_id)
         SELECT r.run_id, r.variant, r.preset, r.seed, r.parent_run_id, r.threads, r.device_steps AS steps, mem.*,
             train.*, val.validation_ppl
-        FROM (SELECT run_id, variant, preset, seed, parent_run_id,
+        FROM (SELECT run_id, {_VARIANT} AS variant, preset, seed, parent_run_id,
                      TRY_CAST(json_extract(config, '$.threads') AS INTEGER) AS threads,
                      (SELECT max(step) FROM memory m WHERE m.run_id = runs.run_id) AS device_steps
               FROM runs WHERE {IN_RUNS}) r
@@ -115,7 +118,7 @@ def _repeated_groups(con: duckdb.DuckDBPyConnection, ids: list[str]) -> dict[str
     at least two rounds that finished a no-tying run; pooled are the variants every such round has (a run of
     another variant, or one picked without its round's other runs, stays a single run)."""
     rows = con.execute(f"""
-        SELECT run_id, variant, json_extract_string(config, '$.bench.group') AS grp,
+        SELECT run_id, {_VARIANT} AS variant, json_extract_string(config, '$.bench.group') AS grp,
                CAST(json_extract(config, '$.bench.round') AS INTEGER) AS rnd
         FROM runs WHERE {IN_RUNS} AND status = 'finished' AND command = 'bench'
             AND json_extract_string(config, '$.bench.group') IS NOT NULL

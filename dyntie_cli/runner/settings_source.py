@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..core.optimizers import check_optimizer
 from ..errors import UsageError
 from ..plugins import get_backbone
 from ..settings import RunSettings, from_saved, load_recipe, recipe_pairs, resolve, revised
@@ -47,6 +48,7 @@ def new_settings(backbone_name: str, source: SettingsSource | None = None, *,
                          f"{', '.join(backbone.presets)}.")
     settings = resolve(type(backbone), backbone.presets[preset_name],
                        sources=[recipe_pairs(recipe), list(source.flags), list(source.sets)])
+    check_optimizer(settings)  # a library that is not installed is refused before any data loads
     return backbone, checked_dataset(settings, backbone)
 
 
