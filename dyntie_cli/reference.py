@@ -107,7 +107,13 @@ METRICS: dict[tuple[str, str], str] = {
     ("validation", "loss"): "evaluation loss on the validation role", ("validation", "ppl"): "exp(loss)",
     ("validation", "accuracy"): "classifiers", ("validation", "mcc"): "CoLA", ("validation", "f1"): "MRPC, QQP",
     ("validation", "pearson"): "STS-B", ("validation", "spearman"): "STS-B",
-    ("test", "*"): "the same names as validation, once, at the last step (`runs.test_split` names the split)",
+    ("validation", "best_<metric>"): "the best validation figure of the run's headline metric (`runs.metric`: "
+                                     "`best_ppl`, `best_accuracy`, ...), once, at the last step: the model the run "
+                                     "selects (not an end-of-run figure)",
+    ("validation", "best_step"): "the step of that best validation figure, once, at the last step",
+    ("test", "*"): "the same names as validation, once, at the last step (`runs.test_split` names the split), "
+                   "scored on the model of the best validation figure (`best_step`; with `train.select_best` "
+                   "false, on the last model); the test split never chooses anything",
     ("reward", "ppl"): "perplexity of the batches that scored a decision",
     ("reward", "reward"): "the shaped reward of that decision",
 }

@@ -13,6 +13,10 @@ A checkpoint folder holds
   taken (``RunWriter.pending``): a process killed before its next flush loses none of them, since a resume
   writes them (those the registry does not hold yet).
 The folder is written under a temporary name and renamed, so a kill mid-write leaves the last good one.
+
+Beside it, a run keeps the model of its best validation figure in ``best/`` (``save_model``): the weights and the
+tie map as above, and ``best.json`` (the step and the figure), without the training state, which nothing resumes
+from a best model.
 """
 
 from __future__ import annotations
@@ -63,6 +67,11 @@ class LoopState:
     wall_time: float = 0.0  # loop seconds of the earlier processes of this run (before a resume)
     indep_steps: float = 0.0  # step-weighted sum of independent blocks, for the mean over training
     pending: PendingDecision | None = None
+    best_value: float | None = None  # the best validation figure of the run's headline metric so far
+    best_step: int | None = None  # the step of it (its model is in the run's best/ folder)
+    since_best: int = 0  # validations since the best one (early stopping)
+    validated_step: int | None = None  # the step of the last validation
+    stopped_early: bool = False  # train.patience ran out: the run ends at this step
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,13 +110,8 @@ REGISTRY_ROWS = "registry_rows.json"
 def save_checkpoint(path: Path, *, model: nn.Module, ties_map: dict, optimizer: torch.optim.Optimizer,
                     trainer: dict[str, Any], registry_rows: dict[str, Any] | None = None) -> Path:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    tensors, aliases = dedupe(model.state_dict())
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"aliases": json.dumps(aliases)})
-    (tmp / "ties.json").write_text(json.dumps(ties_map))
+    tmp = _new_folder(path)
+    _save_weights(tmp, model, ties_map)
     if registry_rows is not None:
         save_registry_rows(tmp, registry_rows)
     torch.save({
@@ -116,13 +120,54 @@ def save_checkpoint(path: Path, *, model: nn.Module, ties_map: dict, optimizer: 
         "optimizer_param_names": optimizer_param_names(model, optimizer),
         "rng": rng_state(),
     }, tmp / "trainer.pt")
+    _into_place(tmp, path)
+    return path
+
+
+def _new_folder(path: Path) -> Path:
+    """An empty folder beside ``path`` to write a new version of it into (``_into_place`` then swaps them)."""
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _into_place(tmp: Path, path: Path) -> None:
+    """``tmp`` becomes ``path`` by renames, so a kill leaves the old folder or the new one, never half of one."""
     old = path.with_name(path.name + ".old")
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
     if old.exists():
         shutil.rmtree(old)
+
+
+BEST_INFO = "best.json"
+
+
+def save_model(path: Path, *, model: nn.Module, ties_map: dict, info: dict[str, Any]) -> Path:
+    """A model without its training state (the weights, each stored tensor once, and the tie map), with
+    ``info`` (what it is: the step and the validation figure of a best model) as ``best.json``; written as a
+    checkpoint is, so a kill leaves the previous folder whole."""
+    path = Path(path)
+    tmp = _new_folder(path)
+    _save_weights(tmp, model, ties_map)
+    (tmp / BEST_INFO).write_text(json.dumps(info))
+    _into_place(tmp, path)
     return path
+
+
+def load_model_info(path: Path) -> dict[str, Any] | None:
+    """What ``save_model`` recorded of the model in ``path``, or None where there is none."""
+    file = Path(path) / BEST_INFO
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def _save_weights(folder: Path, model: nn.Module, ties_map: dict) -> None:
+    tensors, aliases = dedupe(model.state_dict())
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"aliases": json.dumps(aliases)})
+    (folder / "ties.json").write_text(json.dumps(ties_map))
 
 
 def save_registry_rows(path: Path, rows: dict[str, Any]) -> None:

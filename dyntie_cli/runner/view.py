@@ -181,6 +181,11 @@ def print_result(job: Job, result: RunResult, db: Path, elapsed_s: float) -> Non
     if what:
         print(f"run: {what}", file=out)
     print(f"final {split}: {metrics}", file=out)
+    if result.best_step is not None:
+        print(f"best validation: {result.best_metric}={result.best_validation:.4f} at step {result.best_step}",
+              file=out)
+    which = "the best validation" if result.tested_step == result.best_step else "the last step"
+    print(f"{result.test_split} scored: the model of step {result.tested_step} ({which})", file=out)
     print(f"independent layers: mean {result.mean_independent:.2f}, end {result.end_independent}", file=out)
     full = f" of {result.conventional_params:,} in the full model (every block its own weights)" \
         if result.conventional_params else ""
