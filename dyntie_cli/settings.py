@@ -171,7 +171,7 @@ KeepTarget = Literal["root", "previous"]
 ExploreMoves = Literal["any", "local"]
 TdTarget = Literal["max", "greedy"]
 Reward = Literal["relative", "neg-log-ppl", "neg-ppl"]
-RewardBatch = Literal["interval", "next", "fresh"]
+RewardBatch = Literal["interval", "next", "fresh", "heldout"]
 AgentPreset = Literal["default", "paper", "lean", "shared", "advantage"]
 QNet = Literal["matrix", "shared", "advantage"]
 
@@ -227,7 +227,14 @@ class AgentSettings(Section):
                              flag="--reward")
     reward_batch: RewardBatch = setting("interval", "Batches that score a decision: interval (the k training "
                                                     "batches that follow), next (the first), fresh (one extra "
-                                                    "batch, the paper).", legacy="fresh")
+                                                    "batch, the paper), heldout (a fixed slice carved from the end "
+                                                    "of train and never trained on, scored at the end of the "
+                                                    "decision's interval: the same tokens every time).",
+                                        legacy="fresh")
+    reward_probes: list[RewardBatch] = setting(
+        [], "Rewards a rewarded policy also scores at every decision without acting on them, recorded as "
+            "metrics reward/ppl_<kind> for report --table evidence: a list of interval, next, fresh, heldout "
+            "(fresh and heldout cost forward passes; off by default).", legacy=[])
     reward_ema: float = setting(0.9, "Smoothing of the relative reward's running reference.", ge=0, le=1)
     max_independent: int = setting(8, "At most N independent blocks, by masking actions (0: no cap).",
                                    flag="--max-independent", ge=0)
@@ -284,6 +291,18 @@ class AgentSettings(Section):
         # like q-off, and a row moves only where the heads agree the move is better (docs/studies.md)
         "advantage": dict(qnet="advantage", greedy_scope="local", keep_bonus=0.0),
     }
+
+    @field_validator("reward_probes", mode="before")
+    @classmethod
+    def _probes_from_text(cls, value: Any) -> Any:
+        """``fresh,heldout`` as well as ``["fresh", "heldout"]``; each kind once."""
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return list(dict.fromkeys(value)) if isinstance(value, list) else value
+
+    def scores(self, kind: str) -> bool:
+        """Whether a run of these settings scores reward ``kind`` (acts on it, or probes it)."""
+        return self.reward_batch == kind or kind in self.reward_probes
 
     @classmethod
     def from_preset(cls, preset: str = "default", **overrides: Any) -> AgentSettings:

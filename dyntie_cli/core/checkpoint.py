@@ -39,7 +39,8 @@ from ..errors import DyntieError
 
 @dataclass
 class PendingDecision:
-    """A decision whose reward batches are still being trained on (``reward_batch`` interval or next)."""
+    """A decision whose reward batches are still being trained on (``reward_batch`` interval, next or heldout, or a
+    probe of one of them)."""
 
     decision: int
     step: int
@@ -54,6 +55,8 @@ class PendingDecision:
     q_spread: float | None
     losses: list[float] = field(default_factory=list)
     greedy_moves: int | None = None
+    scores: dict[str, float] = field(default_factory=dict)  # reward kind -> perplexity, as each is scored
+    rewarded: bool = False  # the policy has had its reward (its decisions row is logged)
 
 
 @dataclass

@@ -184,6 +184,10 @@ class Trainer:
         self.device = self.group.device or resolve_device(cfg.device)
         with self.group.main_first():  # rank 0 fills the token cache, the other ranks read it
             self.data = self.backbone.load_data(cfg)
+        if cfg.agent.scores("heldout") and not hasattr(self.data, "heldout_batches"):
+            raise DyntieError(f"Backbone {cfg.backbone} has no held-out slice of train to score the heldout reward "
+                              "(its data serves no heldout_batches(), as GPT-2's does); use agent.reward_batch and "
+                              "agent.reward_probes interval, next or fresh.")
         self.checkpoint_dir = self.out_dir / self.writer.run_id / "checkpoint"
         self.best_dir = self.out_dir / self.writer.run_id / "best"  # the model of the best validation figure
         self._build_model()
@@ -207,7 +211,7 @@ class Trainer:
         self.decisions = TieDecisions(
             self.ties, self.policy, self.writer, self.loop, decide_every=cfg.ties.decide_every,
             max_steps=cfg.train.max_steps, reward_batch=cfg.agent.reward_batch, fresh_ppl=self._fresh_ppl,
-            group=self.group, release_memory=self.device.type == "cpu")
+            heldout_ppl=self._heldout_ppl, probes=cfg.agent.reward_probes, group=self.group, release_memory=self.device.type == "cpu")
         self.probe = MemoryProbe(self.device)  # training peaks from here on; the setup peak is kept apart
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
         use_scaler = cfg.train.precision == "fp16" and self.device.type == "cuda"
@@ -354,7 +358,9 @@ class Trainer:
         if self.resume:
             w.resume(w.run_id, headline=self.backbone.headline(cfg))
             # a decision still waiting for its reward at the checkpoint is logged again once it is scored
-            w.truncate_after(self.loop.step, decisions_from=self.loop.pending.decision if self.loop.pending else None)
+            pending = self.loop.pending
+            w.truncate_after(self.loop.step, decisions_from=pending.decision if pending and not pending.rewarded
+                             else None)
         else:
             config = cfg.to_dict() | self.job.labels | {"setup": self.build_report.label()}
             if self.group.active:
@@ -505,6 +511,15 @@ class Trainer:
             ppl = self.backbone.reward_ppl(self.model, batch)
         self.model.train()
         return ppl
+
+    def _heldout_ppl(self) -> float:
+        """The held-out reward: perplexity of the fixed slice carved from the end of train (never trained on,
+        never validation or test), the same tokens at every decision."""
+        self.model.eval()
+        with self._autocast():
+            out = self.backbone.evaluate(self.model, (_to(b, self.device) for b in self.data.heldout_batches()))
+        self.model.train()
+        return out["ppl"]
 
     def _log_train(self, losses: list[float], step_times: list[float], items: int) -> None:
         w = self.writer

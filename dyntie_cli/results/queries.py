@@ -618,11 +618,13 @@ QUERIES: dict[str, NamedQuery] = {
                                 "independent blocks, and the paired difference to dynamic.",
                         headline=("variant", "metric", "mean", "test at best, mean", "mean / no-tying",
                                   "minus dynamic, mean")),
-    "evidence": NamedQuery(_evidence, "Per group of comparable runs (backbone, blocks, steps, cadence): what one "
-                                      "newly untied or tied block changed the reward of its decision, by least "
-                                      "squares with one level per decision, with standard errors, and the "
-                                      "reward's noise: the evidence an agent can learn from.",
-                           headline=("untie_effect", "untie_se", "tie_effect", "tie_se", "reward_noise_sd")),
+    "evidence": NamedQuery(_evidence, "Per group of comparable runs (backbone, blocks, steps, cadence) and reward "
+                                      "(the one their policy acted on, and each one probed on the same decisions, "
+                                      "as -log ppl): what one newly untied or tied block changed the reward of its "
+                                      "decision, by least squares with one level per decision, with standard "
+                                      "errors, and the reward's noise: the evidence an agent can learn from.",
+                           headline=("reward", "untie_effect", "untie_se", "tie_effect", "tie_se",
+                                     "reward_noise_sd")),
     "variants": NamedQuery(_per_run, "Run id and variant of each run.", table=False),
     "headline-metrics": NamedQuery(_headline_metrics, "The metric each run is judged by and whether higher is "
                                                       "better.", table=False),
