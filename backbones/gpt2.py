@@ -53,6 +53,11 @@ class GPT2Data(Section):
 _CPU_DATA = dict(tokenizer="bpe:8192", seq_len=128, batch_size=8, eval_batch_size=16, max_train_tokens=0)
 _CPU_TRAIN = dict(lr=1e-3, warmup_steps=100, eval_every=250, eval_items=32768, test_items=0, log_every=10)
 
+#: measured: docs/studies.md, "The paper's regime"
+REGIME_DESCRIPTION = ("48 x 64, 2 heads, BPE 2k, the first 40k tokens of WikiText-2 for 4,800 steps (31 epochs), a "
+                      "decision every 3 steps (1,599 per run): the paper's data-limited regime, where conventional "
+                      "training overfits")
+
 PRESETS = {
     p.name: p
     for p in [
@@ -80,6 +85,13 @@ PRESETS = {
                data=dict(_CPU_DATA, seq_len=64, batch_size=2, eval_batch_size=4),
                train=dict(_CPU_TRAIN, max_steps=30, lr=3e-4, warmup_steps=5, eval_every=0, eval_items=1024,
                           test_items=1024, log_every=2),
+               ties=dict(decide_every=3)),
+        Preset("gpt2-regime-cpu", REGIME_DESCRIPTION,
+               model=dict(n_layer=48, n_embd=64, n_head=2, dropout=0.0),
+               data=dict(tokenizer="bpe:2048", seq_len=64, batch_size=4, eval_batch_size=16,
+                         max_train_tokens=40_000, heldout_tokens=512),
+               train=dict(lr=1e-3, warmup_steps=100, max_steps=4800, eval_every=200, eval_items=16_384,
+                          test_items=0, log_every=50),
                ties=dict(decide_every=3)),
         Preset("gpt2-paper", "48 x 1600, 25 heads, GPT-2 BPE (about 1.6B parameters): the paper's shape, GPU",
                model=dict(n_layer=48, n_embd=1600, n_head=25, dropout=0.1),
