@@ -19,7 +19,7 @@ from torch import nn
 
 from dyntie_cli.backbone import Backbone, Batch, TaskData
 from dyntie_cli.errors import DyntieError
-from dyntie_cli.settings import MAX_BATCH, RunSettings, Section, setting
+from dyntie_cli.settings import INT32_MAX, MAX_BATCH, RunSettings, Section, setting
 
 from .common import described_model, init_location, no_progress_bars, read_json_config, save_hf_tokenizer
 from .text_corpora import EOS_TOKEN
@@ -35,6 +35,10 @@ class LMDataSettings(Section):
     batch_size: int = setting(8, "Windows per training step.", ge=1, le=MAX_BATCH)
     eval_batch_size: int = setting(16, "Windows per evaluation batch.", ge=1, le=MAX_BATCH)
     max_train_tokens: int = setting(0, "Train on the first N tokens of train (0: all).", ge=0)
+    heldout_tokens: int = setting(2048, "The held-out reward's slice: the last N tokens of train (after "
+                                        "max_train_tokens), never trained on, carved only when the run's reward or "
+                                        "its probes use it (agent.reward_batch or agent.reward_probes heldout).",
+                                  ge=2, le=INT32_MAX)
     bpe_train_chars: int = setting(DEFAULT_BPE_TRAIN_CHARS, "Characters of train a bpe:N tokenizer learns from.",
                                    ge=1)
 
@@ -106,6 +110,7 @@ class CausalLMBackbone(Backbone):
             cfg.dataset, data_dir=cfg.data_dir, tokenizer=d.tokenizer, seq_len=d.seq_len,
             batch_size=d.batch_size, eval_batch_size=d.eval_batch_size,
             max_train_tokens=d.max_train_tokens or None, bpe_train_chars=d.bpe_train_chars,
+            heldout_tokens=d.heldout_tokens if cfg.agent.scores("heldout") else 0,
         )
 
     def build_model(self, cfg: RunSettings, data: TaskData) -> nn.Module:

@@ -31,6 +31,11 @@ class GPT2Model(Section):
 #: the data section GPT-2 shares with every causal LM
 GPT2Data = LMDataSettings
 
+#: measured: docs/studies.md, "The paper's regime"
+REGIME_DESCRIPTION = ("48 x 64, 2 heads, BPE 2k, the first 40k tokens of WikiText-2 for 4,800 steps (31 epochs), a "
+                      "decision every 3 steps (1,599 per run): the paper's data-limited regime, where conventional "
+                      "training overfits")
+
 PRESETS = {
     p.name: p
     for p in [
@@ -63,6 +68,13 @@ PRESETS = {
                train=dict(CPU_TRAIN, max_steps=6, lr=1e-2, warmup_steps=2, eval_every=0, eval_items=512,
                           test_items=512, log_every=1, checkpointing="all", optimizer="adafactor"),
                ties=dict(decide_every=2)),
+        Preset("gpt2-regime-cpu", REGIME_DESCRIPTION,
+               model=dict(n_layer=48, n_embd=64, n_head=2, dropout=0.0),
+               data=dict(tokenizer="bpe:2048", seq_len=64, batch_size=4, eval_batch_size=16,
+                         max_train_tokens=40_000, heldout_tokens=512),
+               train=dict(lr=1e-3, warmup_steps=100, max_steps=4800, eval_every=200, eval_items=16_384,
+                          test_items=0, log_every=50),
+               ties=dict(decide_every=3)),
         Preset("gpt2-paper", "48 x 1600, 25 heads, GPT-2 BPE (about 1.6B parameters): the paper's shape, GPU",
                model=dict(n_layer=48, n_embd=1600, n_head=25, dropout=0.1),
                data=dict(tokenizer="gpt2", seq_len=1024, batch_size=8, eval_batch_size=8, max_train_tokens=0),

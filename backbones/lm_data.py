@@ -3,7 +3,8 @@ point.
 
 ``load_lm_data`` reads a corpus (``text_corpora``), builds or loads a tokenizer and tokenizes every split once
 (``text_tokenizers``), and wraps the token arrays in ``LMData``, which serves nanoGPT-style random training
-windows and contiguous evaluation windows that score every token exactly once.
+windows and contiguous evaluation windows that score every token exactly once -- and, when asked, the windows of
+a held-out slice carved from the end of train, which training never samples (the held-out reward's tokens).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class LMData:
         vocab_size: int,
         source: str = "",
         tokenizer: LMTokenizer | None = None,
+        heldout_tokens: int = 0,
     ) -> None:
         for name, value in (
             ("seq_len", seq_len),
@@ -51,6 +53,8 @@ class LMData:
             if value < 1:
                 raise UsageError(f"{name} must be at least 1, not {value}: set a positive value.")
         self.tokens = {split: np.asarray(ids) for split, ids in tokens.items()}
+        if heldout_tokens and "train" in self.tokens:
+            self._hold_out(heldout_tokens, seq_len)
         train = self.tokens.get("train")
         if train is None or len(train) < seq_len + 1:
             have = 0 if train is None else len(train)
@@ -64,8 +68,26 @@ class LMData:
         self.tokenizer = tokenizer
         self.num_tokens = {split: len(ids) for split, ids in self.tokens.items()}
 
+    def _hold_out(self, count: int, seq_len: int) -> None:
+        """The last ``count`` tokens of train become the held-out slice, and leave what training samples."""
+        train = self.tokens["train"]
+        if len(train) - count < seq_len + 1 or count < 2:
+            raise DyntieError(
+                f"data.heldout_tokens={count:,} cannot be carved from {len(train):,} training tokens (at least 2, "
+                f"leaving seq_len + 1 = {seq_len + 1} to train on): set a smaller data.heldout_tokens."
+            )
+        self.tokens["heldout"] = train[len(train) - count:]
+        self.tokens["train"] = train[: len(train) - count]
+
     def items_per_batch(self) -> int:
         return self.batch_size * self.seq_len
+
+    def heldout_batches(self) -> Iterator[Batch]:
+        """The held-out slice (the end of train, never trained on: not validation, not test) as contiguous windows,
+        every token but the first scored once: the same batches every time they are asked for."""
+        if "heldout" not in self.tokens:
+            raise DyntieError("This data holds no held-out slice: load it with heldout_tokens > 0.")
+        return self.eval_batches("heldout")
 
     def train_batch(self, generator: torch.Generator) -> Batch:
         """``batch_size`` windows of ``seq_len + 1`` tokens at uniformly random offsets of train (nanoGPT)."""
@@ -121,6 +143,7 @@ def load_lm_data(
     cache_dir: str | os.PathLike[str] | None = None,
     bpe_train_chars: int | None = DEFAULT_BPE_TRAIN_CHARS,
     log: Log | None = None,
+    heldout_tokens: int = 0,
 ) -> LMData:
     """Corpus -> tokenizer -> cached token arrays -> ``LMData``: the entry point of the causal LM backbones."""
     corpus = load_corpus(dataset, data_dir)
@@ -135,6 +158,8 @@ def load_lm_data(
     if max_train_tokens is not None and max_train_tokens < len(tokens["train"]):
         tokens["train"] = tokens["train"][:max_train_tokens]
         source += f"; train truncated to its first {max_train_tokens:,} tokens"
+    if heldout_tokens:
+        source += f"; its last {heldout_tokens:,} held out for the reward"
     return LMData(
         tokens,
         seq_len=seq_len,
@@ -143,4 +168,5 @@ def load_lm_data(
         vocab_size=lm_tokenizer.vocab_size,
         source=source,
         tokenizer=lm_tokenizer,
+        heldout_tokens=heldout_tokens,
     )

@@ -57,8 +57,11 @@ class RunModel:
     ties: TieManager
 
 
-def checkpoint_dir(run: RecordedRun) -> Path:
-    """Where a run keeps its last checkpoint, or one sentence saying it has none."""
+def checkpoint_dir(run: RecordedRun, *, best: bool = False) -> Path:
+    """Where a run keeps its last checkpoint (``best``: the model of its best validation figure), or one sentence
+    saying it has none."""
+    if best:
+        return best_dir(run)
     folder = Path(run.out_dir) / "checkpoint" if run.out_dir else None
     # a run killed in the middle of a checkpoint swap left its last checkpoint under the old name
     found = folder if folder is None or folder.exists() else folder.with_name(folder.name + ".old")
@@ -70,17 +73,28 @@ def checkpoint_dir(run: RecordedRun) -> Path:
     return folder
 
 
-def load_run_model(db: Path, run_id: str) -> RunModel:
-    """The model of run ``run_id`` (a finished, killed or running one) from its last checkpoint, on the CPU,
-    in eval mode. A running run may move a newer checkpoint into place while this one is read: the tie map and the
-    weights are read from one checkpoint (``checkpoint.snapshot``), the one in place when the read began."""
+def best_dir(run: RecordedRun) -> Path:
+    """Where a run keeps the model of its best validation figure, or one sentence saying it has none."""
+    folder = Path(run.out_dir) / "best" if run.out_dir else None
+    if folder is None or ckpt.load_model_info(folder) is None:
+        raise DyntieError(f"Run {run.run_id} ({run.status}) has no best model yet: a run keeps one from its first "
+                          "validation when it selects its best (train.select_best, the default since runs record "
+                          "best_step); export its last model without --best.")
+    return folder
+
+
+def load_run_model(db: Path, run_id: str, *, best: bool = False) -> RunModel:
+    """The model of run ``run_id`` (a finished, killed or running one) from its last checkpoint (``best``: the
+    model of its best validation figure), on the CPU, in eval mode. A running run may replace the folder while
+    it is read: the tie map and the weights are read from one checkpoint (``checkpoint.snapshot``), the one in
+    place when the read began."""
     from .runner.settings_source import recorded_settings
 
     run = load_run(db, run_id)
     if run.status == "diverged":
         raise DyntieError(f"Run {run.run_id} diverged (`dyntie report --table runs --run {run.run_id}` says where), so "
                           "it has no trained model: train it again with a lower train.lr.")
-    folder = checkpoint_dir(run)
+    folder = checkpoint_dir(run, best=best)
     backbone, settings = recorded_settings(run.config, [])
     data = backbone.load_data(settings)
     with ckpt.snapshot(folder) as files:
@@ -119,6 +133,7 @@ class ExportResult:
     difference: float
     weights_bytes: int
     full_bytes: int
+    step: int | None  # the training step of the exported model (None: a checkpoint from before steps were kept)
     independent: int
     blocks: int
     trainable_fraction: float  # trainable parameters / the same model's parameters with every block its own
@@ -136,16 +151,18 @@ def check_destination(out: Path, overwrite: bool) -> None:
     check_writable_folder(out.parent, "--out", shown=out)
 
 
-def export_run(db: Path, run_id: str, out: Path, *, fmt: str = "full", overwrite: bool = False) -> ExportResult:
-    """Export run ``run_id``'s last checkpoint to ``out`` and check the round trip; ``out`` is only replaced
-    once the new folder passed."""
+def export_run(db: Path, run_id: str, out: Path, *, fmt: str = "full", overwrite: bool = False,
+               best: bool = False) -> ExportResult:
+    """Export run ``run_id``'s last checkpoint (``best``: the model of its best validation figure) to ``out`` and
+    check the round trip; ``out`` is only replaced once the new folder passed."""
     if fmt not in FORMATS:
         raise UsageError(f"Unknown export format {fmt!r}; use {' or '.join(FORMATS)}.")
     out = Path(out).expanduser()
     check_destination(out, overwrite)
     check_exportable(load_run(db, run_id).backbone)
-    rm = load_run_model(db, run_id)
+    rm = load_run_model(db, run_id, best=best)
     backbone, ties = rm.backbone, rm.ties
+    step = _model_step(checkpoint_dir(rm.run, best=best))
     batch = fixed_batch(rm.data)
     with torch.no_grad():
         reference = backbone.outputs(rm.model, batch)
@@ -157,7 +174,8 @@ def export_run(db: Path, run_id: str, out: Path, *, fmt: str = "full", overwrite
     ties.apply(all_independent(ties.num_blocks))
     ties.remove_hooks()
     keys = {"dyntie_backbone": backbone.name, "dyntie_run_id": rm.run.run_id, "dyntie_format": fmt,
-            "dyntie_tie_map": state, "dyntie_tied_grad": ties.tied_grad, "dyntie_blocks": names}
+            "dyntie_tie_map": state, "dyntie_tied_grad": ties.tied_grad, "dyntie_blocks": names,
+            "dyntie_model": "best" if best else "last", "dyntie_step": step}
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.export-{os.getpid()}"
     full = staging / "full"
@@ -191,8 +209,17 @@ def export_run(db: Path, run_id: str, out: Path, *, fmt: str = "full", overwrite
         _move_into_place(final, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return ExportResult(out, fmt, rm.run.run_id, difference, size, full_bytes, independent_count(state),
+    return ExportResult(out, fmt, rm.run.run_id, difference, size, full_bytes, step, independent_count(state),
                         len(state), fraction)
+
+
+def _model_step(folder: Path) -> int | None:
+    """The training step of the model in a checkpoint or best-model folder."""
+    info = ckpt.load_model_info(folder)
+    if info is not None:
+        return int(info["step"])
+    trainer = folder / "trainer.pt"
+    return int(ckpt.load_trainer_state(folder)["step"]) if trainer.is_file() else None
 
 
 #: the contract's hooks an export needs (docs/plugins.md)

@@ -108,9 +108,20 @@ METRICS: dict[tuple[str, str], str] = {
     ("validation", "loss"): "evaluation loss on the validation role", ("validation", "ppl"): "exp(loss)",
     ("validation", "accuracy"): "classifiers", ("validation", "mcc"): "CoLA", ("validation", "f1"): "MRPC, QQP",
     ("validation", "pearson"): "STS-B", ("validation", "spearman"): "STS-B",
-    ("test", "*"): "the same names as validation, once, at the last step (`runs.test_split` names the split)",
+    ("validation", "best_<metric>"): "the best validation figure of the run's headline metric (`runs.metric`: "
+                                     "`best_ppl`, `best_accuracy`, ...), once, at the last step: the model the run "
+                                     "selects (not an end-of-run figure)",
+    ("validation", "best_step"): "the step of that best validation figure, once, at the last step",
+    ("test", "*"): "the same names as validation, once, at the last step (`runs.test_split` names the split), "
+                   "scored on the model of the best validation figure (`best_step`; with `train.select_best` "
+                   "false, on the last model); the test split never chooses anything",
     ("reward", "ppl"): "perplexity of the batches that scored a decision",
     ("reward", "reward"): "the shaped reward of that decision",
+    ("reward", "ppl_<kind>"): "`agent.reward_probes`: the perplexity each probed reward (`ppl_interval`, `ppl_next`, "
+                              "`ppl_fresh`, `ppl_heldout`) gave the decision named by `reward/decision` at the same "
+                              "step, logged when its last probe was scored (the end of its interval, or at once "
+                              "when every probe is fresh); the policy acts on none of them",
+    ("reward", "decision"): "the decision the `ppl_<kind>` rows at this step score",
 }
 
 
@@ -211,6 +222,8 @@ def cli_page() -> str:
 def _kind(annotation: Any) -> str:
     if get_origin(annotation) is not None and str(get_origin(annotation)).endswith("Literal"):
         return "one of " + ", ".join(f"`{a}`" for a in get_args(annotation))
+    if get_origin(annotation) is list:
+        return "list of " + ", ".join(f"`{a}`" for a in get_args(get_args(annotation)[0]))
     args = [a for a in get_args(annotation) if a is not type(None)]
     if args:
         return " or ".join(getattr(a, "__name__", str(a)) for a in args) + (" or null" if type(None) in get_args(

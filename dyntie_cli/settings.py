@@ -80,6 +80,12 @@ class Section(BaseModel):
     def keys(self) -> list[str]:
         return list(type(self).model_fields)
 
+    @classmethod
+    def legacy_values(cls) -> dict[str, Any]:
+        """Fields added after runs were first recorded, with the value that reproduces such a run."""
+        return {name: f.json_schema_extra["legacy"] for name, f in cls.model_fields.items()
+                if isinstance(f.json_schema_extra, dict) and "legacy" in f.json_schema_extra}
+
 
 # --------------------------------------------------------------------------------------------------
 # The shared sections
@@ -129,6 +135,11 @@ class TrainSettings(Section):
     eval_items: int = setting(0, "Validation budget in tokens or examples (0: the whole split).", ge=0)
     test_items: int = setting(0, "Test budget in tokens or examples (0: the whole split).", ge=0)
     checkpoint_every: int = setting(0, "A checkpoint every N steps (0: at every validation).", ge=0)
+    select_best: bool = setting(True, "Score the test split once, at the end, on the model of the best validation "
+                                      "figure (the run's headline metric), kept in the run's best/ folder; false: on "
+                                      "the last model.", legacy=False)
+    patience: int = setting(0, "Early stopping: end the run after this many validations in a row without a better "
+                               "validation figure (0: never).", ge=0)
     eval_at_start: bool = setting(False, "Validate once before the first step (logged at step 0): the score of "
                                          "the starting model, such as --init weights.")
     precision: Precision = setting("fp32", "Autocast precision: fp32, bf16 or fp16 (bf16/fp16 for GPUs).")
@@ -226,7 +237,7 @@ KeepTarget = Literal["root", "previous"]
 ExploreMoves = Literal["any", "local"]
 TdTarget = Literal["max", "greedy"]
 Reward = Literal["relative", "neg-log-ppl", "neg-ppl"]
-RewardBatch = Literal["interval", "next", "fresh"]
+RewardBatch = Literal["interval", "next", "fresh", "heldout"]
 AgentPreset = Literal["default", "paper", "lean", "shared", "advantage"]
 QNet = Literal["matrix", "shared", "advantage"]
 
@@ -282,7 +293,14 @@ class AgentSettings(Section):
                              flag="--reward")
     reward_batch: RewardBatch = setting("interval", "Batches that score a decision: interval (the k training "
                                                     "batches that follow), next (the first), fresh (one extra "
-                                                    "batch, the paper).", legacy="fresh")
+                                                    "batch, the paper), heldout (a fixed slice carved from the end "
+                                                    "of train and never trained on, scored at the end of the "
+                                                    "decision's interval: the same tokens every time).",
+                                        legacy="fresh")
+    reward_probes: list[RewardBatch] = setting(
+        [], "Rewards a rewarded policy also scores at every decision without acting on them, recorded as "
+            "metrics reward/ppl_<kind> for report --table evidence: a list of interval, next, fresh, heldout "
+            "(fresh and heldout cost forward passes; off by default).", legacy=[])
     reward_ema: float = setting(0.9, "Smoothing of the relative reward's running reference.", ge=0, le=1)
     max_independent: int = setting(8, "At most N independent blocks, by masking actions (0: no cap).",
                                    flag="--max-independent", ge=0)
@@ -340,18 +358,24 @@ class AgentSettings(Section):
         "advantage": dict(qnet="advantage", greedy_scope="local", keep_bonus=0.0),
     }
 
+    @field_validator("reward_probes", mode="before")
+    @classmethod
+    def _probes_from_text(cls, value: Any) -> Any:
+        """``fresh,heldout`` as well as ``["fresh", "heldout"]``; each kind once."""
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return list(dict.fromkeys(value)) if isinstance(value, list) else value
+
+    def scores(self, kind: str) -> bool:
+        """Whether a run of these settings scores reward ``kind`` (acts on it, or probes it)."""
+        return self.reward_batch == kind or kind in self.reward_probes
+
     @classmethod
     def from_preset(cls, preset: str = "default", **overrides: Any) -> AgentSettings:
         """The named agent with ``overrides``; an unknown name or key is refused."""
         if preset not in cls.PRESETS:
             raise UsageError(f"Unknown agent setting {preset!r}; choose one of {', '.join(cls.PRESETS)}.")
         return validated(cls, {**cls.PRESETS[preset], **overrides, "preset": preset}, "agent")
-
-    @classmethod
-    def legacy_values(cls) -> dict[str, Any]:
-        """Fields added after runs were first recorded, with the value that reproduces such a run."""
-        return {name: f.json_schema_extra["legacy"] for name, f in cls.model_fields.items()
-                if isinstance(f.json_schema_extra, dict) and "legacy" in f.json_schema_extra}
 
 
 SHARED_SECTIONS: dict[str, type[Section]] = {"train": TrainSettings, "ties": TieSettings, "agent": AgentSettings}
@@ -606,8 +630,8 @@ def resolve(backbone_cls: type, preset: Any, *, dataset: str | None = None,
 
 
 def upgrade_saved(saved: dict[str, Any]) -> dict[str, Any]:
-    """A config as the registry stored it, brought to today's schema: launch labels dropped, agent fields
-    added since it was recorded set to the values that reproduce that run."""
+    """A config as the registry stored it, brought to today's schema: launch labels dropped, train and agent
+    fields added since it was recorded set to the values that reproduce that run."""
     tree = {k: v for k, v in saved.items() if k not in RUN_LABELS}
     model = tree.get("model")
     if isinstance(model, dict) and "init" in model:  # BERT's start weights were model.init before init
@@ -618,6 +642,7 @@ def upgrade_saved(saved: dict[str, Any]) -> dict[str, Any]:
         if init and _starts_from_initial_state(tree.get("variant", "dynamic")):
             # such runs started all tied, as every dynamic run did before ties.initial_state
             tree["ties"] = {"initial_state": "all-tied", **tree.get("ties", {})}
+    tree["train"] = {**TrainSettings.legacy_values(), **tree.get("train", {})}
     agent = tree.get("agent")
     if agent:  # the preset's values, then the legacy values, then what the run saved
         preset = agent.get("preset", "default")

@@ -120,7 +120,10 @@ class DynamicTying:
     are released; an untied block gets its own copy and joins the optimizer's parameter group of its
     counterpart in block 0. The optimizer object stays the same (its ``param_groups`` are edited in place), so
     an LR scheduler keeps working. The reward is the perplexity of the ``decide_every`` losses that follow a
-    decision (``agent.reward_batch`` interval, the default), or of ``fresh_ppl()`` (reward_batch fresh).
+    decision (``agent.reward_batch`` interval, the default), of ``fresh_ppl()`` (reward_batch fresh), or of
+    ``heldout_ppl()`` (reward_batch heldout: the model's perplexity on a fixed slice of training data it never
+    trains on, called at the end of each decision's interval); ``agent.reward_probes`` score more kinds without
+    acting on them.
 
     ``variant``: any variant that needs no source run: dynamic (the Q-agent), random, no-tying, a static scheme
     (static-all, static-sequence ... with ``independent`` blocks), grow or q-off. ``agent``: a named agent (default, lean, paper) and ``agent_options`` its
@@ -141,8 +144,9 @@ class DynamicTying:
                  agent_options: dict[str, Any] | None = None, initial_state: str = "auto", pretrained: bool = False,
                  independent: int = 0, tied_grad: str = "follow", untie_optim: str = "fresh", seed: int = 0,
                  db: str | Path | None = None, name: str = "custom", dataset: str = "",
-                 fresh_ppl: Callable[[], float] | None = None, log_every: int = 0,
-                 checkpointing: str | int = "off", _resume: Mapping[str, Any] | None = None) -> None:
+                 fresh_ppl: Callable[[], float] | None = None, heldout_ppl: Callable[[], float] | None = None,
+                 log_every: int = 0, checkpointing: str | int = "off",
+                 _resume: Mapping[str, Any] | None = None) -> None:
         if total_steps < 1:
             raise UsageError(f"total_steps must be at least 1, not {total_steps}.")
         kind = spec(variant)
@@ -162,9 +166,12 @@ class DynamicTying:
         self.policy = make_policy(variant, len(blocks), agent=agent_cfg, seed=seed, independent=independent,
                                   total_decisions=max(0, (total_steps - 1) // decide_every),
                                   initial_state=ties_cfg.initial_state, pretrained=pretrained)
-        if agent_cfg.reward_batch == "fresh" and fresh_ppl is None and self.policy.wants_reward:
+        if agent_cfg.scores("fresh") and fresh_ppl is None and self.policy.wants_reward:
             raise UsageError("agent reward_batch 'fresh' scores one extra batch: pass fresh_ppl, a function that "
                              "returns the model's perplexity on a fresh training batch.")
+        if agent_cfg.scores("heldout") and heldout_ppl is None and self.policy.wants_reward:
+            raise UsageError("agent reward_batch 'heldout' scores a held-out slice: pass heldout_ppl, a function "
+                             "that returns the model's perplexity on training data it never trains on.")
         self.group = Group.joined(next(blocks[0].parameters()).device)
         # every block starts with the weights it was built with, so the optimizer holds them all; the start
         # state is applied once the optimizer is attached, so tied blocks leave it
@@ -191,7 +198,8 @@ class DynamicTying:
         self.log = _Log(writer, self._start_run if writer is not None else None)
         self.decisions = TieDecisions(self.ties, self.policy, self.log, self.loop, decide_every=decide_every,
                                       max_steps=total_steps, reward_batch=agent_cfg.reward_batch,
-                                      fresh_ppl=fresh_ppl, group=self.group)
+                                      fresh_ppl=fresh_ppl, heldout_ppl=heldout_ppl,
+                                      probes=agent_cfg.reward_probes, group=self.group)
         self._losses: list[float] = []
         self.finished = False
         self.averaging = None

@@ -33,7 +33,9 @@ def test_every_metric_a_run_writes_is_documented(runner, tmp_path):
                "--db", db, "--out", tmp_path / "runs", "--quiet")
     assert r.exit_code == 0, r.stderr
     documented = set(reference.METRICS)
+    (metric,) = _rows(db, "SELECT metric FROM runs")[0]
     for split, name in _rows(db, "SELECT DISTINCT split, name FROM metrics"):
+        name = "best_<metric>" if name == f"best_{metric}" else name  # one entry for every headline metric
         assert (split, name) in documented or (split, "*") in documented, (split, name)
 
 

@@ -433,6 +433,23 @@ def test_lm_data_reports_its_shape() -> None:
     assert data.num_tokens == {"train": 1000, "validation": 1000, "test": 1000}
 
 
+def test_the_held_out_slice_is_the_end_of_train_and_training_never_samples_it() -> None:
+    splits = {s: np.arange(1000, dtype=np.uint16) for s in ("train", "validation", "test")}
+    data = LMData(splits, seq_len=16, batch_size=8, eval_batch_size=3, vocab_size=1000, heldout_tokens=100)
+    held = [b for b in data.heldout_batches()]
+    assert np.concatenate([b["input_ids"].reshape(-1).numpy() for b in held]).tolist() == list(range(900, 999))
+    assert np.concatenate([b["labels"].reshape(-1).numpy() for b in held]).tolist() == list(range(901, 1000))
+    assert [b["input_ids"].tolist() for b in data.heldout_batches()] == [b["input_ids"].tolist() for b in held]
+    generator = torch.Generator().manual_seed(0)
+    seen = {int(t) for _ in range(300) for t in data.train_batch(generator)["labels"].reshape(-1)}
+    assert max(seen) == 899 and data.num_tokens["train"] == 900  # the windows end where the slice begins
+    assert data.num_tokens["validation"] == data.num_tokens["test"] == 1000  # never carved from
+    with pytest.raises(DyntieError, match="holds no held-out slice"):
+        make_data().heldout_batches()
+    with pytest.raises(DyntieError, match=r"data.heldout_tokens=990 cannot be carved .*set a smaller"):
+        LMData(splits, seq_len=16, batch_size=8, eval_batch_size=3, vocab_size=1000, heldout_tokens=990)
+
+
 def test_training_split_shorter_than_a_window_is_a_clear_error() -> None:
     with pytest.raises(DyntieError, match="shorter sequence length"):
         LMData({"train": np.arange(16)}, seq_len=16, batch_size=1, eval_batch_size=1, vocab_size=16)

@@ -305,21 +305,47 @@ def test_memory_plot_starts_at_zero_and_marks_the_intervals_with_a_validation(ab
     assert "interval with a validation (and its checkpoint)" in [t.get_text() for t in peak.get_legend().texts]
 
 
-def _evidence_run(w: RunWriter, states: list[list[int]], effects: tuple[float, float], noise: list[float]) -> None:
+def _moves(state: list[int], before: list[int]) -> tuple[int, int]:
+    """Blocks a decision untied and tied."""
+    untied = sum(s == i != b for i, (s, b) in enumerate(zip(state, before)))
+    tied = sum(s != i == b for i, (s, b) in enumerate(zip(state, before)))
+    return untied, tied
+
+
+def _evidence_run(w: RunWriter, states: list[list[int]], effects: tuple[float, float], noise: list[float],
+                  heldout: tuple[tuple[float, float], list[float]] | None = None) -> None:
     """A run whose decision d is rewarded 0.1 * d (training progress) plus the given effects of each block it
-    untied and tied, plus noise."""
+    untied and tied, plus noise; with ``heldout`` (effects, noise), also a held-out probe whose -log perplexity
+    is 0.2 * d plus those, logged at the end of the decision's interval."""
     w.start("train", "gpt2", "wikitext-2", "dynamic", {"train": {"max_steps": 10 * len(states)},
                                                        "ties": {"decide_every": 10}})
     for d, state in enumerate(states):
         w.tie(decision=d, step=10 * d, state=state, action=state, independent_layers=sum(s == i for i, s in
               enumerate(state)), distinct_block_weights=None, changed_blocks=0)
         if d:
-            before = states[d - 1]
-            untied = sum(s == i != b for i, (s, b) in enumerate(zip(state, before)))
-            tied = sum(s != i == b for i, (s, b) in enumerate(zip(state, before)))
+            untied, tied = _moves(state, states[d - 1])
             w.decision(decision=d, step=10 * d, epsilon=0.5, explored=True,
                        reward=0.1 * d + effects[0] * untied + effects[1] * tied + noise[d], q_predicted=0.0,
                        q_target=0.0, td_loss=0.0, greedy_agreement=None, q_spread=0.0)
+            if heldout:
+                (untie, tie), probe_noise = heldout
+                w.metric(10 * d + 10, "reward", "decision", d)
+                w.metric(10 * d + 10, "reward", "ppl_heldout",
+                         math.exp(6 - 0.2 * d - untie * untied - tie * tied - probe_noise[d]))
+
+
+def _local_moves(g: np.random.Generator, blocks: int = 6, decisions: int = 8) -> list[list[int]]:
+    """Tie states from all tied, each decision one random local move or none: untie a block, or join it to the
+    group before."""
+    states = [[0] * blocks]
+    for _ in range(decisions):
+        s, i = states[-1], int(g.integers(1, blocks))
+        action = [k if s[k] == k else k - 1 for k in range(blocks)]  # every row keeps (groups are consecutive)
+        move = int(g.integers(0, 3))
+        if move:
+            action[i] = i if move == 1 else i - 1
+        states.append(transition(s, action))
+    return states
 
 
 def test_evidence_table_recovers_known_effects_of_tie_moves(tmp_path, runner):
@@ -329,14 +355,7 @@ def test_evidence_table_recovers_known_effects_of_tie_moves(tmp_path, runner):
     db = tmp_path / "evidence.duckdb"
     g = np.random.default_rng(0)
     for r in range(6):
-        states = [[0] * 6]
-        for _ in range(8):  # one random local move or none: untie a block, or join it to the group before
-            s, i = states[-1], int(g.integers(1, 6))
-            action = [k if s[k] == k else k - 1 for k in range(6)]  # every row keeps (groups are consecutive)
-            move = int(g.integers(0, 3))
-            if move:
-                action[i] = i if move == 1 else i - 1
-            states.append(transition(s, action))
+        states = _local_moves(g)
         with RunWriter(db, run_id=f"r{r}", flush_every_s=3600) as w:
             _evidence_run(w, states, (0.03, -0.05), list(g.normal(0, 0.002, 9)))
     with RunWriter(db, run_id="deep", flush_every_s=3600) as w:
@@ -352,3 +371,23 @@ def test_evidence_table_recovers_known_effects_of_tie_moves(tmp_path, runner):
     fitted = render(run_query("evidence", db), "table", width=80)
     assert not left_out(fitted) & {"backbone", *QUERIES["evidence"].headline}
 
+
+def test_evidence_table_fits_each_probed_reward_on_the_same_decisions(tmp_path, runner):
+    """Runs that also probed a held-out reward (reward/decision and reward/ppl_heldout rows at the end of each
+    decision's interval): one row per reward on the same decisions, the acting one as recorded, the probe as -log
+    of its perplexity, each with its own effects and noise."""
+    db = tmp_path / "probes.duckdb"
+    g = np.random.default_rng(1)
+    for r in range(6):
+        states = _local_moves(g)
+        with RunWriter(db, run_id=f"r{r}", flush_every_s=3600) as w:
+            _evidence_run(w, states, (0.03, -0.05), list(g.normal(0, 0.02, 9)),
+                          heldout=((0.01, -0.02), list(g.normal(0, 0.0005, 9))))
+    table = {row["reward"]: row for row in json.loads(report(runner, db, "--table", "evidence", "--format", "json"))}
+    assert set(table) == {"relative on fresh", "-log ppl on heldout"}  # the acting reward of a run recorded without
+    acting, heldout = table["relative on fresh"], table["-log ppl on heldout"]  # agent settings: the legacy one
+    assert acting["transitions"] == heldout["transitions"] == 48
+    assert heldout["untie_effect"] == pytest.approx(0.01, abs=0.001) and heldout["untie_t"] > 10
+    assert heldout["tie_effect"] == pytest.approx(-0.02, abs=0.001)
+    assert heldout["reward_noise_sd"] == pytest.approx(0.0005, rel=0.5)
+    assert acting["reward_noise_sd"] == pytest.approx(0.02, rel=0.5)

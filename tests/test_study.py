@@ -32,10 +32,16 @@ def _by_hand(db: Path, name: str) -> dict[str, dict]:
     """The study table recomputed from the registry with plain SQL and the statistics module."""
     runs = rows(db, "SELECT run_id, variant, seed FROM runs WHERE json_extract_string(config, '$.study.name') = ? "
                     "AND status = 'finished'", name)
-    val, indep, end = {}, {}, {}
+    val, best_step, test, indep, end = {}, {}, {}, {}, {}
     for run_id, variant, seed in runs:
-        val[variant, seed] = rows(db, "SELECT value FROM metrics WHERE run_id = ? AND split = 'validation' AND "
-                                      "name = 'ppl' ORDER BY step DESC LIMIT 1", run_id)[0][0]
+        # the best validation figure: the least of the run's validation perplexities, at the step it recorded
+        val[variant, seed], best_step[variant, seed] = rows(
+            db, "SELECT value, step FROM metrics WHERE run_id = ? AND split = 'validation' AND name = 'ppl' "
+                "ORDER BY value, step LIMIT 1", run_id)[0]
+        assert rows(db, "SELECT value FROM metrics WHERE run_id = ? AND name = 'best_step'", run_id) == \
+            [(best_step[variant, seed],)]
+        test[variant, seed] = rows(db, "SELECT value FROM metrics WHERE run_id = ? AND split = 'test' AND "
+                                       "name = 'ppl'", run_id)[0][0]
         indep[variant, seed] = rows(db, "SELECT value FROM metrics WHERE run_id = ? AND name = "
                                         "'independent_layers_mean'", run_id)[0][0]
         end[variant, seed] = rows(db, "SELECT independent_layers FROM ties WHERE run_id = ? ORDER BY decision DESC "
@@ -47,7 +53,9 @@ def _by_hand(db: Path, name: str) -> dict[str, dict]:
         diffs = [val[variant, s] - val["dynamic", s] for s in seeds] if variant != "dynamic" else None
         table[variant] = {
             "seeds": seeds, "per seed": values, "mean": statistics.mean(values), "std": statistics.stdev(values),
-            "min": min(values), "max": max(values),
+            "min": min(values), "max": max(values), "best step per seed": [best_step[variant, s] for s in seeds],
+            "test at best, per seed": [test[variant, s] for s in seeds],
+            "test at best, mean": statistics.mean(test[variant, s] for s in seeds),
             "mean / no-tying": statistics.mean(val[variant, s] / val["no-tying", s] for s in seeds),
             "independent mean": statistics.mean(indep[variant, s] for s in seeds),
             "independent end": statistics.mean(end[variant, s] for s in seeds),

@@ -1,5 +1,5 @@
-"""`dyntie export RUN --out DIR`: a run's last checkpoint as a plain transformers/timm folder, or compact; and
-`dyntie export-metrics RUN --to tensorboard|mlflow`: a recorded run's figures sent to the trackers."""
+"""`dyntie export RUN --out DIR`: a run's last checkpoint (or its best model) as a plain transformers/timm folder, or
+compact; and `dyntie export-metrics RUN --to tensorboard|mlflow`: a recorded run's figures sent to the trackers."""
 
 from __future__ import annotations
 
@@ -21,18 +21,24 @@ def export(
     = "full",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out folder (only once the "
                                                                 "new export has passed its round trip).")] = False,
+    best: Annotated[bool, typer.Option("--best", help="Export the model of the run's best validation figure (its "
+                                                      "best/ folder, the model its test score is of) instead of its "
+                                                      "last checkpoint.")] = False,
     db: Db = None,
 ) -> None:
-    """Export RUN's last checkpoint (finished, killed or still running) and check the round trip: the folder,
+    """Export RUN's last checkpoint (finished, killed or still running), or with --best the model of its best
+    validation figure, and check the round trip: the folder,
     loaded back by the library (full) or by dyntie_cli.load_tied (compact), must give the run's outputs on a
     fixed validation batch to 1e-5, else nothing is written.
     """
     from ..export import export_run
     from ..results.db import resolve_db_path
 
-    r = export_run(resolve_db_path(db), run, out, fmt=fmt, overwrite=overwrite)
+    r = export_run(resolve_db_path(db), run, out, fmt=fmt, overwrite=overwrite, best=best)
     mib = 2**20
-    typer.echo(f"exported: {r.run_id} -> {r.folder} ({r.format})")
+    which = "best validation" if best else "last checkpoint"
+    at = f" of step {r.step}" if r.step is not None else ""
+    typer.echo(f"exported: {r.run_id} -> {r.folder} ({r.format}; the model{at}, its {which})")
     typer.echo(f"round trip: max abs difference {r.difference:.3g} (limit 1e-05)")
     typer.echo(f"independent blocks: {r.independent} of {r.blocks}; trainable fraction {r.trainable_fraction:.3f}")
     if r.format == "compact":
@@ -68,6 +74,6 @@ def export_metrics(
 
 def register(app: typer.Typer) -> None:
     app.command("export", epilog="Examples: dyntie export RUN --out gpt2-out | dyntie export RUN --out tied "
-                "--format compact")(export)
+                "--format compact | dyntie export RUN --best --out best-out")(export)
     app.command("export-metrics", epilog="Examples: dyntie export-metrics RUN --to tensorboard | dyntie "
                 "export-metrics RUN --to mlflow --out tracked")(export_metrics)

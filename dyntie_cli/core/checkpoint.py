@@ -18,6 +18,10 @@ A checkpoint folder holds
 The folder is written under a temporary name and renamed, so a kill mid-write leaves the last good one. A reader
 that must see one checkpoint whole while a run may replace it (an export of a running run) opens its files
 through ``snapshot``.
+
+Beside it, a run keeps the model of its best validation figure in ``best/`` (``save_model``): the weights and the
+tie map as above, and ``best.json`` (the step and the figure), without the training state, which nothing resumes
+from a best model.
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ from .checkpoint_info import RUN_FILE
 
 @dataclass
 class PendingDecision:
-    """A decision whose reward batches are still being trained on (``reward_batch`` interval or next)."""
+    """A decision whose reward batches are still being trained on (``reward_batch`` interval, next or heldout, or a
+    probe of one of them)."""
 
     decision: int
     step: int
@@ -61,6 +66,8 @@ class PendingDecision:
     q_spread: float | None
     losses: list[float] = field(default_factory=list)
     greedy_moves: int | None = None
+    scores: dict[str, float] = field(default_factory=dict)  # reward kind -> perplexity, as each is scored
+    rewarded: bool = False  # the policy has had its reward (its decisions row is logged)
 
 
 @dataclass
@@ -78,6 +85,11 @@ class LoopState:
     # the steps since the last train row: a run stopped between two rows logs the same mean after its resume
     losses: list[float] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
+    best_value: float | None = None  # the best validation figure of the run's headline metric so far
+    best_step: int | None = None  # the step of it (its model is in the run's best/ folder)
+    since_best: int = 0  # validations since the best one (early stopping)
+    validated_step: int | None = None  # the step of the last validation
+    stopped_early: bool = False  # train.patience ran out: the run ends at this step
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,15 +130,9 @@ def save_checkpoint(path: Path, *, model: nn.Module, ties_map: dict, optimizer: 
                     run: dict[str, Any] | None = None) -> Path:
     path = Path(path)
     recover(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    tensors, aliases = dedupe(model.state_dict())
+    tmp = _new_folder(path)
     # the step in the weights' header too, where a resume reads it before it loads anything
-    save_file(tensors, str(tmp / "model.safetensors"),
-              metadata={"aliases": json.dumps(aliases), "step": str(trainer.get("step", ""))})
-    (tmp / "ties.json").write_text(json.dumps(ties_map))
+    _save_weights(tmp, model, ties_map, step=trainer.get("step", ""))
     if run is not None:
         (tmp / RUN_FILE).write_text(json.dumps(run))
     if registry_rows is not None:
@@ -138,6 +144,21 @@ def save_checkpoint(path: Path, *, model: nn.Module, ties_map: dict, optimizer: 
         "rng": rng_state(),
     }, tmp / "trainer.pt")
     kill_point("checkpoint-rows")
+    _into_place(tmp, path)
+    return path
+
+
+def _new_folder(path: Path) -> Path:
+    """An empty folder beside ``path`` to write a new version of it into (``_into_place`` then swaps them)."""
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _into_place(tmp: Path, path: Path) -> None:
+    """``tmp`` becomes ``path`` by renames, so a kill leaves the old folder or the new one, never half of one."""
     old = _old(path)
     if path.exists():
         os.replace(path, old)
@@ -146,6 +167,20 @@ def save_checkpoint(path: Path, *, model: nn.Module, ties_map: dict, optimizer: 
     kill_point("checkpoint-renamed")
     if old.exists():
         shutil.rmtree(old)
+
+
+BEST_INFO = "best.json"
+
+
+def save_model(path: Path, *, model: nn.Module, ties_map: dict, info: dict[str, Any]) -> Path:
+    """A model without its training state (the weights, each stored tensor once, and the tie map), with
+    ``info`` (what it is: the step and the validation figure of a best model) as ``best.json``; written as a
+    checkpoint is, so a kill leaves the previous folder whole."""
+    path = Path(path)
+    tmp = _new_folder(path)
+    _save_weights(tmp, model, ties_map, step=info.get("step", ""))
+    (tmp / BEST_INFO).write_text(json.dumps(info))
+    _into_place(tmp, path)
     return path
 
 
@@ -164,6 +199,19 @@ def recover(path: Path) -> None:
         shutil.rmtree(old)
     else:
         os.replace(old, path)
+
+
+def load_model_info(path: Path) -> dict[str, Any] | None:
+    """What ``save_model`` recorded of the model in ``path``, or None where there is none."""
+    file = Path(path) / BEST_INFO
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def _save_weights(folder: Path, model: nn.Module, ties_map: dict, step: Any = "") -> None:
+    tensors, aliases = dedupe(model.state_dict())
+    save_file(tensors, str(folder / "model.safetensors"),
+              metadata={"aliases": json.dumps(aliases), "step": str(step)})
+    (folder / "ties.json").write_text(json.dumps(ties_map))
 
 
 def save_registry_rows(path: Path, rows: dict[str, Any]) -> None:

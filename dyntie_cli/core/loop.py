@@ -71,6 +71,10 @@ class RunResult:
     end_trainable: int = 0
     conventional_params: int = 0  # trainable parameters of the same model with every block independent
     checkpoint: str | None = None
+    best_metric: str | None = None  # the headline metric, its best validation figure and the step of it (None:
+    best_validation: float | None = None  # never validated on it)
+    best_step: int | None = None
+    tested_step: int = 0  # the step of the model ``final`` scored: best_step where the run selects its best
     wall_time_s: float = 0.0  # the training loop, evaluations and checkpoints (a resumed run's earlier parts too)
     baseline: dict[str, float] = field(default_factory=dict)  # a trivial predictor's score on the same items
     baseline_how: str = ""  # how that predictor answers, in words
@@ -205,6 +209,7 @@ class Trainer:
         self.events = events or (lambda e: None)
         self.stop_signal: int | None = None
         self.checkpoint_at: int | None = None  # the step of the run's checkpoint in place, if any
+        self.last_validation: dict[str, float] = {}
 
     # -- setup -------------------------------------------------------------------------------------
 
@@ -215,7 +220,12 @@ class Trainer:
         check_optimizer(cfg)  # before any data loads
         with self.group.main_first():  # rank 0 fills the token cache, the other ranks read it
             self.data = self.backbone.load_data(cfg)
+        if cfg.agent.scores("heldout") and not hasattr(self.data, "heldout_batches"):
+            raise DyntieError(f"Backbone {cfg.backbone} has no held-out slice of train to score the heldout reward "
+                              "(its data serves no heldout_batches(), as GPT-2's does); use agent.reward_batch and "
+                              "agent.reward_probes interval, next or fresh.")
         self.checkpoint_dir = self.out_dir / self.writer.run_id / "checkpoint"
+        self.best_dir = self.out_dir / self.writer.run_id / "best"  # the model of the best validation figure
         self._build_model()
         if self.group.active:
             self.group.broadcast_parameters(self.model)  # the same start on every rank (the seed gives it too)
@@ -237,7 +247,7 @@ class Trainer:
         self.decisions = TieDecisions(
             self.ties, self.policy, self.writer, self.loop, decide_every=cfg.ties.decide_every,
             max_steps=cfg.train.max_steps, reward_batch=cfg.agent.reward_batch, fresh_ppl=self._fresh_ppl,
-            group=self.group, release_memory=self.device.type == "cpu")
+            heldout_ppl=self._heldout_ppl, probes=cfg.agent.reward_probes, group=self.group, release_memory=self.device.type == "cpu")
         self.probe = MemoryProbe(self.device)  # training peaks from here on; the setup peak is kept apart
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
         use_scaler = cfg.train.precision == "fp16" and self.device.type == "cuda"
@@ -391,8 +401,9 @@ class Trainer:
             w.resume(w.run_id, headline=self.backbone.headline(cfg), config=self.job.record)
             # a decision still waiting for its reward at the checkpoint is logged again once it is scored; the
             # rows the checkpoint carries (not yet written when it was taken) are written where they are missing
-            w.truncate_after(self.loop.step, decisions_from=self.loop.pending.decision if self.loop.pending else None,
-                             carried=ckpt.load_registry_rows(self.checkpoint_dir))
+            pending = self.loop.pending
+            w.truncate_after(self.loop.step, decisions_from=pending.decision if pending and not pending.rewarded
+                             else None, carried=ckpt.load_registry_rows(self.checkpoint_dir))
         else:
             config = cfg.to_dict() | self.job.labels | {"setup": self.build_report.label()}
             if self.group.active:
@@ -453,11 +464,11 @@ class Trainer:
         if t.eval_at_start and self.loop.step == 0:
             self._validate()  # the starting model's score, at step 0
         self.model.train()
-        if self.resume and self.loop.step >= t.max_steps:
+        if self.resume and (self.loop.step >= t.max_steps or self.loop.stopped_early):
             # resumed from a checkpoint at the end of training: the killed process may have logged (and written)
             # some of the end's rows at this step already, and the end now logs them again
             w.write_missing_only()
-        while self.loop.step < t.max_steps:
+        while self.loop.step < t.max_steps and not self.loop.stopped_early:
             loss, dt = self._train_step()
             loss = self.group.mean(loss)  # the ranks' mean loss, for the logs and the rewards
             self.loop.step += 1
@@ -475,6 +486,8 @@ class Trainer:
             eval_now = t.eval_every and self.loop.step % t.eval_every == 0 and self.loop.step < t.max_steps
             if eval_now:
                 self._validate()
+                # only rank 0 validates: it says whether patience ran out, before the checkpoint that records it
+                self.loop.stopped_early = self.group.any(bool(t.patience) and self.loop.since_best >= t.patience)
                 if not t.checkpoint_every:
                     self._phase("checkpoint")
                     self._save_checkpoint()
@@ -489,8 +502,17 @@ class Trainer:
                 return None
         self.decisions.score_pending()  # a last interval cut short by the end of the run
         self.group.check_identical(self.model)
-        # the end of a run can take minutes (a whole test split, a checkpoint): each part is announced
-        validation = self._validate(final=True)
+        # the end of a run can take minutes (a whole test split, a checkpoint): each part is announced. A run
+        # that stopped early (or resumes here) validated at this step already
+        validation = self._validate(final=True) if self.loop.validated_step != self.loop.step \
+            else self.last_validation
+        # the last model's checkpoint (what a resume, an export and --agent-weights read), before the test
+        # split may score another model
+        self._phase("checkpoint", final=True)
+        path = self._save_checkpoint()
+        self._record_best()
+        end_independent, end_trainable = self.ties.independent_layers, trainable_parameters(self.model)
+        tested_step = self._model_for_test()
         self._phase("test", final=True)
         final = self._evaluate("test", t.test_items)
         for name, value in final.items():
@@ -500,17 +522,17 @@ class Trainer:
         w.metric(self.loop.step, "train", "independent_layers_mean", self.loop.indep_steps / n)
         w.metric(self.loop.step, "train", "trainable_params_mean", self._mean_trainable(n))
         w.metric(self.loop.step, "train", "conventional_params", self.conventional_params)
-        self._phase("checkpoint", final=True)
-        path = self._save_checkpoint()
         # the whole process's peak, the test scoring and the checkpoint included (the memory rows end earlier)
         w.metric(self.loop.step, "train", "process_peak_bytes", self.probe.process_peak_now())
         self.events({"type": "end", "final": final, "split": self.data.test_split})
         return RunResult(
             run_id=w.run_id, status="finished", step=self.loop.step, final=final, validation=validation,
             test_split=self.data.test_split, mean_independent=self.loop.indep_steps / n,
-            end_independent=self.ties.independent_layers, mean_trainable=self._mean_trainable(n),
-            end_trainable=trainable_parameters(self.model), conventional_params=self.conventional_params,
-            checkpoint=str(path), wall_time_s=self._wall_time(),
+            end_independent=end_independent, mean_trainable=self._mean_trainable(n),
+            end_trainable=end_trainable, conventional_params=self.conventional_params,
+            checkpoint=str(path), best_metric=self.backbone.headline(cfg).metric,
+            best_validation=self.loop.best_value, best_step=self.loop.best_step,
+            tested_step=tested_step, wall_time_s=self._wall_time(),
             baseline=dict(baseline.metrics) if baseline else {}, baseline_how=baseline.how if baseline else "",
             notes=self.backbone.start_notes(cfg),
         )
@@ -583,6 +605,15 @@ class Trainer:
         self.model.train()
         return ppl
 
+    def _heldout_ppl(self) -> float:
+        """The held-out reward: perplexity of the fixed slice carved from the end of train (never trained on,
+        never validation or test), the same tokens at every decision."""
+        self.model.eval()
+        with self._autocast():
+            out = self.backbone.evaluate(self.model, (_to(b, self.device) for b in self.data.heldout_batches()))
+        self.model.train()
+        return out["ppl"]
+
     def _log_train(self, losses: list[float], step_times: list[float], items: int) -> None:
         w = self.writer
         loss = sum(losses) / len(losses)
@@ -618,8 +649,56 @@ class Trainer:
         out = self._evaluate("validation", self.cfg.train.eval_items)
         for name, value in out.items():
             self.writer.metric(self.loop.step, "validation", name, value)
+        self.loop.validated_step = self.loop.step
+        self.last_validation = out
+        self._keep_if_best(out)
         self.events({"type": "eval", "step": self.loop.step, "metrics": out})
         return out
+
+    # -- model selection (transformers' load_best_model_at_end) ----------------------------------------------
+
+    def _keep_if_best(self, out: dict[str, float]) -> None:
+        """A validation figure of the run's headline metric better than every one before: its step and value go
+        into the loop state and, where the run selects its best model, the model into ``best/``. Only rank 0
+        validates (the others see an empty ``out``); the test split never reaches this."""
+        metric, higher = self.backbone.headline(self.cfg)
+        if metric not in out:
+            return
+        value, loop = out[metric], self.loop
+        better = not math.isnan(value) and (
+            loop.best_value is None or (value > loop.best_value if higher else value < loop.best_value))
+        if not better:
+            loop.since_best += 1
+            return
+        loop.best_value, loop.best_step, loop.since_best = value, loop.step, 0
+        if self.cfg.train.select_best:
+            ckpt.save_model(self.best_dir, model=self.model, ties_map=self.ties.tie_map(),
+                            info={"step": loop.step, "metric": metric, "value": value})
+
+    def _record_best(self) -> None:
+        """The best validation figure and its step, as metrics rows at the last step (named best_*, so they are
+        never read as end-of-run figures)."""
+        loop = self.loop
+        if loop.best_step is None or not self.group.is_main:
+            return
+        metric, _ = self.backbone.headline(self.cfg)
+        self.writer.metric(loop.step, "validation", f"best_{metric}", loop.best_value)
+        self.writer.metric(loop.step, "validation", "best_step", loop.best_step)
+
+    def _model_for_test(self) -> int:
+        """Make the model the test split scores the best validation figure's (train.select_best: its tie state
+        through the tie manager, then its weights, from ``best/``); returns the step of the model it scores."""
+        loop = self.loop
+        if not self.cfg.train.select_best or loop.best_step in (None, loop.step) or not self.group.is_main:
+            return loop.step
+        info = ckpt.load_model_info(self.best_dir)
+        if info is None or info.get("step") != loop.best_step:
+            raise DyntieError(f"The model of run {self.writer.run_id}'s best validation (step {loop.best_step}) is "
+                              f"not in {self.best_dir}; train the run again, or with --set train.select_best=false "
+                              "to score its last model.")
+        self.ties.apply(ckpt.load_tie_map(self.best_dir)["state"])
+        ckpt.load_model_weights(self.best_dir, self.model)
+        return loop.best_step
 
     def _save_checkpoint(self) -> Path:
         if not _finite(self.model):  # a checkpoint of NaN weights would replace the last good one (every rank alike)

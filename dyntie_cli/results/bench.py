@@ -10,6 +10,7 @@ import duckdb
 
 from dyntie_cli.lazy_import import pandas as pd
 from dyntie_cli.results.db import IN_RUNS
+from dyntie_cli.results.queries import best_validation
 
 # the quantities `dyntie bench` reports, each also as a ratio to no-tying. process_peak_bytes is the headline:
 # the whole process from its first byte (on CPU the RSS high-water mark, what /usr/bin/time reports; on CUDA peak
@@ -23,8 +24,11 @@ BENCH_COLUMNS = [
     "avg_training_peak_bytes",
     "base_bytes", "setup_peak_bytes", "state_bytes_mean", "state_bytes_peak", "param_bytes_mean",
     "grad_bytes_mean", "optimizer_bytes_mean", "trainable_params_mean", "trainable_params_end", "tokens_per_s",
-    "step_time_s", "validation_ppl", "agent_share",
+    "step_time_s", "validation_ppl", "best_validation_ppl", "best_validation_step", "test_ppl_at_best", "agent_share",
 ]
+# validation_ppl is the last validation; best_validation_ppl the best of the run's validations, at
+# best_validation_step, and test_ppl_at_best the test split on that model (the run's final score)
+_NOT_RATIOS = ("agent_share", "best_validation_step")
 # a repeated bench's lowest and highest per-round step-time ratio: how far one round could have been off
 _ROUND_RANGE = ("step_time_s ratio, lowest round", "step_time_s ratio, highest round")
 # the rows above the quantities: what each run ran on. threads: the CPU threads it trained with (runs.config), which
@@ -74,6 +78,10 @@ def _bench_rows(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     """
     df = con.execute(sql, {"ids": ids}).df()
     df = df.loc[:, ~df.columns.duplicated()]
+    best = best_validation(con, ids)
+    best = best[best.metric == "ppl"].rename(columns={"best_validation": "best_validation_ppl",
+                                                      "test_at_best": "test_ppl_at_best"})
+    df = df.merge(best.drop(columns=["metric"]), on="run_id", how="left")
     df["threads"] = [None if pd.isna(t) else int(t) for t in df["threads"]]  # runs from before it was recorded: None
     df["agent_share"] = df["agent_time_s"] / df["wall_time_s"]
     df["process_peak_bytes"] = df[["process_peak_rows", "process_peak_end"]].max(axis=1)
@@ -225,9 +233,10 @@ def _side_by_side(df: pd.DataFrame, baselines: pd.DataFrame | None = None) -> pd
 
 
 def _ratio(row: pd.Series, base: pd.Series, column: str) -> float | None:
-    """``row``'s quantity over the baseline's; None where either is missing or the baseline's is 0, and for
-    agent_share, already a share of wall time (a ratio to no-tying's near-zero share means nothing)."""
-    if column == "agent_share" or pd.isna(row[column]) or pd.isna(base[column]) or not base[column]:
+    """``row``'s quantity over the baseline's; None where either is missing or the baseline's is 0, for
+    agent_share, already a share of wall time (a ratio to no-tying's near-zero share means nothing), and for a
+    step."""
+    if column in _NOT_RATIOS or pd.isna(row[column]) or pd.isna(base[column]) or not base[column]:
         return None
     return float(row[column] / base[column])
 

@@ -1,8 +1,12 @@
 """The `evidence` table: what the recorded rewards say about tie moves, the evidence an agent can learn from.
 
 Runs are grouped by what makes their decisions comparable (backbone, number of blocks, training steps and decision
-cadence, so that decision n of one run sits at the same point of training as decision n of another). In each group,
-every rewarded decision is one observation, and the reward is fitted by least squares as
+cadence, so that decision n of one run sits at the same point of training as decision n of another) and by the
+reward (column ``reward``): the shaped reward the runs' policy learned from (``relative on interval``: the agent's
+``reward`` on its ``reward_batch``), and each reward the runs probed on the same decisions without acting on it
+(``agent.reward_probes``: ``-log ppl on fresh``, ``-log ppl on heldout`` ...; the acting kind too where it is listed),
+fitted as -log of the perplexity it recorded, so every kind is on one scale. In each group, every scored decision is
+one observation, and the reward is fitted by least squares as
 
     reward = level[decision] + untie_effect * (blocks it untied) + tie_effect * (blocks it tied) + noise
 
@@ -23,29 +27,47 @@ import numpy as np
 
 from dyntie_cli.lazy_import import pandas as pd
 from dyntie_cli.results.db import IN_RUNS
+from dyntie_cli.settings import AgentSettings
 
-COLUMNS = ["backbone", "blocks", "steps", "decide_every", "runs", "transitions", "untie_effect", "untie_se",
-           "untie_t", "tie_effect", "tie_se", "reward_noise_sd"]
+COLUMNS = ["backbone", "blocks", "steps", "decide_every", "reward", "runs", "transitions", "untie_effect",
+           "untie_se", "untie_t", "tie_effect", "tie_se", "reward_noise_sd"]
 
 
 def evidence_table(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     rows = con.execute(f"""
         WITH t AS (
             SELECT run_id, decision, state, lag(state) OVER (PARTITION BY run_id ORDER BY decision) AS before
-            FROM ties WHERE {IN_RUNS})
-        SELECT d.run_id, r.backbone, r.config, d.decision, d.reward, t.state, t.before
-        FROM decisions d JOIN t ON t.run_id = d.run_id AND t.decision = d.decision JOIN runs r ON r.run_id = d.run_id
-        WHERE d.reward IS NOT NULL AND d.decision > 0 AND t.before IS NOT NULL
-        ORDER BY d.run_id, d.decision""", {"ids": ids}).fetchall()
+            FROM ties WHERE {IN_RUNS}),
+        scored AS (
+            SELECT run_id, decision, NULL AS kind, reward FROM decisions
+            WHERE {IN_RUNS} AND reward IS NOT NULL
+            UNION ALL
+            -- a probe's rows sit at the step its decision's last kind was scored, beside reward/decision
+            SELECT p.run_id, CAST(d.value AS INTEGER), substr(p.name, 5), -ln(p.value)
+            FROM metrics p JOIN metrics d ON d.run_id = p.run_id AND d.step = p.step AND d.split = 'reward'
+                AND d.name = 'decision'
+            WHERE p.{IN_RUNS} AND p.split = 'reward' AND starts_with(p.name, 'ppl_'))
+        SELECT s.run_id, r.backbone, r.config, s.decision, s.kind, s.reward, t.state, t.before
+        FROM scored s JOIN t ON t.run_id = s.run_id AND t.decision = s.decision JOIN runs r ON r.run_id = s.run_id
+        WHERE s.decision > 0 AND t.before IS NOT NULL
+        ORDER BY s.run_id, s.decision, s.kind NULLS FIRST""", {"ids": ids}).fetchall()
     groups: dict[tuple, list[tuple]] = {}
-    for run_id, backbone, config, decision, reward, state, before in rows:
+    for run_id, backbone, config, decision, kind, reward, state, before in rows:
         cfg = json.loads(config) if isinstance(config, str) else config
-        key = (backbone, len(state), int(cfg["train"]["max_steps"]), int(cfg["ties"]["decide_every"]))
+        key = (backbone, len(state), int(cfg["train"]["max_steps"]), int(cfg["ties"]["decide_every"]),
+               _acting(cfg) if kind is None else f"-log ppl on {kind}")
         untied = sum(s == i and b != i for i, (s, b) in enumerate(zip(state, before)))
         tied = sum(s != i and b == i for i, (s, b) in enumerate(zip(state, before)))
         groups.setdefault(key, []).append((run_id, decision, float(reward), untied, tied))
     table = [_fit(key, obs) for key, obs in sorted(groups.items())]
     return pd.DataFrame(table, columns=COLUMNS)
+
+
+def _acting(cfg: dict[str, Any]) -> str:
+    """The reward a run's policy learned from, as the evidence table names it: ``relative on interval``."""
+    agent = {**AgentSettings.legacy_values(), **(cfg.get("agent") or {})}
+    shape = agent.get("reward", AgentSettings.model_fields["reward"].default)
+    return f"{shape} on {agent['reward_batch']}"
 
 
 def _fit(key: tuple, obs: list[tuple]) -> list[Any]:

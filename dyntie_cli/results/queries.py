@@ -130,9 +130,14 @@ def _ppl(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
                                                  f"WHERE {IN_RUNS}", ids), on="run_id", how="left")
     last = _last_metrics(con, ids)
     rows = [_headline_row(run, last[last.run_id == run.run_id]) for run in spine.itertuples()]
-    columns = ["run_id", "status", "variant", "metric", "validation", "validation_step", "best_validation", "test",
-               "test_step", "test_split"]
-    return pd.DataFrame(rows, columns=columns).astype({"validation_step": "Int64", "test_step": "Int64"})
+    columns = ["run_id", "status", "variant", "metric", "validation", "validation_step", "test", "test_step",
+               "test_split"]
+    table = pd.DataFrame(rows, columns=columns).astype({"validation_step": "Int64", "test_step": "Int64"})
+    best = best_validation(con, ids).drop(columns=["metric"])
+    table = table.merge(best, on="run_id", how="left")
+    order = ["run_id", "status", "variant", "metric", "best_validation", "best_validation_step", "test_at_best",
+             "validation", "validation_step", "test", "test_step", "test_split"]
+    return table[order]
 
 
 def _headline_row(run: Any, last: pd.DataFrame) -> dict[str, Any]:
@@ -145,10 +150,41 @@ def _headline_row(run: Any, last: pd.DataFrame) -> dict[str, Any]:
         found = not hit.empty
         row[split] = float(hit.iloc[0]["last"]) if found else math.nan
         row[f"{split}_step"] = int(hit.iloc[0]["last_step"]) if found else None
-        if split == "validation":
-            best = hit.iloc[0]["high" if run.higher_is_better else "low"] if found else math.nan
-            row["best_validation"] = float(best)
     return row
+
+
+def best_validation(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    """Per run: its headline metric, the best validation figure and the step of it (what the run recorded at
+    its end, ``validation/best_<metric>`` and ``validation/best_step``; for a run that recorded none -- one
+    still training, or recorded before them -- the best of its validation rows), and ``test_at_best``: its test
+    figure where the test split scored that model (a finished run with ``train.select_best``), else NaN."""
+    sql = f"""
+        WITH r AS (
+            SELECT run_id, metric, higher_is_better,
+                coalesce(TRY_CAST(json_extract(config, '$.train.select_best') AS BOOLEAN), false) AS select_best
+            FROM runs WHERE {IN_RUNS}),
+        seen AS (
+            SELECT run_id,
+                CASE WHEN any_value(higher_is_better) THEN max(value) ELSE min(value) END AS value,
+                CASE WHEN any_value(higher_is_better) THEN arg_max(step, value) ELSE arg_min(step, value) END AS step
+            FROM metrics JOIN r USING (run_id)
+            WHERE split = 'validation' AND name = r.metric AND NOT isnan(value) GROUP BY run_id),
+        recorded AS (
+            SELECT run_id, arg_max(value, step) FILTER (WHERE name = 'best_' || r.metric) AS value,
+                arg_max(value, step) FILTER (WHERE name = 'best_step') AS step
+            FROM metrics JOIN r USING (run_id) WHERE split = 'validation' GROUP BY run_id),
+        test AS (
+            SELECT run_id, arg_max(value, step) AS value FROM metrics JOIN r USING (run_id)
+            WHERE split = 'test' AND name = r.metric GROUP BY run_id)
+        SELECT r.run_id, r.metric, coalesce(recorded.value, seen.value) AS best_validation,
+            CAST(coalesce(recorded.step, seen.step) AS BIGINT) AS best_validation_step,
+            CASE WHEN r.select_best AND recorded.step IS NOT NULL THEN test.value END AS test_at_best
+        FROM r LEFT JOIN seen USING (run_id) LEFT JOIN recorded USING (run_id) LEFT JOIN test USING (run_id)
+    """
+    table = _fetch(con, sql, ids)
+    table["best_validation_step"] = table["best_validation_step"].astype("Int64")
+    table["test_at_best"] = table["test_at_best"].astype(float)
+    return table
 
 
 # --- means over training ---------------------------------------------------------------------------------
@@ -409,7 +445,7 @@ def _train_timing(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFram
 
 def _summary(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     """One row per run with every key figure, the source of ``paper`` and ``compare``."""
-    table = _ppl(con, ids).drop(columns=["validation_step", "test_step", "best_validation"])
+    table = _ppl(con, ids).drop(columns=["validation_step", "test_step"])
     # The run's score: the final test row, or the last validation value when no test row was logged; a run that
     # did not finish has none (its last validation is a step on the way, in the validation row of compare)
     has_test = table.test.notna()
@@ -437,6 +473,11 @@ PAPER_ROWS = [
     ("status", "status"),
     ("metric", "metric"),
     ("result", "result"),
+    # model selection: the best validation figure, its step, and the test figure of that model (empty where the
+    # test scored another one: train.select_best false, or a run recorded before it)
+    ("best_validation", "best_validation"),
+    ("best_validation_step", "best_validation_step"),
+    ("test_at_best", "test_at_best"),
     ("trainable_params_conventional", "trainable_params_conventional"),
     ("trainable_params_mean", "trainable_params_mean"),
     ("trainable_params_end", "trainable_params_end"),
@@ -596,8 +637,9 @@ QUERIES: dict[str, NamedQuery] = {
                                "resume continues) and of its last logged row, its final score (finished runs "
                                "only), timing.",
                        headline=("status", "variant", "checkpoint_step", "result")),
-    "ppl": NamedQuery(_ppl, "Per run: the headline metric's final validation and test values, and the split "
-                            "'test' means.", headline=("variant", "metric", "validation", "test")),
+    "ppl": NamedQuery(_ppl, "Per run: the headline metric's best validation figure and its step, the test figure "
+                            "of that model (test_at_best), the last validation and test values, and the split "
+                            "'test' means.", headline=("variant", "metric", "best_validation", "test_at_best")),
     "params": NamedQuery(_params, "Per run: trainable parameters mean over training, at the end, the maximum, "
                                   "and without tying.",
                          headline=("variant", "trainable_params_mean", "reduction_mean")),
@@ -632,14 +674,18 @@ QUERIES: dict[str, NamedQuery] = {
                                     "checkpoints included.", headline=("* / *",)),
     "bench": NamedQuery(_bench, "Speed and memory of bench runs, with ratios to their no-tying run.",
                         headline=("* / *",)),
-    "study": NamedQuery(_study, "Per study and variant: the validation metric over seeds (mean, std, range), its "
-                                "ratio to no-tying, independent blocks, and the paired difference to dynamic.",
-                        headline=("variant", "metric", "mean", "mean / no-tying", "minus dynamic, mean")),
-    "evidence": NamedQuery(_evidence, "Per group of comparable runs (backbone, blocks, steps, cadence): what one "
-                                      "newly untied or tied block changed the reward of its decision, by least "
-                                      "squares with one level per decision, with standard errors, and the "
-                                      "reward's noise: the evidence an agent can learn from.",
-                           headline=("untie_effect", "untie_se", "tie_effect", "tie_se", "reward_noise_sd")),
+    "study": NamedQuery(_study, "Per study and variant: each run's best validation figure over seeds (mean, std, "
+                                "range), its step, the test figure of that model, the ratio to no-tying, "
+                                "independent blocks, and the paired difference to dynamic.",
+                        headline=("variant", "metric", "mean", "test at best, mean", "mean / no-tying",
+                                  "minus dynamic, mean")),
+    "evidence": NamedQuery(_evidence, "Per group of comparable runs (backbone, blocks, steps, cadence) and reward "
+                                      "(the one their policy acted on, and each one probed on the same decisions, "
+                                      "as -log ppl): what one newly untied or tied block changed the reward of its "
+                                      "decision, by least squares with one level per decision, with standard "
+                                      "errors, and the reward's noise: the evidence an agent can learn from.",
+                           headline=("reward", "untie_effect", "untie_se", "tie_effect", "tie_se",
+                                     "reward_noise_sd")),
     "variants": NamedQuery(_per_run, "Run id, status and variant of each run.", table=False),
     "headline-metrics": NamedQuery(_headline_metrics, "The metric each run is judged by and whether higher is "
                                                       "better.", table=False),

@@ -3,9 +3,11 @@
 A run trained by `dyntie study` records ``{"study": {"name": NAME}}`` in ``runs.config``. The table has one row per
 (study, variant) over the study's finished runs (the first finished run of each variant and seed):
 
-* ``mean``, ``std`` (sample standard deviation, n - 1), ``min``, ``max`` and ``per seed``: the validation value of the
-  headline metric its runs recorded (perplexity for language models, accuracy or MCC for classifiers) at the run's
-  last step;
+* ``mean``, ``std`` (sample standard deviation, n - 1), ``min``, ``max`` and ``per seed``: the best validation figure
+  of the headline metric its runs recorded (perplexity for language models, accuracy or MCC for classifiers), the
+  one each run selected its model by; ``best step per seed``: the step of it;
+* ``test at best, mean`` and ``per seed``: the test figure of that model (each run scores the test split once, on
+  its best-on-validation model; empty for a run that scored its last model);
 * ``mean / no-tying``: the mean over seeds of the per-seed ratio to the no-tying run of the same seed;
 * ``independent mean`` (the mean over seeds of each run's step-weighted mean) and ``independent end``;
 * ``minus dynamic, per seed`` and ``minus dynamic, mean``: the paired difference to the dynamic run of the same
@@ -28,14 +30,16 @@ from dyntie_cli.results.db import IN_RUNS, read_registry
 from dyntie_cli.results.liveness import stale_reason
 from dyntie_cli.settings import VARIANTS
 
-COLUMNS = ["study", "variant", "seeds", "metric", "mean", "std", "min", "max", "per seed", "mean / no-tying",
-           "independent mean", "independent end", "minus dynamic, per seed", "minus dynamic, mean", "dynamic better"]
+COLUMNS = ["study", "variant", "seeds", "metric", "mean", "std", "min", "max", "per seed", "best step per seed",
+           "test at best, mean", "test at best, per seed", "mean / no-tying", "independent mean", "independent end",
+           "minus dynamic, per seed", "minus dynamic, mean", "dynamic better"]
 _STUDY_NAME = "json_extract_string(config, '$.study.name')"
 
 
 def study_title() -> str:
-    return ("study: validation value at the last step, over seeds (std: sample standard deviation; mean / no-tying: "
-            "mean of the per-seed ratios; minus dynamic: paired per seed)")
+    return ("study: best validation value of each run, over seeds (its step: best step; test at best: the test split "
+            "on that model; std: sample standard deviation; mean / no-tying: mean of the per-seed ratios; minus "
+            "dynamic: paired per seed)")
 
 
 def study_runs(con: duckdb.DuckDBPyConnection, name: str) -> list[dict[str, Any]]:
@@ -61,23 +65,23 @@ def study_names(con: duckdb.DuckDBPyConnection) -> list[str]:
 
 
 def _finished(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
-    """The first finished run of each (study, variant, seed) among ``ids``, with its last validation values, its
-    mean and end number of independent blocks."""
+    """The first finished run of each (study, variant, seed) among ``ids``, with the validation metrics it recorded
+    (``name``: the best of each is what the study compares, :func:`~dyntie_cli.results.queries.best_validation`),
+    its mean and end number of independent blocks."""
     sql = f"""
         WITH chosen AS (
             SELECT run_id, {_STUDY_NAME} AS study, variant, seed, metric AS headline, higher_is_better FROM runs
             WHERE {IN_RUNS} AND status = 'finished' AND {_STUDY_NAME} IS NOT NULL
             QUALIFY row_number() OVER (PARTITION BY study, variant, seed ORDER BY started_at, run_id) = 1),
         val AS (
-            SELECT run_id, name, arg_max(value, step) AS value FROM metrics
-            WHERE {IN_RUNS} AND split = 'validation' GROUP BY run_id, name),
+            SELECT DISTINCT run_id, name FROM metrics WHERE {IN_RUNS} AND split = 'validation'),
         indep AS (
             SELECT run_id, arg_max(value, step) AS independent_mean FROM metrics
             WHERE {IN_RUNS} AND split = 'train' AND name = 'independent_layers_mean' GROUP BY run_id),
         ends AS (
             SELECT run_id, arg_max(independent_layers, decision) AS independent_end FROM ties
             WHERE {IN_RUNS} GROUP BY run_id)
-        SELECT c.study, c.variant, c.seed, c.run_id, c.headline, c.higher_is_better, val.name, val.value,
+        SELECT c.study, c.variant, c.seed, c.run_id, c.headline, c.higher_is_better, val.name,
                indep.independent_mean, ends.independent_end
         FROM chosen c LEFT JOIN val USING (run_id) LEFT JOIN indep USING (run_id) LEFT JOIN ends USING (run_id)
         ORDER BY c.study, c.variant, c.seed
@@ -92,14 +96,18 @@ def study_variant_order(variant: str) -> int:
 
 def study_table(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     """One row per (study, variant) over the finished study runs among ``ids`` (see the module's docstring)."""
+    from dyntie_cli.results.queries import best_validation
+
     rows = _finished(con, ids)
+    best = best_validation(con, ids).set_index("run_id")
     out: list[dict[str, Any]] = []
     for study in dict.fromkeys(rows.study):
         runs = rows[rows.study == study]
         metric, higher = study_metric(runs)
         picked = runs[runs.name == metric] if metric else runs.drop_duplicates(["variant", "seed"])
-        value = {(r.variant, r.seed): (float(r.value) if metric else math.nan) for r in picked.itertuples()}
-        facts = {(r.variant, r.seed): r for r in picked.itertuples()}
+        value = {(r.variant, r.seed): (float(best.at[r.run_id, "best_validation"]) if metric else math.nan)
+                 for r in picked.itertuples()}
+        facts = {(r.variant, r.seed): (r, best.loc[r.run_id]) for r in picked.itertuples()}
         variants = sorted(dict.fromkeys(picked.variant), key=study_variant_order)
         for variant in variants:
             seeds = sorted(int(s) for v, s in value if v == variant)
@@ -120,6 +128,7 @@ def _variant_row(study: str, variant: str, seeds: list[int], headline: tuple[str
                  value: dict[tuple[str, int], float], facts: dict[tuple[str, int], Any]) -> dict[str, Any]:
     metric, higher = headline
     values = [value[variant, s] for s in seeds]
+    tests = [facts[variant, s][1].test_at_best for s in seeds]
     ratios = [value[variant, s] / value["no-tying", s] for s in seeds if ("no-tying", s) in value]
     paired = [s for s in seeds if ("dynamic", s) in value] if variant != "dynamic" else []
     diffs = [value[variant, s] - value["dynamic", s] for s in paired]
@@ -129,13 +138,19 @@ def _variant_row(study: str, variant: str, seeds: list[int], headline: tuple[str
         "study": study, "variant": variant, "seeds": seeds, "metric": metric,
         "mean": _mean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
         "min": min(values), "max": max(values), "per seed": values,
+        "best step per seed": [_whole(facts[variant, s][1].best_validation_step) for s in seeds],
+        "test at best, mean": _mean(tests), "test at best, per seed": [None if pd.isna(t) else float(t) for t in tests],
         "mean / no-tying": _mean(ratios),
-        "independent mean": _mean([facts[variant, s].independent_mean for s in seeds]),
-        "independent end": _mean([facts[variant, s].independent_end for s in seeds]),
+        "independent mean": _mean([facts[variant, s][0].independent_mean for s in seeds]),
+        "independent end": _mean([facts[variant, s][0].independent_end for s in seeds]),
         "minus dynamic, per seed": diffs if diffs else None,
         "minus dynamic, mean": _mean(diffs),
         "dynamic better": (f"{better} of {len(diffs)}" + (f" ({equal} equal)" if equal else "")) if diffs else None,
     }
+
+
+def _whole(value: Any) -> int | None:
+    return None if pd.isna(value) else int(value)
 
 
 def _mean(values: Sequence[Any]) -> float | None:
