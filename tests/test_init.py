@@ -21,9 +21,9 @@ def exports(tiny_exports) -> dict:
 
 
 def _validation(db, run_id, step: int | None = None) -> dict[str, float]:
-    """A run's validation metrics at ``step`` (None: its last validation)."""
+    """A run's validation metrics at ``step`` (None: its last validation), without the best-model records."""
     found = rows(db, "SELECT step, name, value FROM metrics WHERE run_id = ? AND split = 'validation' "
-                 "ORDER BY step", run_id)
+                 "AND name NOT LIKE 'best\\_%' ESCAPE '\\' ORDER BY step", run_id)
     at = found[-1][0] if step is None else step
     return {name: value for s, name, value in found if s == at}
 

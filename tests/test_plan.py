@@ -175,7 +175,7 @@ def test_a_budgeted_run_that_fits_is_not_titled_as_one_that_does_not():
     from dyntie_cli.commands.plan import fit_words
 
     def plan(variant: str, fits: bool | None) -> planner.MemoryPlan:
-        return planner.MemoryPlan(variant, 48, 8, "cpu", 0, 0, 0, 0, 0, 0, 0, None, fits)
+        return planner.MemoryPlan(variant, 48, 8, "cpu", 0, 0, 0, 0, 0, 0, 0, 0, None, fits)
 
     huge = [plan("no-tying", False), plan("dynamic", True)]
     assert fit_words(huge, "dynamic") == "dynamic fits, no-tying does not fit"

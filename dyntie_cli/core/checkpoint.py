@@ -129,7 +129,6 @@ def save_checkpoint(path: Path, *, model: nn.Module, ties_map: dict, optimizer: 
                     trainer: dict[str, Any], registry_rows: dict[str, Any] | None = None,
                     run: dict[str, Any] | None = None) -> Path:
     path = Path(path)
-    recover(path)
     tmp = _new_folder(path)
     # the step in the weights' header too, where a resume reads it before it loads anything
     _save_weights(tmp, model, ties_map, step=trainer.get("step", ""))
@@ -159,6 +158,7 @@ def _new_folder(path: Path) -> Path:
 
 def _into_place(tmp: Path, path: Path) -> None:
     """``tmp`` becomes ``path`` by renames, so a kill leaves the old folder or the new one, never half of one."""
+    recover(path)  # what a kill during the last swap left
     old = _old(path)
     if path.exists():
         os.replace(path, old)

@@ -65,16 +65,26 @@ def run_job(backbone, job: Job, launch: Launch, *, print_summary: bool = True,
 
 def check_writable_folder(folder: Path, flag: str, *, shown: Path | None = None) -> None:
     """Refuse, before any data loads, a folder that cannot take new files (a run's checkpoints, an export);
-    the sentence names ``flag`` and ``shown`` (default: ``folder``)."""
+    the sentence names ``flag`` and ``shown`` (default: ``folder``). Nothing is created: a folder that does not
+    exist yet is judged by the nearest one above it that does."""
     import tempfile
 
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".dyntie-write-check-"):
-            pass
-    except OSError as e:
-        reason = ("a file is in its path" if isinstance(e, (NotADirectoryError, FileExistsError))
-                  else e.strerror or type(e).__name__)
+    reason = None
+    existing = Path(os.path.abspath(folder))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        reason = "a file is in its path"
+    elif existing != Path(os.path.abspath(folder)):
+        if not os.access(existing, os.W_OK | os.X_OK):
+            reason = f"{existing} does not let this user create folders"
+    else:
+        try:
+            with tempfile.NamedTemporaryFile(dir=existing, prefix=".dyntie-write-check-"):
+                pass
+        except OSError as e:
+            reason = e.strerror or type(e).__name__
+    if reason is not None:
         raise UsageError(f"{flag} {shown or folder} cannot be written ({reason}); pass a folder this user can "
                          "write.") from None
 
@@ -169,13 +179,16 @@ def _run_trainer(backbone, job: Job, launch: Launch, new_writer: Callable[[Calla
     # only a CPU run is slowed down by threads that wait for busy cores
     plan = plan_threads(launch.threads)
     watch = ThreadWatch(plan, view.warn if device.type == "cpu" and group.is_main else _ignore)
-    if device.type == "cpu":
-        view.say(plan.describe())  # a run's speed depends on it, and the default depends on the machine's load
+    # said once the run has started: a run's speed depends on it, and the default on the machine's load (a
+    # setting refused during the setup gets its one sentence alone)
+    untold = [plan.describe()] if device.type == "cpu" else []
     try:
         writer = new_writer(view.warn) if group.is_main else None
         rid = group.broadcast(writer.run_id if writer else None)
 
         def events(e: Event) -> None:
+            while untold:
+                view.say(untold.pop())
             watch(e)
             view(e)
             if listen is not None:

@@ -258,14 +258,14 @@ def print_result(job: Job, result: RunResult, db: Path, elapsed_s: float) -> Non
     if what:
         print(f"run: {what}", file=out)
     print(f"final {split}: {metrics}", file=out)
+    if result.baseline:  # beside the score: the floor of a predictor that learned nothing
+        floor = " ".join(f"{k}={v:.4f}" for k, v in result.baseline.items())
+        print(f"majority class: {floor} ({result.baseline_how})", file=out)
     if result.best_step is not None:
         print(f"best validation: {result.best_metric}={result.best_validation:.4f} at step {result.best_step}",
               file=out)
     which = "the best validation" if result.tested_step == result.best_step else "the last step"
     print(f"{result.test_split} scored: the model of step {result.tested_step} ({which})", file=out)
-    if result.baseline:  # beside the score: the floor of a predictor that learned nothing
-        floor = " ".join(f"{k}={v:.4f}" for k, v in result.baseline.items())
-        print(f"majority class: {floor} ({result.baseline_how})", file=out)
     for note in result.notes:
         print(f"note: {note}", file=out)
     print(f"independent layers: mean {result.mean_independent:.2f}, end {result.end_independent}", file=out)
