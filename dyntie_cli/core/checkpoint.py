@@ -131,7 +131,7 @@ def save_checkpoint(path: Path, *, model: nn.Module, ties_map: dict, optimizer: 
     path = Path(path)
     tmp = _new_folder(path)
     # the step in the weights' header too, where a resume reads it before it loads anything
-    _save_weights(tmp, model, ties_map, step=trainer.get("step", ""))
+    _save_weights(tmp, model, ties_map, step=trainer.get("step"))
     if run is not None:
         (tmp / RUN_FILE).write_text(json.dumps(run))
     if registry_rows is not None:
@@ -178,7 +178,7 @@ def save_model(path: Path, *, model: nn.Module, ties_map: dict, info: dict[str, 
     checkpoint is, so a kill leaves the previous folder whole."""
     path = Path(path)
     tmp = _new_folder(path)
-    _save_weights(tmp, model, ties_map, step=info.get("step", ""))
+    _save_weights(tmp, model, ties_map, step=info.get("step"))
     (tmp / BEST_INFO).write_text(json.dumps(info))
     _into_place(tmp, path)
     return path
@@ -207,10 +207,11 @@ def load_model_info(path: Path) -> dict[str, Any] | None:
     return json.loads(file.read_text()) if file.is_file() else None
 
 
-def _save_weights(folder: Path, model: nn.Module, ties_map: dict, step: Any = "") -> None:
+def _save_weights(folder: Path, model: nn.Module, ties_map: dict, step: int | None = None) -> None:
     tensors, aliases = dedupe(model.state_dict())
+    # one metadata key: safetensors writes several in no fixed order, and a checkpoint's bytes must not vary
     save_file(tensors, str(folder / "model.safetensors"),
-              metadata={"aliases": json.dumps(aliases), "step": str(step)})
+              metadata={WEIGHTS_KEY: json.dumps({"aliases": aliases, "step": step}, sort_keys=True)})
     (folder / "ties.json").write_text(json.dumps(ties_map))
 
 
@@ -265,17 +266,27 @@ def load_tie_map(path: Path) -> dict:
     return tie_map
 
 
-def _weights_header(file: Path) -> dict[str, str]:
-    """The metadata of a checkpoint's weights file; refused if the file is not whole."""
+WEIGHTS_KEY = "dyntie"
+
+
+def _weights_header(file: Path) -> dict[str, Any]:
+    """What dyntie keeps in a checkpoint's weights file (``aliases``, ``step``); refused if the file is not whole.
+    Weights written before the step was kept there hold only their aliases, under their own key."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(file), "pt") as f:
-            return f.metadata() or {}
+            metadata = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         if isinstance(e, FileNotFoundError):
             raise
         raise CorruptCheckpoint(file, _short(e)) from None
+    try:
+        if WEIGHTS_KEY in metadata:
+            return json.loads(metadata[WEIGHTS_KEY])
+        return {"aliases": json.loads(metadata.get("aliases", "{}"))}
+    except ValueError as e:
+        raise CorruptCheckpoint(file, "its header is not dyntie's: " + _short(e)) from None
 
 
 def load_model_weights(path: Path, model: nn.Module) -> None:
@@ -283,7 +294,7 @@ def load_model_weights(path: Path, model: nn.Module) -> None:
     from safetensors import SafetensorError
 
     file = Path(path) / "model.safetensors"
-    aliases = json.loads(_weights_header(file).get("aliases", "{}"))
+    aliases = _weights_header(file).get("aliases", {})
     try:
         tensors = load_file(str(file))
     except SafetensorError as e:
@@ -347,8 +358,8 @@ def check_checkpoint(path: Path) -> int | None:
     header = _weights_header(path / "model.safetensors")
     if not zipfile.is_zipfile(path / "trainer.pt"):
         raise CorruptCheckpoint(path / "trainer.pt", "not a whole torch archive")
-    step = header.get("step", "")
-    return int(step) if step.isdigit() else None
+    step = header.get("step")
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 @contextmanager
