@@ -6,6 +6,7 @@ import json
 
 import duckdb
 import pandas as pd
+import pytest
 
 from dyntie_cli.report.tables import render
 from dyntie_cli.results.queries import run_query
@@ -95,6 +96,7 @@ def test_bench_runs_each_variant_and_reports_ratios(runner, tmp_path):
         assert steps[run] == steps[base]
 
 
+@pytest.mark.slow  # about 45 s
 def test_bench_repeat_alternates_the_order_and_reports_medians_over_rounds(runner, tmp_path):
     db = tmp_path / "b.duckdb"
     rows = _bench(runner, tmp_path, "--max-steps", "10", "--repeat", "2")

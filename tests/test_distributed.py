@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import rows as _rows
 from tests.test_processes import _run_id, _train_args
 
@@ -99,6 +101,7 @@ def test_two_processes_record_one_run_with_twice_the_batch(tmp_path):
     assert r.returncode != 0 and "trained by 2 process(es)" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow  # about 45 s
 def test_two_processes_stop_together_and_resume_exactly(tmp_path):
     # the stop comes after the first checkpoint (step 20): 80 steps left keep it well before the end
     steps, extra = 100, ["--set", "train.eval_every=20"]
