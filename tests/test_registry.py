@@ -794,3 +794,11 @@ def test_compare_speed_ratios_are_reciprocal_when_step_times_vary(tmp_path):
     assert table.loc["step_time_s", "busy"] == pytest.approx(0.55)  # the median of the intervals
     assert table.loc["tokens_per_s", "busy"] == pytest.approx(tokens / 0.55)
     assert ratio["tokens_per_s"] * ratio["step_time_s"] == pytest.approx(1.0)
+
+
+def test_an_open_error_keeps_the_os_reason_and_any_url_whole():
+    from dyntie_cli.results.db import _reason
+
+    assert _reason('IO Error: Cannot open file "/x/r.duckdb": Permission denied') == "Permission denied"
+    see = "IO Error: Could not set lock on file: see https://duckdb.org/docs/stable/connect/concurrency"
+    assert _reason(see) == "see https://duckdb.org/docs/stable/connect/concurrency"

@@ -267,8 +267,9 @@ _CORRUPT_SIGNS = ("attempted to read", "corrupt", "checksum", "truncated")
 
 
 def _reason(text: str) -> str:
-    # DuckDB messages look like 'IO Error: Cannot open file "...": Permission denied'; keep the OS reason.
-    return text.rsplit(":", 1)[-1].strip() or text
+    # DuckDB messages look like 'IO Error: Cannot open file "...": Permission denied'; keep the OS reason (split
+    # at a colon and a space, so a URL in the message stays whole)
+    return text.rsplit(": ", 1)[-1].strip() or text
 
 
 def _missing_registry(path: Path) -> DyntieError:
