@@ -118,8 +118,7 @@ def _headline_metrics(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.Data
 
 def _last_metrics(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     sql = f"""
-        SELECT run_id, split, name, arg_max(value, step) AS last, max(step) AS last_step,
-            min(value) AS low, max(value) AS high
+        SELECT run_id, split, name, arg_max(value, step) AS last, max(step) AS last_step
         FROM metrics WHERE {IN_RUNS} AND split IN ('validation', 'test') GROUP BY ALL
     """
     return _fetch(con, sql, ids)
