@@ -130,6 +130,7 @@ def run_trainer(out: Path, variant: str, steps: int, stop_after: int | None = No
         def on_step_end(self, args, state, control, **kwargs):
             if stop_after is not None and state.global_step == stop_after:
                 _write(out, callback.tying, [], model)
+                trainer.accelerator.end_training()
                 raise SystemExit(0)
 
     args = TrainingArguments(
@@ -142,6 +143,9 @@ def run_trainer(out: Path, variant: str, steps: int, stop_after: int | None = No
     trainer.train(resume_from_checkpoint=True if resume else None)
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     _write(out, callback.tying, losses, model, wrapper=type(trainer.model_wrapped).__name__)
+    # as accelerate asks at the end of a script: a process group still alive when the interpreter exits is freed
+    # with its gloo threads running, which can abort the process after the run has finished
+    trainer.accelerator.end_training()
 
 
 def main() -> None:
@@ -159,6 +163,8 @@ def main() -> None:
     torch.set_num_threads(1)
     if a.mode == "loop":
         run_loop(a.out, a.variant, a.steps, a.stop_after, a.save, a.resume, a.db, a.accumulate)
+        if torch.distributed.is_initialized():  # the group DynamicTying joined: ended before the interpreter exits
+            torch.distributed.destroy_process_group()
     else:
         run_trainer(a.out, a.variant, a.steps, a.stop_after, bool(a.resume), a.accumulate)
 
