@@ -183,6 +183,30 @@ def test_agent_table_on_a_hand_made_history(hand_registry, runner):
     assert row["independent_lifetime_mean"] == pytest.approx(7 / 4)
 
 
+def _study_run(db: Path, run_id: str, variant: str, study: str, seed: int, states: list[list[int]]) -> None:
+    with RunWriter(db, run_id=run_id, flush_every_s=3600) as w:
+        w.start("train", "gpt2", "wikitext-2", variant, {"study": {"name": study}}, seed=seed)
+        for decision, state in enumerate(states):
+            w.tie(decision=decision, step=10 * decision, state=state, action=state,
+                  independent_layers=sum(s == i for i, s in enumerate(state)), distinct_block_weights=None,
+                  changed_blocks=0)
+
+
+def test_agent_table_counts_the_decisions_that_differ_from_the_q_off_run_of_the_same_study_and_seed(tmp_path, runner):
+    db = tmp_path / "twins.duckdb"
+    q_off = [[0, 0, 0], [0, 1, 0], [0, 1, 0], [0, 1, 2], [0, 1, 2]]
+    dynamic = [[0, 0, 0], [0, 1, 0], [0, 0, 0], [0, 1, 2], [0, 1, 0]]  # differs after decisions 2 and 4
+    _study_run(db, "dyn", "dynamic", "s", 0, dynamic)
+    _study_run(db, "twin", "q-off", "s", 0, q_off)
+    _study_run(db, "other-seed", "q-off", "s", 1, dynamic)  # not its twin: another seed
+    _study_run(db, "other-study", "q-off", "t", 0, dynamic)  # nor another study's run
+    _study_run(db, "alone", "dynamic", "u", 0, dynamic)  # a study with no q-off run: no count
+    rows = {row["run_id"]: row for row in json.loads(report(runner, db, "--table", "agent", "--format", "json"))}
+    assert rows["dyn"]["differs_from_q_off"] == 2
+    assert rows["alone"]["differs_from_q_off"] is None
+    assert rows["twin"]["differs_from_q_off"] is None  # q-off itself is the reference
+
+
 @pytest.mark.parametrize(("states", "want"), [
     ([[0, 0, 0]] * 3, math.nan),  # only block 0 ever owns weights: no spell to measure
     ([[0, 1, 2]] * 5, 5.0),  # never re-tied: the whole run

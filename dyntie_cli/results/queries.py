@@ -341,9 +341,33 @@ def _agent(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
                  states.groupby("run_id", sort=False)}
     table["independent_lifetime_mean"] = table.run_id.map(lifetimes).astype(float)
     table["decisions"] = table.decisions.fillna(0).astype(int)
+    table = table.merge(_differs_from_q_off(con, ids), on="run_id", how="left")
+    table["differs_from_q_off"] = table.differs_from_q_off.astype("Int64")
     columns = ["run_id", "status", "variant", "decisions", "changed_blocks_mean", "greedy_moved_share", "greedy_moves_mean",
-               "greedy_agreement_mean", "q_spread_mean", "td_loss_mean", "independent_lifetime_mean"]
+               "greedy_agreement_mean", "q_spread_mean", "td_loss_mean", "independent_lifetime_mean",
+               "differs_from_q_off"]
     return table[columns]
+
+
+def _differs_from_q_off(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
+    """Per dynamic run of a study: how many of its decisions left a tie state other than the state its ``q-off``
+    twin (the run of the same study and seed whose Q-network is never consulted) had after the same decision. The
+    twin has the same agent, random stream and settings, so a decision differs only where the learned values,
+    directly or through an earlier move, changed it. Runs with no twin among the runs asked for get none."""
+    from dyntie_cli.results.study import STUDY_NAME
+    from dyntie_cli.variants import METHOD
+
+    sql = f"""
+        WITH r AS (SELECT run_id, variant, seed, {STUDY_NAME} AS study FROM runs WHERE {IN_RUNS}),
+        twin AS (
+            SELECT a.run_id, min(b.run_id) AS twin FROM r a JOIN r b
+                ON a.study = b.study AND a.seed = b.seed AND b.variant = 'q-off' AND a.variant = '{METHOD}'
+            GROUP BY a.run_id)
+        SELECT twin.run_id, count(*) FILTER (WHERE x.state <> y.state) AS differs_from_q_off
+        FROM twin JOIN ties x ON x.run_id = twin.run_id
+            JOIN ties y ON y.run_id = twin.twin AND y.decision = x.decision
+        WHERE x.{_DECIDED} GROUP BY twin.run_id"""
+    return _fetch(con, sql, ids)
 
 
 def independent_lifetime(states: Sequence[Sequence[int]]) -> float:
@@ -660,7 +684,8 @@ QUERIES: dict[str, NamedQuery] = {
                             headline=("decision", "step", "explored", "reward", "td_loss")),
     "agent": NamedQuery(_agent, "Per run: tie decisions (the initial state not counted, as in the layers "
                                 "table), blocks re-targeted per decision, greedy agreement, Q spread, TD loss, "
-                                "and how long a block stays independent.",
+                                "how long a block stays independent, and, for a study's dynamic runs, how many "
+                                "decisions differ from the q-off run of the same seed.",
                         headline=("variant", "changed_blocks_mean", "greedy_agreement_mean")),
     # paper, compare and bench are transposed: their quantities are rows, which no width drops; of their run
     # columns the ratios come first

@@ -33,7 +33,8 @@ from dyntie_cli.settings import VARIANTS
 COLUMNS = ["study", "variant", "seeds", "metric", "mean", "std", "min", "max", "per seed", "best step per seed",
            "test at best, mean", "test at best, per seed", "mean / no-tying", "independent mean", "independent end",
            "minus dynamic, per seed", "minus dynamic, mean", "dynamic better"]
-_STUDY_NAME = "json_extract_string(config, '$.study.name')"
+# the study a run belongs to (`dyntie study` records its name in runs.config)
+STUDY_NAME = "json_extract_string(config, '$.study.name')"
 
 
 def study_title() -> str:
@@ -47,7 +48,7 @@ def study_runs(con: duckdb.DuckDBPyConnection, name: str) -> list[dict[str, Any]
     as killed, with ``alive`` False), config, out_dir."""
     rows = con.execute(f"""
         SELECT run_id, variant, seed, status, config, out_dir, pid, host FROM runs
-        WHERE {_STUDY_NAME} = ? ORDER BY started_at, run_id""", [name]).fetchall()
+        WHERE {STUDY_NAME} = ? ORDER BY started_at, run_id""", [name]).fetchall()
     runs = []
     for run_id, variant, seed, status, config, out_dir, pid, host in rows:
         stale = stale_reason(status, pid, host)
@@ -59,7 +60,7 @@ def study_runs(con: duckdb.DuckDBPyConnection, name: str) -> list[dict[str, Any]
 def study_names(con: duckdb.DuckDBPyConnection) -> list[str]:
     """The studies in the registry, in the order they started."""
     rows = con.execute(f"""
-        SELECT {_STUDY_NAME} AS name FROM runs WHERE {_STUDY_NAME} IS NOT NULL
+        SELECT {STUDY_NAME} AS name FROM runs WHERE {STUDY_NAME} IS NOT NULL
         GROUP BY name ORDER BY min(started_at)""").fetchall()
     return [row[0] for row in rows]
 
@@ -70,8 +71,8 @@ def _finished(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
     its mean and end number of independent blocks."""
     sql = f"""
         WITH chosen AS (
-            SELECT run_id, {_STUDY_NAME} AS study, variant, seed, metric AS headline, higher_is_better FROM runs
-            WHERE {IN_RUNS} AND status = 'finished' AND {_STUDY_NAME} IS NOT NULL
+            SELECT run_id, {STUDY_NAME} AS study, variant, seed, metric AS headline, higher_is_better FROM runs
+            WHERE {IN_RUNS} AND status = 'finished' AND {STUDY_NAME} IS NOT NULL
             QUALIFY row_number() OVER (PARTITION BY study, variant, seed ORDER BY started_at, run_id) = 1),
         val AS (
             SELECT DISTINCT run_id, name FROM metrics WHERE {IN_RUNS} AND split = 'validation'),
@@ -163,8 +164,8 @@ def study_curves(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame
     seed), with the run's study, variant and seed: what the study plot draws."""
     sql = f"""
         WITH chosen AS (
-            SELECT run_id, {_STUDY_NAME} AS study, variant, seed FROM runs
-            WHERE {IN_RUNS} AND status = 'finished' AND {_STUDY_NAME} IS NOT NULL
+            SELECT run_id, {STUDY_NAME} AS study, variant, seed FROM runs
+            WHERE {IN_RUNS} AND status = 'finished' AND {STUDY_NAME} IS NOT NULL
             QUALIFY row_number() OVER (PARTITION BY study, variant, seed ORDER BY started_at, run_id) = 1)
         SELECT c.study, c.variant, c.seed, m.run_id, m.step, m.name, m.value, r.metric AS headline,
             r.higher_is_better
