@@ -42,7 +42,7 @@ from ..settings import RunSettings, TrainSettings
 from ..variants import spec
 from .lazy_build import build_lazily
 from .memory import current_rss_bytes, release_freed_memory
-from .optimizers import state_bytes, step_transient_bytes
+from .optimizers import import_optimizer, state_bytes, step_transient_bytes
 from .recompute import Every, checkpointed_blocks
 from .ties import TieManager, independent_count
 
@@ -308,6 +308,7 @@ def plan_memory(backbone, cfg: RunSettings, data, device: torch.device, variants
         counts = model_counts(meta, probe)
     assert counts is not None
     if baseline is None:
+        import_optimizer(cfg)  # its library is part of the run's baseline, as the run loads it before the model
         release_freed_memory()
         baseline = int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else current_rss_bytes()
     activations, largest = measured or measure_activations(backbone, cfg, data, device, probe, say)
