@@ -34,7 +34,8 @@ GPT2Data = LMDataSettings
 #: measured: docs/studies.md, "The paper's regime"
 REGIME_DESCRIPTION = ("48 x 64, 2 heads, BPE 2k, the first 20k tokens of WikiText-2 for 4,800 steps (61 epochs), a "
                       "decision every 3 steps (1,599 per run): the paper's data-limited regime, where conventional "
-                      "training overfits (its best validation comes at step 600)")
+                      "training overfits (best validation perplexity at step 400-600, 725 at the end, three "
+                      "seeds); 8-21 minutes a run at one thread")
 
 PRESETS = {
     p.name: p
