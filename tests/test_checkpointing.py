@@ -16,7 +16,7 @@ from tests.conftest import MOVING_AGENT, invoke
 from tests.conftest import rows as _rows
 
 FIXTURES = Path(__file__).parent / "fixtures"
-CASES = {"gpt2": ("gpt2-tiny", {}), "vit": ("vit-tiny", {}),
+CASES = {"gpt2": ("gpt2-tiny", {}), "llama": ("llama-tiny", {}), "vit": ("vit-tiny", {}),
          "glue": ("bert-tiny", {"dataset": "rte", "data_dir": str(FIXTURES / "glue")})}
 STATE = [0, 1, 0, 1]  # blocks 0 and 1 independent, 2 tied to 0, 3 tied to 1
 
