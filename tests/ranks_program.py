@@ -143,9 +143,18 @@ def run_trainer(out: Path, variant: str, steps: int, stop_after: int | None = No
     trainer.train(resume_from_checkpoint=True if resume else None)
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     _write(out, callback.tying, losses, model, wrapper=type(trainer.model_wrapped).__name__)
-    # as accelerate asks at the end of a script: a process group still alive when the interpreter exits is freed
-    # with its gloo threads running, which can abort the process after the run has finished
-    trainer.accelerator.end_training()
+    trainer.accelerator.end_training()  # as accelerate asks at the end of a script
+
+
+def _leave() -> None:
+    """End the program's process once its record is written, without the interpreter's teardown: under torchrun
+    a Trainer's rank can abort there ("terminate called without an active exception", with no Python frame
+    left) after everything it did succeeded, which would fail a test about what it did."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main() -> None:
@@ -166,7 +175,12 @@ def main() -> None:
         if torch.distributed.is_initialized():  # the group DynamicTying joined: ended before the interpreter exits
             torch.distributed.destroy_process_group()
     else:
-        run_trainer(a.out, a.variant, a.steps, a.stop_after, bool(a.resume), a.accumulate)
+        try:
+            run_trainer(a.out, a.variant, a.steps, a.stop_after, bool(a.resume), a.accumulate)
+        except SystemExit as stop:  # the run stopped on purpose, its record written
+            if stop.code:
+                raise
+    _leave()
 
 
 if __name__ == "__main__":
