@@ -38,6 +38,7 @@ from .optimizers import build_optimizer, check_optimizer, import_optimizer
 from .plan import DoesNotFit, MemoryPlan, measure_on, model_counts, near_limit, plan_memory
 from .policies import SOURCE_KEYS, DynamicPolicy, Policy, make_policy
 from .ties import TieManager
+from .turns import Turns
 
 
 @dataclass(frozen=True)
@@ -194,8 +195,9 @@ class Trainer:
 
     def __init__(self, backbone, job: Job, writer, *, out_dir: Path, resume: bool = False,
                  events: Callable[[Event], None] | None = None, group: Group | None = None,
-                 check_memory: bool = True) -> None:
+                 check_memory: bool = True, turns: Turns | None = None) -> None:
         self.backbone = backbone
+        self.turns = turns or Turns()  # beside other runs in turns (core/turns.py), or alone
         self.job = job
         self.group = group or Group()  # the ranks of a torchrun launch; one process by default
         self.check_memory = check_memory  # refuse a run the memory plan predicts will not fit (--force: try)
@@ -437,6 +439,7 @@ class Trainer:
             raise
         finally:
             self.probe.close()
+            self.turns.close()  # the other runs in turns go on without this one
         if result is None:  # stopped by a signal at a step boundary, checkpointed
             self._finish("killed")
             self.group.wait_for_all()  # no rank exits (torchrun would then end the rest) before rank 0 has recorded it
@@ -457,49 +460,64 @@ class Trainer:
             raise
 
     def _loop(self) -> RunResult | None:
-        cfg, t, w = self.cfg, self.cfg.train, self.writer
-        k = cfg.ties.decide_every
+        t, w = self.cfg.train, self.writer
         items = self.data.items_per_batch() * self.group.world  # tokens (examples) per step over all ranks
         self.loop_start = time.perf_counter()
         if t.eval_at_start and self.loop.step == 0:
-            self._validate()  # the starting model's score, at step 0
+            with self.turns.turn():
+                self._validate()  # the starting model's score, at step 0
         self.model.train()
         if self.resume and (self.loop.step >= t.max_steps or self.loop.stopped_early):
             # resumed from a checkpoint at the end of training: the killed process may have logged (and written)
             # some of the end's rows at this step already, and the end now logs them again
             w.write_missing_only()
         while self.loop.step < t.max_steps and not self.loop.stopped_early:
-            loss, dt = self._train_step()
-            loss = self.group.mean(loss)  # the ranks' mean loss, for the logs and the rewards
-            self.loop.step += 1
-            kill_point("step")
-            self.loop.losses.append(loss)
-            self.loop.step_times.append(dt)
-            self.loop.indep_steps += self.ties.independent_layers
-            self.decisions.collect_reward(loss)
-            self.events({"type": "step", "step": self.loop.step, "loss": loss})
-            if self.loop.step % t.log_every == 0 or self.loop.step == t.max_steps:
-                self._log_train(self.loop.losses, self.loop.step_times, items)
-                self.loop.losses, self.loop.step_times = [], []
-            if self.loop.step % k == 0 and self.loop.step < t.max_steps:
-                self.decisions.decide()
-            eval_now = t.eval_every and self.loop.step % t.eval_every == 0 and self.loop.step < t.max_steps
-            if eval_now:
-                self._validate()
-                # only rank 0 validates: it says whether patience ran out, before the checkpoint that records it
-                self.loop.stopped_early = self.group.any(bool(t.patience) and self.loop.since_best >= t.patience)
-                if not t.checkpoint_every:
-                    self._phase("checkpoint")
-                    self._save_checkpoint()
-            if t.checkpoint_every and self.loop.step % t.checkpoint_every == 0:
+            with self.turns.turn():  # beside other runs in turns (a bench), one iteration at a time
+                if not self._iteration(items):
+                    return None
+        with self.turns.turn():
+            return self._end()
+
+    def _iteration(self, items: int) -> bool:
+        """One step and what follows it (a decision, a validation, a checkpoint); False: stopped by a signal here,
+        checkpointed."""
+        t, w = self.cfg.train, self.writer
+        loss, dt = self._train_step()
+        loss = self.group.mean(loss)  # the ranks' mean loss, for the logs and the rewards
+        self.loop.step += 1
+        kill_point("step")
+        self.loop.losses.append(loss)
+        self.loop.step_times.append(dt)
+        self.loop.indep_steps += self.ties.independent_layers
+        self.decisions.collect_reward(loss)
+        self.events({"type": "step", "step": self.loop.step, "loss": loss})
+        if self.loop.step % t.log_every == 0 or self.loop.step == t.max_steps:
+            self._log_train(self.loop.losses, self.loop.step_times, items)
+            self.loop.losses, self.loop.step_times = [], []
+        if self.loop.step % self.cfg.ties.decide_every == 0 and self.loop.step < t.max_steps:
+            self.decisions.decide()
+        eval_now = t.eval_every and self.loop.step % t.eval_every == 0 and self.loop.step < t.max_steps
+        if eval_now:
+            self._validate()
+            # only rank 0 validates: it says whether patience ran out, before the checkpoint that records it
+            self.loop.stopped_early = self.group.any(bool(t.patience) and self.loop.since_best >= t.patience)
+            if not t.checkpoint_every:
                 self._phase("checkpoint")
                 self._save_checkpoint()
-            w.maybe_flush()
-            # a stop asked of any rank stops every rank at this step (a signal landing after this point is
-            # seen at the next step: the ranks must agree on where they stop)
-            if self.group.any(self.stop_signal is not None):
-                self._save_checkpoint()
-                return None
+        if t.checkpoint_every and self.loop.step % t.checkpoint_every == 0:
+            self._phase("checkpoint")
+            self._save_checkpoint()
+        w.maybe_flush()
+        # a stop asked of any rank stops every rank at this step (a signal landing after this point is
+        # seen at the next step: the ranks must agree on where they stop)
+        if self.group.any(self.stop_signal is not None):
+            self._save_checkpoint()
+            return False
+        return True
+
+    def _end(self) -> RunResult:
+        """The end of training: the last validation, checkpoint, best model and test score, the run's totals."""
+        cfg, t, w = self.cfg, self.cfg.train, self.writer
         self.decisions.score_pending()  # a last interval cut short by the end of the run
         self.group.check_identical(self.model)
         # the end of a run can take minutes (a whole test split, a checkpoint): each part is announced. A run
@@ -724,5 +742,6 @@ class Trainer:
         return path
 
     def _wall_time(self) -> float:
-        """Seconds of the loop so far, the earlier processes of a resumed run included."""
-        return self.loop.wall_time + time.perf_counter() - self.loop_start
+        """Seconds of the loop so far, the earlier processes of a resumed run included; in turns, less the waits
+        for the other runs' turns."""
+        return self.loop.wall_time + time.perf_counter() - self.loop_start - self.turns.waited_s

@@ -1,7 +1,7 @@
 """A job in a process of its own: the parent's side (``ChildRun``: `dyntie bench` and `dyntie study --jobs N` start
-each run this way, so its peak memory is its own) and the child's (``train_job_file``, the hidden `dyntie job`
-command). The child reads the job from a file and writes what it did to another; nothing is parsed from its
-output."""
+each run this way, so its peak memory is its own; ``run_in_turns``: several at once, training in turns) and the
+child's (``train_job_file``, the hidden `dyntie job` command). The child reads the job from a file and writes what
+it did to another; nothing is parsed from its output."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+from contextlib import suppress
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..core.turns import deal_turns
 from ..errors import DyntieError
 
 #: exit statuses of a child whose run was stopped by a signal at a step boundary (checkpointed, marked killed)
@@ -26,17 +28,28 @@ class ChildRun:
     """One job trained by ``dyntie job`` (``train_job_file``) in a fresh interpreter. ``payload`` is
     ``{"job": Job.to_dict(), "db", "out"}`` for a new run or ``{"resume": run id, "db"}`` to continue a killed one,
     either with ``"force"`` and ``"threads"`` as ``Launch`` has them.
-    ``own_session``: the child does not get the terminal's Ctrl-C; the parent stops it with ``stop()``."""
+    ``own_session``: the child does not get the terminal's Ctrl-C; the parent stops it with ``stop()``.
+    ``turns``: the child trains in turns dealt through two pipes (``run_in_turns`` deals them)."""
 
-    def __init__(self, payload: dict[str, Any], label: str, *, own_session: bool = False) -> None:
+    def __init__(self, payload: dict[str, Any], label: str, *, own_session: bool = False,
+                 turns: bool = False) -> None:
         self.label = label
         self._tmp = Path(tempfile.mkdtemp(prefix="dyntie-job-"))
         job_file, self._result_file, self._log = (self._tmp / n for n in ("job.json", "result.json", "log.txt"))
+        child_fds: tuple[int, ...] = ()
+        if turns:  # the child reads its turns from one pipe and writes its requests into the other
+            (child_read, self.turn_write), (self.turn_read, child_write) = os.pipe(), os.pipe()
+            child_fds = (child_read, child_write)
+            payload = {**payload, "turns": list(child_fds)}
         job_file.write_text(json.dumps(payload))
         cmd = [sys.executable, "-m", "dyntie_cli", "job", str(job_file), "--result", str(self._result_file)]
-        with open(self._log, "w") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
-                                         start_new_session=own_session)
+        try:
+            with open(self._log, "w") as log:
+                self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+                                             start_new_session=own_session, pass_fds=child_fds)
+        finally:
+            for fd in child_fds:  # the child's ends are the child's alone: its exit then reads as end of file
+                os.close(fd)
 
     def poll(self) -> int | None:
         return self.proc.poll()
@@ -74,6 +87,31 @@ def run_in_child(payload: dict[str, Any], label: str) -> dict[str, Any]:
     return child.result()
 
 
+def run_in_turns(jobs: list[tuple[dict[str, Any], str]]) -> list[dict[str, Any] | DyntieError]:
+    """Train the jobs (``(payload, label)`` as ``run_in_child`` takes them) in child processes started at once, in
+    turns (core/turns.py): once every child has set up (or ended), one child at a time does one iteration of its loop,
+    the children in the order given, round and round, until each has left. Returns each job's result, or the error
+    that says it failed; the others train on. An interrupt (Ctrl-C, which the children get too) ends the turns: the
+    children then stop at their next step as they would alone."""
+    children = [ChildRun(payload, label, turns=True) for payload, label in jobs]
+    try:
+        deal_turns([(c.turn_read, c.turn_write) for c in children])
+    finally:
+        for child in children:  # a child still waiting for a turn reads the end and goes on alone
+            for fd in (child.turn_read, child.turn_write):
+                with suppress(OSError):
+                    os.close(fd)
+    for child in children:
+        child.wait()
+    results: list[dict[str, Any] | DyntieError] = []
+    for child in children:
+        try:
+            results.append(child.result())
+        except DyntieError as e:
+            results.append(e)
+    return results
+
+
 def train_job_file(job_file: Path, result_file: Path) -> None:
     """The child's side: train the job of ``job_file`` (a ``ChildRun`` payload), or continue the killed run it names,
     and write the run's result to ``result_file``; a run the memory plan refuses is written there as a finding."""
@@ -82,6 +120,7 @@ def train_job_file(job_file: Path, result_file: Path) -> None:
 
     data = read_job_file(job_file)
     force, threads = bool(data.get("force")), data.get("threads")
+    turns = tuple(data["turns"]) if data.get("turns") else None
     try:
         if "resume" in data:
             run = resume_recorded(Path(data["db"]), data["resume"], quiet=True, print_summary=False, force=force,
@@ -89,7 +128,8 @@ def train_job_file(job_file: Path, result_file: Path) -> None:
         else:
             try:
                 backbone, job = job_from_dict(data["job"])
-                launch = Launch(Path(data["db"]), Path(data["out"]), quiet=True, force=force, threads=threads)
+                launch = Launch(Path(data["db"]), Path(data["out"]), quiet=True, force=force, threads=threads,
+                                turns=turns)
             except (KeyError, TypeError, AttributeError) as e:
                 raise _not_a_job(job_file, f"no {e}" if isinstance(e, KeyError) else str(e)) from None
             run = run_job(backbone, job, launch, print_summary=False)

@@ -16,6 +16,7 @@ from ..core.checkpoint_info import load_run_file
 from ..core.distributed import Group
 from ..core.loop import Event, Job, RunResult, RunStopped, Trainer, resolve_device
 from ..core.threads import ThreadWatch, plan_threads
+from ..core.turns import PipeTurns
 from ..errors import DyntieError, UsageError
 from ..results.lineage import RecordedRun, load_run, load_source_run
 from ..results.trackers import for_run
@@ -35,6 +36,7 @@ class Launch:
     quiet: bool = False
     force: bool = False  # train even when the memory plan predicts the run does not fit
     threads: int | None = None  # CPU threads (--threads); None: the cores left free (core.threads)
+    turns: tuple[int, int] | None = None  # beside other runs in turns: the referee's pipes (core/turns.py)
 
 
 def default_out_dir(out: str | None) -> Path:
@@ -198,7 +200,8 @@ def _run_trainer(backbone, job: Job, launch: Launch, new_writer: Callable[[Calla
             with watch:
                 labelled = replace(job, labels={**job.labels, "threads": plan.threads})
                 trainer = Trainer(backbone, labelled, writer or RankWriter(rid), out_dir=launch.out, resume=resume,
-                                  events=events, group=group, check_memory=not launch.force)
+                                  events=events, group=group, check_memory=not launch.force,
+                                  turns=PipeTurns(*launch.turns) if launch.turns else None)
                 result = trainer.run()
         except RunStopped as stopped:  # the command that continues it, as this run was launched
             message = stopped.resume_with(resume_command(job.command, stopped.run_id, launch.db))
