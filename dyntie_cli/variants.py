@@ -22,6 +22,9 @@ RunSettings = Any
 METHOD = "dynamic"
 #: conventional training, the baseline of `dyntie bench`'s ratios
 BASELINE = "no-tying"
+#: the dynamic run again, in a bench in turns: the variants made from the dynamic run need its end, so they train
+#: in a later set of turns, beside this second run of it, and their speed is compared through it
+RERUN = f"{METHOD} (rerun)"
 
 #: the most blocks a variant can have independent at once for a run of ``blocks`` blocks, and why (memory plan)
 Bound = Callable[[RunSettings, int], tuple[int, str]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import duckdb
 import pandas as pd
@@ -35,18 +36,30 @@ def _rows(stdout: str) -> dict:
     return {row["quantity"]: row for row in (table["rows"] if isinstance(table, dict) else table)}
 
 
-def test_bench_runs_each_variant_and_reports_ratios(runner, tmp_path):
+def test_bench_runs_each_variant_in_turns_and_reports_ratios(runner, tmp_path):
     db = tmp_path / "b.duckdb"
+    started = time.perf_counter()
     rows = _bench(runner, tmp_path, "--max-steps", "20", "--variants", "dynamic,final-arch")
+    elapsed = time.perf_counter() - started
     con = duckdb.connect(str(db), read_only=True)
-    runs = con.execute("SELECT run_id, variant, command, parent_run_id FROM runs").fetchall()
+    runs = con.execute("SELECT run_id, coalesce(json_extract_string(config, '$.bench.variant'), variant), command, "
+                       "parent_run_id, CAST(json_extract(config, '$.bench.turns') AS INTEGER) FROM runs").fetchall()
     trainable = dict(con.execute("SELECT run_id, arg_max(trainable_params, step) FROM memory GROUP BY run_id")
                      .fetchall())
+    wall = dict(con.execute("SELECT run_id, arg_max(value, step) FROM metrics WHERE name = 'wall_time_s' "
+                            "GROUP BY run_id").fetchall())
     con.close()
-    by_variant = {v: (rid, cmd, parent) for rid, v, cmd, parent in runs}
-    assert set(by_variant) == {"no-tying", "dynamic", "final-arch"}
+    by_variant = {v: (rid, cmd, parent) for rid, v, cmd, parent, _ in runs}
+    assert set(by_variant) == {"no-tying", "dynamic", "final-arch", "dynamic (rerun)"}
     assert all(cmd == "bench" for _, cmd, _ in by_variant.values())
     assert by_variant["final-arch"][2] == by_variant["dynamic"][0]
+    # no-tying and dynamic train in turns; final-arch needs the dynamic run's end, so it trains afterwards, in turns
+    # beside a rerun of the dynamic run, through which its speed is compared
+    assert {v: turns for _, v, _, _, turns in runs} == {"no-tying": 1, "dynamic": 1, "final-arch": 2,
+                                                        "dynamic (rerun)": 2}
+    # a run's wall time is its own: the waits for the other runs' turns are left out (with them, the runs of a set
+    # would each last about as long as the whole set)
+    assert sum(wall.values()) < elapsed
     end = rows["trainable_params_end"]
     assert end["no-tying"] == trainable[by_variant["no-tying"][0]]
     assert end["dynamic / no-tying"] == trainable[by_variant["dynamic"][0]] / trainable[by_variant["no-tying"][0]]
@@ -54,14 +67,25 @@ def test_bench_runs_each_variant_and_reports_ratios(runner, tmp_path):
     assert rows["trainable_params_mean"]["dynamic / no-tying"] < 1
     assert rows["state_bytes_mean"]["dynamic / no-tying"] < 1
     assert 0 < rows["agent_share"]["dynamic"] < 1
-    # the dynamic run against its fixed-layout twin (its final state from step 0): the tie machinery's own cost
+    # the dynamic run against its fixed-layout twin (its final state from step 0): the tie machinery's own cost.
+    # The twin trained beside the rerun, so their speeds compare directly, and the twin's against no-tying's through
+    # the dynamic run and its rerun, one in each set of turns
     step_time = dict(con_rows(db, "SELECT run_id, median(value) FROM metrics WHERE name = 'step_time_s' GROUP BY run_id"))
-    dynamic, twin = by_variant["dynamic"][0], by_variant["final-arch"][0]
-    assert rows["step_time_s"]["dynamic / final-arch"] == step_time[dynamic] / step_time[twin]
+    nt, dynamic, twin, rerun = (by_variant[v][0] for v in ("no-tying", "dynamic", "final-arch", "dynamic (rerun)"))
+    assert rows["step_time_s"]["dynamic / final-arch"] == pytest.approx(step_time[rerun] / step_time[twin])
+    assert rows["step_time_s"]["final-arch / no-tying"] == pytest.approx(
+        (step_time[twin] / step_time[rerun]) * (step_time[dynamic] / step_time[nt]))
+    # how far the machine moved between the two sets of turns; the rerun trains exactly as the dynamic run did
+    assert rows["step_time_s"]["dynamic (rerun) / dynamic"] == pytest.approx(step_time[rerun] / step_time[dynamic])
+    assert rows["validation_ppl"]["dynamic (rerun) / dynamic"] == pytest.approx(1, rel=1e-4)
+    # memory and counts do not drift with the machine: compared directly
+    assert rows["state_bytes_mean"]["final-arch / no-tying"] == pytest.approx(
+        rows["state_bytes_mean"]["final-arch"] / rows["state_bytes_mean"]["no-tying"])
     assert rows["trainable_params_end"]["dynamic / final-arch"] == 1  # the same independent blocks at the end
     assert "final-arch / dynamic" not in rows["steps"]
     # the CPU threads each run trained with, beside its step time (runs.config records them)
-    threads = dict(con_rows(db, "SELECT variant, CAST(json_extract(config, '$.threads') AS INTEGER) FROM runs"))
+    threads = dict(con_rows(db, "SELECT variant, CAST(json_extract(config, '$.threads') AS INTEGER) FROM runs "
+                                "WHERE json_extract_string(config, '$.bench.variant') IS NULL"))
     assert all(rows["threads"][v] == threads[v] >= 1 for v in ("no-tying", "dynamic", "final-arch"))
     # on CPU the device peak is the process's peak RSS: each variant has its own process, so its own peak
     assert rows["device"]["dynamic"] == "cpu"
@@ -80,7 +104,7 @@ def test_bench_runs_each_variant_and_reports_ratios(runner, tmp_path):
     # at 80 columns every ratio to no-tying stays
     table = run_query("bench", db)
     ratios = {str(c) for c in table.columns if " / " in str(c)}
-    assert len(ratios) == 3 and not left_out(render(table, "table", width=80)) & ratios
+    assert len(ratios) == 4 and not left_out(render(table, "table", width=80)) & ratios
 
     # a second bench in the same registry (other steps): each run is compared with the no-tying run of its own set
     _bench(runner, tmp_path, "--max-steps", "10", "--variants", "dynamic")
@@ -89,17 +113,18 @@ def test_bench_runs_each_variant_and_reports_ratios(runner, tmp_path):
     steps = dict(con.execute("SELECT run_id, max(step) FROM memory GROUP BY run_id").fetchall())
     con.close()
     ratio_columns = [c for c in rows["steps"] if " / " in c]
-    # two dynamic runs and one final-arch, each against its own no-tying; the first dynamic run against its twin
-    assert len(ratio_columns) == 4
+    # two dynamic runs, each against its own no-tying; the first dynamic run against its twin, the twin against its
+    # bench's no-tying, the rerun against its bench's dynamic run
+    assert len(ratio_columns) == 5
     for column in ratio_columns:
         run, base = (rows["run_id"][part] for part in column.split(" / "))
         assert steps[run] == steps[base]
 
 
 @pytest.mark.slow  # about 45 s
-def test_bench_repeat_alternates_the_order_and_reports_medians_over_rounds(runner, tmp_path):
+def test_bench_one_at_a_time_alternates_the_order_and_reports_medians_over_rounds(runner, tmp_path):
     db = tmp_path / "b.duckdb"
-    rows = _bench(runner, tmp_path, "--max-steps", "10", "--repeat", "2")
+    rows = _bench(runner, tmp_path, "--max-steps", "10", "--repeat", "2", "--one-at-a-time")
     con = duckdb.connect(str(db), read_only=True)
     runs = con.execute("SELECT run_id, variant FROM runs ORDER BY started_at").fetchall()
     step_time = dict(con.execute("SELECT run_id, median(value) FROM metrics WHERE name = 'step_time_s' "
@@ -160,6 +185,32 @@ def test_bench_repeat_alternates_the_order_and_reports_medians_over_rounds(runne
     assert "rounds" not in report_runs(nt1, dy1, nt2)
 
 
+def test_bench_in_turns_pools_rounds_and_times_the_twin_beside_the_rerun(runner, tmp_path):
+    db = tmp_path / "b.duckdb"
+    rows = _bench(runner, tmp_path, "--max-steps", "10", "--repeat", "2")
+    step_time = dict(con_rows(db, "SELECT run_id, median(value) FROM metrics WHERE name = 'step_time_s' "
+                                  "AND split = 'train' GROUP BY run_id"))
+    found = con_rows(db, "SELECT coalesce(json_extract_string(config, '$.bench.variant'), variant), run_id, "
+                         "CAST(json_extract(config, '$.bench.round') AS INTEGER) FROM runs")
+    rounds = [{v: rid for v, rid, r in found if r == n} for n in (1, 2)]
+    assert all(set(r) == {"no-tying", "dynamic", "final-arch", "dynamic (rerun)"} for r in rounds)
+    assert rows["rounds"]["dynamic"] == rows["rounds"]["dynamic (rerun)"] == 2
+
+    def per_round(ratio) -> list[float]:
+        return sorted(ratio({v: step_time[rid] for v, rid in r.items()}) for r in rounds)
+
+    # per round: the twin against the rerun it trained beside, and against no-tying through the dynamic run
+    twin = per_round(lambda t: t["dynamic (rerun)"] / t["final-arch"])
+    assert rows["step_time_s"]["dynamic / final-arch"] == pytest.approx(sum(twin) / 2)
+    assert rows["step_time_s ratio, lowest round"]["dynamic / final-arch"] == pytest.approx(twin[0])
+    assert rows["step_time_s"]["final-arch / no-tying"] == pytest.approx(sum(per_round(
+        lambda t: t["final-arch"] / t["dynamic (rerun)"] * t["dynamic"] / t["no-tying"])) / 2)
+    assert rows["step_time_s"]["dynamic / no-tying"] == pytest.approx(sum(per_round(
+        lambda t: t["dynamic"] / t["no-tying"])) / 2)
+    # memory does not drift: dynamic against its twin directly
+    assert rows["trainable_params_end"]["dynamic / final-arch"] == 1
+
+
 def test_pooled_bench_names_each_rounds_threads_when_they_differ():
     from dyntie_cli.results.bench import _threads
 
@@ -186,9 +237,10 @@ def test_bench_variants_add_memory_savers_and_compare_with_plain_no_tying(runner
                   "no-tying+checkpointing,dynamic+checkpointing+adafactor")
     runs = con_rows(db, "SELECT variant, json_extract_string(config, '$.bench.variant'), "
                         "json_extract_string(config, '$.train.checkpointing'), "
-                        "json_extract_string(config, '$.train.optimizer') FROM runs ORDER BY started_at")
-    assert runs == [("no-tying", None, "off", "adamw"), ("no-tying", "no-tying+checkpointing", "all", "adamw"),
-                    ("dynamic", "dynamic+checkpointing+adafactor", "all", "adafactor")]
+                        "json_extract_string(config, '$.train.optimizer') FROM runs")
+    assert sorted(runs, key=str) == [("dynamic", "dynamic+checkpointing+adafactor", "all", "adafactor"),
+                                     ("no-tying", "no-tying+checkpointing", "all", "adamw"),
+                                     ("no-tying", None, "off", "adamw")]
     peak = rows["process_peak_bytes"]
     for name in ("no-tying+checkpointing", "dynamic+checkpointing+adafactor"):
         assert peak[f"{name} / no-tying"] == peak[name] / peak["no-tying"]  # the baseline is plain no-tying

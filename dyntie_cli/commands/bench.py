@@ -25,16 +25,22 @@ def bench(
                                           "ratios; final-arch, the dynamic run's final state from step 0, its "
                                           "twin.")]
     = DEFAULT_VARIANTS,
-    repeat: Annotated[int, typer.Option("--repeat", help="Run the set N times, the order reversed every other "
-                                        "round (no-tying, dynamic, dynamic, no-tying, ...), and report medians: "
-                                        "for speed on a machine whose load drifts.")] = 1,
+    repeat: Annotated[int, typer.Option("--repeat", help="Run the set N times and report medians over the rounds "
+                                        "(one at a time, the order reversed every other round).")] = 1,
+    one_at_a_time: Annotated[bool, typer.Option("--one-at-a-time", help="Train the variants one after another "
+                                                "instead of in turns: memory for one run at a time, but a machine "
+                                                "whose speed drifts between runs skews their step-time "
+                                                "ratios.")] = False,
     fmt: Format = "table",
 ) -> None:
     """Train variants side by side and print their speed and memory as ratios to no-tying.
 
     Each variant trains on the same data, seed and steps, in a process of its own (a clean peak memory), and is
-    recorded as a run (command 'bench'). The ratios: peak memory, parameter / gradient / optimizer bytes,
-    trainable parameters, tokens/s, median step time, validation perplexity, agent share.
+    recorded as a run (command 'bench'). The processes train in turns, one step of each at a time while the others
+    wait, so every variant is timed on the same machine minutes; final-arch, which needs the dynamic run's end,
+    trains afterwards in turns beside a rerun of the dynamic run, through which its speed is compared. The ratios:
+    peak memory, parameter / gradient / optimizer bytes, trainable parameters, tokens/s, median step time,
+    validation perplexity, agent share.
     """
     from ..core.distributed import Group
     from ..errors import UsageError
@@ -51,7 +57,7 @@ def bench(
     names = [v.strip() for v in variants.split(",") if v.strip()]
     launch = opts.launch()
     say = (lambda text: None) if opts.quiet else (lambda text: typer.echo(text, err=True))
-    done = run_bench(backbone, opts.sources(), launch, names, repeat=repeat, say=say)
+    done = run_bench(backbone, opts.sources(), launch, names, repeat=repeat, in_turns=not one_at_a_time, say=say)
     for v, result in done.refused.items():
         plan = result["plan"]
         typer.echo(f"{v}: does not fit: predicted {plan['peak_bytes'] / 2**30:.1f} GiB > "

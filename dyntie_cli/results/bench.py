@@ -1,8 +1,10 @@
-"""The `bench` table: each run's speed and memory, with ratios to the no-tying run of its set (same preset,
-steps and seed; a registry may hold several benches), and a dynamic run's also to its fixed-layout twin (the
-final-arch run made from it: the same independent blocks from step 0, at equal steps), where the tie machinery's
-own cost shows as a step-time ratio above 1. The runs of a repeated bench (`dyntie bench --repeat N`, each run's
-config says its group and round) are pooled: medians over rounds, as the bench printed them."""
+"""The `bench` table: each run's speed and memory, with ratios to the no-tying run of its set (same preset, steps and
+seed; a registry may hold several benches), and a dynamic run's also to its fixed-layout twin (the final-arch run
+made from it: the same independent blocks from step 0, at equal steps), where the tie machinery's own cost shows as a
+step-time ratio above 1. A bench trains its variants in turns; the twin trains in a later set of turns beside a
+second run of the dynamic run (its rerun), so the twin's speed is compared with that rerun's, the two trained over
+the same minutes, and with no-tying's through it. The runs of a repeated bench (`dyntie bench --repeat N`, each run's
+config says its group, round and set) are pooled: medians over rounds, as the bench printed them."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import duckdb
 from dyntie_cli.lazy_import import pandas as pd
 from dyntie_cli.results.db import IN_RUNS
 from dyntie_cli.results.queries import best_validation
+from dyntie_cli.variants import BASELINE, METHOD, RERUN
 
 # the quantities `dyntie bench` reports, each also as a ratio to no-tying. process_peak_bytes is the headline:
 # the whole process from its first byte (on CPU the RSS high-water mark, what /usr/bin/time reports; on CUDA peak
@@ -29,6 +32,9 @@ BENCH_COLUMNS = [
 # validation_ppl is the last validation; best_validation_ppl the best of the run's validations, at
 # best_validation_step, and test_ppl_at_best the test split on that model (the run's final score)
 _NOT_RATIOS = ("agent_share", "best_validation_step")
+# the quantities a machine's speed moves: two runs trained in different sets of turns are compared through the
+# dynamic run and its rerun, which trained one in each set
+_TIMED = ("tokens_per_s", "step_time_s")
 # a repeated bench's lowest and highest per-round step-time ratio: how far one round could have been off
 _ROUND_RANGE = ("step_time_s ratio, lowest round", "step_time_s ratio, highest round")
 # the rows above the quantities: what each run ran on. threads: the CPU threads it trained with (runs.config), which
@@ -67,10 +73,13 @@ def _bench_rows(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pd.DataFrame:
         val AS (
             SELECT run_id, arg_max(value, step) AS validation_ppl
             FROM metrics WHERE {IN_RUNS} AND split = 'validation' AND name = 'ppl' GROUP BY run_id)
-        SELECT r.run_id, r.variant, r.preset, r.seed, r.parent_run_id, r.threads, r.device_steps AS steps, mem.*,
-            train.*, val.validation_ppl
+        SELECT r.run_id, r.variant, r.preset, r.seed, r.parent_run_id, r.threads, r.bench_group, r.bench_round,
+            r.bench_turns, r.device_steps AS steps, mem.*, train.*, val.validation_ppl
         FROM (SELECT run_id, {_VARIANT} AS variant, preset, seed, parent_run_id,
                      TRY_CAST(json_extract(config, '$.threads') AS INTEGER) AS threads,
+                     json_extract_string(config, '$.bench.group') AS bench_group,
+                     TRY_CAST(json_extract(config, '$.bench.round') AS INTEGER) AS bench_round,
+                     TRY_CAST(json_extract(config, '$.bench.turns') AS INTEGER) AS bench_turns,
                      (SELECT max(step) FROM memory m WHERE m.run_id = runs.run_id) AS device_steps
               FROM runs WHERE {IN_RUNS}) r
         LEFT JOIN mem USING (run_id) LEFT JOIN train USING (run_id) LEFT JOIN val USING (run_id)
@@ -136,44 +145,43 @@ def _repeated_groups(con: duckdb.DuckDBPyConnection, ids: list[str]) -> dict[str
         found.setdefault(grp, {}).setdefault(rnd, {})[variant] = rid
     groups = {}
     for grp, by_round in found.items():
-        rounds = [r for _, r in sorted(by_round.items()) if "no-tying" in r]
+        rounds = [r for _, r in sorted(by_round.items()) if BASELINE in r]
         common = set.intersection(*(set(r) for r in rounds)) if rounds else set()
         if len(rounds) >= 2 and len(common) >= 2:
-            order = ["no-tying", *(v for v in rounds[0] if v in common and v != "no-tying")]
+            order = [BASELINE, *(v for v in rounds[0] if v in common and v not in (BASELINE, RERUN)),
+                     *([RERUN] if RERUN in common else [])]
             groups[grp] = [{v: r[v] for v in order} for r in rounds]
     return groups
 
 
 def pooled_table(rows: pd.DataFrame, rounds: list[dict[str, str]]) -> pd.DataFrame:
     """A bench repeated in rounds (``rounds[r]``: variant -> run id): per variant the median of each quantity
-    over its rounds, and per quantity the median over rounds of the ratio to that round's no-tying run (and, for
-    dynamic, to that round's final-arch twin), so a machine that slows down for a while shifts one round's pair,
-    not the comparison. ``step_time_s`` ratios also get the lowest and highest of the per-round ratios: how far
-    one bench could have been off. ``rows``: the runs' ``_bench_rows`` (more runs may be in it)."""
-    df = rows.set_index("run_id")
+    over its rounds, and per quantity the median over rounds of the ratio to that round's no-tying run and, for
+    dynamic, to that round's final-arch twin (``_between``: in speed through the round's dynamic run and its rerun
+    where the two trained in different sets of turns), so a machine that slows down for a while shifts one round's
+    pair, not the comparison; the rerun's own ratio is to the round's dynamic run. ``step_time_s`` ratios also get
+    the lowest and highest of the per-round ratios: how far one bench could have been off. ``rows``: the runs'
+    ``_bench_rows`` (more runs may be in it)."""
+    df = rows.set_index("run_id", drop=False)
     variants = list(rounds[0])
     out = pd.DataFrame({"quantity": ["rounds", *_HEAD, *BENCH_COLUMNS, *_ROUND_RANGE]})
     for v in variants:
         runs = df.loc[[r[v] for r in rounds]]
         out[v] = [len(rounds), runs["device"].iloc[0], _threads(runs["threads"]), runs["steps"].iloc[0],
                   *(runs[c].median() for c in BENCH_COLUMNS), None, None]
-        bases = [] if v == "no-tying" else ["no-tying"]
-        if v == "dynamic" and TWIN in variants:
+        bases = [] if v == BASELINE else [METHOD] if v == RERUN else [BASELINE]
+        if v == METHOD and TWIN in variants:
             bases.append(TWIN)
         for base in bases:
-            out[f"{v} / {base}"] = _pooled_ratios(df, rounds, v, base)
+            out[f"{v} / {base}"] = _pooled_ratios(
+                [{c: _between(df.loc[r[v]], df.loc[r[base]], c, _bridge(df, df.loc[r[v]])) for c in BENCH_COLUMNS}
+                 for r in rounds])
     return out
 
 
-def _pooled_ratios(df: pd.DataFrame, rounds: list[dict[str, str]], v: str, base: str) -> list[float | None]:
-    """A ratio column of ``pooled_table``: per quantity the median over rounds of variant ``v`` / ``base``."""
-    ratios: dict[str, list[float]] = {c: [] for c in BENCH_COLUMNS}
-    for r in rounds:
-        row, base_row = df.loc[r[v]], df.loc[r[base]]
-        for c in BENCH_COLUMNS:
-            ratio = _ratio(row, base_row, c)
-            if ratio is not None:
-                ratios[c].append(ratio)
+def _pooled_ratios(per_round: list[dict[str, float | None]]) -> list[float | None]:
+    """A ratio column of ``pooled_table``: per quantity the median over rounds of the rounds' ratios."""
+    ratios = {c: [r[c] for r in per_round if r[c] is not None] for c in BENCH_COLUMNS}
     steps = ratios["step_time_s"]
     return [None, *(None for _ in _HEAD), *(float(pd.Series(ratios[c]).median()) if ratios[c] else None
                                             for c in BENCH_COLUMNS),
@@ -189,23 +197,43 @@ def _threads(per_round: pd.Series) -> int | str | None:
 
 
 def _baseline(df: pd.DataFrame, row: pd.Series, more: pd.DataFrame | None = None) -> pd.Series:
-    """The no-tying run a row is compared with: same preset, steps and seed if there is one among ``df``'s
-    runs, else among ``more``, else the first no-tying run, else the first run."""
+    """The run a row is compared with, among ``df``'s runs, else among ``more``: its own bench's no-tying run (same
+    group and round), for a bench's rerun of the dynamic run that round's dynamic run; else a no-tying run with the
+    same preset, steps and seed; else the first no-tying run, else the first run. A no-tying run is its own."""
+    if row["variant"] == BASELINE:
+        return row
+    base_variant = METHOD if row["variant"] == RERUN else BASELINE
     for frame in (df, more):
         if frame is None:
             continue
-        base = frame[frame["variant"] == "no-tying"]
-        same = base[(base["preset"] == row["preset"]) & (base["steps"] == row["steps"])
-                    & (base["seed"] == row["seed"])]
-        if not same.empty:
-            return same.iloc[0]
-    base = df[df["variant"] == "no-tying"]
+        bench = (frame["bench_group"] == row["bench_group"]) & (frame["bench_round"] == row["bench_round"])
+        is_base = frame["variant"] == base_variant
+        settings = (frame["preset"] == row["preset"]) & (frame["steps"] == row["steps"]) & (frame["seed"] == row["seed"])
+        for same in (frame[is_base & bench], frame[is_base & settings & (frame["variant"] == BASELINE)]):
+            if not same.empty:
+                return same.iloc[0]
+    base = df[df["variant"] == BASELINE]
     return (base if not base.empty else df).iloc[0]
+
+
+def _bridge(df: pd.DataFrame, row: pd.Series, more: pd.DataFrame | None = None) -> tuple[pd.Series, pd.Series] | None:
+    """For a run of a bench in turns: its round's dynamic run and that run's rerun, which trained one
+    in each set of turns, among ``df``'s runs or ``more``; None where the round has no rerun."""
+    if pd.isna(row["bench_turns"]):
+        return None
+    for frame in (df, more):
+        if frame is None:
+            continue
+        bench = frame[(frame["bench_group"] == row["bench_group"]) & (frame["bench_round"] == row["bench_round"])]
+        method, rerun = bench[bench["variant"] == METHOD], bench[bench["variant"] == RERUN]
+        if not method.empty and not rerun.empty:
+            return method.iloc[0], rerun.iloc[0]
+    return None
 
 
 def _twin(df: pd.DataFrame, row: pd.Series, more: pd.DataFrame | None = None) -> pd.Series | None:
     """A dynamic run's fixed-layout twin: the final-arch run made from it, among ``df``'s runs or ``more``."""
-    if row["variant"] != "dynamic":
+    if row["variant"] != METHOD:
         return None
     for frame in (df, more):
         if frame is not None:
@@ -224,11 +252,13 @@ def _side_by_side(df: pd.DataFrame, baselines: pd.DataFrame | None = None) -> pd
     for _, row in df.iterrows():
         name = names[row["run_id"]]
         out[name] = [row["run_id"], *(row[c] for c in _HEAD), *(row[c] for c in BENCH_COLUMNS)]
+        bridge = _bridge(df, row, baselines)
         for base in (_baseline(df, row, baselines), _twin(df, row, baselines)):
             if base is None or row["run_id"] == base["run_id"]:
                 continue
+            ratios = [_between(row, base, c, bridge) for c in BENCH_COLUMNS]
             base_name = names.get(base["run_id"], f"{base['variant']} ({base['run_id'][-4:]})")
-            out[f"{name} / {base_name}"] = [None, *(None for _ in _HEAD), *(_ratio(row, base, c) for c in BENCH_COLUMNS)]
+            out[f"{name} / {base_name}"] = [None, *(None for _ in _HEAD), *ratios]
     return out
 
 
@@ -239,6 +269,23 @@ def _ratio(row: pd.Series, base: pd.Series, column: str) -> float | None:
     if column in _NOT_RATIOS or pd.isna(row[column]) or pd.isna(base[column]) or not base[column]:
         return None
     return float(row[column] / base[column])
+
+
+def _between(row: pd.Series, base: pd.Series, column: str,
+             bridge: tuple[pd.Series, pd.Series] | None) -> float | None:
+    """``row``'s quantity over ``base``'s. A timed quantity of two runs that trained in different sets of turns (a
+    variant made from the dynamic run against no-tying, the dynamic run against its twin) goes through ``bridge``,
+    the round's dynamic run and its rerun, one trained beside each: each run is compared only with a run of its own
+    set, so the machine's drift between the sets cancels (the dynamic run against its rerun is that drift). Other
+    quantities do not drift: compared directly."""
+    pair = {row["run_id"], base["run_id"]}
+    if column in _TIMED and bridge is not None and row["bench_turns"] != base["bench_turns"] \
+            and pair != {run["run_id"] for run in bridge}:  # the bridge's own ratio: the drift between the sets
+        first, second = sorted(bridge, key=lambda run: run["bench_turns"])
+        near_row, near_base = (first, second) if row["bench_turns"] == first["bench_turns"] else (second, first)
+        to_bridge, across = _ratio(row, near_row, column), _ratio(near_base, base, column)
+        return to_bridge * across if to_bridge is not None and across is not None else None
+    return _ratio(row, base, column)
 
 
 def _column_names(df: pd.DataFrame) -> list[str]:
