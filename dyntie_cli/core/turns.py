@@ -48,26 +48,19 @@ class PipeTurns(Turns):
     def turn(self) -> Iterator[None]:
         if self._open:
             started = time.perf_counter()
-            if not (self._send(READY) and os.read(self._read, 1) == GO):
+            if not (_write(self._write, READY) and os.read(self._read, 1) == GO):
                 self._end()  # the referee is gone: the run goes on alone
             self.waited_s += time.perf_counter() - started
         try:
             yield
         finally:
-            if self._open and not self._send(DONE):
+            if self._open and not _write(self._write, DONE):
                 self._end()
 
     def close(self) -> None:
         if self._open:
-            self._send(LEAVE)
+            _write(self._write, LEAVE)
             self._end()
-
-    def _send(self, byte: bytes) -> bool:
-        try:
-            os.write(self._write, byte)
-            return True
-        except OSError:  # the referee closed its end
-            return False
 
     def _end(self) -> None:
         self._open = False
@@ -83,7 +76,7 @@ def deal_turns(players: list[tuple[int, int]]) -> None:
     playing = [p for p in players if _wait_for(p, READY)]  # every run set up before the first step is timed
     while playing:
         for player in list(playing):
-            if not (_send(player, GO) and _wait_for(player, DONE)):
+            if not (_write(player[1], GO) and _wait_for(player, DONE)):
                 playing.remove(player)
 
 
@@ -100,9 +93,10 @@ def _wait_for(player: tuple[int, int], byte: bytes) -> bool:
             return False
 
 
-def _send(player: tuple[int, int], byte: bytes) -> bool:
+def _write(fd: int, byte: bytes) -> bool:
+    """Write one byte of the protocol; False where the other side has closed its end (a run ended, or the referee)."""
     try:
-        os.write(player[1], byte)
+        os.write(fd, byte)
         return True
-    except OSError:  # the run has ended
+    except OSError:
         return False

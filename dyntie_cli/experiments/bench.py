@@ -52,9 +52,9 @@ def run_bench(backbone: str, source: SettingsSource, launch: Launch, names: list
     run in a child process. ``in_turns`` (the default): a round's variants start at once and train in turns, one
     loop iteration of each at a time (core/turns.py), so a machine whose speed drifts slows them alike; the variants
     that need a source run then train in turns beside a rerun of the dynamic run (``RERUN``), through which their
-    speed is compared. One at a time: every other round runs the set in reverse (no-tying, dynamic, dynamic, no-tying, ...),
-    so a slow patch of the machine falls on both sides of a comparison, and a variant that needs a source run is
-    trained after the others from its round's dynamic run."""
+    speed is compared. One at a time: every other round runs the set in reverse (no-tying, dynamic, dynamic,
+    no-tying, ...), so a slow patch of the machine falls on both sides of a comparison, and a variant that needs a
+    source run is trained after the others from its round's dynamic run."""
     names = bench_variants(names)
     sourced = [v for v in names if spec(v).needs_source]
     trained = [v for v in names if v not in sourced]
@@ -91,8 +91,8 @@ def run_bench(backbone: str, source: SettingsSource, launch: Launch, names: list
 
 def _labels(rounds: dict[str, Any], v: str, turns: int | None) -> dict[str, Any]:
     """What a bench run's config records of the bench: its group and round, its name where that is not its variant
-    (a variant with savers, the rerun of the dynamic run), and in turns which set of turns it trained in (1, or 2: the variants
-    made from the dynamic run, beside its rerun)."""
+    (a variant with savers, the rerun of the dynamic run), and in turns which set of turns it trained in (1, or 2:
+    the variants made from the dynamic run, beside its rerun)."""
     named = {"variant": v} if "+" in v or v == RERUN else {}
     return {"bench": rounds | named | ({"turns": turns} if turns else {})}
 

@@ -173,9 +173,12 @@ def pooled_table(rows: pd.DataFrame, rounds: list[dict[str, str]]) -> pd.DataFra
         if v == METHOD and TWIN in variants:
             bases.append(TWIN)
         for base in bases:
-            out[f"{v} / {base}"] = _pooled_ratios(
-                [{c: _between(df.loc[r[v]], df.loc[r[base]], c, _bridge(df, df.loc[r[v]])) for c in BENCH_COLUMNS}
-                 for r in rounds])
+            per_round = []
+            for r in rounds:
+                row, base_row = df.loc[r[v]], df.loc[r[base]]
+                bridge = (df.loc[r[METHOD]], df.loc[r[RERUN]]) if RERUN in r else None
+                per_round.append({c: _between(row, base_row, c, bridge) for c in BENCH_COLUMNS})
+            out[f"{v} / {base}"] = _pooled_ratios(per_round)
     return out
 
 
@@ -202,14 +205,17 @@ def _baseline(df: pd.DataFrame, row: pd.Series, more: pd.DataFrame | None = None
     same preset, steps and seed; else the first no-tying run, else the first run. A no-tying run is its own."""
     if row["variant"] == BASELINE:
         return row
-    base_variant = METHOD if row["variant"] == RERUN else BASELINE
+    rerun = row["variant"] == RERUN
     for frame in (df, more):
         if frame is None:
             continue
         bench = (frame["bench_group"] == row["bench_group"]) & (frame["bench_round"] == row["bench_round"])
-        is_base = frame["variant"] == base_variant
+        is_base = frame["variant"] == (METHOD if rerun else BASELINE)
         settings = (frame["preset"] == row["preset"]) & (frame["steps"] == row["steps"]) & (frame["seed"] == row["seed"])
-        for same in (frame[is_base & bench], frame[is_base & settings & (frame["variant"] == BASELINE)]):
+        candidates = [frame[is_base & bench]]
+        if not rerun:  # a rerun is compared with its own round's dynamic run only
+            candidates.append(frame[is_base & settings])
+        for same in candidates:
             if not same.empty:
                 return same.iloc[0]
     base = df[df["variant"] == BASELINE]
@@ -217,8 +223,8 @@ def _baseline(df: pd.DataFrame, row: pd.Series, more: pd.DataFrame | None = None
 
 
 def _bridge(df: pd.DataFrame, row: pd.Series, more: pd.DataFrame | None = None) -> tuple[pd.Series, pd.Series] | None:
-    """For a run of a bench in turns: its round's dynamic run and that run's rerun, which trained one
-    in each set of turns, among ``df``'s runs or ``more``; None where the round has no rerun."""
+    """For a run of a bench in turns: its round's dynamic run and that run's rerun (in that order: the first and the
+    second set of turns), among ``df``'s runs or ``more``; None where the round has no rerun."""
     if pd.isna(row["bench_turns"]):
         return None
     for frame in (df, more):
@@ -281,8 +287,8 @@ def _between(row: pd.Series, base: pd.Series, column: str,
     pair = {row["run_id"], base["run_id"]}
     if column in _TIMED and bridge is not None and row["bench_turns"] != base["bench_turns"] \
             and pair != {run["run_id"] for run in bridge}:  # the bridge's own ratio: the drift between the sets
-        first, second = sorted(bridge, key=lambda run: run["bench_turns"])
-        near_row, near_base = (first, second) if row["bench_turns"] == first["bench_turns"] else (second, first)
+        method, rerun = bridge
+        near_row, near_base = (method, rerun) if row["bench_turns"] == method["bench_turns"] else (rerun, method)
         to_bridge, across = _ratio(row, near_row, column), _ratio(near_base, base, column)
         return to_bridge * across if to_bridge is not None and across is not None else None
     return _ratio(row, base, column)
